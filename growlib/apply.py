@@ -1,0 +1,103 @@
+"""Run a growth map from one schema into another: turn (schema, map) pairs into kernel tasks.
+
+This is where the architecture-agnostic maps meet the tensors: every target tensor becomes one task
+``target = sum_d D[l, d] * E_out @ source_d @ F_in^T`` for the structured-map kernel, all tasks of a dtype in
+one launch."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from growlib import ops
+from growlib.schema import GrowthMap, Schema, SparseRows, WIDTH_ROLES
+
+_SINGLE_COLUMN = SparseRows.identity(1)
+
+
+class _TableBuilder:
+    """Concatenates the sparse-row maps that tasks use into one (index, weight) table, each map once."""
+
+    def __init__(self):
+        self._start: dict[int, int] = {}
+        self._maps: list[SparseRows] = []
+        self._rows = 0
+
+    def start_of(self, rows: SparseRows) -> int:
+        key = id(rows)
+        if key not in self._start:
+            self._start[key] = self._rows
+            self._maps.append(rows)
+            self._rows += rows.n_out
+        return self._start[key]
+
+    def build(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        k = max(m.index.shape[1] for m in self._maps)
+        index = torch.zeros(self._rows, k, dtype=torch.int32)
+        weight = torch.zeros(self._rows, k, dtype=torch.float32)
+        for m in self._maps:
+            s = self._start[id(m)]
+            index[s:s + m.n_out, :m.index.shape[1]] = m.index.to(torch.int32)
+            weight[s:s + m.n_out, :m.index.shape[1]] = m.weight.to(torch.float32)
+        return index.to(device), weight.to(device)
+
+
+def check_map_fits(gmap: GrowthMap, source: Schema, target: Schema) -> None:
+    """Raise ValueError unless the map reads ``source``'s sizes and writes ``target``'s."""
+    if source.family != target.family:
+        raise ValueError(f"source is a {source.family} schema but target is a {target.family} schema")
+    for label, schema, dims in (("source", source, gmap.source_dims), ("target", target, gmap.target_dims)):
+        for role in WIDTH_ROLES + ("layers",):
+            if role in dims and schema.dims.get(role) != dims[role]:
+                raise ValueError(f"the growth map expects a {label} with {role}={dims[role]}, got "
+                                 f"{schema.dims.get(role)}")
+
+
+def apply_map(gmap: GrowthMap, source: Schema, target: Schema, *, alpha: float | None = None,
+              rms: bool = False) -> None:
+    """Write ``target <- gmap(source)`` in place; with ``alpha``, ``target <- (1-alpha) target + alpha gmap(source)``.
+
+    ``rms`` maps non-negative second moments through their square roots (optimizer state)."""
+    check_map_fits(gmap, source, target)
+    tables = _TableBuilder()
+    groups = defaultdict(list)  # (device, dst dtype, src dtype) -> tasks
+    for spec in target.specs:
+        out = target.tensors[spec.key]
+        if spec.layer is None:
+            sources = [(source.tensor(spec.name, None), 1.0)]
+        else:
+            row = gmap.depth_for(spec.name).rows[spec.layer]
+            if row is None:
+                continue
+            sources = [(source.tensor(spec.name, j), w) for j, w in row]
+            if not sources:  # a layer the map sets to zero
+                sources = [(source.tensor(spec.name, 0), 0.0)]
+        first = sources[0][0]
+        row_map = gmap.width_for(spec.axes[0].role, spec.axes[0].side, first.shape[0])
+        col_map = (gmap.width_for(spec.axes[1].role, spec.axes[1].side, first.shape[1])
+                   if len(spec.axes) == 2 else _SINGLE_COLUMN)
+        if (row_map.n_out, col_map.n_out) != _as_2d(out).shape:
+            raise ValueError(f"target tensor {spec.name!r} (layer {spec.layer}) has shape {tuple(out.shape)}, "
+                             f"but the map produces {(row_map.n_out, col_map.n_out)}")
+        task = (_as_2d(out), [(_as_2d(s), w) for s, w in sources], tables.start_of(row_map), tables.start_of(col_map))
+        groups[(out.device, out.dtype, first.dtype)].append(task)
+
+    for (device, _, _), tasks in groups.items():
+        table_index, table_weight = tables.build(device)
+        kd = max(len(t[1]) for t in tasks)
+        dst, src, depth_w = [], [], torch.zeros(len(tasks), kd, dtype=torch.float32)
+        for i, (out, sources, _, _) in enumerate(tasks):
+            dst.append(out)
+            padded = sources + [(sources[0][0], 0.0)] * (kd - len(sources))
+            src.append([s for s, _ in padded])
+            depth_w[i] = torch.tensor([w for _, w in padded], dtype=torch.float32)
+        row_start = torch.tensor([t[2] for t in tasks], dtype=torch.int64, device=device)
+        col_start = torch.tensor([t[3] for t in tasks], dtype=torch.int64, device=device)
+        with torch.no_grad():
+            ops.structured_map_(dst, src, depth_w.to(device), row_start, col_start, table_index, table_weight,
+                                alpha=alpha, rms=rms)
+
+
+def _as_2d(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 2 else t.unsqueeze(1)

@@ -1,0 +1,79 @@
+"""Building blocks shared by the operators: unit copy / merge maps, head-structured expansion, running a map
+from one HF model into another."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from growlib.apply import apply_map
+from growlib.models import adapter_for
+from growlib.schema import DepthMap, GrowthMap, Schema, SparseRows, WidthMap
+
+
+def schema_of(model: torch.nn.Module) -> Schema:
+    """The parameter schema of a supported Hugging Face model (views into its parameters)."""
+    return adapter_for(model).schema(model)
+
+
+def copy_map(source_of: Sequence[int], n_in: int) -> WidthMap:
+    """Unit i of the wider role copies unit ``source_of[i]``.
+
+    Out side (E): rows are copied.  In side (F): each copy is divided by how often its unit was copied, so
+    ``W' (E x) = E (W x)``: the grown network computes the same function on copied activations."""
+    src = torch.as_tensor(list(source_of), dtype=torch.int64)
+    counts = torch.bincount(src, minlength=n_in).to(torch.float64)
+    if (counts == 0).any():
+        raise ValueError("copy_map: every source unit must be copied at least once")
+    ones = torch.ones(len(src), 1, dtype=torch.float64)
+    return WidthMap(out_map=SparseRows(src.unsqueeze(1), ones, n_in),
+                    in_map=SparseRows(src.unsqueeze(1), (1.0 / counts[src]).unsqueeze(1), n_in))
+
+
+def merge_map(groups: Sequence[Sequence[int]], n_in: int) -> WidthMap:
+    """Unit i of the narrower role merges the units ``groups[i]``: out side averages them, in side sums them.
+
+    This is the exact left inverse of ``copy_map`` when every unit is copied equally often."""
+    k = len(groups[0])
+    index = torch.tensor([list(g) for g in groups], dtype=torch.int64)
+    avg = torch.full((len(groups), k), 1.0 / k, dtype=torch.float64)
+    return WidthMap(out_map=SparseRows(index, avg, n_in), in_map=SparseRows(index, avg * k, n_in))
+
+
+def expand_heads(head_source_of: Sequence[int], head_dim: int) -> list[int]:
+    """A per-head copy map as a per-unit one (head-major layout, head size kept)."""
+    return [h * head_dim + t for h in head_source_of for t in range(head_dim)]
+
+
+def depth_copy(source_of: Sequence[int], n_in: int) -> DepthMap:
+    """Target layer l copies source layer ``source_of[l]``."""
+    return DepthMap(tuple(((j, 1.0),) for j in source_of), n_in)
+
+
+def depth_identity(layers: int) -> DepthMap:
+    return depth_copy(range(layers), layers)
+
+
+def require_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def map_model(model: torch.nn.Module, gmap: GrowthMap) -> torch.nn.Module:
+    """A new model of ``model``'s class at ``gmap.target_dims``, its parameters computed by the map."""
+    adapter = adapter_for(model)
+    target = adapter.new_model(model, gmap.target_dims)
+    apply_map(gmap, adapter.schema(model), adapter.schema(target))
+    return target
+
+
+def resized_dims(dims: dict[str, int], *, model: int, ffn: int, heads: int, kv_heads: int,
+                 layers: int) -> dict[str, int]:
+    """The resizable sizes of a schema after an operator, head size kept."""
+    head_dim = dims["head_dim"]
+    return {"model": model, "ffn": ffn, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+            "attn": heads * head_dim, "kv": kv_heads * head_dim, "layers": layers}

@@ -1,0 +1,69 @@
+"""Function-preserving width growth: Net2Net (random copies) and HyperCloning (each unit copied n times).
+
+Heads are copied whole (head size kept) so every attention pattern survives; with grouped-query attention
+whole groups (a key/value head and its query heads) are copied.  Input columns are divided by how often
+their unit was copied, so linear layers compute the same function.  HyperCloning copies every unit equally
+often and is exactly function-preserving, LayerNorm included; Net2Net's uneven copies change LayerNorm
+statistics, so it is only approximately function-preserving in transformers (tests report its error)."""
+
+from __future__ import annotations
+
+import torch
+
+from growlib.models import adapter_for
+from growlib.operators.common import copy_map, depth_identity, expand_heads, map_model, require_int, resized_dims
+from growlib.schema import GrowthMap
+
+WIDEN_METHODS = ("net2net", "hypercloning")
+
+
+def _unit_sources(old: int, new: int, method: str, generator: torch.Generator, what: str) -> list[int]:
+    if new < old:
+        raise ValueError(f"{what} must be >= the current {old} to widen, got {new}")
+    if method == "hypercloning":
+        if new % old:
+            raise ValueError(f"hypercloning copies every unit equally often, so {what}={new} must be a "
+                             f"multiple of {old}")
+        return [j % old for j in range(new)]
+    extra = torch.randint(0, old, (new - old,), generator=generator).tolist()
+    return list(range(old)) + extra
+
+
+def widen_map(dims: dict[str, int], hidden: int | None = None, intermediate: int | None = None,
+              heads: int | None = None, method: str = "net2net", seed: int = 0) -> GrowthMap:
+    """The width-growth map to the given sizes (None keeps a size; heads default to the hidden ratio)."""
+    if method not in WIDEN_METHODS:
+        raise ValueError(f"method must be one of {WIDEN_METHODS}, got {method!r}")
+    hidden = dims["model"] if hidden is None else require_int("hidden", hidden)
+    intermediate = dims["ffn"] if intermediate is None else require_int("intermediate", intermediate)
+    if heads is None:
+        if (hidden * dims["heads"]) % dims["model"]:
+            raise ValueError(f"pass heads: hidden={hidden} is not a multiple of the head-to-hidden ratio "
+                             f"{dims['heads']}/{dims['model']}")
+        heads = hidden * dims["heads"] // dims["model"]
+    require_int("heads", heads)
+    group = dims["heads"] // dims["kv_heads"]
+    if heads % group:
+        raise ValueError(f"heads={heads} must be a multiple of the {group} query heads per key/value head")
+    generator = torch.Generator().manual_seed(seed)
+    kv_heads = heads // group
+    kv_source = _unit_sources(dims["kv_heads"], kv_heads, method, generator, "heads / group size (kv heads)")
+    q_source = [kv * group + r for kv in kv_source for r in range(group)]
+    hd = dims["head_dim"]
+    widths = {
+        "model": copy_map(_unit_sources(dims["model"], hidden, method, generator, "hidden"), dims["model"]),
+        "ffn": copy_map(_unit_sources(dims["ffn"], intermediate, method, generator, "intermediate"), dims["ffn"]),
+        "attn": copy_map(expand_heads(q_source, hd), dims["attn"]),
+        "kv": copy_map(expand_heads(kv_source, hd), dims["kv"]),
+    }
+    target = resized_dims(dims, model=hidden, ffn=intermediate, heads=heads, kv_heads=kv_heads,
+                          layers=dims["layers"])
+    return GrowthMap(source_dims=dict(dims), target_dims=target, width=widths,
+                     depth=depth_identity(dims["layers"]))
+
+
+def widen(model: torch.nn.Module, hidden: int | None = None, intermediate: int | None = None,
+          heads: int | None = None, method: str = "net2net", seed: int = 0) -> torch.nn.Module:
+    """A wider HF model of the same class, grown function-preservingly from ``model`` (see module doc)."""
+    dims = adapter_for(model).dims(model.config)
+    return map_model(model, widen_map(dims, hidden, intermediate, heads, method, seed))

@@ -1,0 +1,84 @@
+"""Optimizer state through a growth map.
+
+Policies:
+
+* ``map``   each state tensor travels through the same map as its parameter.  First moments (``exp_avg``,
+  ``momentum_buffer``) map linearly.  Second moments (``exp_avg_sq``, ``max_exp_avg_sq``) map through their
+  square roots with absolute weights and are squared again, so they stay non-negative and
+  coalesce(decoalesce(state)) == state exactly.  The step count is carried over.
+* ``reset`` the target optimizer starts with empty state (what the multi-level paper and StackBERT do).
+
+Operator defaults: transitions that continue training the same function (de-coalescing, interpolation,
+prolongation, width growth) default to ``map`` in the schedules, so Adam's running estimates survive the
+change of size; operators whose output starts a new model (coalescing to a coarse level, stacking) default
+to ``reset`` as in their papers, because the mapped moments describe a different loss landscape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from growlib.apply import apply_map
+from growlib.models import adapter_for
+from growlib.schema import GrowthMap
+
+POLICIES = ("map", "reset")
+LINEAR_STATE = ("exp_avg", "momentum_buffer")
+RMS_STATE = ("exp_avg_sq", "max_exp_avg_sq")
+SCALAR_STATE = ("step",)
+
+
+def map_optimizer_state(source_optimizer: torch.optim.Optimizer, source_model: torch.nn.Module,
+                        target_optimizer: torch.optim.Optimizer, target_model: torch.nn.Module,
+                        growth_map: GrowthMap, policy: str = "map") -> None:
+    """Fill ``target_optimizer``'s state for ``target_model`` from ``source_optimizer``'s through ``growth_map``.
+
+    Every parameter of ``source_model`` must have state (run at least one step first); an unknown state key
+    raises instead of being dropped."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    for name, opt, model in (("source_optimizer", source_optimizer, source_model),
+                             ("target_optimizer", target_optimizer, target_model)):
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"{name} must be a torch.optim.Optimizer, got {type(opt).__name__}")
+        optimized = {id(p) for g in opt.param_groups for p in g["params"]}
+        if any(id(p) not in optimized for p in model.parameters()):
+            raise ValueError(f"{name} does not optimize every parameter of its model")
+    target_optimizer.state.clear()
+    if policy == "reset":
+        return
+
+    adapter = adapter_for(source_model)
+    if adapter_for(target_model) is not adapter:
+        raise ValueError("source_model and target_model must be of the same model family")
+    source_params = dict(source_model.named_parameters(remove_duplicate=False))
+    keys = None
+    for name, param in source_params.items():
+        state = source_optimizer.state.get(param)
+        if not state:
+            raise ValueError(f"source_optimizer has no state for parameter {name!r}: take a step first or use "
+                             "policy='reset'")
+        unknown = set(state) - set(LINEAR_STATE + RMS_STATE + SCALAR_STATE)
+        if unknown:
+            raise ValueError(f"cannot map optimizer state {sorted(unknown)} of parameter {name!r}: growlib maps "
+                             f"{LINEAR_STATE + RMS_STATE + SCALAR_STATE}")
+        keys = set(state) if keys is None else keys
+        if set(state) != keys:
+            raise ValueError(f"parameter {name!r} has state {sorted(state)}, others {sorted(keys)}")
+
+    target_params = dict(target_model.named_parameters(remove_duplicate=False))
+    new_state = {id(p): {} for p in target_params.values()}
+    for key in sorted(keys & set(LINEAR_STATE + RMS_STATE)):
+        source_tensors = {n: source_optimizer.state[p][key] for n, p in source_params.items()}
+        dtype = next(iter(source_tensors.values())).dtype
+        for p in target_params.values():  # tied parameters share one state tensor
+            new_state[id(p)].setdefault(key, torch.zeros_like(p, dtype=dtype))
+        target_tensors = {n: new_state[id(p)][key] for n, p in target_params.items()}
+        apply_map(growth_map, adapter.schema(source_model, source_tensors),
+                  adapter.schema(target_model, target_tensors), rms=key in RMS_STATE)
+    if "step" in keys:
+        step = next(iter(source_optimizer.state.values()))["step"]
+        for state in new_state.values():
+            state["step"] = step.clone() if torch.is_tensor(step) else step
+    for p in target_params.values():
+        target_optimizer.state[p] = new_state[id(p)]

@@ -1,0 +1,76 @@
+"""ViT / DeiT-style vision transformer (pre-LN encoder): ViTForImageClassification and ViTModel."""
+
+from __future__ import annotations
+
+from transformers import ViTConfig, ViTForImageClassification, ViTModel
+
+from .base import Adapter, SlotSpec, in_, norm, out_, weight_and_bias
+
+
+def _patch_kernel(t):
+    """(hidden, channels, p, p) convolution kernel as a (hidden, channels * p * p) matrix view."""
+    return t.view(t.shape[0], -1)
+
+
+def _position_table(t):
+    """(1, patches + 1, hidden) -> (patches + 1, hidden)."""
+    return t.view(t.shape[-2], t.shape[-1])
+
+
+def _class_token(t):
+    """(1, 1, hidden) -> (hidden,)."""
+    return t.view(-1)
+
+
+class ViTAdapter(Adapter):
+    family = "vit"
+    model_classes = (ViTForImageClassification, ViTModel)
+
+    def dims(self, config: ViTConfig) -> dict[str, int]:
+        heads = config.num_attention_heads
+        head_dim = config.hidden_size // heads
+        patches = (config.image_size // config.patch_size) ** 2
+        return {"model": config.hidden_size, "ffn": config.intermediate_size, "attn": heads * head_dim,
+                "kv": heads * head_dim, "heads": heads, "kv_heads": heads, "head_dim": head_dim,
+                "layers": config.num_hidden_layers, "pos": patches + 1,
+                "patch": config.num_channels * config.patch_size ** 2, "labels": config.num_labels}
+
+    def specs(self, model_class, config, tied):
+        p = "vit." if model_class is ViTForImageClassification else ""
+        qkv_bias = bool(getattr(config, "qkv_bias", True))
+        specs = [
+            SlotSpec("embed.cls", None, f"{p}embeddings.cls_token", (out_("model"),), _class_token),
+            SlotSpec("embed.positions", None, f"{p}embeddings.position_embeddings", (out_("pos"), out_("model")),
+                     _position_table),
+            *weight_and_bias("embed.patch", None, f"{p}embeddings.patch_embeddings.projection", "model", "patch",
+                             True, _patch_kernel),
+        ]
+        for i in range(config.num_hidden_layers):
+            l = f"{p}layers.{i}."
+            specs += [
+                *norm("ln1", i, l + "layernorm_before", True),
+                *weight_and_bias("attn.q", i, l + "attention.q_proj", "attn", "model", qkv_bias),
+                *weight_and_bias("attn.k", i, l + "attention.k_proj", "kv", "model", qkv_bias),
+                *weight_and_bias("attn.v", i, l + "attention.v_proj", "kv", "model", qkv_bias),
+                *weight_and_bias("attn.o", i, l + "attention.o_proj", "model", "attn", True, residual_out=True),
+                *norm("ln2", i, l + "layernorm_after", True),
+                *weight_and_bias("mlp.up", i, l + "mlp.fc1", "ffn", "model", True),
+                *weight_and_bias("mlp.down", i, l + "mlp.fc2", "model", "ffn", True, residual_out=True),
+            ]
+        specs += norm("head.norm", None, f"{p}layernorm", True)
+        if model_class is ViTForImageClassification:
+            specs += [SlotSpec("head.out.weight", None, "classifier.weight", (out_("labels"), in_("model")),
+                               lambda t: t),
+                      SlotSpec("head.out.bias", None, "classifier.bias", (out_("labels"),), lambda t: t)]
+        else:
+            specs += weight_and_bias("head.pooler", None, "pooler.dense", "model", "model", True)
+        return specs
+
+    def config_at(self, config, dims):
+        if dims["attn"] != dims["model"]:
+            raise ValueError(f"ViT needs heads * head_dim == hidden size, got {dims['heads']} * "
+                             f"{dims['head_dim']} != {dims['model']}")
+        if dims["kv_heads"] != dims["heads"]:
+            raise ValueError("ViT has no grouped-query attention: kv_heads must equal heads")
+        return self.copied(config, hidden_size=dims["model"], intermediate_size=dims["ffn"],
+                           num_attention_heads=dims["heads"], num_hidden_layers=dims["layers"])
