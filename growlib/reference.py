@@ -43,9 +43,10 @@ def structured_map(
             x = source.to(compute)
             if rms:
                 x = x.clamp_min(0).sqrt()
-            # gathered[a, k, b, m] = x[r_idx[a, k], c_idx[b, m]]
+            # gathered[a, k, b, m] = x[r_idx[a, k], c_idx[b, m]]; nested sums in the kernel's order (D (E (W F^T)))
             gathered = x[r_idx][:, :, c_idx]
-            acc += d_w[d] * torch.einsum("ak,akbm,bm->ab", r_w, gathered, c_w)
+            per_row_copy = (gathered * c_w).sum(-1)
+            acc += d_w[d] * (per_row_copy * r_w.unsqueeze(-1)).sum(1)
         if alpha is not None:
             old = out.to(compute)
             if rms:

@@ -57,31 +57,36 @@ def _structured_map_kernel(
     r_tab = tl.load(row_start + task) + rows
     c_tab = tl.load(col_start + task) + cols
 
+    # Nested sums D (E (W F^T)): each level adds only K (or KD) terms, so averaging copies that de-coalescing
+    # made (two equal terms a level) is exact and coalesce(decoalesce(x)) == x holds bit for bit.
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for k in tl.static_range(K):
-        r_idx = tl.load(tab_index + r_tab * K + k, mask=row_ok, other=0).to(tl.int64)
-        r_w = tl.load(tab_weight + r_tab * K + k, mask=row_ok, other=0.0)
+    for d in tl.static_range(KD):
+        w_d = tl.load(depth_w + task * KD + d)
         if RMS:
-            r_w = tl.abs(r_w)
-        for m in tl.static_range(K):
-            c_idx = tl.load(tab_index + c_tab * K + m, mask=col_ok, other=0).to(tl.int64)
-            c_w = tl.load(tab_weight + c_tab * K + m, mask=col_ok, other=0.0)
+            w_d = tl.abs(w_d)
+        src = tl.load(src_ptr + task * KD + d).to(tl.pointer_type(SRC_DTYPE))
+        s_stride_r = tl.load(src_strides + (task * KD + d) * 2 + 0)
+        s_stride_c = tl.load(src_strides + (task * KD + d) * 2 + 1)
+        layer_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        for k in tl.static_range(K):
+            r_idx = tl.load(tab_index + r_tab * K + k, mask=row_ok, other=0).to(tl.int64)
+            r_w = tl.load(tab_weight + r_tab * K + k, mask=row_ok, other=0.0)
             if RMS:
-                c_w = tl.abs(c_w)
-            weight = r_w[:, None] * c_w[None, :]
-            for d in tl.static_range(KD):
-                w_d = tl.load(depth_w + task * KD + d)
+                r_w = tl.abs(r_w)
+            row_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+            for m in tl.static_range(K):
+                c_idx = tl.load(tab_index + c_tab * K + m, mask=col_ok, other=0).to(tl.int64)
+                c_w = tl.load(tab_weight + c_tab * K + m, mask=col_ok, other=0.0)
                 if RMS:
-                    w_d = tl.abs(w_d)
-                src = tl.load(src_ptr + task * KD + d).to(tl.pointer_type(SRC_DTYPE))
-                s_stride_r = tl.load(src_strides + (task * KD + d) * 2 + 0)
-                s_stride_c = tl.load(src_strides + (task * KD + d) * 2 + 1)
-                weight_d = weight * w_d
+                    c_w = tl.abs(c_w)
+                live = tile_ok & ((r_w[:, None] * c_w[None, :]) * w_d != 0.0)
                 x = tl.load(src + r_idx[:, None] * s_stride_r + c_idx[None, :] * s_stride_c,
-                            mask=tile_ok & (weight_d != 0.0), other=0.0).to(tl.float32)
+                            mask=live, other=0.0).to(tl.float32)
                 if RMS:
                     x = tl.sqrt(tl.maximum(x, 0.0))
-                acc += weight_d * x
+                row_acc += c_w[None, :] * x
+            layer_acc += r_w[:, None] * row_acc
+        acc += w_d * layer_acc
 
     dst = tl.load(dst_ptr + task).to(tl.pointer_type(DST_DTYPE))
     d_offs = rows[:, None] * d_stride_r + cols[None, :] * d_stride_c

@@ -46,11 +46,13 @@ class BertAdapter(Adapter):
             specs += [
                 *weight_and_bias("head.transform", None, "cls.predictions.transform.dense", "model", "model", True),
                 *norm("head.norm", None, "cls.predictions.transform.LayerNorm", True, head_norm_side(tied)),
-                SlotSpec("head.out.bias", None, "cls.predictions.bias", (out_("vocab"),), lambda t: t),
+                SlotSpec("head.out.bias", None, "cls.predictions.decoder.bias", (out_("vocab"),), lambda t: t),
             ]
             if not tied:
-                specs.append(SlotSpec("head.out.weight", None, "cls.predictions.decoder.weight",
-                                      (out_("vocab"), in_("model")), lambda t: t))
+                # Untied, HF keeps ``cls.predictions.bias`` as a separate (unused) parameter: carry it along.
+                specs += [SlotSpec("head.out.weight", None, "cls.predictions.decoder.weight",
+                                   (out_("vocab"), in_("model")), lambda t: t),
+                          SlotSpec("head.untied_bias", None, "cls.predictions.bias", (out_("vocab"),), lambda t: t)]
         else:
             specs += weight_and_bias("head.pooler", None, "pooler.dense", "model", "model", True)
         return specs

@@ -1,0 +1,73 @@
+"""Tiny Hugging Face models of every supported family, with awkward sizes, for the tests."""
+
+from __future__ import annotations
+
+import torch
+import transformers as T
+
+FAMILIES = ("bert", "gpt2", "llama", "vit")
+VOCAB = 101
+
+
+def tiny_config(family: str, hidden: int = 48, heads: int = 4, kv_heads: int | None = None,
+                layers: int = 2, ffn: int = 70, tied: bool | None = None):
+    """A small config: vocab 101 (prime), intermediate 70 (not a power of two), dropout off."""
+    if family == "bert":
+        return T.BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                            num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=40,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                            **({} if tied is None else {"tie_word_embeddings": tied}))
+    if family == "gpt2":
+        return T.GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=heads, n_inner=ffn,
+                            n_positions=40, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                            bos_token_id=0, eos_token_id=0,
+                            **({} if tied is None else {"tie_word_embeddings": tied}))
+    if family == "llama":
+        return T.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=kv_heads or heads // 2,
+                             intermediate_size=ffn, max_position_embeddings=40,
+                             tie_word_embeddings=bool(tied))
+    if family == "vit":
+        return T.ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                           intermediate_size=ffn, image_size=12, patch_size=4, num_labels=5,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    raise ValueError(family)
+
+
+MODEL_CLASSES = {"bert": T.BertForMaskedLM, "gpt2": T.GPT2LMHeadModel, "llama": T.LlamaForCausalLM,
+                 "vit": T.ViTForImageClassification}
+
+
+def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **config):
+    torch.manual_seed(seed)
+    model = MODEL_CLASSES[family](tiny_config(family, **config)).to(dtype).eval()
+    _randomize(model, seed)
+    return model
+
+
+def _randomize(model, seed):
+    """Give every parameter (norms and biases included) random values, so maps that confuse tensors show."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator) * 0.2
+            if name.endswith("weight") and p.dim() == 1:  # norm gains: keep them around 1
+                noise += 1.0
+            p.copy_(noise.to(p.dtype))
+
+
+def example_inputs(model, batch: int = 3, seq: int = 11, seed: int = 1) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(model, (T.ViTForImageClassification, T.ViTModel)):
+        size = model.config.image_size
+        return {"pixel_values": torch.randn(batch, 3, size, size, generator=generator)}
+    return {"input_ids": torch.randint(0, VOCAB, (batch, seq), generator=generator)}
+
+
+def logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits.double()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())

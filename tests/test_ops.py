@@ -1,0 +1,101 @@
+"""Backend policy, input validation of the kernel entry point, and its torch.library registration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import growlib
+from growlib import ops
+
+
+def one_task(rows=3, cols=4):
+    dst = [torch.zeros(rows, cols)]
+    src = [[torch.randn(rows, cols)]]
+    table_index = torch.cat([torch.arange(rows), torch.arange(cols)]).to(torch.int32).unsqueeze(1)
+    table_weight = torch.ones(rows + cols, 1)
+    return dst, src, torch.ones(1, 1), torch.tensor([0]), torch.tensor([rows]), table_index, table_weight
+
+
+def test_backend_context_nests_and_restores():
+    assert growlib.current_backend() == "auto"
+    with growlib.use_backend("torch"):
+        with growlib.use_backend("triton"):
+            assert growlib.current_backend() == "triton"
+        assert growlib.current_backend() == "torch"
+    assert growlib.current_backend() == "auto"
+
+
+def test_backend_from_environment(monkeypatch):
+    monkeypatch.setenv("GROWLIB_BACKEND", "torch")
+    assert growlib.current_backend() == "torch"
+    monkeypatch.setenv("GROWLIB_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="GROWLIB_BACKEND"):
+        growlib.current_backend()
+
+
+def test_auto_uses_reference_on_cpu_and_triton_on_cuda():
+    assert ops.resolve_backend(torch.device("cpu")) == "torch"
+    assert ops.resolve_backend(torch.device("cuda")) == "triton"
+
+
+def test_forced_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with growlib.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ops.resolve_backend(torch.device("cpu"))
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="backend"):
+        with growlib.use_backend("cuda"):
+            pass
+
+
+def _replace(args, position, value):
+    args = list(args)
+    args[position] = value
+    return args
+
+
+BAD_INPUTS = [
+    ("empty dst", lambda a: _replace(a, 0, []), TypeError, "dst"),
+    ("src length", lambda a: _replace(a, 1, []), ValueError, "src"),
+    ("depth_weight shape", lambda a: _replace(a, 2, torch.ones(2, 1)), ValueError, "depth_weight"),
+    ("depth_weight dtype", lambda a: _replace(a, 2, torch.ones(1, 1, dtype=torch.float64)), TypeError,
+     "depth_weight"),
+    ("row_start dtype", lambda a: _replace(a, 3, torch.tensor([0], dtype=torch.int32)), ValueError, "row_start"),
+    ("col_start past table", lambda a: _replace(a, 4, torch.tensor([6])), ValueError, "col_start"),
+    ("table dtype", lambda a: _replace(a, 5, a[5].long()), TypeError, "table_index"),
+    ("table shapes", lambda a: _replace(a, 6, torch.ones(7, 2)), ValueError, "table_weight"),
+    ("index past source", lambda a: _replace(a, 5, a[5] + 3), ValueError, "index"),
+    ("dst not 2-D", lambda a: _replace(a, 0, [torch.zeros(12)]), ValueError, "dst"),
+    ("src dtypes differ", lambda a: _replace(_replace(a, 1, [[a[1][0][0], a[1][0][0].double()]]), 2,
+                                             torch.ones(1, 2)), ValueError, r"src\[0\]\[1\]"),
+    ("src count", lambda a: _replace(a, 1, [[a[1][0][0], a[1][0][0]]]), ValueError, "KD"),
+    ("in place", lambda a: _replace(a, 1, [[a[0][0]]]), ValueError, "aliases"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,error,match", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs_name_the_parameter(name, mutate, error, match):
+    args = mutate(one_task())
+    with pytest.raises(error, match=match):
+        ops.structured_map_(*args)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5])
+def test_alpha_out_of_range(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        ops.structured_map_(*one_task(), alpha=alpha)
+
+
+def test_triton_backend_rejects_float64():
+    dst, src, *rest = one_task()
+    with growlib.use_backend("triton"), pytest.raises(TypeError, match="torch"):
+        ops.structured_map_([dst[0].double()], [[src[0][0].double()]], *rest)
+
+
+def test_custom_op_registration_passes_opcheck():
+    dst, src, dw, rs, cs, ti, tw = one_task()
+    args = (dst, [s for row in src for s in row], dw, rs, cs, ti, tw, 0.5, True, False, "torch")
+    torch.library.opcheck(torch.ops.growlib.structured_map_.default, args)
