@@ -5,7 +5,7 @@ Policies:
 * ``map``   each state tensor travels through the same map as its parameter.  First moments (``exp_avg``,
   ``momentum_buffer``) map linearly.  Second moments (``exp_avg_sq``, ``max_exp_avg_sq``) map through their
   square roots with absolute weights and are squared again, so they stay non-negative and
-  coalesce(decoalesce(state)) == state exactly.  The step count is carried over.
+  coalesce(decoalesce(state)) == state (first moments exactly, second moments up to sqrt/square rounding).  The step count is carried over.
 * ``reset`` the target optimizer starts with empty state (what the multi-level paper and StackBERT do).
 
 Operator defaults: transitions that continue training the same function (de-coalescing, interpolation,

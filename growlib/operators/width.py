@@ -36,6 +36,9 @@ def widen_map(dims: dict[str, int], hidden: int | None = None, intermediate: int
         raise ValueError(f"method must be one of {WIDEN_METHODS}, got {method!r}")
     hidden = dims["model"] if hidden is None else require_int("hidden", hidden)
     intermediate = dims["ffn"] if intermediate is None else require_int("intermediate", intermediate)
+    for name, new, role in (("hidden", hidden, "model"), ("intermediate", intermediate, "ffn")):
+        if new < dims[role]:
+            raise ValueError(f"{name} must be >= the current {dims[role]} to widen, got {new}")
     if heads is None:
         if (hidden * dims["heads"]) % dims["model"]:
             raise ValueError(f"pass heads: hidden={hidden} is not a multiple of the head-to-hidden ratio "
@@ -46,13 +49,15 @@ def widen_map(dims: dict[str, int], hidden: int | None = None, intermediate: int
     if heads % group:
         raise ValueError(f"heads={heads} must be a multiple of the {group} query heads per key/value head")
     generator = torch.Generator().manual_seed(seed)
+    model_source = _unit_sources(dims["model"], hidden, method, generator, "hidden")
+    ffn_source = _unit_sources(dims["ffn"], intermediate, method, generator, "intermediate")
     kv_heads = heads // group
-    kv_source = _unit_sources(dims["kv_heads"], kv_heads, method, generator, "heads / group size (kv heads)")
+    kv_source = _unit_sources(dims["kv_heads"], kv_heads, method, generator, "key/value heads")
     q_source = [kv * group + r for kv in kv_source for r in range(group)]
     hd = dims["head_dim"]
     widths = {
-        "model": copy_map(_unit_sources(dims["model"], hidden, method, generator, "hidden"), dims["model"]),
-        "ffn": copy_map(_unit_sources(dims["ffn"], intermediate, method, generator, "intermediate"), dims["ffn"]),
+        "model": copy_map(model_source, dims["model"]),
+        "ffn": copy_map(ffn_source, dims["ffn"]),
         "attn": copy_map(expand_heads(q_source, hd), dims["attn"]),
         "kv": copy_map(expand_heads(kv_source, hd), dims["kv"]),
     }

@@ -1,0 +1,87 @@
+"""Optimizer state through growth maps: moments travel with their parameters, second moments stay >= 0."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import growlib
+from tests.factories import example_inputs, tiny_model
+
+
+def trained_optimizer(model, steps=2):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    inputs = example_inputs(model)
+    for _ in range(steps):
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_coalesce_of_decoalesced_state_round_trips(family, backend):
+    coarse = tiny_model(family, layers=1, hidden=24, heads=2, ffn=35)
+    coarse_opt = trained_optimizer(coarse)
+    fine = growlib.decoalesce(coarse, like=tiny_model(family, layers=2))
+    fine_opt = torch.optim.AdamW(fine.parameters(), lr=1e-3)
+    up = growlib.decoalesce_map(growlib.schema_of(coarse).dims, growlib.schema_of(fine).dims)
+    growlib.map_optimizer_state(coarse_opt, coarse, fine_opt, fine, up)
+    again = growlib.coalesce(fine)
+    again_opt = torch.optim.AdamW(again.parameters(), lr=1e-3)
+    down = growlib.coalesce_map(growlib.schema_of(fine).dims)
+    growlib.map_optimizer_state(fine_opt, fine, again_opt, again, down)
+    for (name, p), q in zip(coarse.named_parameters(), again.parameters()):
+        assert torch.equal(coarse_opt.state[p]["exp_avg"], again_opt.state[q]["exp_avg"]), name
+        # second moments pass through sqrt and square: equal up to rounding
+        torch.testing.assert_close(coarse_opt.state[p]["exp_avg_sq"], again_opt.state[q]["exp_avg_sq"],
+                                   rtol=1e-6, atol=0)
+        assert again_opt.state[q]["step"] == coarse_opt.state[p]["step"]
+
+
+def test_mapped_second_moments_stay_non_negative_and_training_continues(backend):
+    small = tiny_model("gpt2", layers=2)
+    opt = trained_optimizer(small)
+    grown = growlib.widen(small, hidden=72, heads=6, intermediate=100, seed=2)
+    grown_opt = torch.optim.AdamW(grown.parameters(), lr=1e-3)
+    gmap = growlib.widen_map(growlib.schema_of(small).dims, hidden=72, heads=6, intermediate=100, seed=2)
+    growlib.map_optimizer_state(opt, small, grown_opt, grown, gmap)
+    assert all((s["exp_avg_sq"] >= 0).all() for s in grown_opt.state.values())
+    # tied embedding and head share one state entry
+    assert grown_opt.state[grown.lm_head.weight] is grown_opt.state[grown.transformer.wte.weight]
+    inputs = example_inputs(grown)
+    grown(**inputs, labels=inputs["input_ids"]).loss.backward()
+    grown_opt.step()
+    assert all(torch.isfinite(p).all() for p in grown.parameters())
+
+
+def test_reset_policy_clears_the_state():
+    small = tiny_model("gpt2", layers=1)
+    opt = trained_optimizer(small, steps=1)
+    grown = growlib.grow_depth(small, layers=2)
+    grown_opt = torch.optim.AdamW(grown.parameters())
+    grown_opt.state[next(grown.parameters())]["junk"] = 1
+    gmap = growlib.grow_depth_map(growlib.schema_of(small).dims, 2)
+    growlib.map_optimizer_state(opt, small, grown_opt, grown, gmap, policy="reset")
+    assert len(grown_opt.state) == 0
+
+
+def test_map_optimizer_state_rejects_bad_input():
+    small = tiny_model("gpt2", layers=1)
+    grown = growlib.grow_depth(small, layers=2)
+    gmap = growlib.grow_depth_map(growlib.schema_of(small).dims, 2)
+    fresh = torch.optim.AdamW(small.parameters())
+    grown_opt = torch.optim.AdamW(grown.parameters())
+    with pytest.raises(ValueError, match="no state for parameter"):
+        growlib.map_optimizer_state(fresh, small, grown_opt, grown, gmap)
+    with pytest.raises(ValueError, match="policy"):
+        growlib.map_optimizer_state(fresh, small, grown_opt, grown, gmap, policy="copy")
+    with pytest.raises(TypeError, match="source_optimizer"):
+        growlib.map_optimizer_state(object(), small, grown_opt, grown, gmap)
+    with pytest.raises(ValueError, match="does not optimize every parameter"):
+        growlib.map_optimizer_state(fresh, small, torch.optim.AdamW([next(grown.parameters())]), grown, gmap)
+    opt = trained_optimizer(small, steps=1)
+    for state in opt.state.values():
+        state["mystery"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="mystery"):
+        growlib.map_optimizer_state(opt, small, grown_opt, grown, gmap)
