@@ -1,0 +1,36 @@
+# make demo | make test | make bench — each bootstraps .venv idempotently from this repository's files.
+#
+# CPU machines: a fresh .venv with the pinned CPU build of torch (constraints-cpu.txt).
+# GPU machines (nvidia-smi works): a .venv over the system's own torch/triton/transformers
+# (--system-site-packages), installing only growlib itself, since such machines may reach no registry.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+STAMP := $(VENV)/.installed$(if $(HAS_GPU),-gpu,-cpu)
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+ifeq ($(HAS_GPU),yes)
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+else
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[test]"
+endif
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m growlib.cli demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) perf/bench_structured.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
