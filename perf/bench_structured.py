@@ -251,7 +251,9 @@ def triton_programs(calls: list[KernelCall]) -> int:
 
 def reference_task(out, sources, live, depth_row, r_idx, r_w, c_idx, c_w, alpha, rms):
     """The loop body of ``growlib.reference.structured_map`` for one task, with its table rows sliced and its
-    zero-weight sources dropped (``live`` lists the depth slots kept) beforehand on the host."""
+    zero-weight sources dropped (``live`` lists the depth slots kept) beforehand on the host.
+
+    A copy, so ``reference_task_drift`` checks at start-up that it still computes what the reference does."""
     compute = torch.float64 if out.dtype == torch.float64 else torch.float32
     r_idx, r_w, c_idx, c_w = r_idx.long(), r_w.to(compute), c_idx.long(), c_w.to(compute)
     d_w = depth_row.to(compute)
@@ -262,7 +264,9 @@ def reference_task(out, sources, live, depth_row, r_idx, r_w, c_idx, c_w, alpha,
         x = source.to(compute)
         if rms:
             x = x.clamp_min(0).sqrt()
-        acc += d_w[d] * torch.einsum("ak,akbm,bm->ab", r_w, x[r_idx][:, :, c_idx], c_w)
+        gathered = x[r_idx][:, :, c_idx]
+        per_row_copy = (gathered * c_w).sum(-1)
+        acc += d_w[d] * (per_row_copy * r_w.unsqueeze(-1)).sum(1)
     if alpha is not None:
         old = out.to(compute)
         if rms:
@@ -296,13 +300,36 @@ class CompiledReference:
                       table_index[c0:c0 + n_cols], table_weight[c0:c0 + n_cols], alpha, rms)
 
 
-def launchers(compiled: CompiledReference) -> dict[str, Callable]:
+def reference_task_drift() -> str:
+    """Empty while ``reference_task`` computes bit for bit what ``growlib.reference.structured_map`` does (every
+    op, on a tiny CPU BERT), else why not: the compile rows would otherwise time a stale copy silently."""
+    torch.manual_seed(0)
+    tiny = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                      intermediate_size=64, max_position_embeddings=16))
+    eager_copy = CompiledReference(reference_task)
+    for op in build_ops(tiny):
+        checks = check_agreement(record_kernel_calls(op), {"eager": growlib.reference.structured_map,
+                                                           "copy": eager_copy})
+        if checks["copy"].max_abs_diff != 0.0:
+            return (f"perf/bench_structured.py's reference_task no longer matches growlib.reference.structured_map "
+                    f"({op.name}: max |diff| {checks['copy'].max_abs_diff:.3g}); update it to time torch.compile")
+    return ""
+
+
+def unavailable(message: str) -> Callable:
+    """A launcher that fails with ``message``: its rows record the message instead of a time."""
+    def launch(*args, **kwargs):
+        raise RuntimeError(message)
+    return launch
+
+
+def launchers(compiled: Callable) -> dict[str, Callable]:
     """Each implementation's launcher, called with a KernelCall's arguments (the kernel_only scope)."""
     return {"eager": growlib.reference.structured_map, "compile": compiled, "triton": kernel.structured_map}
 
 
 @contextlib.contextmanager
-def routed_to(impl: str, compiled: CompiledReference) -> Iterator[None]:
+def routed_to(impl: str, compiled: Callable) -> Iterator[None]:
     """apply_map routed to one implementation (the end_to_end scope): growlib's own backends for triton and
     eager; for compile, the torch backend with its reference swapped for the compiled one, so the three
     differ only in the launcher."""
@@ -372,7 +399,7 @@ def check_agreement(calls: list[KernelCall], launch_by_impl: dict[str, Callable]
 
 
 def op_runner(scope: str, impl: str, op: MapOp, calls: list[KernelCall],
-              compiled: CompiledReference) -> Callable[[], None]:
+              compiled: Callable) -> Callable[[], None]:
     """The callable timed for one (scope, implementation) of ``op``."""
     if scope == "kernel_only":
         launch = launchers(compiled)[impl]
@@ -384,7 +411,7 @@ def op_runner(scope: str, impl: str, op: MapOp, calls: list[KernelCall],
     return end_to_end
 
 
-def bench_op(op: MapOp, compiled: CompiledReference, copy_ceiling_gbps: float,
+def bench_op(op: MapOp, compiled: Callable, copy_ceiling_gbps: float,
              log: Callable[[str], None]) -> list[dict]:
     """Rows for one op: every implementation at every scope, with traffic, bandwidth and speed-ups."""
     calls = record_kernel_calls(op)
@@ -448,10 +475,10 @@ def plot(rows: list[dict], path: Path, copy_ceiling_gbps: float) -> None:
         ax.set_yscale("log")
         ax.set_ylabel("GB/s (compulsory traffic)")
         ax.set_title(scope)
-    axes[0].legend(loc="lower right", fontsize="small")
-    axes[-1].set_xticks(list(x), [f"{m} {d}\n{op}" for m, d, op in groups], rotation=60, ha="right",
-                        fontsize="small")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize="small")
+    axes[-1].set_xticks(list(x), [" ".join(g) for g in groups], rotation=45, ha="right", fontsize="small")
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -481,7 +508,10 @@ def main(argv: list[str] | None = None) -> None:
     log(f"{environment['device_name']}: copy {ceilings['copy_ceiling_gbps']:.0f} GB/s, "
         f"bf16 matmul {ceilings['matmul_ceiling_tflops']:.0f} TFLOP/s")
     launch_config = triton_launch_config()
-    compiled = CompiledReference()
+    drift = reference_task_drift()
+    if drift:
+        log(drift)
+    compiled = unavailable(drift) if drift else CompiledReference()
     all_rows = []
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
         for case in QUICK_CASES if args.quick else CASES:
