@@ -69,15 +69,33 @@ def test_interpolate_blends_linearly(backend):
         torch.testing.assert_close(value, 0.75 * before[key] + 0.25 * target.state_dict()[key])
 
 
+OPERATORS = {
+    "coalesce": lambda m: growlib.coalesce(m),
+    "decoalesce": lambda m: growlib.decoalesce(growlib.coalesce(m, depth=1), like=m),
+    "grow_depth": lambda m: growlib.grow_depth(m, layers=3, method="interleave"),
+    "restrict": lambda m: growlib.restrict(m, parity="odd"),
+    "widen": lambda m: growlib.widen(m, hidden=96, intermediate=140, method="hypercloning"),
+}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_outputs_survive_save_and_load(family, tmp_path, backend):
-    model = tiny_model(family, layers=2)
-    grown = growlib.decoalesce(growlib.coalesce(model, depth=1), like=model)
+@pytest.mark.parametrize("operator", sorted(OPERATORS))
+def test_outputs_survive_save_and_load(family, operator, tmp_path):
+    grown = OPERATORS[operator](tiny_model(family, layers=2))
     grown.save_pretrained(tmp_path)
     loaded, info = type(grown).from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    inputs = example_inputs(model)
-    assert torch.equal(logits(loaded.eval(), inputs), logits(grown, inputs))
+    inputs = example_inputs(grown)
+    assert torch.equal(logits(loaded.eval(), inputs), logits(grown.eval(), inputs))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_round_trip_is_exact_in_half_precision(family, dtype, backend):
+    fine = tiny_model(family, layers=2, dtype=dtype)
+    coarse = growlib.coalesce(fine)
+    assert next(coarse.parameters()).dtype == dtype
+    assert_same_parameters(coarse, growlib.coalesce(growlib.decoalesce(coarse, like=fine)))
 
 
 @pytest.mark.parametrize("kwargs,match", [
