@@ -116,6 +116,23 @@ def norm(name: str, layer: int | None, source: str, has_bias: bool, side: str = 
     return specs
 
 
+def causal_lm_head(norm_source: str, norm_has_bias: bool, has_head: bool, tied: bool) -> list[SlotSpec]:
+    """Specs for a decoder's final norm and, when it has an untied one, its LM head."""
+    specs = norm("head.norm", None, norm_source, norm_has_bias, head_norm_side(tied and has_head))
+    if has_head and not tied:
+        specs.append(SlotSpec("head.out.weight", None, "lm_head.weight", (out_("vocab"), in_("model")), identity))
+    return specs
+
+
+def require_multi_head_attention(family: str, dims: dict[str, int]) -> None:
+    """BERT, GPT-2 and ViT tie the attention width to the hidden size and have no grouped-query attention."""
+    if dims["attn"] != dims["model"]:
+        raise ValueError(f"{family} needs heads * head_dim == hidden size, got {dims['heads']} * "
+                         f"{dims['head_dim']} != {dims['model']}")
+    if dims["kv_heads"] != dims["heads"]:
+        raise ValueError(f"{family} has no grouped-query attention: kv_heads must equal heads")
+
+
 def head_norm_side(tied: bool) -> str:
     """The norm feeding a tied LM head takes the in-side width map: with the embedding copied unscaled, the
     head's input normalisation (e.g. de-coalescing's 1/2) is folded into that norm, which keeps logits exact."""

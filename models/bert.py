@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
-from .base import Adapter, SlotSpec, head_norm_side, in_, norm, out_, weight_and_bias
+from .base import Adapter, SlotSpec, head_norm_side, in_, norm, out_, require_multi_head_attention, weight_and_bias
 
 
 class BertAdapter(Adapter):
@@ -58,10 +58,6 @@ class BertAdapter(Adapter):
         return specs
 
     def config_at(self, config, dims):
-        if dims["attn"] != dims["model"]:
-            raise ValueError(f"BERT needs heads * head_dim == hidden size, got {dims['heads']} * "
-                             f"{dims['head_dim']} != {dims['model']}")
-        if dims["kv_heads"] != dims["heads"]:
-            raise ValueError("BERT has no grouped-query attention: kv_heads must equal heads")
+        require_multi_head_attention("BERT", dims)
         return self.copied(config, hidden_size=dims["model"], intermediate_size=dims["ffn"],
                            num_attention_heads=dims["heads"], num_hidden_layers=dims["layers"])

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 
-from .base import Adapter, SlotSpec, head_norm_side, in_, norm, out_, transposed, weight_and_bias
+from .base import (Adapter, SlotSpec, causal_lm_head, norm, out_, require_multi_head_attention, transposed,
+                   weight_and_bias)
 
 
 def _qkv_part(part: int, width: int):
@@ -52,18 +53,9 @@ class GPT2Adapter(Adapter):
                 *weight_and_bias("mlp.down", i, l + "mlp.c_proj", "model", "ffn", True, transposed,
                                  residual_out=True),
             ]
-        has_head = model_class is GPT2LMHeadModel
-        specs += norm("head.norm", None, f"{p}ln_f", True, head_norm_side(tied and has_head))
-        if has_head and not tied:
-            specs.append(SlotSpec("head.out.weight", None, "lm_head.weight", (out_("vocab"), in_("model")),
-                                  lambda t: t))
-        return specs
+        return specs + causal_lm_head(f"{p}ln_f", True, model_class is GPT2LMHeadModel, tied)
 
     def config_at(self, config, dims):
-        if dims["attn"] != dims["model"]:
-            raise ValueError(f"GPT-2 needs heads * head_dim == n_embd, got {dims['heads']} * "
-                             f"{dims['head_dim']} != {dims['model']}")
-        if dims["kv_heads"] != dims["heads"]:
-            raise ValueError("GPT-2 has no grouped-query attention: kv_heads must equal heads")
+        require_multi_head_attention("GPT-2", dims)
         return self.copied(config, n_embd=dims["model"], n_inner=dims["ffn"], n_head=dims["heads"],
                            n_layer=dims["layers"])

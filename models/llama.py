@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
-from .base import Adapter, SlotSpec, head_norm_side, in_, norm, out_, weight_and_bias
+from .base import Adapter, SlotSpec, causal_lm_head, norm, out_, weight_and_bias
 
 
 class LlamaAdapter(Adapter):
@@ -38,12 +38,7 @@ class LlamaAdapter(Adapter):
                 *weight_and_bias("mlp.up", i, l + "mlp.up_proj", "ffn", "model", mlp_bias),
                 *weight_and_bias("mlp.down", i, l + "mlp.down_proj", "model", "ffn", mlp_bias, residual_out=True),
             ]
-        has_head = model_class is LlamaForCausalLM
-        specs += norm("head.norm", None, f"{p}norm", False, head_norm_side(tied and has_head))
-        if has_head and not tied:
-            specs.append(SlotSpec("head.out.weight", None, "lm_head.weight", (out_("vocab"), in_("model")),
-                                  lambda t: t))
-        return specs
+        return specs + causal_lm_head(f"{p}norm", False, model_class is LlamaForCausalLM, tied)
 
     def config_at(self, config, dims):
         return self.copied(config, hidden_size=dims["model"], intermediate_size=dims["ffn"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
-from .base import Adapter, SlotSpec, in_, norm, out_, weight_and_bias
+from .base import Adapter, SlotSpec, in_, norm, out_, require_multi_head_attention, weight_and_bias
 
 
 def _patch_kernel(t):
@@ -67,10 +67,6 @@ class ViTAdapter(Adapter):
         return specs
 
     def config_at(self, config, dims):
-        if dims["attn"] != dims["model"]:
-            raise ValueError(f"ViT needs heads * head_dim == hidden size, got {dims['heads']} * "
-                             f"{dims['head_dim']} != {dims['model']}")
-        if dims["kv_heads"] != dims["heads"]:
-            raise ValueError("ViT has no grouped-query attention: kv_heads must equal heads")
+        require_multi_head_attention("ViT", dims)
         return self.copied(config, hidden_size=dims["model"], intermediate_size=dims["ffn"],
                            num_attention_heads=dims["heads"], num_hidden_layers=dims["layers"])
