@@ -83,8 +83,11 @@ def apply_map(gmap: GrowthMap, source: Schema, target: Schema, *, alpha: float |
         task = (_as_2d(out), [(_as_2d(s), w) for s, w in sources], tables.start_of(row_map), tables.start_of(col_map))
         groups[(out.device, out.dtype, first.dtype)].append(task)
 
+    built_tables = {}
     for (device, _, _), tasks in groups.items():
-        table_index, table_weight = tables.build(device)
+        if device not in built_tables:
+            built_tables[device] = tables.build(device)
+        table_index, table_weight = built_tables[device]
         kd = max(len(t[1]) for t in tasks)
         dst, src, depth_w = [], [], torch.zeros(len(tasks), kd, dtype=torch.float32)
         for i, (out, sources, _, _) in enumerate(tasks):
