@@ -59,15 +59,12 @@ def measure_ceilings(device: torch.device) -> dict[str, float]:
     dst = torch.empty_like(src)
     copy_ms, _, _ = time_fn(lambda: dst.copy_(src))
     copy_bytes = 2 * src.numel() * src.element_size()
-    del src, dst
 
     n = 8192
     a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     c = torch.empty(n, n, dtype=torch.bfloat16, device=device)
     matmul_ms, _, _ = time_fn(lambda: torch.mm(a, b, out=c))
-    del a, b, c
-    torch.cuda.empty_cache()
     return {"copy_ceiling_gbps": copy_bytes / (copy_ms * 1e6),
             "matmul_ceiling_tflops": 2 * n ** 3 / (matmul_ms * 1e9)}
 
