@@ -1,0 +1,94 @@
+"""Progressive growth schedules: multi-stage layerwise training (MSLT) and progressive stacking (StackBERT)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+import growlib
+from growlib.models import adapter_for
+from growlib.schedules.multilevel import _split
+from growlib.train.loop import RunState, Stage, Transition
+
+
+def freeze_below(layers: int) -> Callable[[torch.nn.Module], None]:
+    """Freeze the embeddings and layers [0, layers): they run forward only and receive no gradient.
+
+    With tied embeddings the LM head is the embedding, so it is frozen with it in the partial stages."""
+    def freeze(model: torch.nn.Module) -> None:
+        schema = growlib.schema_of(model)
+        for spec in schema.specs:
+            frozen = spec.name.startswith("embed.") or (spec.layer is not None and spec.layer < layers)
+            if frozen:
+                model.get_parameter(spec.source).requires_grad_(False)
+    return freeze
+
+
+def _check_layers(layer_counts: list[int], final_layers: int) -> None:
+    if not layer_counts or layer_counts != sorted(layer_counts) or len(set(layer_counts)) != len(layer_counts):
+        raise ValueError(f"layer_counts must be strictly increasing, got {layer_counts}")
+    if layer_counts[-1] != final_layers:
+        raise ValueError(f"layer_counts must end at the model's {final_layers} layers, got {layer_counts}")
+
+
+def _check_fractions(stage_fractions: list[float], layer_counts: list[int]) -> None:
+    if len(stage_fractions) != len(layer_counts):
+        raise ValueError(f"stage_fractions needs one entry per layer count ({len(layer_counts)}), got "
+                         f"{len(stage_fractions)}")
+
+
+def _shallow_start(layers: int) -> Callable[[RunState], Transition]:
+    """The first stage trains a fresh model with only the bottom ``layers`` of the target's depth."""
+    def enter(state: RunState) -> Transition:
+        full = state.model
+        dims = growlib.schema_of(full).dims
+        model = adapter_for(full).new_model(full, {**_resizable(dims), "layers": layers})
+        return Transition(model)
+    return enter
+
+
+def _resizable(dims: dict[str, int]) -> dict[str, int]:
+    return {k: dims[k] for k in ("model", "ffn", "heads", "kv_heads", "head_dim", "attn", "kv", "layers")}
+
+
+def mslt(total_steps: int, final_layers: int, layer_counts: list[int] | None = None,
+         stage_fractions: list[float] | None = None, joint_fraction: float = 0.1) -> list[Stage]:
+    """Multi-stage layerwise training (Yang et al.): start with ``layer_counts[0]`` layers; at each stage copy the
+    top layers onto the stack, freeze the embeddings and the old layers, train the new layers, the head and the
+    final norm; end with a joint stage that trains everything.  Defaults: quarters of the depth, budget split
+    evenly over the partial stages, ``joint_fraction`` for the joint stage."""
+    layer_counts = layer_counts or sorted({max(1, final_layers * k // 4) for k in range(1, 5)})
+    _check_layers(layer_counts, final_layers)
+    stage_fractions = stage_fractions or [(1.0 - joint_fraction) / len(layer_counts)] * len(layer_counts)
+    _check_fractions(stage_fractions, layer_counts)
+    steps = _split(total_steps, stage_fractions + [joint_fraction])
+    stages = [Stage(f"layers{layer_counts[0]}", steps[0], _shallow_start(layer_counts[0]))]
+    for previous, layers, n in zip(layer_counts, layer_counts[1:], steps[1:]):
+        stages.append(Stage(f"layers{layers}", n,
+                            lambda s, layers=layers: Transition(growlib.grow_depth(s.model, layers, "copy_top")),
+                            freeze=freeze_below(previous)))
+    stages.append(Stage("joint", steps[-1], _unfreeze_all))
+    return stages
+
+
+def _unfreeze_all(state: RunState) -> Transition:
+    for p in state.model.parameters():
+        p.requires_grad_(True)
+    return Transition(state.model)
+
+
+def stack(total_steps: int, final_layers: int, layer_counts: list[int] | None = None,
+          stage_fractions: list[float] | None = None) -> list[Stage]:
+    """Progressive stacking (StackBERT / G_stack): train a shallow model, double its depth by stacking it on
+    itself, repeat; everything stays trainable; optimizer state reset at each growth as in StackBERT."""
+    layer_counts = layer_counts or sorted({max(1, final_layers // 4), max(1, final_layers // 2), final_layers})
+    _check_layers(layer_counts, final_layers)
+    stage_fractions = stage_fractions or [1.0 / len(layer_counts)] * len(layer_counts)
+    _check_fractions(stage_fractions, layer_counts)
+    steps = _split(total_steps, stage_fractions)
+    stages = [Stage(f"layers{layer_counts[0]}", steps[0], _shallow_start(layer_counts[0]))]
+    for layers, n in zip(layer_counts[1:], steps[1:]):
+        stages.append(Stage(f"layers{layers}", n,
+                            lambda s, layers=layers: Transition(growlib.grow_depth(s.model, layers, "stack"))))
+    return stages

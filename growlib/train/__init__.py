@@ -1,0 +1,1 @@
+"""Training: the loop every schedule runs on, data, FLOPs accounting, checkpoints."""

@@ -1,0 +1,249 @@
+"""One training loop for every schedule: stages of (model, steps, frozen parts), transitions between them,
+FLOPs and wall time counted, validation every N steps, metrics as JSONL, atomic checkpoints.
+
+A schedule is a list of ``Stage``s.  Each stage builds its model from the previous stage's (a transition:
+coalesce, de-coalesce + interpolate, grow, ...), optionally freezes part of it, and trains it for its steps
+with a fresh or mapped optimizer and its own warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from growlib.schema import GrowthMap
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every stage (a stage may scale the learning rate)."""
+
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    batch_size: int = 16
+    seq_len: int = 64
+    grad_accum: int = 1
+    clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainConfig.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class Transition:
+    """What a stage starts from: its model, the map from the previous model (None: unrelated) and the
+    optimizer-state policy ('map' or 'reset')."""
+
+    model: torch.nn.Module
+    growth_map: GrowthMap | None = None
+    optimizer_policy: str = "reset"
+
+
+@dataclass
+class Stage:
+    """A phase of a schedule.  ``enter(state)`` returns the stage's Transition; ``freeze(model)`` (optional)
+    marks the parameters that stay fixed; ``lr_scale`` multiplies the base learning rate."""
+
+    name: str
+    steps: int
+    enter: Callable[["RunState"], Transition]
+    freeze: Callable[[torch.nn.Module], None] | None = None
+    lr_scale: float = 1.0
+
+
+@dataclass
+class RunState:
+    """What stages read and leave behind: the current model and any models a schedule keeps for later
+    (e.g. the V-cycle's fine model before coalescing)."""
+
+    model: torch.nn.Module
+    kept: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+
+def learning_rate(config: TrainConfig, stage: Stage, step_in_stage: int) -> float:
+    """Linear warmup then cosine decay to ``min_lr_ratio``, restarted at each stage."""
+    peak = config.lr * stage.lr_scale
+    warmup = min(config.warmup_steps, max(1, stage.steps // 10))
+    if step_in_stage < warmup:
+        return peak * (step_in_stage + 1) / warmup
+    progress = (step_in_stage - warmup) / max(1, stage.steps - warmup)
+    floor = peak * config.min_lr_ratio
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class MetricsLog:
+    """Append-only JSONL: one record per training step and per evaluation."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def save_checkpoint_atomically(payload: dict, path: str) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def config_as_dict(config: TrainConfig) -> dict:
+    return asdict(config)
+
+
+@dataclass
+class RunResult:
+    """Totals of a finished run and its evaluation curve: (global step, FLOPs, wall seconds, val loss)."""
+
+    steps: int
+    flops: float
+    wall_seconds: float
+    final_val_loss: float
+    evals: list[tuple[int, float, float, float]]
+
+
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = _trainable(model)
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+
+
+def _model_record(model: torch.nn.Module) -> dict:
+    return {"class": type(model).__name__, "config": model.config.to_dict(), "state": model.state_dict()}
+
+
+def _model_from_record(record: dict, like: torch.nn.Module) -> torch.nn.Module:
+    """Rebuild a checkpointed model of the same family as ``like`` (the schedule's initial model)."""
+    import transformers
+
+    cls = getattr(transformers, record["class"])
+    config = type(like.config).from_dict(record["config"])
+    model = cls(config).to(next(like.parameters()).device)
+    model.load_state_dict(record["state"], strict=True)
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[dict]) -> float:
+    was_training = model.training
+    model.eval()
+    losses = [float(model(**batch).loss) for batch in batches]
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
+                 train_batch: Callable[[int], dict], eval_batches: list[dict],
+                 step_flops: Callable[[torch.nn.Module], float], metrics: MetricsLog | None = None,
+                 checkpoint_path: str | None = None, checkpoint_every: int = 0, resume: bool = False,
+                 schedule_name: str = "") -> RunResult:
+    """Train through ``stages`` starting from ``state.model``.
+
+    ``train_batch(global_step)`` must be deterministic in the step (that is the data position a checkpoint
+    holds); ``step_flops(model)`` gives one optimizer step's FLOPs for the model as currently frozen.
+    With ``resume`` and an existing checkpoint, the run continues exactly where it stopped."""
+    from growlib.optim import map_optimizer_state
+
+    metrics = metrics or MetricsLog(None)
+    total_steps = sum(s.steps for s in stages)
+    start_stage, start_step, global_step, flops, wall = 0, 0, 0, 0.0, 0.0
+    evals: list[tuple[int, float, float, float]] = []
+    checkpoint = None
+    if resume and checkpoint_path and os.path.exists(checkpoint_path):
+        checkpoint = torch.load(checkpoint_path, weights_only=True)
+        start_stage, start_step = checkpoint["stage"], checkpoint["step_in_stage"]
+        global_step, flops, wall = checkpoint["global_step"], checkpoint["flops"], checkpoint["wall"]
+        evals = [tuple(e) for e in checkpoint["evals"]]
+        state = RunState(model=_model_from_record(checkpoint["model"], state.model),
+                         kept={k: _model_from_record(r, state.model) for k, r in checkpoint["kept"].items()})
+
+    optimizer = None
+    for index in range(start_stage, len(stages)):
+        stage = stages[index]
+        resuming_here = checkpoint is not None and index == start_stage
+        if resuming_here:
+            model = state.model
+            if stage.freeze:
+                stage.freeze(model)
+            optimizer = _make_optimizer(model, config)
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            torch.set_rng_state(checkpoint["rng"])
+        else:
+            transition = stage.enter(state)
+            model = transition.model
+            if stage.freeze:
+                stage.freeze(model)
+            new_optimizer = _make_optimizer(model, config)
+            can_map = (transition.optimizer_policy == "map" and transition.growth_map is not None
+                       and optimizer is not None and all(p.requires_grad for p in model.parameters())
+                       and all(p.requires_grad for p in state.model.parameters()))
+            if can_map:
+                map_optimizer_state(optimizer, state.model, new_optimizer, model, transition.growth_map)
+            optimizer = new_optimizer
+            state.model = model
+        model.train()
+        flops_per_step = step_flops(model)
+        first_step = start_step if resuming_here else 0
+        for step_in_stage in range(first_step, stage.steps):
+            started = time.perf_counter()
+            lr = learning_rate(config, stage, step_in_stage)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(config.grad_accum):
+                batch = train_batch(global_step * config.grad_accum + micro)
+                loss = model(**batch).loss / config.grad_accum
+                loss.backward()
+                loss_sum += float(loss.detach())
+            if config.clip > 0:
+                torch.nn.utils.clip_grad_norm_(_trainable(model), config.clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            flops += flops_per_step
+            wall += time.perf_counter() - started
+            if not math.isfinite(loss_sum):
+                raise FloatingPointError(f"loss is {loss_sum} at step {global_step} (stage {stage.name!r})")
+            metrics.write({"kind": "train", "schedule": schedule_name, "step": global_step, "stage": stage.name,
+                           "tokens": global_step * config.grad_accum * config.batch_size * config.seq_len,
+                           "flops": flops, "loss": loss_sum, "lr": lr, "wall": wall})
+            if global_step % config.eval_every == 0 or global_step == total_steps:
+                val = evaluate(model, eval_batches)
+                evals.append((global_step, flops, wall, val))
+                metrics.write({"kind": "eval", "schedule": schedule_name, "step": global_step,
+                               "stage": stage.name, "flops": flops, "wall": wall, "val_loss": val})
+            if checkpoint_path and checkpoint_every and global_step % checkpoint_every == 0:
+                save_checkpoint_atomically({
+                    "stage": index, "step_in_stage": step_in_stage + 1, "global_step": global_step,
+                    "flops": flops, "wall": wall, "evals": evals, "model": _model_record(model),
+                    "kept": {k: _model_record(m) for k, m in state.kept.items()},
+                    "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, checkpoint_path)
+        start_step = 0
+    return RunResult(steps=global_step, flops=flops, wall_seconds=wall,
+                     final_val_loss=evals[-1][3] if evals else float("nan"), evals=evals)

@@ -1,0 +1,106 @@
+"""Each schedule's stages and transitions on tiny models: shapes, trainable tensors, optimizer policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import growlib
+from growlib.schedules import build_schedule
+from growlib.train.loop import RunState
+from tests.factories import tiny_model
+
+
+def walk(stages, model):
+    """Enter every stage in turn (no training) and record (name, steps, dims, trainable layer set)."""
+    state = RunState(model)
+    seen = []
+    for stage in stages:
+        transition = stage.enter(state)
+        if stage.freeze:
+            stage.freeze(transition.model)
+        state.model = transition.model
+        schema = growlib.schema_of(state.model)
+        trainable_layers = sorted({s.layer for s in schema.specs if s.layer is not None
+                                   and state.model.get_parameter(s.source).requires_grad})
+        seen.append((stage.name, stage.steps, schema.dims["layers"], schema.dims["model"], trainable_layers,
+                     transition.optimizer_policy))
+    return seen
+
+
+def test_vcycle_two_levels():
+    seen = walk(build_schedule("vcycle", 100, 4), tiny_model("gpt2", layers=4))
+    assert [(n, s, l, d) for n, s, l, d, _, _ in seen] == [
+        ("level0-down", 5, 4, 48), ("level1-coarsest", 50, 2, 24), ("level0-up", 45, 4, 48)]
+    assert all(policy == "reset" for *_, policy in seen)
+
+
+def test_vcycle_three_levels_returns_to_the_kept_models():
+    model = tiny_model("llama", layers=4, hidden=48, heads=4, kv_heads=4, ffn=72)
+    seen = walk(build_schedule("vcycle", 100, 4, levels=3), model)
+    assert [(n, l, d) for n, _, l, d, _, _ in seen] == [
+        ("level0-down", 4, 48), ("level1-down", 2, 24), ("level2-coarsest", 1, 12), ("level1-up", 2, 24),
+        ("level0-up", 4, 48)]
+
+
+def test_vcycle_interpolates_into_the_model_kept_before_coalescing():
+    model = tiny_model("gpt2", layers=2)
+    stages = build_schedule("vcycle", 40, 2, alpha=0.0)
+    state = RunState(model)
+    for stage in stages:
+        state.model = stage.enter(state).model
+    assert state.model is model  # alpha = 0: the kept fine model, unchanged
+
+
+def test_ode_multilevel_alternates_parity_and_prolongs_into_the_fine_model():
+    model = tiny_model("gpt2", layers=4)
+    seen = walk(build_schedule("ode_multilevel", 100, 4, cycles=2), model)
+    assert [n for n, *_ in seen] == ["cycle0-pre", "cycle0-coarse-even", "cycle0-post", "cycle1-pre",
+                                     "cycle1-coarse-odd", "cycle1-post"]
+    assert [l for _, _, l, *_ in seen] == [4, 2, 4, 4, 2, 4]
+
+
+def test_mslt_freezes_embeddings_and_old_layers_then_trains_jointly():
+    seen = walk(build_schedule("mslt", 100, 4), tiny_model("bert", layers=4))
+    assert [(n, l, t) for n, _, l, _, t, _ in seen] == [
+        ("layers1", 1, [0]), ("layers2", 2, [1]), ("layers3", 3, [2]), ("layers4", 4, [3]),
+        ("joint", 4, [0, 1, 2, 3])]
+
+
+def test_mslt_keeps_the_head_trainable_and_embeddings_frozen():
+    stages = build_schedule("mslt", 100, 4, layer_counts=[2, 4])
+    state = RunState(tiny_model("bert", layers=4))
+    for stage in stages[:2]:
+        state.model = stage.enter(state).model
+        if stage.freeze:
+            stage.freeze(state.model)
+    model = state.model
+    assert model.cls.predictions.transform.dense.weight.requires_grad
+    assert not model.bert.embeddings.position_embeddings.weight.requires_grad
+    assert model.bert.encoder.layer[3].output.dense.weight.requires_grad
+    assert not model.bert.encoder.layer[1].output.dense.weight.requires_grad
+
+
+def test_stack_doubles_depth_with_everything_trainable():
+    seen = walk(build_schedule("stack", 90, 4), tiny_model("llama", layers=4))
+    assert [(n, s, l, t) for n, s, l, _, t, _ in seen] == [
+        ("layers1", 30, 1, [0]), ("layers2", 30, 2, [0, 1]), ("layers4", 30, 4, [0, 1, 2, 3])]
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("warp", {}, "schedule must be one of"),
+    ("vcycle", {"speed": 2}, "unknown"),
+    ("vcycle", {"alpha": 2.0}, "alpha"),
+    ("vcycle", {"levels": 1}, "levels"),
+    ("mslt", {"layer_counts": [2, 1, 4]}, "strictly increasing"),
+    ("mslt", {"layer_counts": [1, 2]}, "end at the model's 4 layers"),
+    ("stack", {"stage_fractions": [0.5, 0.5]}, "one entry per layer count"),
+])
+def test_bad_schedule_options(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        build_schedule(name, 100, 4, **options)
+
+
+def test_too_small_a_budget_is_rejected():
+    with pytest.raises(ValueError, match="too small"):
+        build_schedule("vcycle", 10, 4)

@@ -1,0 +1,115 @@
+"""The training loop: stages and transitions, learning-rate schedule, metrics, exact resume from checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import growlib
+from growlib.schedules import build_schedule
+from growlib.train.loop import (MetricsLog, RunState, Stage, TrainConfig, Transition, learning_rate,
+                                run_schedule)
+from tests.factories import tiny_model
+
+CONFIG = TrainConfig(batch_size=4, seq_len=16, eval_every=5, eval_batches=2, warmup_steps=2)
+
+
+def random_batch(step: int) -> dict:
+    ids = torch.randint(0, 101, (4, 16), generator=torch.Generator().manual_seed(step))
+    return {"input_ids": ids, "labels": ids}
+
+
+EVAL = [random_batch(10 ** 6 + i) for i in range(2)]
+
+
+def trainable_count(model):
+    return float(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def run(stages, model, **kwargs):
+    return run_schedule(stages, RunState(model), CONFIG, train_batch=random_batch, eval_batches=EVAL,
+                        step_flops=trainable_count, **kwargs)
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    stage = Stage("s", 100, lambda s: Transition(s.model), lr_scale=2.0)
+    lrs = [learning_rate(CONFIG, stage, i) for i in range(100)]
+    assert lrs[0] == pytest.approx(CONFIG.lr)  # warmup 2 steps, peak 2 * lr
+    assert max(lrs) == pytest.approx(2 * CONFIG.lr)
+    assert lrs[-1] == pytest.approx(2 * CONFIG.lr * CONFIG.min_lr_ratio, rel=1e-2)
+
+
+def test_metrics_and_flops_are_recorded_per_step_and_eval(tmp_path):
+    log = tmp_path / "m.jsonl"
+    result = run(build_schedule("vcycle", 20, 2), tiny_model("gpt2", layers=2), metrics=MetricsLog(str(log)),
+                 schedule_name="vcycle")
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 21))
+    assert {r["stage"] for r in train} == {"level0-down", "level1-coarsest", "level0-up"}
+    assert all(r["flops"] > 0 and r["loss"] > 0 for r in train)
+    increments = {r["stage"]: r["flops"] - p["flops"] for p, r in zip(train, train[1:])}
+    assert increments["level1-coarsest"] < increments["level0-up"] / 3  # the coarse level is far cheaper
+    assert result.flops == train[-1]["flops"]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [5, 10, 15, 20]
+
+
+def test_loss_is_unchanged_by_a_function_preserving_transition():
+    model = tiny_model("gpt2", layers=2)
+    seen = {}
+
+    def grow(state):
+        seen["before"] = _eval_loss(state.model)
+        wider = growlib.widen(state.model, hidden=96, intermediate=140, method="hypercloning")
+        seen["after"] = _eval_loss(wider)
+        return Transition(wider)
+
+    run([Stage("small", 3, lambda s: Transition(s.model)), Stage("wide", 2, grow)], model)
+    assert seen["after"] == pytest.approx(seen["before"], rel=1e-5)
+
+
+def _eval_loss(model):
+    from growlib.train.loop import evaluate
+    return evaluate(model, EVAL)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("schedule", ["vcycle", "mslt"])
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(schedule, tmp_path):
+    stages = lambda: build_schedule(schedule, 24, 4)  # noqa: E731
+    straight_log = tmp_path / "straight.jsonl"
+    run(stages(), tiny_model("gpt2", layers=4), metrics=MetricsLog(str(straight_log)))
+
+    checkpoint = str(tmp_path / "ckpt.pt")
+    crashed_log = tmp_path / "crashed.jsonl"
+
+    def crashing_batch(step):
+        if step == 15:
+            raise Crash()
+        return random_batch(step)
+
+    with pytest.raises(Crash):
+        run_schedule(stages(), RunState(tiny_model("gpt2", layers=4)), CONFIG, train_batch=crashing_batch,
+                     eval_batches=EVAL, step_flops=trainable_count, metrics=MetricsLog(str(crashed_log)),
+                     checkpoint_path=checkpoint, checkpoint_every=4)
+    run(stages(), tiny_model("gpt2", layers=4, seed=9), metrics=MetricsLog(str(crashed_log)),
+        checkpoint_path=checkpoint, checkpoint_every=4, resume=True)
+
+    def losses(path):
+        return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"}
+
+    straight, resumed = losses(straight_log), losses(crashed_log)
+    assert sorted(resumed) == list(range(1, 25))
+    assert resumed == straight
+
+
+def test_train_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        TrainConfig(min_lr_ratio=2.0)
