@@ -1,0 +1,135 @@
+"""Put every method beside training from scratch: FLOPs and wall time to reach the baseline's final
+validation loss, final validation loss, with the spread over seeds."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import statistics
+from dataclasses import dataclass
+
+from growlib.train.loop import RunResult
+
+
+def cost_to_reach(result: RunResult, target: float) -> tuple[float, float] | None:
+    """(FLOPs, wall seconds) at the first evaluation whose validation loss is <= target, interpolated linearly
+    between that evaluation and the one before; None if the run never gets there."""
+    previous = (0.0, 0.0, math.inf)
+    for _, flops, wall, loss in result.evals:
+        if loss <= target:
+            p_flops, p_wall, p_loss = previous
+            if math.isinf(p_loss):
+                return flops, wall
+            share = (p_loss - target) / (p_loss - loss)
+            return p_flops + share * (flops - p_flops), p_wall + share * (wall - p_wall)
+        previous = (flops, wall, loss)
+    return None
+
+
+@dataclass
+class MethodSummary:
+    """One row of the comparison: means over seeds, and (min, max) spreads."""
+
+    schedule: str
+    seeds: int
+    final_val_loss: float
+    final_val_loss_spread: tuple[float, float]
+    flops_ratio: float | None          # FLOPs to the baseline's final loss / baseline FLOPs
+    flops_ratio_spread: tuple[float, float] | None
+    wall_ratio: float | None
+    wall_ratio_spread: tuple[float, float] | None
+    reached: int                       # seeds that reached the baseline's final loss
+    total_flops_ratio: float           # the whole schedule's FLOPs / the baseline's
+
+
+def _spread(values: list[float]) -> tuple[float, float]:
+    return (min(values), max(values))
+
+
+def summarize(results: dict[str, list[RunResult]], baseline: str = "baseline") -> list[MethodSummary]:
+    """``results[schedule][i]`` is the run with the i-th seed; the baseline's run with the same seed sets the
+    target loss and the reference cost for that seed."""
+    if baseline not in results:
+        raise ValueError(f"results must include the {baseline!r} schedule to compare against")
+    base_runs = results[baseline]
+    rows = []
+    for name, runs in results.items():
+        if len(runs) != len(base_runs):
+            raise ValueError(f"schedule {name!r} has {len(runs)} seeds, the baseline {len(base_runs)}")
+        flops_ratios, wall_ratios = [], []
+        for run, base in zip(runs, base_runs):
+            reached = cost_to_reach(run, base.final_val_loss)
+            if reached is not None:
+                flops_ratios.append(reached[0] / base.flops)
+                wall_ratios.append(reached[1] / base.wall_seconds)
+        finals = [r.final_val_loss for r in runs]
+        rows.append(MethodSummary(
+            schedule=name, seeds=len(runs), final_val_loss=statistics.mean(finals),
+            final_val_loss_spread=_spread(finals),
+            flops_ratio=statistics.mean(flops_ratios) if flops_ratios else None,
+            flops_ratio_spread=_spread(flops_ratios) if flops_ratios else None,
+            wall_ratio=statistics.mean(wall_ratios) if wall_ratios else None,
+            wall_ratio_spread=_spread(wall_ratios) if wall_ratios else None,
+            reached=len(flops_ratios),
+            total_flops_ratio=statistics.mean(r.flops / b.flops for r, b in zip(runs, base_runs))))
+    return rows
+
+
+def _ratio(value: float | None, spread: tuple[float, float] | None) -> str:
+    if value is None:
+        return "not reached"
+    return f"{value:.2f} ({spread[0]:.2f}-{spread[1]:.2f})"
+
+
+def markdown_table(rows: list[MethodSummary]) -> str:
+    lines = ["| schedule | final val loss (min-max) | FLOPs to baseline loss (ratio) | wall time to baseline "
+             "loss (ratio) | seeds reaching it | schedule FLOPs / baseline |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r.final_val_loss_spread
+        lines.append(f"| {r.schedule} | {r.final_val_loss:.3f} ({lo:.3f}-{hi:.3f}) | "
+                     f"{_ratio(r.flops_ratio, r.flops_ratio_spread)} | {_ratio(r.wall_ratio, r.wall_ratio_spread)} | "
+                     f"{r.reached}/{r.seeds} | {r.total_flops_ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def write_summary(rows: list[MethodSummary], out_dir: str, header: str = "") -> str:
+    """summary.md and summary.csv in ``out_dir``; returns the markdown table."""
+    os.makedirs(out_dir, exist_ok=True)
+    table = markdown_table(rows)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write((header + "\n\n" if header else "") + table + "\n")
+    with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["schedule", "seeds", "final_val_loss", "final_val_loss_min", "final_val_loss_max",
+                         "flops_ratio", "wall_ratio", "reached", "total_flops_ratio"])
+        for r in rows:
+            writer.writerow([r.schedule, r.seeds, r.final_val_loss, *r.final_val_loss_spread,
+                             "" if r.flops_ratio is None else r.flops_ratio,
+                             "" if r.wall_ratio is None else r.wall_ratio, r.reached, r.total_flops_ratio])
+    return table
+
+
+def plot_curves(results: dict[str, list[RunResult]], out_dir: str) -> list[str]:
+    """loss_vs_flops.png and loss_vs_time.png (first seed of each schedule); needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for index, (label, file_name) in enumerate((("FLOPs", "loss_vs_flops.png"), ("wall time (s)", "loss_vs_time.png"))):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, runs in results.items():
+            evals = runs[0].evals
+            ax.plot([e[1 + index] for e in evals], [e[3] for e in evals], marker=".", label=name)
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation loss")
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out_dir, file_name)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,53 @@
+"""Model configurations by family and size name, so a user can say ``--model gpt2 --size tiny``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import transformers as T
+
+#: (layers, hidden, heads, intermediate) per size; ``base`` is the real BERT-Base / GPT-2 small shape.
+SIZES = {
+    "tiny": (4, 128, 4, 512),
+    "small": (6, 256, 8, 1024),
+    "base": (12, 768, 12, 3072),
+}
+FAMILIES = ("gpt2", "bert", "llama")
+
+
+def _size(size: str | dict) -> dict:
+    if isinstance(size, dict):
+        return size
+    if size in SIZES:
+        layers, hidden, heads, ffn = SIZES[size]
+        return {"layers": layers, "hidden": hidden, "heads": heads, "intermediate": ffn}
+    if os.path.exists(size):
+        with open(size) as f:
+            return json.load(f)
+    raise ValueError(f"size must be one of {sorted(SIZES)}, a JSON file or a dict, got {size!r}")
+
+
+def build_model(family: str, size: str | dict, vocab_size: int, seq_len: int):
+    """A freshly initialised HF model; ``size`` gives layers, hidden, heads, intermediate (and kv_heads)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    s = _size(size)
+    missing = {"layers", "hidden", "heads", "intermediate"} - set(s)
+    if missing:
+        raise ValueError(f"size needs keys layers, hidden, heads, intermediate; missing {sorted(missing)}")
+    if family == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(
+            vocab_size=vocab_size, n_positions=seq_len, n_embd=s["hidden"], n_layer=s["layers"],
+            n_head=s["heads"], n_inner=s["intermediate"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            bos_token_id=0, eos_token_id=0))
+    if family == "bert":
+        return T.BertForMaskedLM(T.BertConfig(
+            vocab_size=vocab_size, max_position_embeddings=seq_len, hidden_size=s["hidden"],
+            num_hidden_layers=s["layers"], num_attention_heads=s["heads"], intermediate_size=s["intermediate"],
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return T.LlamaForCausalLM(T.LlamaConfig(
+        vocab_size=vocab_size, max_position_embeddings=seq_len, hidden_size=s["hidden"],
+        num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+        num_key_value_heads=s.get("kv_heads", s["heads"]), intermediate_size=s["intermediate"],
+        tie_word_embeddings=True))
