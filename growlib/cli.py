@@ -1,8 +1,10 @@
-"""Command line: ``growlib demo`` shows the structured growth operators on real Hugging Face model classes."""
+"""Command line: ``growlib demo`` (the operators on real HF model classes), ``growlib train`` (one schedule),
+``growlib compare`` (every schedule against training from scratch on the same budget)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -10,6 +12,11 @@ import torch
 import transformers as T
 
 import growlib
+from growlib.schedules import SCHEDULES
+from growlib.train.experiment import Experiment, compare
+from growlib.train.experiment import run as run_experiment
+from growlib.train.loop import TrainConfig
+from growlib.train.sizes import FAMILIES
 
 DEMO_CONFIGS = {
     # GPT-2 small's real shape (124M parameters), randomly initialised: no download needed.
@@ -83,14 +90,71 @@ def demo(family: str, seed: int) -> int:
     return 0 if exact and max(decoalesce_error, cloning_error) < 1e-5 else 1
 
 
+def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=FAMILIES, default="gpt2")
+    parser.add_argument("--size", default="tiny", help="tiny | small | base | a JSON file of layers/hidden/heads/intermediate")
+    parser.add_argument("--data", default=None, help="text file or folder, or .bin token file (default: Python's stdlib)")
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=300, help="the budget: optimizer steps of the full model")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--out", required=True)
+
+
+def _experiment(args) -> Experiment:
+    config = TrainConfig(lr=args.lr, warmup_steps=args.warmup, batch_size=args.batch_size, seq_len=args.seq_len,
+                         eval_every=args.eval_every, eval_batches=args.eval_batches)
+    return Experiment(family=args.model, size=args.size, total_steps=args.steps, config=config, data=args.data,
+                      vocab_size=args.vocab_size)
+
+
+def _options(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs as a dict, values parsed as JSON where they can be (numbers, lists, booleans)."""
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--schedule-args expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="growlib", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser("demo", help="coalesce / de-coalesce / grow a real HF model class")
     demo_parser.add_argument("--model", choices=sorted(DEMO_CONFIGS), default="gpt2")
     demo_parser.add_argument("--seed", type=int, default=0)
+    train_parser = commands.add_parser("train", help="train one schedule")
+    _experiment_arguments(train_parser)
+    train_parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="baseline")
+    train_parser.add_argument("--schedule-args", nargs="*", default=[], metavar="KEY=VALUE")
+    train_parser.add_argument("--seed", type=int, default=0)
+    train_parser.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
+    compare_parser = commands.add_parser("compare", help="every schedule against the baseline, same budget")
+    _experiment_arguments(compare_parser)
+    compare_parser.add_argument("--schedules", default="baseline,vcycle,ode_multilevel,mslt,stack")
+    compare_parser.add_argument("--seeds", default="0")
     args = parser.parse_args(argv)
-    return demo(args.model, args.seed)
+    if args.command == "demo":
+        return demo(args.model, args.seed)
+    if args.command == "train":
+        result = run_experiment(_experiment(args), args.schedule, args.seed, _options(args.schedule_args),
+                                out_dir=args.out, resume=args.resume)
+        print(f"{args.schedule}: {result.steps} steps, {result.flops:.3g} FLOPs, {result.wall_seconds:.1f} s, "
+              f"final validation loss {result.final_val_loss:.4f}")
+        return 0
+    table = compare(_experiment(args), args.schedules.split(","), [int(s) for s in args.seeds.split(",")],
+                    args.out)
+    print(table)
+    return 0
 
 
 if __name__ == "__main__":

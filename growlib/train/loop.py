@@ -7,6 +7,7 @@ with a fresh or mapped optimizer and its own warmup + cosine learning-rate sched
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -124,6 +125,13 @@ class RunResult:
     evals: list[tuple[int, float, float, float]]
 
 
+def _autocast(model: torch.nn.Module):
+    """bf16 autocast on the GPU; plain fp32 on the CPU (where runs must reproduce exactly)."""
+    if next(model.parameters()).is_cuda:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -153,7 +161,8 @@ def _model_from_record(record: dict, like: torch.nn.Module) -> torch.nn.Module:
 def evaluate(model: torch.nn.Module, batches: list[dict]) -> float:
     was_training = model.training
     model.eval()
-    losses = [float(model(**batch).loss) for batch in batches]
+    with _autocast(model):
+        losses = [float(model(**batch).loss) for batch in batches]
     model.train(was_training)
     return sum(losses) / len(losses)
 
@@ -218,7 +227,8 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
             loss_sum = 0.0
             for micro in range(config.grad_accum):
                 batch = train_batch(global_step * config.grad_accum + micro)
-                loss = model(**batch).loss / config.grad_accum
+                with _autocast(model):
+                    loss = model(**batch).loss / config.grad_accum
                 loss.backward()
                 loss_sum += float(loss.detach())
             if config.clip > 0:

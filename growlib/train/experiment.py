@@ -1,0 +1,125 @@
+"""One experiment = a model family and size, a data source, a token budget and a schedule; ``compare`` runs
+several schedules and seeds on the same budget and data and summarises them against the baseline."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from growlib.schedules import build_schedule
+from growlib.train import data as D
+from growlib.train.compare import plot_curves, summarize, write_summary
+from growlib.train.flops import step_flops
+from growlib.train.loop import MetricsLog, RunResult, RunState, TrainConfig, run_schedule
+from growlib.train.sizes import build_model
+
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "growlib")
+
+
+@dataclass
+class Experiment:
+    """What every schedule of a comparison shares.  ``data`` is None for the embedded corpus (the Python
+    standard library's sources), a text file or folder, or a pre-tokenized ``.bin`` file (``vocab_size`` then
+    gives its vocabulary)."""
+
+    family: str = "gpt2"
+    size: str | dict = "tiny"
+    total_steps: int = 300
+    config: TrainConfig = field(default_factory=TrainConfig)
+    data: str | None = None
+    vocab_size: int = 2048
+    cache_dir: str = DEFAULT_CACHE
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class PreparedData:
+    train: D.TokenData
+    validation: D.TokenData
+    tokenizer: object
+    vocab_size: int
+
+
+def prepare_data(exp: Experiment) -> PreparedData:
+    """Tokenize the experiment's data once (the BPE tokenizer is cached on disk)."""
+    if exp.data is not None and exp.data.endswith(".bin"):
+        if exp.family == "bert":
+            raise ValueError("data: a pre-tokenized .bin file has no tokenizer to mask with; BERT needs text data")
+        ids = D.TokenData.from_bin(exp.data).ids
+        cut = len(ids) * 9 // 10
+        return PreparedData(D.TokenData(ids[:cut]), D.TokenData(ids[cut:]), None, exp.vocab_size)
+    train_texts, val_texts = D.stdlib_corpus() if exp.data is None else D.load_text_source(exp.data)
+    tokenizer = D.train_bpe(train_texts, exp.vocab_size, exp.cache_dir)
+    return PreparedData(D.TokenData.from_texts(train_texts, tokenizer), D.TokenData.from_texts(val_texts, tokenizer),
+                        tokenizer, tokenizer.vocab_size)
+
+
+def _batches(exp: Experiment, prepared: PreparedData, seed: int) -> tuple[Callable[[int], dict], list[dict]]:
+    cfg, device = exp.config, torch.device(exp.device)
+
+    def to_device(batch: dict) -> dict:
+        return {k: v.to(device) for k, v in batch.items()}
+
+    if exp.family == "bert":
+        def train_batch(step):
+            return to_device(D.mlm_batch(prepared.train, step, cfg.batch_size, cfg.seq_len, seed, prepared.tokenizer))
+        evals = D.mlm_validation_batches(prepared.validation, cfg.batch_size, cfg.seq_len, cfg.eval_batches,
+                                         prepared.tokenizer)
+    else:
+        def train_batch(step):
+            return to_device(D.causal_lm_batch(prepared.train, step, cfg.batch_size, cfg.seq_len, seed))
+        evals = D.validation_batches(prepared.validation, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    return train_batch, [to_device(b) for b in evals]
+
+
+def run(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = None,
+        prepared: PreparedData | None = None, out_dir: str | None = None, resume: bool = False,
+        checkpoint_every: int = 50) -> RunResult:
+    """Train ``schedule`` on the experiment; metrics and checkpoints go to ``out_dir`` when given."""
+    prepared = prepared or prepare_data(exp)
+    torch.manual_seed(seed)
+    model = build_model(exp.family, exp.size, prepared.vocab_size, exp.config.seq_len).to(exp.device)
+    final_layers = model.config.num_hidden_layers
+    stages = build_schedule(schedule, exp.total_steps, final_layers, **(options or {}))
+    train_batch, eval_batches = _batches(exp, prepared, seed)
+    tokens_per_step = exp.config.batch_size * exp.config.grad_accum
+
+    def flops(m):
+        return step_flops(m, tokens_per_step, exp.config.seq_len).total
+
+    run_dir = os.path.join(out_dir, f"{schedule}-seed{seed}") if out_dir else None
+    if run_dir:
+        os.makedirs(run_dir, exist_ok=True)
+        if not resume and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+            os.remove(os.path.join(run_dir, "metrics.jsonl"))
+    return run_schedule(stages, RunState(model), exp.config, train_batch=train_batch, eval_batches=eval_batches,
+                        step_flops=flops, metrics=MetricsLog(os.path.join(run_dir, "metrics.jsonl") if run_dir else None),
+                        checkpoint_path=os.path.join(run_dir, "checkpoint.pt") if run_dir else None,
+                        checkpoint_every=checkpoint_every if run_dir else 0, resume=resume, schedule_name=schedule)
+
+
+def compare(exp: Experiment, schedules: list[str], seeds: list[int], out_dir: str,
+            options: dict[str, dict] | None = None, log: Callable[[str], None] = print) -> str:
+    """Run every schedule with every seed on the same budget and data; write summary.md / summary.csv and the
+    loss curves; return the markdown table."""
+    if "baseline" not in schedules:
+        schedules = ["baseline"] + list(schedules)
+    prepared = prepare_data(exp)
+    results: dict[str, list[RunResult]] = {}
+    for name in schedules:
+        for seed in seeds:
+            result = run(exp, name, seed, (options or {}).get(name), prepared, out_dir)
+            log(f"{name:>15} seed {seed}: val loss {result.final_val_loss:.3f}, {result.flops:.3g} FLOPs, "
+                f"{result.wall_seconds:.1f} s")
+            results.setdefault(name, []).append(result)
+    header = (f"{exp.family} {exp.size}, {exp.total_steps} steps x {exp.config.batch_size} x {exp.config.seq_len} "
+              f"tokens, seeds {seeds}, data {exp.data or 'python stdlib'}")
+    table = write_summary(summarize(results), out_dir, header)
+    try:
+        plot_curves(results, out_dir)
+    except ImportError:
+        log("matplotlib is not installed: skipping loss_vs_flops.png / loss_vs_time.png (pip install matplotlib)")
+    return table

@@ -1,0 +1,203 @@
+"""step_flops against torch.utils.flop_counter on tiny models of every family, frozen parts included.
+
+The models run HF's eager attention: its score products are plain matmuls that flop_counter counts.  Under
+SDPA on a CPU, torch dispatches to ``_scaled_dot_product_flash_attention_for_cpu``, which flop_counter has
+no formula for, so attention would vanish from its count; the analytic count is the same either way."""
+
+import dataclasses
+import random
+
+import pytest
+import torch
+import transformers as T
+from torch.utils.flop_counter import FlopCounterMode
+
+import growlib
+from growlib.train import flops as flops_module
+from growlib.train.flops import step_flops
+from tests.factories import tiny_config
+
+BATCH, SEQ = 3, 16
+
+CASES = {
+    "bert-mlm": ("bert", T.BertForMaskedLM, {}),
+    "bert-base": ("bert", T.BertModel, {}),
+    "gpt2-lm": ("gpt2", T.GPT2LMHeadModel, {}),
+    "gpt2-untied": ("gpt2", T.GPT2LMHeadModel, {"tied": False}),
+    "gpt2-base": ("gpt2", T.GPT2Model, {}),
+    "llama-lm": ("llama", T.LlamaForCausalLM, {}),
+    "llama-tied": ("llama", T.LlamaForCausalLM, {"tied": True}),
+    "llama-base": ("llama", T.LlamaModel, {}),
+    "vit-cls": ("vit", T.ViTForImageClassification, {}),
+    "vit-base": ("vit", T.ViTModel, {}),
+}
+
+
+def build(case):
+    family, cls, config = CASES[case]
+    torch.manual_seed(0)
+    model = cls(tiny_config(family, **config))
+    model.set_attn_implementation("eager")
+    return model
+
+
+def inputs(model):
+    if isinstance(model, (T.ViTForImageClassification, T.ViTModel)):
+        size = model.config.image_size
+        return {"pixel_values": torch.randn(BATCH, 3, size, size)}
+    return {"input_ids": torch.randint(0, model.config.vocab_size, (BATCH, SEQ))}
+
+
+def seq_len(model):
+    return None if isinstance(model, (T.ViTForImageClassification, T.ViTModel)) else SEQ
+
+
+def counted(model):
+    """flop_counter's (forward, backward) FLOPs of one step; the loss reads every output (pooler included)."""
+    with FlopCounterMode(display=False) as forward:
+        out = model(**inputs(model))
+    loss = sum(t.float().square().mean() for t in out.values()
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+    if not loss.requires_grad:
+        return forward.get_total_flops(), 0
+    with FlopCounterMode(display=False) as backward:
+        loss.backward()
+    return forward.get_total_flops(), backward.get_total_flops()
+
+
+def analytic(model, training=True):
+    return step_flops(model, BATCH, seq_len(model), training=training)
+
+
+def train_only(model, predicate):
+    """Let exactly the parameters whose schema slot satisfies ``predicate(spec)`` require grad."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for spec in growlib.schema_of(model).specs:
+        params[spec.source].requires_grad_(predicate(spec))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_and_backward_match_flop_counter(case):
+    model = build(case)
+    flops = analytic(model)
+    assert (flops.forward, flops.backward_input + flops.backward_weight) == counted(model)
+    # everything trainable: every linear map computes its weight gradient and its input gradient (but ViT's
+    # patch projection, whose input is the pixels), each attention product the gradients of both operands
+    attention = sum(op.forward for op in flops.ops if op.name in ("attn.scores", "attn.context"))
+    linear = flops.forward - attention
+    patch = sum(op.forward for op in flops.ops if op.name == "embed.patch")
+    assert flops.backward_weight == linear
+    assert flops.backward_input == linear - patch + 2 * attention
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_frozen_embeddings_and_bottom_layer_match_flop_counter(case):
+    """MSLT: embeddings and layer 0 frozen, the rest trains."""
+    model = build(case)
+    train_only(model, lambda spec: spec.layer != 0 and not spec.name.startswith("embed."))
+    flops = analytic(model)
+    assert (flops.forward, flops.backward_input + flops.backward_weight) == counted(model)
+
+    ops = {(op.name, op.layer): op for op in flops.ops}
+    assert all(op.backward_input == op.backward_weight == 0 for op in flops.ops if op.layer == 0)
+    # layer 1 reads a frozen residual stream: post-LN BERT's projections get no input gradient, pre-LN
+    # models' do (their trainable ln1 sits in between)
+    q1 = ops[("attn.q", 1)]
+    assert q1.backward_weight == q1.forward
+    assert q1.backward_input == (0 if CASES[case][0] == "bert" else q1.forward)
+    if growlib.schema_of(model).tied_embeddings:
+        assert ops[("head.out", None)].backward_weight == 0  # the tied head is the frozen embedding
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("case", CASES)
+def test_random_freezing_matches_flop_counter(case, seed):
+    """Any subset of frozen parameters -- norms and biases alone included -- counts what autograd runs."""
+    model = build(case)
+    rng = random.Random(seed)
+    for p in model.parameters():
+        p.requires_grad_(rng.random() < 0.3)
+    flops = analytic(model)
+    assert (flops.forward, flops.backward_input + flops.backward_weight) == counted(model)
+
+
+#: Trainable parts whose gradient reaches a product only through a bias or a norm.
+PATTERNS = {
+    "top-layer biases": lambda spec: spec.layer == 1 and spec.name.endswith(".bias"),
+    "head norm": lambda spec: spec.name.startswith("head.norm."),
+    "top-layer ln2": lambda spec: spec.layer == 1 and spec.name.startswith("ln2."),
+    "embeddings": lambda spec: spec.name.startswith("embed."),
+}
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("case", CASES)
+def test_gradients_through_biases_and_norms_match_flop_counter(case, pattern):
+    model = build(case)
+    train_only(model, PATTERNS[pattern])
+    flops = analytic(model)
+    assert (flops.forward, flops.backward_input + flops.backward_weight) == counted(model)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_only(case):
+    model = build(case)
+    inference = analytic(model, training=False)
+    assert inference.backward_input == inference.backward_weight == 0
+    assert inference.total == inference.forward == analytic(model).forward == counted(model)[0]
+
+
+def test_all_frozen_costs_forward_only():
+    model = build("gpt2-lm")
+    model.requires_grad_(False)
+    flops = analytic(model)
+    assert flops.total == flops.forward
+
+
+def test_gpt2_closed_form():
+    """forward = T (L (2 (4 d^2 + 2 d f) + 4 S d) + 2 V d); everything trainable, backward = 2 x forward."""
+    model = build("gpt2-lm")
+    d, f, L, V, S, T_ = 48, 70, 2, 101, SEQ, BATCH * SEQ
+    forward = T_ * (L * (2 * (4 * d * d + 2 * d * f) + 4 * S * d) + 2 * V * d)
+    flops = analytic(model)
+    assert flops.forward == forward
+    assert flops.backward_input + flops.backward_weight == 2 * forward
+
+
+def test_vit_counts_patches_and_class_token_head():
+    model = build("vit-cls")
+    ops = {(op.name, op.layer): op for op in analytic(model).ops}
+    patches, d = (12 // 4) ** 2, 48
+    assert ops[("embed.patch", None)].forward == 2 * BATCH * patches * d * 3 * 4 * 4
+    assert ops[("embed.patch", None)].backward_input == 0  # the pixels need no gradient
+    assert ops[("head.out", None)].forward == 2 * BATCH * d * 5  # class token only
+    assert ops[("attn.scores", 0)].forward == 2 * BATCH * (patches + 1) ** 2 * d
+
+
+def test_rejects_bad_arguments():
+    model = build("gpt2-lm")
+    with pytest.raises(TypeError, match="supported Hugging Face classes"):
+        step_flops(torch.nn.Linear(2, 2), BATCH, SEQ)
+    with pytest.raises(TypeError, match="batch_size"):
+        step_flops(model, 2.0, SEQ)
+    with pytest.raises(ValueError, match="batch_size"):
+        step_flops(model, 0, SEQ)
+    with pytest.raises(TypeError, match="seq_len is required"):
+        step_flops(model, BATCH)
+    with pytest.raises(ValueError, match="at most .* 40 positions, got 41"):
+        step_flops(model, BATCH, 41)
+    with pytest.raises(TypeError, match="training"):
+        step_flops(model, BATCH, SEQ, training=1)
+    with pytest.raises(ValueError, match="expected 10 from the config, got 16"):
+        step_flops(build("vit-cls"), BATCH, SEQ)
+
+
+def test_linear_map_outside_the_traced_forward_raises(monkeypatch):
+    """A linear map an adapter adds but the traced forward pass does not place would be uncounted FLOPs."""
+    model = build("gpt2-lm")
+    schema = growlib.schema_of(model)
+    up = next(spec for spec in schema.specs if spec.key == ("mlp.up.weight", 0))
+    schema.specs.append(dataclasses.replace(up, name="mlp.extra.weight"))
+    monkeypatch.setattr(flops_module, "schema_of", lambda m: schema)
+    with pytest.raises(ValueError, match=r"\['mlp.extra.weight \(layer 0\)'\] of GPT2LMHeadModel"):
+        step_flops(model, BATCH, SEQ)
