@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     train_parser.add_argument("--schedule-args", nargs="*", default=[], metavar="KEY=VALUE")
     train_parser.add_argument("--seed", type=int, default=0)
     train_parser.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
+    train_parser.add_argument("--checkpoint-every", type=int, default=50, help="optimizer steps between checkpoints")
     compare_parser = commands.add_parser("compare", help="every schedule against the baseline, same budget")
     _experiment_arguments(compare_parser)
     compare_parser.add_argument("--schedules", default="baseline,vcycle,ode_multilevel,mslt,stack")
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return demo(args.model, args.seed)
     if args.command == "train":
         result = run_experiment(_experiment(args), args.schedule, args.seed, _options(args.schedule_args),
-                                out_dir=args.out, resume=args.resume)
+                                out_dir=args.out, resume=args.resume, checkpoint_every=args.checkpoint_every)
         print(f"{args.schedule}: {result.steps} steps, {result.flops:.3g} FLOPs, {result.wall_seconds:.1f} s, "
               f"final validation loss {result.final_val_loss:.4f}")
         return 0

@@ -16,7 +16,7 @@ from growlib.train.flops import step_flops
 from growlib.train.loop import MetricsLog, RunResult, RunState, TrainConfig, run_schedule
 from growlib.train.sizes import build_model
 
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "growlib")
+DEFAULT_CACHE = os.environ.get("GROWLIB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "growlib"))
 
 
 @dataclass

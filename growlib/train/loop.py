@@ -97,6 +97,24 @@ class MetricsLog:
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (and a line cut short by a crash): a resumed run logs them again."""
+        if not self.path or not os.path.exists(self.path):
+            return
+        kept = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
     def write(self, record: dict) -> None:
         if self.path:
             with open(self.path, "a") as f:
@@ -189,6 +207,7 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
         start_stage, start_step = checkpoint["stage"], checkpoint["step_in_stage"]
         global_step, flops, wall = checkpoint["global_step"], checkpoint["flops"], checkpoint["wall"]
         evals = [tuple(e) for e in checkpoint["evals"]]
+        metrics.truncate_after(global_step)
         state = RunState(model=_model_from_record(checkpoint["model"], state.model),
                          kept={k: _model_from_record(r, state.model) for k, r in checkpoint["kept"].items()})
 

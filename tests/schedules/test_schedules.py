@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import growlib
 from growlib.schedules import build_schedule
