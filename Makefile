@@ -19,12 +19,13 @@ ifeq ($(HAS_GPU),yes)
 else
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[test,plots]"
 endif
 	touch $@
 
 demo: $(STAMP)
 	$(PY) -m growlib.cli demo
+	$(PY) -m growlib.cli compare --steps 400 --seeds 0,1 --out out/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     _experiment_arguments(compare_parser)
     compare_parser.add_argument("--schedules", default="baseline,vcycle,ode_multilevel,mslt,stack")
     compare_parser.add_argument("--seeds", default="0")
+    compare_parser.add_argument("--budget", choices=("flops", "steps"), default="flops",
+                                help="give every schedule the baseline's FLOPs (default) or its steps")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args.model, args.seed)
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
               f"final validation loss {result.final_val_loss:.4f}")
         return 0
     table = compare(_experiment(args), args.schedules.split(","), [int(s) for s in args.seeds.split(",")],
-                    args.out)
+                    args.out, budget=args.budget)
     print(table)
     return 0
 

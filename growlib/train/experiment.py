@@ -101,22 +101,58 @@ def run(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = No
                         checkpoint_every=checkpoint_every if run_dir else 0, resume=resume, schedule_name=schedule)
 
 
+BUDGETS = ("steps", "flops")
+
+
+def schedule_flops(exp: Experiment, schedule: str, total_steps: int, options: dict | None,
+                   vocab_size: int) -> float:
+    """The FLOPs a schedule will spend, found by walking its stages (transitions on untrained weights,
+    freezing applied) without training: FLOPs per step depend only on each stage's shapes and frozen parts."""
+    torch.manual_seed(0)
+    model = build_model(exp.family, exp.size, vocab_size, exp.config.seq_len).to(exp.device)
+    stages = build_schedule(schedule, total_steps, model.config.num_hidden_layers, **(options or {}))
+    state, total = RunState(model), 0.0
+    tokens_per_step = exp.config.batch_size * exp.config.grad_accum
+    for stage in stages:
+        if stage.freeze is None:
+            for p in state.model.parameters():
+                p.requires_grad_(True)
+        state.model = stage.enter(state).model
+        if stage.freeze:
+            stage.freeze(state.model)
+        total += stage.steps * step_flops(state.model, tokens_per_step, exp.config.seq_len).total
+    return total
+
+
 def compare(exp: Experiment, schedules: list[str], seeds: list[int], out_dir: str,
-            options: dict[str, dict] | None = None, log: Callable[[str], None] = print) -> str:
-    """Run every schedule with every seed on the same budget and data; write summary.md / summary.csv and the
-    loss curves; return the markdown table."""
+            options: dict[str, dict] | None = None, budget: str = "flops",
+            log: Callable[[str], None] = print) -> str:
+    """Run every schedule with every seed on the same data; write summary.md / summary.csv and the loss
+    curves; return the markdown table.
+
+    ``budget='steps'`` gives every schedule the baseline's ``total_steps`` (the same tokens);
+    ``budget='flops'`` stretches each schedule's steps so it spends the baseline's FLOPs, which is how
+    compute saved is measured: the FLOPs each method needs to reach the baseline's final loss."""
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
     if "baseline" not in schedules:
         schedules = ["baseline"] + list(schedules)
     prepared = prepare_data(exp)
+    baseline_flops = schedule_flops(exp, "baseline", exp.total_steps, None, prepared.vocab_size)
     results: dict[str, list[RunResult]] = {}
     for name in schedules:
+        steps = exp.total_steps
+        if budget == "flops" and name != "baseline":
+            own = schedule_flops(exp, name, exp.total_steps, (options or {}).get(name), prepared.vocab_size)
+            steps = round(exp.total_steps * baseline_flops / own)
         for seed in seeds:
-            result = run(exp, name, seed, (options or {}).get(name), prepared, out_dir)
-            log(f"{name:>15} seed {seed}: val loss {result.final_val_loss:.3f}, {result.flops:.3g} FLOPs, "
+            stretched = Experiment(**{**exp.__dict__, "total_steps": steps})
+            result = run(stretched, name, seed, (options or {}).get(name), prepared, out_dir)
+            log(f"{name:>15} seed {seed}: {result.steps} steps, val loss {result.final_val_loss:.3f}, {result.flops:.3g} FLOPs, "
                 f"{result.wall_seconds:.1f} s")
             results.setdefault(name, []).append(result)
-    header = (f"{exp.family} {exp.size}, {exp.total_steps} steps x {exp.config.batch_size} x {exp.config.seq_len} "
-              f"tokens, seeds {seeds}, data {exp.data or 'python stdlib'}")
+    header = (f"{exp.family} {exp.size}, baseline {exp.total_steps} steps x {exp.config.batch_size} x "
+              f"{exp.config.seq_len} tokens, budget: same {budget}, seeds {seeds}, data {exp.data or 'python stdlib'}")
     table = write_summary(summarize(results), out_dir, header)
     try:
         plot_curves(results, out_dir)

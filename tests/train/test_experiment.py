@@ -1,0 +1,45 @@
+"""End to end on a tiny GPT: `compare` runs every schedule on the same FLOPs and writes its summary."""
+
+from __future__ import annotations
+
+import csv
+import inspect
+
+import pytest
+
+from growlib.train.experiment import Experiment, compare, schedule_flops
+from growlib.train.loop import TrainConfig
+
+SIZE = {"layers": 4, "hidden": 32, "heads": 2, "intermediate": 64}
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(inspect.getsource(inspect))
+    config = TrainConfig(batch_size=4, seq_len=32, eval_every=10, eval_batches=2, warmup_steps=2)
+    return Experiment(family="gpt2", size=SIZE, total_steps=40, config=config, data=str(corpus), vocab_size=300,
+                      cache_dir=str(tmp_path / "cache"), device="cpu")
+
+
+def test_cheaper_schedules_get_more_steps_for_the_same_flops(experiment, tmp_path):
+    table = compare(experiment, ["vcycle", "stack"], [0], str(tmp_path / "out"), log=lambda message: None)
+    rows = {r["schedule"]: r for r in csv.DictReader(open(tmp_path / "out" / "summary.csv"))}
+    assert set(rows) == {"baseline", "vcycle", "stack"}
+    for name in ("vcycle", "stack"):
+        assert float(rows[name]["total_flops_ratio"]) == pytest.approx(1.0, abs=0.05)
+    assert "| stack |" in table
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "out" / "loss_vs_flops.png").exists()
+
+
+def test_schedule_flops_counts_coarse_levels_as_cheaper(experiment):
+    baseline = schedule_flops(experiment, "baseline", 40, None, 300)
+    vcycle = schedule_flops(experiment, "vcycle", 40, None, 300)
+    mslt = schedule_flops(experiment, "mslt", 40, None, 300)
+    assert vcycle < 0.8 * baseline and mslt < 0.8 * baseline
+
+
+def test_unknown_budget_is_rejected(experiment, tmp_path):
+    with pytest.raises(ValueError, match="budget"):
+        compare(experiment, ["stack"], [0], str(tmp_path), budget="tokens")
