@@ -150,7 +150,26 @@ def load_hf_dataset(name: str, text_field: str = "text", config: str | None = No
 # Tokenizers
 # ----------------------------------------------------------------------------------------------------------
 
-class ByteTokenizer:
+class _SpecialTokens:
+    """What both tokenizers share: the special ids and the check that encode gets text."""
+
+    pad_id: int
+    mask_id: int
+    bos_id: int
+    eos_id: int
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        return (self.pad_id, self.mask_id, self.bos_id, self.eos_id)
+
+    @staticmethod
+    def _require_text(text) -> str:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return text
+
+
+class ByteTokenizer(_SpecialTokens):
     """UTF-8 bytes as ids 0..255, then the special tokens pad, mask, bos, eos (256..259).  Needs no training."""
 
     pad_id, mask_id, bos_id, eos_id = 256, 257, 258, 259
@@ -159,14 +178,8 @@ class ByteTokenizer:
     def vocab_size(self) -> int:
         return 256 + len(SPECIAL_TOKENS)
 
-    @property
-    def special_ids(self) -> tuple[int, ...]:
-        return (self.pad_id, self.mask_id, self.bos_id, self.eos_id)
-
     def encode(self, text: str) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return list(text.encode("utf-8"))
+        return list(self._require_text(text).encode("utf-8"))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
@@ -180,7 +193,7 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
-class BPETokenizer:
+class BPETokenizer(_SpecialTokens):
     """A byte-level BPE tokenizer (a ``tokenizers.Tokenizer``); build one with ``train_bpe`` or ``from_file``.
 
     Byte-level pre-tokenization and decoding make ``decode(encode(text)) == text`` for every string."""
@@ -203,14 +216,8 @@ class BPETokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
-    @property
-    def special_ids(self) -> tuple[int, ...]:
-        return (self.pad_id, self.mask_id, self.bos_id, self.eos_id)
-
     def encode(self, text: str) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(self._require_text(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encodes in parallel (the ``tokenizers`` thread pool)."""
