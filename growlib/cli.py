@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import sys
 import time
 
@@ -126,6 +128,20 @@ def _options(pairs: list[str]) -> dict:
     return options
 
 
+def _init_distributed() -> str | None:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on the CPU, with a timeout
+    so a rank that dies makes the others fail instead of hang.  Returns this rank's device, if distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    dist = torch.distributed
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=10))
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
+    return "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="growlib", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -149,10 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         return demo(args.model, args.seed)
     if args.command == "train":
-        result = run_experiment(_experiment(args), args.schedule, args.seed, _options(args.schedule_args),
+        experiment = _experiment(args)
+        experiment.device = _init_distributed() or experiment.device
+        result = run_experiment(experiment, args.schedule, args.seed, _options(args.schedule_args),
                                 out_dir=args.out, resume=args.resume, checkpoint_every=args.checkpoint_every)
         print(f"{args.schedule}: {result.steps} steps, {result.flops:.3g} FLOPs, {result.wall_seconds:.1f} s, "
               f"final validation loss {result.final_val_loss:.4f}")
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         return 0
     table = compare(_experiment(args), args.schedules.split(","), [int(s) for s in args.seeds.split(",")],
                     args.out, budget=args.budget)

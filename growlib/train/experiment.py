@@ -57,20 +57,31 @@ def prepare_data(exp: Experiment) -> PreparedData:
                         tokenizer, tokenizer.vocab_size)
 
 
+def _rank_and_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _batches(exp: Experiment, prepared: PreparedData, seed: int) -> tuple[Callable[[int], dict], list[dict]]:
+    """Training batches by step (each rank of a distributed run draws its own: step * world + rank) and the
+    fixed validation batches."""
     cfg, device = exp.config, torch.device(exp.device)
+    rank, world = _rank_and_world()
 
     def to_device(batch: dict) -> dict:
         return {k: v.to(device) for k, v in batch.items()}
 
     if exp.family == "bert":
         def train_batch(step):
-            return to_device(D.mlm_batch(prepared.train, step, cfg.batch_size, cfg.seq_len, seed, prepared.tokenizer))
+            return to_device(D.mlm_batch(prepared.train, step * world + rank, cfg.batch_size, cfg.seq_len, seed,
+                                         prepared.tokenizer))
         evals = D.mlm_validation_batches(prepared.validation, cfg.batch_size, cfg.seq_len, cfg.eval_batches,
                                          prepared.tokenizer)
     else:
         def train_batch(step):
-            return to_device(D.causal_lm_batch(prepared.train, step, cfg.batch_size, cfg.seq_len, seed))
+            return to_device(D.causal_lm_batch(prepared.train, step * world + rank, cfg.batch_size, cfg.seq_len, seed))
         evals = D.validation_batches(prepared.validation, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
     return train_batch, [to_device(b) for b in evals]
 
@@ -93,7 +104,7 @@ def run(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = No
     run_dir = os.path.join(out_dir, f"{schedule}-seed{seed}") if out_dir else None
     if run_dir:
         os.makedirs(run_dir, exist_ok=True)
-        if not resume and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        if not resume and _rank_and_world()[0] == 0 and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
             os.remove(os.path.join(run_dir, "metrics.jsonl"))
     return run_schedule(stages, RunState(model), exp.config, train_batch=train_batch, eval_batches=eval_batches,
                         step_flops=flops, metrics=MetricsLog(os.path.join(run_dir, "metrics.jsonl") if run_dir else None),

@@ -99,7 +99,7 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (and a line cut short by a crash): a resumed run logs them again."""
-        if not self.path or not os.path.exists(self.path):
+        if not self.path or not os.path.exists(self.path) or not _is_main():
             return
         kept = []
         with open(self.path) as f:
@@ -116,7 +116,7 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
-        if self.path:
+        if self.path and _is_main():
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -148,6 +148,42 @@ def _autocast(model: torch.nn.Module):
     if next(model.parameters()).is_cuda:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _is_main() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _data_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """DDP around the stage's model when running under torchrun; rebuilt at every transition, since each stage
+    has its own model.  DDP only all-reduces parameters that require grad, so frozen layers send nothing."""
+    if _world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [model.device.index] if next(model.parameters()).is_cuda else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _sync_gradients(model: torch.nn.Module, last_micro_batch: bool):
+    """Skip DDP's all-reduce on all but the last micro-batch of a gradient-accumulation step."""
+    if last_micro_batch or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    if _world_size() > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= _world_size()
+    return float(value)
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -236,7 +272,8 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
             optimizer = new_optimizer
             state.model = model
         model.train()
-        flops_per_step = step_flops(model)
+        trained = _data_parallel(model)
+        flops_per_step = step_flops(model) * _world_size()
         first_step = start_step if resuming_here else 0
         for step_in_stage in range(first_step, stage.steps):
             started = time.perf_counter()
@@ -246,10 +283,10 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
             loss_sum = 0.0
             for micro in range(config.grad_accum):
                 batch = train_batch(global_step * config.grad_accum + micro)
-                with _autocast(model):
-                    loss = model(**batch).loss / config.grad_accum
-                loss.backward()
-                loss_sum += float(loss.detach())
+                with _autocast(model), _sync_gradients(trained, micro == config.grad_accum - 1):
+                    loss = trained(**batch).loss / config.grad_accum
+                    loss.backward()
+                loss_sum += _mean_over_ranks(loss.detach())
             if config.clip > 0:
                 torch.nn.utils.clip_grad_norm_(_trainable(model), config.clip)
             optimizer.step()
@@ -260,14 +297,15 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"loss is {loss_sum} at step {global_step} (stage {stage.name!r})")
             metrics.write({"kind": "train", "schedule": schedule_name, "step": global_step, "stage": stage.name,
-                           "tokens": global_step * config.grad_accum * config.batch_size * config.seq_len,
+                           "tokens": global_step * config.grad_accum * config.batch_size * config.seq_len
+                           * _world_size(),
                            "flops": flops, "loss": loss_sum, "lr": lr, "wall": wall})
             if global_step % config.eval_every == 0 or global_step == total_steps:
                 val = evaluate(model, eval_batches)
                 evals.append((global_step, flops, wall, val))
                 metrics.write({"kind": "eval", "schedule": schedule_name, "step": global_step,
                                "stage": stage.name, "flops": flops, "wall": wall, "val_loss": val})
-            if checkpoint_path and checkpoint_every and global_step % checkpoint_every == 0:
+            if checkpoint_path and checkpoint_every and global_step % checkpoint_every == 0 and _is_main():
                 save_checkpoint_atomically({
                     "stage": index, "step_in_stage": step_in_stage + 1, "global_step": global_step,
                     "flops": flops, "wall": wall, "evals": evals, "model": _model_record(model),
