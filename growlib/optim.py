@@ -2,16 +2,17 @@
 
 Policies:
 
-* ``map``   each state tensor travels through the same map as its parameter.  First moments (``exp_avg``,
-  ``momentum_buffer``) map linearly.  Second moments (``exp_avg_sq``, ``max_exp_avg_sq``) map through their
+* ``map``   each state tensor travels through the map that gradients follow, the dual of the parameter's map:
+  rows through the in-side map F and columns through the out-side map E (a unit copied n times on the out side
+  receives 1/n of the gradient; a column divided by n receives the gradient unchanged), and a depth weight w
+  of a single-source layer becomes 1/w.  Under a function-preserving map this is exactly the gradient the grown
+  model computes.  First moments (``exp_avg``, ``momentum_buffer``) map linearly.  Second moments (``exp_avg_sq``, ``max_exp_avg_sq``) map through their
   square roots with absolute weights and are squared again, so they stay non-negative and
   coalesce(decoalesce(state)) == state (first moments exactly, second moments up to sqrt/square rounding).  The step count is carried over.
 * ``reset`` the target optimizer starts with empty state (what the multi-level paper and StackBERT do).
 
-Operator defaults: transitions that continue training the same function (de-coalescing, interpolation,
-prolongation, width growth) default to ``map`` in the schedules, so Adam's running estimates survive the
-change of size; operators whose output starts a new model (coalescing to a coarse level, stacking) default
-to ``reset`` as in their papers, because the mapped moments describe a different loss landscape.
+The schedules reset at every transition for now, as the source papers do; ``map`` is the policy to use for
+function-preserving transitions (width growth, width-only de-coalescing).
 """
 
 from __future__ import annotations
@@ -20,12 +21,25 @@ import torch
 
 from growlib.apply import apply_map
 from growlib.models import adapter_for
-from growlib.schema import GrowthMap
+from growlib.schema import DepthMap, GrowthMap, WidthMap
 
 POLICIES = ("map", "reset")
 LINEAR_STATE = ("exp_avg", "momentum_buffer")
 RMS_STATE = ("exp_avg_sq", "max_exp_avg_sq")
 SCALAR_STATE = ("step",)
+
+
+def dual_map(growth_map: GrowthMap) -> GrowthMap:
+    """The map gradients follow when parameters follow ``growth_map`` (see the module docstring)."""
+    def dual_depth(depth: DepthMap) -> DepthMap:
+        return DepthMap(tuple(None if row is None else
+                              (((row[0][0], 1.0 / row[0][1]),) if len(row) == 1 and row[0][1] != 0 else row)
+                              for row in depth.rows), depth.n_in)
+
+    return GrowthMap(source_dims=growth_map.source_dims, target_dims=growth_map.target_dims,
+                     width={role: WidthMap(out_map=w.in_map, in_map=w.out_map) for role, w in growth_map.width.items()},
+                     depth=dual_depth(growth_map.depth),
+                     depth_by_name={k: dual_depth(d) for k, d in growth_map.depth_by_name.items()})
 
 
 def map_optimizer_state(source_optimizer: torch.optim.Optimizer, source_model: torch.nn.Module,
@@ -44,8 +58,8 @@ def map_optimizer_state(source_optimizer: torch.optim.Optimizer, source_model: t
         optimized = {id(p) for g in opt.param_groups for p in g["params"]}
         if any(id(p) not in optimized for p in model.parameters()):
             raise ValueError(f"{name} does not optimize every parameter of its model")
-    target_optimizer.state.clear()
     if policy == "reset":
+        target_optimizer.state.clear()
         return
 
     adapter = adapter_for(source_model)
@@ -66,6 +80,7 @@ def map_optimizer_state(source_optimizer: torch.optim.Optimizer, source_model: t
         if set(state) != keys:
             raise ValueError(f"parameter {name!r} has state {sorted(state)}, others {sorted(keys)}")
 
+    gradient_map = dual_map(growth_map)
     target_params = dict(target_model.named_parameters(remove_duplicate=False))
     new_state = {id(p): {} for p in target_params.values()}
     for key in sorted(keys & set(LINEAR_STATE + RMS_STATE)):
@@ -74,10 +89,11 @@ def map_optimizer_state(source_optimizer: torch.optim.Optimizer, source_model: t
         for p in target_params.values():  # tied parameters share one state tensor
             new_state[id(p)].setdefault(key, torch.zeros_like(p, dtype=dtype))
         target_tensors = {n: new_state[id(p)][key] for n, p in target_params.items()}
-        apply_map(growth_map, adapter.schema(source_model, source_tensors),
+        apply_map(gradient_map, adapter.schema(source_model, source_tensors),
                   adapter.schema(target_model, target_tensors), rms=key in RMS_STATE)
+    target_optimizer.state.clear()
     if "step" in keys:
-        step = next(iter(source_optimizer.state.values()))["step"]
+        step = source_optimizer.state[next(iter(source_params.values()))]["step"]
         for state in new_state.values():
             state["step"] = step.clone() if torch.is_tensor(step) else step
     for p in target_params.values():

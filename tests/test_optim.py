@@ -85,3 +85,25 @@ def test_map_optimizer_state_rejects_bad_input():
         state["mystery"] = torch.zeros(1)
     with pytest.raises(ValueError, match="mystery"):
         growlib.map_optimizer_state(opt, small, grown_opt, grown, gmap)
+
+
+@pytest.mark.parametrize("family,tied", [("gpt2", True), ("llama", False), ("bert", True)])
+def test_mapped_moments_are_the_grown_models_gradients(family, tied, backend):
+    """Under a function-preserving map the dual map sends g to exactly the grown model's gradient g'."""
+    small = tiny_model(family, layers=2, tied=tied)
+    grown = growlib.widen(small, hidden=96, intermediate=210, method="hypercloning")
+    inputs = example_inputs(small)
+    labels = {"labels": inputs["input_ids"]}
+    small_opt = torch.optim.AdamW(small.parameters())
+    grown_opt = torch.optim.AdamW(grown.parameters())
+    for model, opt in ((small, small_opt), (grown, grown_opt)):
+        model(**inputs, **labels).loss.backward()
+    for p in small.parameters():
+        small_opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": p.grad.clone(), "exp_avg_sq": p.grad ** 2}
+    gmap = growlib.widen_map(growlib.schema_of(small).dims, hidden=96, intermediate=210, method="hypercloning")
+    growlib.map_optimizer_state(small_opt, small, grown_opt, grown, gmap)
+    scale = max(float(p.grad.abs().max()) for p in grown.parameters())  # key biases get only rounding noise
+    for name, p in grown.named_parameters():
+        torch.testing.assert_close(grown_opt.state[p]["exp_avg"], p.grad, atol=1e-5 * scale, rtol=1e-4, msg=name)
+        torch.testing.assert_close(grown_opt.state[p]["exp_avg_sq"], p.grad ** 2, atol=1e-5 * scale ** 2,
+                                   rtol=1e-3, msg=name)
