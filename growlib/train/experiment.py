@@ -49,6 +49,9 @@ def prepare_data(exp: Experiment) -> PreparedData:
         if exp.family == "bert":
             raise ValueError("data: a pre-tokenized .bin file has no tokenizer to mask with; BERT needs text data")
         ids = D.TokenData.from_bin(exp.data).ids
+        if int(ids.max()) >= exp.vocab_size:
+            raise ValueError(f"vocab_size={exp.vocab_size} is too small for {exp.data}, whose largest token id is "
+                             f"{int(ids.max())}")
         cut = len(ids) * 9 // 10
         return PreparedData(D.TokenData(ids[:cut]), D.TokenData(ids[cut:]), None, exp.vocab_size)
     train_texts, val_texts = D.stdlib_corpus() if exp.data is None else D.load_text_source(exp.data)
@@ -104,8 +107,10 @@ def run(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = No
     run_dir = os.path.join(out_dir, f"{schedule}-seed{seed}") if out_dir else None
     if run_dir:
         os.makedirs(run_dir, exist_ok=True)
-        if not resume and _rank_and_world()[0] == 0 and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-            os.remove(os.path.join(run_dir, "metrics.jsonl"))
+        if not resume and _rank_and_world()[0] == 0:  # a fresh run: nothing of an earlier one may be resumed
+            for stale in ("metrics.jsonl", "checkpoint.pt"):
+                if os.path.exists(os.path.join(run_dir, stale)):
+                    os.remove(os.path.join(run_dir, stale))
     return run_schedule(stages, RunState(model), exp.config, train_batch=train_batch, eval_batches=eval_batches,
                         step_flops=flops, metrics=MetricsLog(os.path.join(run_dir, "metrics.jsonl") if run_dir else None),
                         checkpoint_path=os.path.join(run_dir, "checkpoint.pt") if run_dir else None,

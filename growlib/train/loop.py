@@ -238,14 +238,22 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
     start_stage, start_step, global_step, flops, wall = 0, 0, 0, 0.0, 0.0
     evals: list[tuple[int, float, float, float]] = []
     checkpoint = None
+    identity = {"schedule": schedule_name, "stages": [[s.name, s.steps] for s in stages],
+                "config": config_as_dict(config)}
     if resume and checkpoint_path and os.path.exists(checkpoint_path):
-        checkpoint = torch.load(checkpoint_path, weights_only=True)
+        checkpoint = torch.load(checkpoint_path, weights_only=True, map_location="cpu")
+        if checkpoint["identity"] != identity:
+            raise ValueError(f"checkpoint {checkpoint_path} belongs to another run ({checkpoint['identity']}); "
+                             f"this run is {identity}: resume with the same schedule, steps and settings")
         start_stage, start_step = checkpoint["stage"], checkpoint["step_in_stage"]
         global_step, flops, wall = checkpoint["global_step"], checkpoint["flops"], checkpoint["wall"]
         evals = [tuple(e) for e in checkpoint["evals"]]
         metrics.truncate_after(global_step)
         state = RunState(model=_model_from_record(checkpoint["model"], state.model),
                          kept={k: _model_from_record(r, state.model) for k, r in checkpoint["kept"].items()})
+
+    elif resume:
+        metrics.truncate_after(0)  # killed before its first checkpoint: start again, log once
 
     optimizer = None
     for index in range(start_stage, len(stages)):
@@ -258,6 +266,8 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
             optimizer = _make_optimizer(model, config)
             optimizer.load_state_dict(checkpoint["optimizer"])
             torch.set_rng_state(checkpoint["rng"])
+            if checkpoint["cuda_rng"]:
+                torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
         else:
             transition = stage.enter(state)
             model = transition.model
@@ -310,7 +320,9 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                     "stage": index, "step_in_stage": step_in_stage + 1, "global_step": global_step,
                     "flops": flops, "wall": wall, "evals": evals, "model": _model_record(model),
                     "kept": {k: _model_record(m) for k, m in state.kept.items()},
-                    "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, checkpoint_path)
+                    "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "identity": identity}, checkpoint_path)
         start_step = 0
     return RunResult(steps=global_step, flops=flops, wall_seconds=wall,
                      final_val_loss=evals[-1][3] if evals else float("nan"), evals=evals)

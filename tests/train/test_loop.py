@@ -11,7 +11,9 @@ import growlib
 from growlib.schedules import build_schedule
 from growlib.train.loop import (MetricsLog, RunState, Stage, TrainConfig, Transition, learning_rate,
                                 run_schedule)
-from tests.factories import tiny_model
+import transformers as T
+
+from tests.factories import tiny_config, tiny_model
 
 CONFIG = TrainConfig(batch_size=4, seq_len=16, eval_every=5, eval_batches=2, warmup_steps=2)
 
@@ -113,3 +115,48 @@ def test_train_config_rejects_bad_values():
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="min_lr_ratio"):
         TrainConfig(min_lr_ratio=2.0)
+
+
+def test_resume_restores_the_random_state_that_dropout_uses(tmp_path):
+    def with_dropout(seed):
+        config = tiny_config("gpt2", layers=2)
+        config.resid_pdrop = config.embd_pdrop = 0.3  # in the config, so the checkpointed model has it too
+        torch.manual_seed(seed)
+        return T.GPT2LMHeadModel(config).train()
+
+    stages = lambda: build_schedule("baseline", 12, 2)  # noqa: E731
+    straight = tmp_path / "straight.jsonl"
+    torch.manual_seed(5)
+    run(stages(), with_dropout(0), metrics=MetricsLog(str(straight)))
+    checkpoint, crashed = str(tmp_path / "ckpt.pt"), tmp_path / "crashed.jsonl"
+
+    def crashing_batch(step):
+        if step == 9:
+            raise Crash()
+        return random_batch(step)
+
+    torch.manual_seed(5)
+    with pytest.raises(Crash):
+        run_schedule(stages(), RunState(with_dropout(0)), CONFIG, train_batch=crashing_batch, eval_batches=EVAL,
+                     step_flops=trainable_count, metrics=MetricsLog(str(crashed)), checkpoint_path=checkpoint,
+                     checkpoint_every=4)
+    torch.manual_seed(123)  # a different random state: only the checkpoint's may count
+    run(stages(), with_dropout(0), metrics=MetricsLog(str(crashed)), checkpoint_path=checkpoint,
+        checkpoint_every=4, resume=True)
+    losses = [{r["step"]: r["loss"] for r in map(json.loads, p.read_text().splitlines()) if r["kind"] == "train"}
+              for p in (straight, crashed)]
+    assert losses[0] == losses[1]
+
+
+def test_resume_refuses_another_runs_checkpoint_and_restarts_cleanly_without_one(tmp_path):
+    checkpoint, log = str(tmp_path / "ckpt.pt"), tmp_path / "m.jsonl"
+    run(build_schedule("baseline", 8, 2), tiny_model("gpt2", layers=2), checkpoint_path=checkpoint,
+        checkpoint_every=4, schedule_name="baseline")
+    with pytest.raises(ValueError, match="belongs to another run"):
+        run(build_schedule("baseline", 12, 2), tiny_model("gpt2", layers=2), checkpoint_path=checkpoint,
+            checkpoint_every=4, resume=True, schedule_name="baseline")
+    log.write_text('{"kind": "train", "step": 1, "loss": 1.0}\n{"kind": "tr')  # killed before any checkpoint
+    run(build_schedule("baseline", 3, 2), tiny_model("gpt2", layers=2), metrics=MetricsLog(str(log)),
+        checkpoint_path=str(tmp_path / "none.pt"), resume=True)
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert [s for s in steps] == [1, 2, 3, 3]  # three train records and the final eval, each once
