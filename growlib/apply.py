@@ -47,6 +47,18 @@ def check_map_fits(gmap: GrowthMap, source: Schema, target: Schema) -> None:
     """Raise ValueError unless the map reads ``source``'s sizes and writes ``target``'s."""
     if source.family != target.family:
         raise ValueError(f"source is a {source.family} schema but target is a {target.family} schema")
+    if source.tied_embeddings != target.tied_embeddings:
+        raise ValueError(f"source has tied_embeddings={source.tied_embeddings} but target has "
+                         f"{target.tied_embeddings}: their heads are mapped differently")
+    source_names = {s.name for s in source.specs}
+    target_names = {s.name for s in target.specs}
+    if source_names != target_names:
+        raise ValueError(f"source and target hold different tensors (e.g. a head on one side only): "
+                         f"{sorted(source_names ^ target_names)}")
+    for label, schema, dims in (("source", source, gmap.source_dims), ("target", target, gmap.target_dims)):
+        if "head_dim" in dims and schema.dims["head_dim"] != dims["head_dim"]:
+            raise ValueError(f"the growth map expects a {label} with head_dim={dims['head_dim']}, got "
+                             f"{schema.dims['head_dim']}")
     for label, schema, dims in (("source", source, gmap.source_dims), ("target", target, gmap.target_dims)):
         for role in WIDTH_ROLES + ("layers",):
             if role in dims and schema.dims.get(role) != dims[role]:

@@ -105,7 +105,6 @@ def _validate_structured_map(dst, src, depth_weight, row_start, col_start, table
 
     n_table = table_index.shape[0]
     host_index = table_index.detach().cpu().long()
-    host_weight = table_weight.detach().cpu()
     rows_at, cols_at = row_start.tolist(), col_start.tolist()
     for t, out in enumerate(dst):
         if out.dim() != 2 or out.dtype != dst_dtype or out.device != device:
@@ -124,12 +123,47 @@ def _validate_structured_map(dst, src, depth_weight, row_start, col_start, table
                                  f"{source.dim()}-D {source.dtype} on {source.device}")
             for axis, start, n in ((0, rows_at[t], n_rows), (1, cols_at[t], n_cols)):
                 idx = host_index[start:start + n]
-                live = host_weight[start:start + n] != 0
-                if live.any() and int(idx[live].max()) >= source.shape[axis]:
-                    raise ValueError(f"table entries for task {t} read index {int(idx[live].max())} of "
-                                     f"src[{t}][{d}] axis {axis}, which has size {source.shape[axis]}")
-        if out.numel() and any(out.data_ptr() == s.data_ptr() for s in src[t]):
-            raise ValueError(f"dst[{t}] aliases one of its sources: the map cannot run in place")
+                if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= source.shape[axis]):
+                    raise ValueError(f"table entries for task {t} must index src[{t}][{d}] axis {axis} within "
+                                     f"[0, {source.shape[axis]}), got [{int(idx.min())}, {int(idx.max())}]")
+        if out.numel() and 0 in out.stride():
+            raise ValueError(f"dst[{t}] has a zero stride (an expanded tensor): its elements would be written "
+                             "by several programs at once")
+    _check_no_overlap(dst, [s for row in src for s in row])
+
+
+def _memory_span(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range a tensor's elements occupy (a superset for strided views)."""
+    start = t.data_ptr()
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
+    return start, start + (last + 1) * t.element_size()
+
+
+def _check_no_overlap(dst: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+    """Outputs must not overlap any source (the map is not in place) nor each other, except disjoint
+    interleaved views such as the column slices of GPT-2's fused QKV, which are checked element-exactly."""
+    spans = [(_memory_span(s), s) for s in sources if s.numel()]
+    for t, out in enumerate(dst):
+        if not out.numel():
+            continue
+        lo, hi = _memory_span(out)
+        for (s_lo, s_hi), source in spans:
+            if lo < s_hi and s_lo < hi and _elements_overlap(out, source):
+                raise ValueError(f"dst[{t}] overlaps a source tensor: the map cannot run in place")
+
+
+def _elements_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two views of one storage share an element (exact, for views whose byte ranges intersect)."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def offsets(t):
+        index = torch.zeros((), dtype=torch.int64)
+        for size, stride in zip(t.shape, t.stride()):
+            index = index.unsqueeze(-1) + torch.arange(size) * stride
+        return set((index.flatten() * t.element_size() + t.data_ptr()).tolist())
+
+    return bool(offsets(a) & offsets(b))
 
 
 @torch.library.custom_op("growlib::structured_map_", mutates_args=("dst",))

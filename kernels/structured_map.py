@@ -18,6 +18,7 @@ layers) is one launch per dtype.  Tensors are addressed through int64 pointer ta
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -145,15 +146,17 @@ def structured_map(
     def on_device(t):
         return t.to(device, non_blocking=True)
 
-    _structured_map_kernel[(len(prog_task),)](
-        on_device(prog_task), on_device(prog_tile),
-        on_device(dst_ptr), on_device(dst_meta),
-        on_device(src_ptr), on_device(src_strides), depth_weight,
-        row_start, col_start, table_index, table_weight,
-        float(alpha) if alpha is not None else 0.0,
-        KD=kd, K=k,
-        SRC_DTYPE=_TORCH_TO_TRITON[src[0][0].dtype], DST_DTYPE=_TORCH_TO_TRITON[dst[0].dtype],
-        BLEND=alpha is not None, RMS=rms,
-        BLOCK_R=block_r, BLOCK_C=block_c,
-        num_warps=4,
-    )
+    # Triton launches on the current CUDA device: make it the tensors' device.
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _structured_map_kernel[(len(prog_task),)](
+            on_device(prog_task), on_device(prog_tile),
+            on_device(dst_ptr), on_device(dst_meta),
+            on_device(src_ptr), on_device(src_strides), depth_weight,
+            row_start, col_start, table_index, table_weight,
+            float(alpha) if alpha is not None else 0.0,
+            KD=kd, K=k,
+            SRC_DTYPE=_TORCH_TO_TRITON[src[0][0].dtype], DST_DTYPE=_TORCH_TO_TRITON[dst[0].dtype],
+            BLEND=alpha is not None, RMS=rms,
+            BLOCK_R=block_r, BLOCK_C=block_c,
+            num_warps=4,
+        )

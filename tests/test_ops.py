@@ -72,7 +72,9 @@ BAD_INPUTS = [
     ("src dtypes differ", lambda a: _replace(_replace(a, 1, [[a[1][0][0], a[1][0][0].double()]]), 2,
                                              torch.ones(1, 2)), ValueError, r"src\[0\]\[1\]"),
     ("src count", lambda a: _replace(a, 1, [[a[1][0][0], a[1][0][0]]]), ValueError, "KD"),
-    ("in place", lambda a: _replace(a, 1, [[a[0][0]]]), ValueError, "aliases"),
+    ("in place", lambda a: _replace(a, 1, [[a[0][0]]]), ValueError, "overlaps"),
+    ("negative index", lambda a: _replace(a, 5, a[5] - 1), ValueError, "index"),
+    ("zero stride", lambda a: _replace(a, 0, [torch.zeros(1, 4).expand(3, 4)]), ValueError, "zero stride"),
 ]
 
 
@@ -81,6 +83,14 @@ def test_bad_inputs_name_the_parameter(name, mutate, error, match):
     args = mutate(one_task())
     with pytest.raises(error, match=match):
         ops.structured_map_(*args)
+
+
+def test_overlapping_views_are_refused_but_disjoint_interleaved_views_pass():
+    base = torch.zeros(3, 8)
+    dst, src, *rest = one_task()
+    with pytest.raises(ValueError, match="overlaps"):
+        ops.structured_map_([base[:, 0:4]], [[base[:, 2:6]]], *rest)
+    ops.structured_map_([base[:, 0:4]], [[base[:, 4:8]]], *rest)
 
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.5])

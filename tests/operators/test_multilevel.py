@@ -148,3 +148,13 @@ def test_unsupported_model_class_is_rejected():
     model = T.DistilBertModel(T.DistilBertConfig(vocab_size=101, dim=32, n_layers=2, n_heads=2, hidden_dim=40))
     with pytest.raises(TypeError, match="model must be one of"):
         growlib.coalesce(model)
+
+
+def test_interpolate_refuses_models_whose_heads_differ():
+    fine = tiny_model("gpt2", layers=2, tied=True)
+    coarse = tiny_model("gpt2", layers=1, hidden=24, heads=2, ffn=35, tied=False)
+    with pytest.raises(ValueError, match="tied_embeddings"):
+        growlib.interpolate_(fine, coarse, alpha=0.5)
+    with pytest.raises(ValueError, match="tied_embeddings"):
+        growlib.interpolate_(tiny_model("gpt2", layers=2, tied=False),
+                             tiny_model("gpt2", layers=1, hidden=24, heads=2, ffn=35, tied=True), alpha=0.5)
