@@ -6,12 +6,27 @@ import growlib
 from growlib.train.loop import RunState, Stage, Transition
 
 
+def check_fraction(name: str, value, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (0 <= value <= 1 if allow_zero else 0 < value <= 1):
+        raise ValueError(f"{name} must lie in {'[0' if allow_zero else '(0'}, 1], got {value}")
+    return float(value)
+
+
+def check_budget(parts: dict[str, float]) -> None:
+    """The stages of a schedule must spend exactly its budget: their fractions add up to 1."""
+    if abs(sum(parts.values()) - 1.0) > 1e-6:
+        raise ValueError(f"the stage fractions must add up to 1 (the whole budget), got "
+                         f"{' + '.join(f'{k}={v:g}' for k, v in parts.items())} = {sum(parts.values()):g}")
+
+
 def _split(total: int, fractions: list[float]) -> list[int]:
     """Integer step counts proportional to ``fractions`` that add up to round(total * sum(fractions))."""
     target = round(total * sum(fractions))
     steps = [int(total * f) for f in fractions]
     steps[-1] += target - sum(steps)
-    if min(steps) < 1:
+    if any(n < 1 for n, f in zip(steps, fractions) if f > 0):
         raise ValueError(f"total_steps={total} is too small for stage fractions {fractions}: a stage gets no step")
     return steps
 
@@ -20,17 +35,29 @@ def identity_stage(name: str, steps: int) -> Stage:
     return Stage(name, steps, lambda s: Transition(s.model))
 
 
-def vcycle(total_steps: int, levels: int = 2, down_fraction: float = 0.05, coarsest_fraction: float = 0.5,
-           up_fraction: float = 0.45, alpha: float = 0.25, coarse_lr_scale: float = 2.0) -> list[Stage]:
+def vcycle(total_steps: int, final_layers: int, levels: int = 2, down_fraction: float = 0.05,
+           coarsest_fraction: float = 0.5, up_fraction: float | None = None, alpha: float = 0.25,
+           coarse_lr_scale: float = 2.0) -> list[Stage]:
     """Zou et al.'s V-cycle.  Down: train each level ``down_fraction`` of the budget, keep it, coalesce
     (width and depth halved).  Coarsest: train ``coarsest_fraction``.  Up: de-coalesce into the kept model
-    with interpolation ``alpha`` (0.25 GPT/ViT, 0.5 BERT in the paper) and train ``up_fraction`` per level.
-    Optimizer state is reset at each transition and the LR schedule restarts, as in the paper's code.
-    Fractions are of ``total_steps``, the baseline's budget counted in optimizer steps."""
-    if levels < 2:
-        raise ValueError(f"levels must be >= 2, got {levels}")
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    with interpolation ``alpha`` (0.25 GPT/ViT, 0.5 BERT in the paper) and train ``up_fraction`` per level
+    (default: what is left, shared equally).  Optimizer state is reset at each transition and the LR schedule
+    restarts, as in the paper's code.  Fractions are of ``total_steps``, the baseline's budget in steps."""
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+        raise ValueError(f"levels must be an int >= 2, got {levels!r}")
+    if final_layers % 2 ** (levels - 1):
+        raise ValueError(f"levels={levels} halves the depth {levels - 1} times, so the model's {final_layers} "
+                         f"layers must be a multiple of {2 ** (levels - 1)}")
+    check_fraction("alpha", alpha, allow_zero=True)
+    if isinstance(coarse_lr_scale, bool) or not isinstance(coarse_lr_scale, (int, float)) or coarse_lr_scale <= 0:
+        raise ValueError(f"coarse_lr_scale must be a positive number, got {coarse_lr_scale!r}")
+    check_fraction("down_fraction", down_fraction)
+    check_fraction("coarsest_fraction", coarsest_fraction)
+    if up_fraction is None:
+        up_fraction = (1.0 - coarsest_fraction - down_fraction * (levels - 1)) / (levels - 1)
+    check_fraction("up_fraction", up_fraction)
+    check_budget({f"{levels - 1} x down_fraction": down_fraction * (levels - 1), "coarsest_fraction": coarsest_fraction,
+                  f"{levels - 1} x up_fraction": up_fraction * (levels - 1)})
     down, coarsest, up = _split(total_steps, [down_fraction, coarsest_fraction, up_fraction])
     stages = [identity_stage("level0-down", down)]
 
@@ -56,16 +83,25 @@ def vcycle(total_steps: int, levels: int = 2, down_fraction: float = 0.05, coars
     return stages
 
 
-def ode_multilevel(total_steps: int, cycles: int = 2, pre_fraction: float = 0.05, coarse_fraction: float = 0.3,
-                   post_fraction: float = 0.15) -> list[Stage]:
-    """Lauga et al.'s two-level method on the ODE view of a pre-LN transformer.  Each cycle: pre-smoothing fine
-    steps, coarse steps on the even (then odd, alternating) layers with residual step h = 2, prolongation of
-    the coarse layers back into the fine model, post-smoothing fine steps.  Fractions are per cycle, of
-    ``total_steps``.  Optimizer state is reset at each transition (the paper names momentum across levels
-    an open problem)."""
-    if cycles < 1:
-        raise ValueError(f"cycles must be >= 1, got {cycles}")
-    pre, coarse, post = _split(total_steps, [pre_fraction, coarse_fraction, post_fraction])
+def ode_multilevel(total_steps: int, final_layers: int, cycles: int = 2, pre_share: float = 0.1,
+                   coarse_share: float = 0.6) -> list[Stage]:
+    """Lauga et al.'s two-level method on the ODE view of a pre-LN transformer.  The budget is split into
+    ``cycles`` equal cycles; each spends ``pre_share`` of its steps on fine pre-smoothing, ``coarse_share`` on
+    the even (then odd, alternating) layers with residual step h = 2, and the rest on fine post-smoothing after
+    prolongation.  Optimizer state is reset at each transition (the paper names momentum across levels an open
+    problem)."""
+    if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
+        raise ValueError(f"cycles must be an int >= 1, got {cycles!r}")
+    if final_layers % 2:
+        raise ValueError(f"the coarse model keeps every other layer, so the model needs an even number of "
+                         f"layers, got {final_layers}")
+    check_fraction("pre_share", pre_share, allow_zero=True)
+    check_fraction("coarse_share", coarse_share)
+    post_share = check_fraction("the post share (1 - pre_share - coarse_share)", 1.0 - pre_share - coarse_share)
+    per_cycle = [_split(total_steps, [s / cycles for s in (pre_share, coarse_share, post_share)])
+                 for _ in range(cycles)]
+    leftover = total_steps - sum(map(sum, per_cycle))
+    per_cycle[-1][-1] += leftover
     stages = []
 
     def restrict(parity):
@@ -79,11 +115,11 @@ def ode_multilevel(total_steps: int, cycles: int = 2, pre_fraction: float = 0.05
             return Transition(growlib.prolong_(state.kept.pop("fine"), state.model, parity=parity))
         return enter
 
-    for cycle in range(cycles):
+    for cycle, (pre, coarse, post) in enumerate(per_cycle):
         parity = ("even", "odd")[cycle % 2]
-        stages += [identity_stage(f"cycle{cycle}-pre", pre),
-                   Stage(f"cycle{cycle}-coarse-{parity}", coarse, restrict(parity)),
-                   Stage(f"cycle{cycle}-post", post, prolong(parity))]
+        stages += [identity_stage(f"cycle{cycle}-pre", pre) for _ in range(1 if pre else 0)]
+        stages += [Stage(f"cycle{cycle}-coarse-{parity}", coarse, restrict(parity))]
+        stages += [Stage(f"cycle{cycle}-post", post, prolong(parity))]
     return stages
 
 

@@ -8,7 +8,7 @@ import torch
 
 import growlib
 from growlib.models import adapter_for
-from growlib.schedules.multilevel import _split
+from growlib.schedules.multilevel import _split, check_budget, check_fraction
 from growlib.train.loop import RunState, Stage, Transition
 
 
@@ -32,10 +32,13 @@ def _check_layers(layer_counts: list[int], final_layers: int) -> None:
         raise ValueError(f"layer_counts must end at the model's {final_layers} layers, got {layer_counts}")
 
 
-def _check_fractions(stage_fractions: list[float], layer_counts: list[int]) -> None:
+def _check_fractions(stage_fractions: list[float], layer_counts: list[int], joint: float = 0.0) -> None:
     if len(stage_fractions) != len(layer_counts):
         raise ValueError(f"stage_fractions needs one entry per layer count ({len(layer_counts)}), got "
                          f"{len(stage_fractions)}")
+    for i, fraction in enumerate(stage_fractions):
+        check_fraction(f"stage_fractions[{i}]", fraction)
+    check_budget({"stage_fractions": sum(stage_fractions), "joint_fraction": joint})
 
 
 def _shallow_start(layers: int) -> Callable[[RunState], Transition]:
@@ -60,8 +63,13 @@ def mslt(total_steps: int, final_layers: int, layer_counts: list[int] | None = N
     evenly over the partial stages, ``joint_fraction`` for the joint stage."""
     layer_counts = layer_counts or sorted({max(1, final_layers * k // 4) for k in range(1, 5)})
     _check_layers(layer_counts, final_layers)
+    check_fraction("joint_fraction", joint_fraction, allow_zero=True)
+    for previous, layers in zip(layer_counts, layer_counts[1:]):
+        if layers - previous > previous:
+            raise ValueError(f"layer_counts {layer_counts}: growing {previous} -> {layers} layers would copy more "
+                             f"top layers than exist; MSLT can at most double the depth per stage")
     stage_fractions = stage_fractions or [(1.0 - joint_fraction) / len(layer_counts)] * len(layer_counts)
-    _check_fractions(stage_fractions, layer_counts)
+    _check_fractions(stage_fractions, layer_counts, joint_fraction)
     steps = _split(total_steps, stage_fractions + [joint_fraction])
     stages = [Stage(f"layers{layer_counts[0]}", steps[0], _shallow_start(layer_counts[0]))]
     for previous, layers, n in zip(layer_counts, layer_counts[1:], steps[1:]):

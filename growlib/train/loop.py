@@ -68,6 +68,12 @@ class Stage:
     freeze: Callable[[torch.nn.Module], None] | None = None
     lr_scale: float = 1.0
 
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"stage {self.name!r}: steps must be an int >= 1, got {self.steps!r}")
+        if not self.lr_scale > 0:
+            raise ValueError(f"stage {self.name!r}: lr_scale must be > 0, got {self.lr_scale!r}")
+
 
 @dataclass
 class RunState:

@@ -93,11 +93,28 @@ def test_stack_doubles_depth_with_everything_trainable():
     ("vcycle", {"levels": 1}, "levels"),
     ("mslt", {"layer_counts": [2, 1, 4]}, "strictly increasing"),
     ("mslt", {"layer_counts": [1, 2]}, "end at the model's 4 layers"),
+    ("mslt", {"layer_counts": [1, 4]}, "at most double"),
+    ("vcycle", {"levels": 4}, "multiple of 8"),
+    ("vcycle", {"down_fraction": 0.3, "up_fraction": 0.45}, "add up to 1"),
+    ("vcycle", {"coarse_lr_scale": -1}, "coarse_lr_scale"),
+    ("ode_multilevel", {"coarse_share": 0.95}, "post share"),
+    ("ode_multilevel", {"cycles": 0}, "cycles"),
     ("stack", {"stage_fractions": [0.5, 0.5]}, "one entry per layer count"),
 ])
 def test_bad_schedule_options(name, options, match):
     with pytest.raises(ValueError, match=match):
         build_schedule(name, 100, 4, **options)
+
+
+def test_alpha_must_be_a_number():
+    with pytest.raises(TypeError, match="alpha"):
+        build_schedule("vcycle", 100, 4, alpha=True)
+
+
+@pytest.mark.parametrize("name,options", [("vcycle", {"levels": 3}), ("ode_multilevel", {"cycles": 3}),
+                                          ("mslt", {}), ("stack", {}), ("baseline", {})])
+def test_every_schedule_spends_exactly_its_budget(name, options):
+    assert sum(stage.steps for stage in build_schedule(name, 120, 4, **options)) == 120
 
 
 def test_too_small_a_budget_is_rejected():
