@@ -7,6 +7,7 @@ import torch
 
 import growlib
 from growlib import ops
+from tests.conftest import DEVICE
 
 
 def one_task(rows=3, cols=4):
@@ -101,8 +102,9 @@ def test_alpha_out_of_range(alpha):
 
 def test_triton_backend_rejects_float64():
     dst, src, *rest = one_task()
+    rest = [t.to(DEVICE) for t in rest]
     with growlib.use_backend("triton"), pytest.raises(TypeError, match="torch"):
-        ops.structured_map_([dst[0].double()], [[src[0][0].double()]], *rest)
+        ops.structured_map_([dst[0].double().to(DEVICE)], [[src[0][0].double().to(DEVICE)]], *rest)
 
 
 def test_custom_op_registration_passes_opcheck():

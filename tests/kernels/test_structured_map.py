@@ -10,6 +10,7 @@ import torch
 
 import growlib
 from growlib import ops, reference
+from tests.conftest import DEVICE
 
 # Per-dtype tolerance, relative to max(1, |ref|).  fp16/bf16 also obey the three-way rule below.
 TOLERANCE = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -47,7 +48,8 @@ def random_tasks(seed, dtype, shapes, kd, k, transpose_every=2):
     depth_weight = torch.randn(len(shapes), kd, generator=g)
     row_start = torch.tensor(starts[0::2], dtype=torch.int64)
     col_start = torch.tensor(starts[1::2], dtype=torch.int64)
-    return dst, src, depth_weight, row_start, col_start, table_index, table_weight
+    return ([t.to(DEVICE) for t in dst], [[s.to(DEVICE) for s in row] for row in src],
+            *(t.to(DEVICE) for t in (depth_weight, row_start, col_start, table_index, table_weight)))
 
 
 SHAPES = [
@@ -88,7 +90,7 @@ def test_kernel_matches_reference(dtype, shapes, epilogue):
     alpha = 0.3 if epilogue.endswith("blend") else None
     kernel = run("triton", dst, src, dw, rs, cs, ti, tw, alpha=alpha, rms=rms)
     same_dtype = run("torch", dst, src, dw, rs, cs, ti, tw, alpha=alpha, rms=rms)
-    oracle = [t.double() for t in dst]
+    oracle = [t.double() for t in dst]  # fp64 on the same device: the kernel's inputs, computed exactly
     reference.structured_map(oracle, [[s.double() for s in row] for row in src], dw, rs, cs, ti, tw,
                              alpha=alpha, rms=rms)
     assert_matches(kernel, dtype, oracle, same_dtype)
@@ -98,15 +100,16 @@ def test_kernel_matches_reference(dtype, shapes, epilogue):
 
 def test_tasks_not_written_stay_untouched_and_views_write_through():
     """Writing into column slices of one tensor (GPT-2's fused c_attn) touches exactly those columns."""
-    base = torch.zeros(6, 12)
-    src = torch.randn(6, 4)
+    base = torch.zeros(6, 12, device=DEVICE)
+    src = torch.randn(6, 4, device=DEVICE)
     views = [base[:, 0:4], base[:, 8:12]]
-    table_index = torch.arange(6, dtype=torch.int32).unsqueeze(1)
-    table_weight = torch.ones(6, 1)
+    table_index = torch.arange(6, dtype=torch.int32, device=DEVICE).unsqueeze(1)
+    table_weight = torch.ones(6, 1, device=DEVICE)
     for backend in ("triton", "torch"):
         base.zero_()
         with growlib.use_backend(backend):
-            ops.structured_map_(views, [[src], [src]], torch.ones(2, 1), torch.zeros(2, dtype=torch.int64),
-                                torch.zeros(2, dtype=torch.int64), table_index, table_weight)
+            ops.structured_map_(views, [[src], [src]], torch.ones(2, 1, device=DEVICE),
+                                torch.zeros(2, dtype=torch.int64, device=DEVICE),
+                                torch.zeros(2, dtype=torch.int64, device=DEVICE), table_index, table_weight)
         assert torch.equal(base[:, 0:4], src) and torch.equal(base[:, 8:12], src)
-        assert torch.equal(base[:, 4:8], torch.zeros(6, 4))
+        assert torch.equal(base[:, 4:8], torch.zeros(6, 4, device=DEVICE))
