@@ -160,3 +160,31 @@ def test_resume_refuses_another_runs_checkpoint_and_restarts_cleanly_without_one
         checkpoint_path=str(tmp_path / "none.pt"), resume=True)
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert [s for s in steps] == [1, 2, 3, 3]  # three train records and the final eval, each once
+
+
+def test_a_stage_can_carry_the_optimizer_state_through_its_map(monkeypatch):
+    seen = {}
+
+    def grow(state):
+        gmap = growlib.widen_map(growlib.schema_of(state.model).dims, hidden=96, intermediate=140,
+                                 method="hypercloning")
+        return Transition(growlib.widen(state.model, hidden=96, intermediate=140, method="hypercloning"), gmap,
+                          optimizer_policy="map")
+
+    def record_flops(model):
+        seen.setdefault("widths", []).append(model.config.n_embd)
+        return trainable_count(model)
+
+    stages = [Stage("small", 3, lambda s: Transition(s.model)), Stage("wide", 1, grow)]
+    original_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        if self.state:  # the step count each parameter's state holds before this update
+            seen["steps"] = {float(s["step"]) for s in self.state.values()}
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    run_schedule(stages, RunState(tiny_model("gpt2", layers=2)), CONFIG, train_batch=random_batch,
+                 eval_batches=EVAL, step_flops=record_flops)
+    assert seen["widths"] == [48, 96]
+    assert seen["steps"] == {3.0}  # the wide model's first step starts from the mapped state, step count carried
