@@ -94,7 +94,7 @@ def demo(family: str, seed: int) -> int:
 
 def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=FAMILIES, default="gpt2")
-    parser.add_argument("--size", default="tiny", help="tiny | small | base | a JSON file of layers/hidden/heads/intermediate")
+    parser.add_argument("--size", default="tiny", help="tiny | small | base | JSON (inline or a file) of layers/hidden/heads/intermediate")
     parser.add_argument("--data", default=None, help="text file or folder, or .bin token file (default: Python's stdlib)")
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=300, help="the budget: optimizer steps of the full model")
@@ -126,6 +126,26 @@ def _options(pairs: list[str]) -> dict:
         except json.JSONDecodeError:
             options[key] = value
     return options
+
+
+class ProgressBar:
+    """A tqdm bar over optimizer steps showing the stage, loss, tokens/s and FLOPs so far (only on a terminal)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, record: dict) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=record["total_steps"], initial=record["step"] - 1, unit="step",
+                            disable=not sys.stderr.isatty())
+        self.bar.update(1)
+        self.bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.3f}",
+                             tok_s=f"{record['tokens'] / max(record['wall'], 1e-9):.0f}",
+                             flops=f"{record['flops']:.3g}")
+        if record["step"] == record["total_steps"]:
+            self.bar.close()
 
 
 def _init_distributed() -> str | None:
@@ -168,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         experiment = _experiment(args)
         experiment.device = _init_distributed() or experiment.device
         result = run_experiment(experiment, args.schedule, args.seed, _options(args.schedule_args),
-                                out_dir=args.out, resume=args.resume, checkpoint_every=args.checkpoint_every)
+                                out_dir=args.out, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                                progress=ProgressBar())
         print(f"{args.schedule}: {result.steps} steps, {result.flops:.3g} FLOPs, {result.wall_seconds:.1f} s, "
               f"final validation loss {result.final_val_loss:.4f}")
         if torch.distributed.is_initialized():

@@ -91,7 +91,7 @@ def _batches(exp: Experiment, prepared: PreparedData, seed: int) -> tuple[Callab
 
 def run(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = None,
         prepared: PreparedData | None = None, out_dir: str | None = None, resume: bool = False,
-        checkpoint_every: int = 50) -> RunResult:
+        checkpoint_every: int = 50, progress: Callable[[dict], None] | None = None) -> RunResult:
     """Train ``schedule`` on the experiment; metrics and checkpoints go to ``out_dir`` when given."""
     prepared = prepared or prepare_data(exp)
     torch.manual_seed(seed)
@@ -114,7 +114,8 @@ def run(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = No
     return run_schedule(stages, RunState(model), exp.config, train_batch=train_batch, eval_batches=eval_batches,
                         step_flops=flops, metrics=MetricsLog(os.path.join(run_dir, "metrics.jsonl") if run_dir else None),
                         checkpoint_path=os.path.join(run_dir, "checkpoint.pt") if run_dir else None,
-                        checkpoint_every=checkpoint_every if run_dir else 0, resume=resume, schedule_name=schedule)
+                        checkpoint_every=checkpoint_every if run_dir else 0, resume=resume, schedule_name=schedule,
+                        progress=progress)
 
 
 BUDGETS = ("steps", "flops")

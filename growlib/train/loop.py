@@ -231,11 +231,12 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                  train_batch: Callable[[int], dict], eval_batches: list[dict],
                  step_flops: Callable[[torch.nn.Module], float], metrics: MetricsLog | None = None,
                  checkpoint_path: str | None = None, checkpoint_every: int = 0, resume: bool = False,
-                 schedule_name: str = "") -> RunResult:
+                 schedule_name: str = "", progress: Callable[[dict], None] | None = None) -> RunResult:
     """Train through ``stages`` starting from ``state.model``.
 
     ``train_batch(global_step)`` must be deterministic in the step (that is the data position a checkpoint
-    holds); ``step_flops(model)`` gives one optimizer step's FLOPs for the model as currently frozen.
+    holds); ``step_flops(model)`` gives one optimizer step's FLOPs for the model as currently frozen;
+    ``progress(record)`` (optional) sees every step's metrics record, e.g. to drive a progress bar.
     With ``resume`` and an existing checkpoint, the run continues exactly where it stopped."""
     from growlib.optim import map_optimizer_state
 
@@ -312,10 +313,12 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
             wall += time.perf_counter() - started
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"loss is {loss_sum} at step {global_step} (stage {stage.name!r})")
-            metrics.write({"kind": "train", "schedule": schedule_name, "step": global_step, "stage": stage.name,
-                           "tokens": global_step * config.grad_accum * config.batch_size * config.seq_len
-                           * _world_size(),
-                           "flops": flops, "loss": loss_sum, "lr": lr, "wall": wall})
+            record = {"kind": "train", "schedule": schedule_name, "step": global_step, "stage": stage.name,
+                      "tokens": global_step * config.grad_accum * config.batch_size * config.seq_len * _world_size(),
+                      "flops": flops, "loss": loss_sum, "lr": lr, "wall": wall}
+            metrics.write(record)
+            if progress and _is_main():
+                progress({**record, "total_steps": total_steps})
             if global_step % config.eval_every == 0 or global_step == total_steps:
                 val = evaluate(model, eval_batches)
                 evals.append((global_step, flops, wall, val))

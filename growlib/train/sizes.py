@@ -22,10 +22,12 @@ def _size(size: str | dict) -> dict:
     if size in SIZES:
         layers, hidden, heads, ffn = SIZES[size]
         return {"layers": layers, "hidden": hidden, "heads": heads, "intermediate": ffn}
+    if size.lstrip().startswith("{"):
+        return json.loads(size)
     if os.path.exists(size):
         with open(size) as f:
             return json.load(f)
-    raise ValueError(f"size must be one of {sorted(SIZES)}, a JSON file or a dict, got {size!r}")
+    raise ValueError(f"size must be one of {sorted(SIZES)}, inline JSON, a JSON file or a dict, got {size!r}")
 
 
 def build_model(family: str, size: str | dict, vocab_size: int, seq_len: int):

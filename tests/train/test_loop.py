@@ -188,3 +188,11 @@ def test_a_stage_can_carry_the_optimizer_state_through_its_map(monkeypatch):
                  eval_batches=EVAL, step_flops=record_flops)
     assert seen["widths"] == [48, 96]
     assert seen["steps"] == {3.0}  # the wide model's first step starts from the mapped state, step count carried
+
+
+def test_progress_sees_every_step():
+    records = []
+    run(build_schedule("stack", 12, 2), tiny_model("gpt2", layers=2), progress=records.append)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert {r["total_steps"] for r in records} == {12}
+    assert records[-1]["flops"] > records[0]["flops"] > 0
