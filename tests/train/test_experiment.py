@@ -43,3 +43,20 @@ def test_schedule_flops_counts_coarse_levels_as_cheaper(experiment):
 def test_unknown_budget_is_rejected(experiment, tmp_path):
     with pytest.raises(ValueError, match="budget"):
         compare(experiment, ["stack"], [0], str(tmp_path), budget="tokens")
+
+
+def test_sizes_by_name_inline_json_or_file(tmp_path):
+    from growlib.train.sizes import build_model
+
+    assert build_model("llama", "tiny", 300, 32).config.num_hidden_layers == 4
+    inline = build_model("bert", '{"layers": 1, "hidden": 16, "heads": 2, "intermediate": 24}', 300, 32)
+    assert (inline.config.num_hidden_layers, inline.config.hidden_size) == (1, 16)
+    path = tmp_path / "size.json"
+    path.write_text('{"layers": 3, "hidden": 16, "heads": 2, "intermediate": 24}')
+    assert build_model("gpt2", str(path), 300, 32).config.n_layer == 3
+    with pytest.raises(ValueError, match="size must be one of"):
+        build_model("gpt2", "huge", 300, 32)
+    with pytest.raises(ValueError, match="missing"):
+        build_model("gpt2", {"layers": 2}, 300, 32)
+    with pytest.raises(ValueError, match="family"):
+        build_model("t5", "tiny", 300, 32)
