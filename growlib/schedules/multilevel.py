@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import torch
+
 import growlib
+from growlib.apply import apply_map
+from growlib.models import adapter_for
+from growlib.operators.depth import restrict_map
+from growlib.optim import dual_map
 from growlib.train.loop import RunState, Stage, Transition
 
 
@@ -29,6 +35,28 @@ def _split(total: int, fractions: list[float]) -> list[int]:
     if any(n < 1 for n, f in zip(steps, fractions) if f > 0):
         raise ValueError(f"total_steps={total} is too small for stage fractions {fractions}: a stage gets no step")
     return steps
+
+
+def _gradients(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """d loss / d parameter on ``batch`` for every parameter name (tied names share one tensor)."""
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(model(**batch).loss, list(params.values()), allow_unused=True)
+    by_id = {id(p): (g if g is not None else torch.zeros_like(p)).detach() for p, g in zip(params.values(), grads)}
+    return {n: by_id[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def coherence_term(fine: torch.nn.Module, coarse: torch.nn.Module, parity: str, batch: dict) -> dict[str, torch.Tensor]:
+    """MG/OPT's first-order coherence: v = R grad L_h(theta_h) - grad L_H(R theta_h), with R the restriction's
+    gradient map (the dual of the parameter map: a branch weight doubled gets half the gradient)."""
+    adapter = adapter_for(fine)
+    coarse_grads = _gradients(coarse, batch)
+    restricted = {n: torch.zeros_like(g) for n, g in coarse_grads.items()}
+    by_id = {}
+    for name, p in coarse.named_parameters(remove_duplicate=False):  # tied names share one tensor
+        restricted[name] = by_id.setdefault(id(p), restricted[name])
+    apply_map(dual_map(restrict_map(adapter.schema(fine), parity)), adapter.schema(fine, _gradients(fine, batch)),
+              adapter.schema(coarse, restricted))
+    return {n: restricted[n] - coarse_grads[n] for n, _ in coarse.named_parameters()}
 
 
 def identity_stage(name: str, steps: int) -> Stage:
@@ -84,12 +112,15 @@ def vcycle(total_steps: int, final_layers: int, levels: int = 2, down_fraction: 
 
 
 def ode_multilevel(total_steps: int, final_layers: int, cycles: int = 2, pre_share: float = 0.1,
-                   coarse_share: float = 0.6) -> list[Stage]:
+                   coarse_share: float = 0.6, coherence: bool = False) -> list[Stage]:
     """Lauga et al.'s two-level method on the ODE view of a pre-LN transformer.  The budget is split into
     ``cycles`` equal cycles; each spends ``pre_share`` of its steps on fine pre-smoothing, ``coarse_share`` on
     the even (then odd, alternating) layers with residual step h = 2, and the rest on fine post-smoothing after
     prolongation.  Optimizer state is reset at each transition (the paper names momentum across levels an open
-    problem)."""
+    problem).  With ``coherence`` the coarse objective is MG/OPT's L_H(theta) + <v, theta>, v = R grad L_h -
+    grad L_H(R theta_h) on one batch at the transition, so the coarse model starts along the fine gradient."""
+    if not isinstance(coherence, bool):
+        raise TypeError(f"coherence must be a bool, got {type(coherence).__name__}")
     if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
         raise ValueError(f"cycles must be an int >= 1, got {cycles!r}")
     if final_layers % 2:
@@ -106,8 +137,11 @@ def ode_multilevel(total_steps: int, final_layers: int, cycles: int = 2, pre_sha
 
     def restrict(parity):
         def enter(state: RunState) -> Transition:
-            state.kept["fine"] = state.model
-            return Transition(growlib.restrict(state.model, parity=parity))
+            fine = state.kept["fine"] = state.model
+            coarse = growlib.restrict(fine, parity=parity)
+            if coherence:
+                state.linear_term = coherence_term(fine, coarse, parity, state.sample_batch())
+            return Transition(coarse)
         return enter
 
     def prolong(parity):

@@ -82,6 +82,19 @@ class RunState:
 
     model: torch.nn.Module
     kept: dict[str, torch.nn.Module] = field(default_factory=dict)
+    #: parameter name -> v: the stage's loss gets + <v, theta> (MG/OPT first-order coherence); set by a
+    #: stage's enter, cleared at every transition, checkpointed with the run.
+    linear_term: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: a training batch at the current position, for stages whose transition needs gradients.
+    sample_batch: Callable[[], dict] | None = None
+
+
+def linear_term_value(model: torch.nn.Module, term: dict[str, torch.Tensor]) -> torch.Tensor | float:
+    """<v, theta> summed over the parameters ``term`` names."""
+    if not term:
+        return 0.0
+    params = dict(model.named_parameters())
+    return sum((v * params[name]).sum() for name, v in term.items())
 
 
 def learning_rate(config: TrainConfig, stage: Stage, step_in_stage: int) -> float:
@@ -257,7 +270,8 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
         evals = [tuple(e) for e in checkpoint["evals"]]
         metrics.truncate_after(global_step)
         state = RunState(model=_model_from_record(checkpoint["model"], state.model),
-                         kept={k: _model_from_record(r, state.model) for k, r in checkpoint["kept"].items()})
+                         kept={k: _model_from_record(r, state.model) for k, r in checkpoint["kept"].items()},
+                         linear_term=checkpoint["linear_term"])
 
     elif resume:
         metrics.truncate_after(0)  # killed before its first checkpoint: start again, log once
@@ -276,8 +290,13 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
             if checkpoint["cuda_rng"]:
                 torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
         else:
+            state.linear_term = {}
+            state.sample_batch = lambda: train_batch(global_step * config.grad_accum)
+            previous_model = state.model
             transition = stage.enter(state)
             model = transition.model
+            if state.linear_term:  # its gradients took a forward + backward of both models on one micro-batch
+                flops += (step_flops(previous_model) + step_flops(model)) * _world_size() / config.grad_accum
             if stage.freeze:
                 stage.freeze(model)
             new_optimizer = _make_optimizer(model, config)
@@ -302,7 +321,7 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                 batch = train_batch(global_step * config.grad_accum + micro)
                 with _autocast(model), _sync_gradients(trained, micro == config.grad_accum - 1):
                     loss = trained(**batch).loss / config.grad_accum
-                    loss.backward()
+                    (loss + linear_term_value(model, state.linear_term) / config.grad_accum).backward()
                 loss_sum += _mean_over_ranks(loss.detach())
             if config.clip > 0:
                 torch.nn.utils.clip_grad_norm_(_trainable(model), config.clip)
@@ -329,6 +348,7 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                     "stage": index, "step_in_stage": step_in_stage + 1, "global_step": global_step,
                     "flops": flops, "wall": wall, "evals": evals, "model": _model_record(model),
                     "kept": {k: _model_record(m) for k, m in state.kept.items()},
+                    "linear_term": state.linear_term,
                     "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                     "identity": identity}, checkpoint_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import growlib
+import torch
 from growlib.schedules import build_schedule
 from growlib.train.loop import RunState
 from tests.factories import tiny_model
@@ -120,3 +121,35 @@ def test_every_schedule_spends_exactly_its_budget(name, options):
 def test_too_small_a_budget_is_rejected():
     with pytest.raises(ValueError, match="too small"):
         build_schedule("vcycle", 10, 4)
+
+
+def test_ode_coherence_makes_the_coarse_gradient_the_restricted_fine_gradient():
+    from growlib.schedules.multilevel import coherence_term
+    from growlib.train.loop import linear_term_value
+    from tests.factories import example_inputs
+
+    fine = tiny_model("gpt2", layers=4)
+    coarse = growlib.restrict(fine, parity="odd")
+    inputs = example_inputs(fine)
+    batch = {**inputs, "labels": inputs["input_ids"]}
+    v = coherence_term(fine, coarse, "odd", batch)
+    loss = coarse(**batch).loss + linear_term_value(coarse, v)
+    loss.backward()
+    fine(**batch).loss.backward()
+    coarse_schema = growlib.schema_of(coarse)
+    grads = {n: p.grad for n, p in coarse.named_parameters(remove_duplicate=False)}
+    fine_grads = {n: p.grad for n, p in fine.named_parameters(remove_duplicate=False)}
+    coarse_grad_schema = growlib.models.adapter_for(coarse).schema(coarse, grads)
+    fine_grad_schema = growlib.models.adapter_for(fine).schema(fine, fine_grads)
+    for spec in coarse_schema.specs:
+        if spec.layer is None:
+            expected = fine_grad_schema.tensor(spec.name)
+        else:
+            expected = fine_grad_schema.tensor(spec.name, 2 * spec.layer + 1) * (0.5 if spec.residual_out else 1.0)
+        torch.testing.assert_close(coarse_grad_schema.tensor(spec.name, spec.layer), expected, rtol=1e-4,
+                                   atol=1e-6, msg=f"{spec.name} {spec.layer}")
+
+
+def test_ode_coherence_option_is_checked():
+    with pytest.raises(TypeError, match="coherence"):
+        build_schedule("ode_multilevel", 100, 4, coherence="yes")

@@ -81,9 +81,12 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("schedule", ["vcycle", "mslt"])
-def test_resume_after_a_crash_reproduces_the_uninterrupted_run(schedule, tmp_path):
-    stages = lambda: build_schedule(schedule, 24, 4)  # noqa: E731
+@pytest.mark.parametrize("schedule,options,crash_at", [
+    ("vcycle", {}, 15), ("mslt", {}, 15),
+    ("ode_multilevel", {"coherence": True}, 6),  # inside a coarse stage: its linear term comes from the checkpoint
+])
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(schedule, options, crash_at, tmp_path):
+    stages = lambda: build_schedule(schedule, 24, 4, **options)  # noqa: E731
     straight_log = tmp_path / "straight.jsonl"
     run(stages(), tiny_model("gpt2", layers=4), metrics=MetricsLog(str(straight_log)))
 
@@ -91,7 +94,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(schedule, tmp_pat
     crashed_log = tmp_path / "crashed.jsonl"
 
     def crashing_batch(step):
-        if step == 15:
+        if step == crash_at:
             raise Crash()
         return random_batch(step)
 
