@@ -56,11 +56,7 @@ def check_map_fits(gmap: GrowthMap, source: Schema, target: Schema) -> None:
         raise ValueError(f"source and target hold different tensors (e.g. a head on one side only): "
                          f"{sorted(source_names ^ target_names)}")
     for label, schema, dims in (("source", source, gmap.source_dims), ("target", target, gmap.target_dims)):
-        if "head_dim" in dims and schema.dims["head_dim"] != dims["head_dim"]:
-            raise ValueError(f"the growth map expects a {label} with head_dim={dims['head_dim']}, got "
-                             f"{schema.dims['head_dim']}")
-    for label, schema, dims in (("source", source, gmap.source_dims), ("target", target, gmap.target_dims)):
-        for role in WIDTH_ROLES + ("layers",):
+        for role in WIDTH_ROLES + ("head_dim", "layers"):
             if role in dims and schema.dims.get(role) != dims[role]:
                 raise ValueError(f"the growth map expects a {label} with {role}={dims[role]}, got "
                                  f"{schema.dims.get(role)}")

@@ -140,8 +140,8 @@ def _memory_span(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _check_no_overlap(dst: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
-    """Outputs must not overlap any source (the map is not in place) nor each other, except disjoint
-    interleaved views such as the column slices of GPT-2's fused QKV, which are checked element-exactly."""
+    """Outputs must not overlap any source: the map is not in place.  Views whose byte ranges intersect (such
+    as interleaved column slices of one tensor) are compared element by element, so disjoint ones pass."""
     spans = [(_memory_span(s), s) for s in sources if s.numel()]
     for t, out in enumerate(dst):
         if not out.numel():

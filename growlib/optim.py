@@ -6,9 +6,10 @@ Policies:
   rows through the in-side map F and columns through the out-side map E (a unit copied n times on the out side
   receives 1/n of the gradient; a column divided by n receives the gradient unchanged), and a depth weight w
   of a single-source layer becomes 1/w.  Under a function-preserving map this is exactly the gradient the grown
-  model computes.  First moments (``exp_avg``, ``momentum_buffer``) map linearly.  Second moments (``exp_avg_sq``, ``max_exp_avg_sq``) map through their
-  square roots with absolute weights and are squared again, so they stay non-negative and
-  coalesce(decoalesce(state)) == state (first moments exactly, second moments up to sqrt/square rounding).  The step count is carried over.
+  model computes.  First moments (``exp_avg``, ``momentum_buffer``) map linearly.  Second moments
+  (``exp_avg_sq``, ``max_exp_avg_sq``) map through their square roots with absolute weights and are squared
+  again, so they stay non-negative and coalesce(decoalesce(state)) == state (first moments exactly, second
+  moments up to sqrt/square rounding).  The step count is carried over.
 * ``reset`` the target optimizer starts with empty state (what the multi-level paper and StackBERT do).
 
 The schedules reset at every transition for now, as the source papers do; ``map`` is the policy to use for

@@ -27,7 +27,7 @@ def check_budget(parts: dict[str, float]) -> None:
                          f"{' + '.join(f'{k}={v:g}' for k, v in parts.items())} = {sum(parts.values()):g}")
 
 
-def _split(total: int, fractions: list[float]) -> list[int]:
+def split_steps(total: int, fractions: list[float]) -> list[int]:
     """Integer step counts proportional to ``fractions`` that add up to round(total * sum(fractions))."""
     target = round(total * sum(fractions))
     steps = [int(total * f) for f in fractions]
@@ -86,7 +86,7 @@ def vcycle(total_steps: int, final_layers: int, levels: int = 2, down_fraction: 
     check_fraction("up_fraction", up_fraction)
     check_budget({f"{levels - 1} x down_fraction": down_fraction * (levels - 1), "coarsest_fraction": coarsest_fraction,
                   f"{levels - 1} x up_fraction": up_fraction * (levels - 1)})
-    down, coarsest, up = _split(total_steps, [down_fraction, coarsest_fraction, up_fraction])
+    down, coarsest, up = split_steps(total_steps, [down_fraction, coarsest_fraction, up_fraction])
     stages = [identity_stage("level0-down", down)]
 
     def coalesce_into(level):
@@ -129,7 +129,7 @@ def ode_multilevel(total_steps: int, final_layers: int, cycles: int = 2, pre_sha
     check_fraction("pre_share", pre_share, allow_zero=True)
     check_fraction("coarse_share", coarse_share)
     post_share = check_fraction("the post share (1 - pre_share - coarse_share)", 1.0 - pre_share - coarse_share)
-    per_cycle = [_split(total_steps, [s / cycles for s in (pre_share, coarse_share, post_share)])
+    per_cycle = [split_steps(total_steps, [s / cycles for s in (pre_share, coarse_share, post_share)])
                  for _ in range(cycles)]
     leftover = total_steps - sum(map(sum, per_cycle))
     per_cycle[-1][-1] += leftover

@@ -8,7 +8,7 @@ import torch
 
 import growlib
 from growlib.models import adapter_for
-from growlib.schedules.multilevel import _split, check_budget, check_fraction
+from growlib.schedules.multilevel import split_steps, check_budget, check_fraction
 from growlib.train.loop import RunState, Stage, Transition
 
 
@@ -70,7 +70,7 @@ def mslt(total_steps: int, final_layers: int, layer_counts: list[int] | None = N
                              f"top layers than exist; MSLT can at most double the depth per stage")
     stage_fractions = stage_fractions or [(1.0 - joint_fraction) / len(layer_counts)] * len(layer_counts)
     _check_fractions(stage_fractions, layer_counts, joint_fraction)
-    steps = _split(total_steps, stage_fractions + [joint_fraction])
+    steps = split_steps(total_steps, stage_fractions + [joint_fraction])
     stages = [Stage(f"layers{layer_counts[0]}", steps[0], _shallow_start(layer_counts[0]))]
     for previous, layers, n in zip(layer_counts, layer_counts[1:], steps[1:]):
         stages.append(Stage(f"layers{layers}", n,
@@ -94,7 +94,7 @@ def stack(total_steps: int, final_layers: int, layer_counts: list[int] | None = 
     _check_layers(layer_counts, final_layers)
     stage_fractions = stage_fractions or [1.0 / len(layer_counts)] * len(layer_counts)
     _check_fractions(stage_fractions, layer_counts)
-    steps = _split(total_steps, stage_fractions)
+    steps = split_steps(total_steps, stage_fractions)
     stages = [Stage(f"layers{layer_counts[0]}", steps[0], _shallow_start(layer_counts[0]))]
     for layers, n in zip(layer_counts[1:], steps[1:]):
         stages.append(Stage(f"layers{layers}", n,

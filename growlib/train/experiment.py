@@ -13,7 +13,7 @@ from growlib.schedules import build_schedule
 from growlib.train import data as D
 from growlib.train.compare import plot_curves, summarize, write_summary
 from growlib.train.flops import step_flops
-from growlib.train.loop import MetricsLog, RunResult, RunState, TrainConfig, run_schedule
+from growlib.train.loop import MetricsLog, RunResult, RunState, TrainConfig, rank_and_world, run_schedule
 from growlib.train.sizes import build_model
 
 DEFAULT_CACHE = os.environ.get("GROWLIB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "growlib"))
@@ -60,18 +60,11 @@ def prepare_data(exp: Experiment) -> PreparedData:
                         tokenizer, tokenizer.vocab_size)
 
 
-def _rank_and_world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _batches(exp: Experiment, prepared: PreparedData, seed: int) -> tuple[Callable[[int], dict], list[dict]]:
     """Training batches by step (each rank of a distributed run draws its own: step * world + rank) and the
     fixed validation batches."""
     cfg, device = exp.config, torch.device(exp.device)
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
 
     def to_device(batch: dict) -> dict:
         return {k: v.to(device) for k, v in batch.items()}
@@ -107,7 +100,7 @@ def run(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = No
     run_dir = os.path.join(out_dir, f"{schedule}-seed{seed}") if out_dir else None
     if run_dir:
         os.makedirs(run_dir, exist_ok=True)
-        if not resume and _rank_and_world()[0] == 0:  # a fresh run: nothing of an earlier one may be resumed
+        if not resume and rank_and_world()[0] == 0:  # a fresh run: nothing of an earlier one may be resumed
             for stale in ("metrics.jsonl", "checkpoint.pt"):
                 if os.path.exists(os.path.join(run_dir, stale)):
                     os.remove(os.path.join(run_dir, stale))

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from growlib.optim import map_optimizer_state
 from growlib.schema import GrowthMap
 
 
@@ -169,14 +170,20 @@ def _autocast(model: torch.nn.Module):
     return contextlib.nullcontext()
 
 
-def _world_size() -> int:
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 outside torchrun)."""
     dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _world_size() -> int:
+    return rank_and_world()[1]
 
 
 def _is_main() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return rank_and_world()[0] == 0
 
 
 def _data_parallel(model: torch.nn.Module) -> torch.nn.Module:
@@ -251,8 +258,6 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
     holds); ``step_flops(model)`` gives one optimizer step's FLOPs for the model as currently frozen;
     ``progress(record)`` (optional) sees every step's metrics record, e.g. to drive a progress bar.
     With ``resume`` and an existing checkpoint, the run continues exactly where it stopped."""
-    from growlib.optim import map_optimizer_state
-
     metrics = metrics or MetricsLog(None)
     total_steps = sum(s.steps for s in stages)
     start_stage, start_step, global_step, flops, wall = 0, 0, 0, 0.0, 0.0
