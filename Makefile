@@ -19,7 +19,7 @@ ifeq ($(HAS_GPU),yes)
 else
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[test,plots]"
+	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[test,plots,images,distributed]"
 endif
 	touch $@
 

@@ -6,7 +6,11 @@ one launch."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -14,6 +18,45 @@ from growlib import ops
 from growlib.schema import GrowthMap, Schema, SparseRows, WIDTH_ROLES
 
 _SINGLE_COLUMN = SparseRows.identity(1)
+_counters = threading.local()
+
+
+@dataclass
+class MapFlops:
+    """FLOPs of the maps applied inside ``counting_map_flops`` (a multiply-add is 2 FLOPs)."""
+
+    flops: float = 0.0
+
+
+@contextlib.contextmanager
+def counting_map_flops() -> Iterator[MapFlops]:
+    """Count the FLOPs of every ``apply_map`` in the block, so schedules charge their transitions.
+
+    Per task and depth source, the nested form the kernel computes: ``source @ F^T`` (2 K_F FLOPs per element
+    of that product), ``E @ (.)`` (2 K_E per output element), the depth weight (2 per output element); a
+    blend adds 3 per output element.  K is the table width (nonzeros per row, padding included)."""
+    counter = MapFlops()
+    stack = getattr(_counters, "stack", None)
+    if stack is None:
+        stack = _counters.stack = []
+    stack.append(counter)
+    try:
+        yield counter
+    finally:
+        stack.remove(counter)
+
+
+def _charge(task_flops: float) -> None:
+    for counter in getattr(_counters, "stack", ()):
+        counter.flops += task_flops
+
+
+def _task_flops(out_shape: tuple[int, int], source_rows: int, n_sources: int, row_map: SparseRows,
+                col_map: SparseRows, blended: bool) -> float:
+    rows, cols = out_shape
+    k_rows, k_cols = row_map.index.shape[1], col_map.index.shape[1]
+    per_source = 2 * source_rows * cols * k_cols + 2 * rows * cols * k_rows + 2 * rows * cols
+    return n_sources * per_source + (3 * rows * cols if blended else 0)
 
 
 class _TableBuilder:
@@ -89,6 +132,8 @@ def apply_map(gmap: GrowthMap, source: Schema, target: Schema, *, alpha: float |
             raise ValueError(f"target tensor {spec.name!r} (layer {spec.layer}) has shape {tuple(out.shape)}, "
                              f"but the map produces {(row_map.n_out, col_map.n_out)}")
         task = (_as_2d(out), [(_as_2d(s), w) for s, w in sources], tables.start_of(row_map), tables.start_of(col_map))
+        _charge(_task_flops(tuple(_as_2d(out).shape), _as_2d(first).shape[0], len(sources), row_map, col_map,
+                            alpha is not None))
         groups[(out.device, out.dtype, first.dtype)].append(task)
 
     built_tables = {}

@@ -148,18 +148,33 @@ class ProgressBar:
             self.bar.close()
 
 
-def _init_distributed() -> str | None:
+def _init_distributed(with_deepspeed: bool) -> str | None:
     """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on the CPU, with a timeout
-    so a rank that dies makes the others fail instead of hang.  Returns this rank's device, if distributed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    so a rank that dies makes the others fail instead of hang; through DeepSpeed's communication layer when
+    training with DeepSpeed.  Returns this rank's device, if distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not with_deepspeed:
         return None
-    dist = torch.distributed
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=10))
-        return f"cuda:{os.environ['LOCAL_RANK']}"
-    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
-    return "cpu"
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend, timeout = ("nccl" if on_gpu else "gloo"), datetime.timedelta(minutes=10)
+    if with_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    else:
+        torch.distributed.init_process_group(backend, timeout=timeout)
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if on_gpu else "cpu"
+
+
+def _deepspeed_config(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"--deepspeed: cannot read a JSON config from {path!r}: {error}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     train_parser.add_argument("--schedule-args", nargs="*", default=[], metavar="KEY=VALUE")
     train_parser.add_argument("--seed", type=int, default=0)
     train_parser.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
-    train_parser.add_argument("--checkpoint-every", type=int, default=50, help="optimizer steps between checkpoints")
+    train_parser.add_argument("--checkpoint-every", type=int, default=None,
+                              help="optimizer steps between checkpoints (default 50; not with --deepspeed)")
+    train_parser.add_argument("--deepspeed", default=None, metavar="CONFIG.json",
+                              help="train through DeepSpeed (ZeRO stage 0-2) with this config; launch with torchrun")
     compare_parser = commands.add_parser("compare", help="every schedule against the baseline, same budget")
     _experiment_arguments(compare_parser)
     compare_parser.add_argument("--schedules", default="baseline,vcycle,ode_multilevel,mslt,stack")
@@ -186,12 +204,18 @@ def main(argv: list[str] | None = None) -> int:
         return demo(args.model, args.seed)
     if args.command == "train":
         experiment = _experiment(args)
-        experiment.device = _init_distributed() or experiment.device
+        deepspeed = _deepspeed_config(args.deepspeed)
+        if deepspeed is not None and (args.resume or args.checkpoint_every):
+            raise SystemExit("--deepspeed runs write no checkpoints (ZeRO partitions the optimizer state): drop "
+                             "--resume and --checkpoint-every")
+        checkpoint_every = 0 if deepspeed is not None else (50 if args.checkpoint_every is None else args.checkpoint_every)
+        experiment.device = _init_distributed(deepspeed is not None) or experiment.device
         result = run_experiment(experiment, args.schedule, args.seed, _options(args.schedule_args),
-                                out_dir=args.out, resume=args.resume, checkpoint_every=args.checkpoint_every,
-                                progress=ProgressBar())
-        print(f"{args.schedule}: {result.steps} steps, {result.flops:.3g} FLOPs, {result.wall_seconds:.1f} s, "
-              f"final validation loss {result.final_val_loss:.4f}")
+                                out_dir=args.out, resume=args.resume, checkpoint_every=checkpoint_every,
+                                progress=ProgressBar(), deepspeed=deepspeed)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"{args.schedule}: {result.steps} steps, {result.flops:.3g} FLOPs, {result.wall_seconds:.1f} s, "
+                  f"final validation loss {result.final_val_loss:.4f}")
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         return 0

@@ -17,6 +17,17 @@ def schema_of(model: torch.nn.Module) -> Schema:
     return adapter_for(model).schema(model)
 
 
+def layer_stack(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's list of transformer layers (``transformer.h``, ``model.layers``, ``encoder.layer``, ...),
+    found through the schema: the module holding layer 0's parameters under the index ``0``."""
+    first = next(spec.source for spec in schema_of(model).specs if spec.layer == 0)
+    parts = first.split(".")
+    layers = model.get_submodule(".".join(parts[:parts.index("0")]))
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TypeError(f"expected the layers of {type(model).__name__} in a ModuleList, found {type(layers).__name__}")
+    return layers
+
+
 def copy_map(source_of: Sequence[int], n_in: int) -> WidthMap:
     """Unit i of the wider role copies unit ``source_of[i]``.
 

@@ -8,6 +8,7 @@ import growlib
 from growlib.apply import apply_map
 from growlib.models import adapter_for
 from growlib.operators.depth import restrict_map
+from growlib.operators.multilevel import coalesce_map
 from growlib.optim import dual_map
 from growlib.train.loop import RunState, Stage, Transition
 
@@ -59,18 +60,49 @@ def coherence_term(fine: torch.nn.Module, coarse: torch.nn.Module, parity: str, 
     return {n: restricted[n] - coarse_grads[n] for n, _ in coarse.named_parameters()}
 
 
+OPTIMIZER_POLICIES = ("reset", "keep", "map")
+
+
+def check_optimizer_policy(policy) -> str:
+    if policy not in OPTIMIZER_POLICIES:
+        raise ValueError(f"optimizer_policy must be one of {OPTIMIZER_POLICIES}, got {policy!r}")
+    return policy
+
+
+def going_down(state: RunState, coarse: torch.nn.Module, growth_map, level_key: str, policy: str) -> Transition:
+    """Leave a fine level for a coarser one under an optimizer policy: ``reset`` drops the fine state; ``keep``
+    saves it for the return and starts the coarse level fresh; ``map`` saves it and also starts the coarse
+    level from it, mapped through ``growth_map`` the way gradients map."""
+    if policy != "reset" and state.optimizer is not None:
+        state.kept_optimizer_states[level_key] = state.optimizer.state_dict()
+    if policy == "map":
+        return Transition(coarse, growth_map, optimizer_policy="map")
+    return Transition(coarse)
+
+
+def coming_up(state: RunState, fine: torch.nn.Module, level_key: str) -> Transition:
+    """Return to a fine level: resume its saved optimizer state if the policy kept one."""
+    saved = state.kept_optimizer_states.pop(level_key, None)
+    if saved is None:
+        return Transition(fine)
+    return Transition(fine, optimizer_policy="keep", optimizer_state=saved)
+
+
 def identity_stage(name: str, steps: int) -> Stage:
     return Stage(name, steps, lambda s: Transition(s.model))
 
 
 def vcycle(total_steps: int, final_layers: int, levels: int = 2, down_fraction: float = 0.05,
            coarsest_fraction: float = 0.5, up_fraction: float | None = None, alpha: float = 0.25,
-           coarse_lr_scale: float = 2.0) -> list[Stage]:
+           coarse_lr_scale: float = 2.0, optimizer_policy: str = "reset") -> list[Stage]:
     """Zou et al.'s V-cycle.  Down: train each level ``down_fraction`` of the budget, keep it, coalesce
     (width and depth halved).  Coarsest: train ``coarsest_fraction``.  Up: de-coalesce into the kept model
     with interpolation ``alpha`` (0.25 GPT/ViT, 0.5 BERT in the paper) and train ``up_fraction`` per level
-    (default: what is left, shared equally).  Optimizer state is reset at each transition and the LR schedule
-    restarts, as in the paper's code.  Fractions are of ``total_steps``, the baseline's budget in steps."""
+    (default: what is left, shared equally).  The LR schedule restarts at each level; ``optimizer_policy``
+    ``reset`` (the paper's code) starts each level with a fresh optimizer, ``keep`` resumes a fine level's own
+    state on the way up, ``map`` also starts each coarse level from the fine state mapped through the
+    coalescing.  Fractions are of ``total_steps``, the baseline's budget in steps."""
+    check_optimizer_policy(optimizer_policy)
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
         raise ValueError(f"levels must be an int >= 2, got {levels!r}")
     if final_layers % 2 ** (levels - 1):
@@ -91,14 +123,15 @@ def vcycle(total_steps: int, final_layers: int, levels: int = 2, down_fraction: 
 
     def coalesce_into(level):
         def enter(state: RunState) -> Transition:
-            state.kept[f"level{level - 1}"] = state.model
-            return Transition(growlib.coalesce(state.model))
+            fine = state.kept[f"level{level - 1}"] = state.model
+            return going_down(state, growlib.coalesce(fine), coalesce_map(growlib.schema_of(fine).dims),
+                              f"level{level - 1}", optimizer_policy)
         return enter
 
     def interpolate_from(level):
         def enter(state: RunState) -> Transition:
             fine = state.kept.pop(f"level{level}")
-            return Transition(growlib.interpolate_(fine, state.model, alpha))
+            return coming_up(state, growlib.interpolate_(fine, state.model, alpha), f"level{level}")
         return enter
 
     for level in range(1, levels - 1):
@@ -112,15 +145,19 @@ def vcycle(total_steps: int, final_layers: int, levels: int = 2, down_fraction: 
 
 
 def ode_multilevel(total_steps: int, final_layers: int, cycles: int = 2, pre_share: float = 0.1,
-                   coarse_share: float = 0.6, coherence: bool = False) -> list[Stage]:
+                   coarse_share: float = 0.6, coherence: bool = False,
+                   optimizer_policy: str = "reset") -> list[Stage]:
     """Lauga et al.'s two-level method on the ODE view of a pre-LN transformer.  The budget is split into
     ``cycles`` equal cycles; each spends ``pre_share`` of its steps on fine pre-smoothing, ``coarse_share`` on
     the even (then odd, alternating) layers with residual step h = 2, and the rest on fine post-smoothing after
-    prolongation.  Optimizer state is reset at each transition (the paper names momentum across levels an open
-    problem).  With ``coherence`` the coarse objective is MG/OPT's L_H(theta) + <v, theta>, v = R grad L_h -
+    prolongation.  The paper names momentum across levels an open problem; ``optimizer_policy`` offers
+    ``reset`` (a fresh optimizer at every transition), ``keep`` (the fine level resumes its own state after
+    the coarse phase) and ``map`` (keep, and the coarse level starts from the fine state restricted like
+    gradients); perf/momentum_policies.py measures them.  With ``coherence`` the coarse objective is MG/OPT's L_H(theta) + <v, theta>, v = R grad L_h -
     grad L_H(R theta_h) on one batch at the transition, so the coarse model starts along the fine gradient."""
     if not isinstance(coherence, bool):
         raise TypeError(f"coherence must be a bool, got {type(coherence).__name__}")
+    check_optimizer_policy(optimizer_policy)
     if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
         raise ValueError(f"cycles must be an int >= 1, got {cycles!r}")
     if final_layers % 2:
@@ -141,12 +178,13 @@ def ode_multilevel(total_steps: int, final_layers: int, cycles: int = 2, pre_sha
             coarse = growlib.restrict(fine, parity=parity)
             if coherence:
                 state.linear_term = coherence_term(fine, coarse, parity, state.sample_batch())
-            return Transition(coarse)
+            return going_down(state, coarse, restrict_map(growlib.schema_of(fine), parity), "fine",
+                              optimizer_policy)
         return enter
 
     def prolong(parity):
         def enter(state: RunState) -> Transition:
-            return Transition(growlib.prolong_(state.kept.pop("fine"), state.model, parity=parity))
+            return coming_up(state, growlib.prolong_(state.kept.pop("fine"), state.model, parity=parity), "fine")
         return enter
 
     for cycle, (pre, coarse, post) in enumerate(per_cycle):

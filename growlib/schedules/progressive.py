@@ -1,4 +1,5 @@
-"""Progressive growth schedules: multi-stage layerwise training (MSLT) and progressive stacking (StackBERT)."""
+"""Progressive growth schedules: multi-stage layerwise training (MSLT), progressive stacking (StackBERT /
+G_stack) and masked structural growth (MSG)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 import growlib
 from growlib.models import adapter_for
+from growlib.operators.common import layer_stack
 from growlib.schedules.multilevel import split_steps, check_budget, check_fraction
 from growlib.train.loop import RunState, Stage, Transition
 
@@ -99,4 +101,62 @@ def stack(total_steps: int, final_layers: int, layer_counts: list[int] | None = 
     for layers, n in zip(layer_counts[1:], steps[1:]):
         stages.append(Stage(f"layers{layers}", n,
                             lambda s, layers=layers: Transition(growlib.grow_depth(s.model, layers, "stack"))))
+    return stages
+
+
+class LayerMask:
+    """MSG's mask on a grown layer: its output becomes ``m * layer(x) + (1 - m) * x``.
+
+    At m = 0 the layer is the identity, so growth preserves the function whatever the new layer's weights;
+    the mask then ramps to 1 and the layer becomes an ordinary one.  Works for pre- and post-LN layers alike,
+    since it blends the whole layer's output with its input."""
+
+    def __init__(self):
+        self.value = 0.0
+
+    def __call__(self, module, args, kwargs, output):
+        if self.value == 1.0:
+            return output
+        x = args[0] if args else kwargs["hidden_states"]
+        if isinstance(output, tuple):
+            return (self.value * output[0] + (1.0 - self.value) * x,) + output[1:]
+        return self.value * output + (1.0 - self.value) * x
+
+
+def ramp_masks(first_new_layer: int, ramp_steps: int) -> Callable[[torch.nn.Module, int], None]:
+    """A ``before_step`` that masks layers [first_new_layer, L) and sets the mask to step / ramp_steps.
+
+    The hooks are (re)attached on first use, so a run resumed from a checkpoint masks exactly as before."""
+    def before_step(model: torch.nn.Module, step_in_stage: int) -> None:
+        masks = getattr(model, "growlib_msg_masks", None)
+        if masks is None:
+            masks = []
+            for layer in list(layer_stack(model))[first_new_layer:]:
+                mask = LayerMask()
+                layer.register_forward_hook(mask, with_kwargs=True)
+                masks.append(mask)
+            model.growlib_msg_masks = masks
+        for mask in masks:
+            mask.value = min(1.0, step_in_stage / ramp_steps)
+    return before_step
+
+
+def msg(total_steps: int, final_layers: int, layer_counts: list[int] | None = None,
+        stage_fractions: list[float] | None = None, ramp_fraction: float = 0.2) -> list[Stage]:
+    """Masked structural growth (Yao et al.): grow the depth in stages like progressive stacking, but the new
+    layers start masked (identity) and their mask ramps linearly from 0 to 1 over ``ramp_fraction`` of
+    their stage, so the loss right after growth equals the loss before it and the new layers blend in.
+    New layers start as copies of the ones below (G_stack); everything stays trainable; the optimizer state
+    is reset at each growth."""
+    layer_counts = layer_counts or sorted({max(1, final_layers // 4), max(1, final_layers // 2), final_layers})
+    _check_layers(layer_counts, final_layers)
+    check_fraction("ramp_fraction", ramp_fraction)
+    stage_fractions = stage_fractions or [1.0 / len(layer_counts)] * len(layer_counts)
+    _check_fractions(stage_fractions, layer_counts)
+    steps = split_steps(total_steps, stage_fractions)
+    stages = [Stage(f"layers{layer_counts[0]}", steps[0], _shallow_start(layer_counts[0]))]
+    for previous, layers, n in zip(layer_counts, layer_counts[1:], steps[1:]):
+        stages.append(Stage(f"layers{layers}", n,
+                            lambda s, layers=layers: Transition(growlib.grow_depth(s.model, layers, "stack")),
+                            before_step=ramp_masks(previous, max(1, round(n * ramp_fraction)))))
     return stages

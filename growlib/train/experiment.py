@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from growlib.apply import counting_map_flops
 from growlib.schedules import build_schedule
 from growlib.train import data as D
 from growlib.train.compare import plot_curves, summarize, write_summary
@@ -37,14 +38,21 @@ class Experiment:
 
 @dataclass
 class PreparedData:
-    train: D.TokenData
-    validation: D.TokenData
+    """Token streams for the language models, or (images, labels) pairs for ViT."""
+
+    train: D.TokenData | tuple[torch.Tensor, torch.Tensor]
+    validation: D.TokenData | tuple[torch.Tensor, torch.Tensor]
     tokenizer: object
     vocab_size: int
 
 
 def prepare_data(exp: Experiment) -> PreparedData:
-    """Tokenize the experiment's data once (the BPE tokenizer is cached on disk)."""
+    """Tokenize the experiment's data once (the BPE tokenizer is cached on disk); ViT gets the digits."""
+    if exp.family == "vit":
+        if exp.data is not None:
+            raise ValueError(f"data: ViT trains on the embedded digits images; got data={exp.data!r}")
+        train_images, train_labels, val_images, val_labels = D.digits_images()
+        return PreparedData((train_images, train_labels), (val_images, val_labels), None, 0)
     if exp.data is not None and exp.data.endswith(".bin"):
         if exp.family == "bert":
             raise ValueError("data: a pre-tokenized .bin file has no tokenizer to mask with; BERT needs text data")
@@ -69,7 +77,11 @@ def _batches(exp: Experiment, prepared: PreparedData, seed: int) -> tuple[Callab
     def to_device(batch: dict) -> dict:
         return {k: v.to(device) for k, v in batch.items()}
 
-    if exp.family == "bert":
+    if exp.family == "vit":
+        def train_batch(step):
+            return to_device(D.image_batch(*prepared.train, step * world + rank, cfg.batch_size, seed))
+        evals = D.image_validation_batches(*prepared.validation, cfg.batch_size, cfg.eval_batches)
+    elif exp.family == "bert":
         def train_batch(step):
             return to_device(D.mlm_batch(prepared.train, step * world + rank, cfg.batch_size, cfg.seq_len, seed,
                                          prepared.tokenizer))
@@ -84,8 +96,10 @@ def _batches(exp: Experiment, prepared: PreparedData, seed: int) -> tuple[Callab
 
 def run(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = None,
         prepared: PreparedData | None = None, out_dir: str | None = None, resume: bool = False,
-        checkpoint_every: int = 50, progress: Callable[[dict], None] | None = None) -> RunResult:
-    """Train ``schedule`` on the experiment; metrics and checkpoints go to ``out_dir`` when given."""
+        checkpoint_every: int = 50, progress: Callable[[dict], None] | None = None,
+        deepspeed: dict | None = None) -> RunResult:
+    """Train ``schedule`` on the experiment; metrics and checkpoints go to ``out_dir`` when given;
+    ``deepspeed`` (a DeepSpeed config dict) trains through DeepSpeed engines, without checkpoints."""
     prepared = prepared or prepare_data(exp)
     torch.manual_seed(seed)
     model = build_model(exp.family, exp.size, prepared.vocab_size, exp.config.seq_len).to(exp.device)
@@ -95,7 +109,7 @@ def run(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = No
     tokens_per_step = exp.config.batch_size * exp.config.grad_accum
 
     def flops(m):
-        return step_flops(m, tokens_per_step, exp.config.seq_len).total
+        return step_flops(m, tokens_per_step, _seq_len(exp)).total
 
     run_dir = os.path.join(out_dir, f"{schedule}-seed{seed}") if out_dir else None
     if run_dir:
@@ -108,7 +122,12 @@ def run(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = No
                         step_flops=flops, metrics=MetricsLog(os.path.join(run_dir, "metrics.jsonl") if run_dir else None),
                         checkpoint_path=os.path.join(run_dir, "checkpoint.pt") if run_dir else None,
                         checkpoint_every=checkpoint_every if run_dir else 0, resume=resume, schedule_name=schedule,
-                        progress=progress)
+                        progress=progress, deepspeed=deepspeed)
+
+
+def _seq_len(exp: Experiment) -> int | None:
+    """The sequence length FLOPs are counted at: ViT's is fixed by its patches (None: from the config)."""
+    return None if exp.family == "vit" else exp.config.seq_len
 
 
 BUDGETS = ("steps", "flops")
@@ -117,7 +136,8 @@ BUDGETS = ("steps", "flops")
 def schedule_flops(exp: Experiment, schedule: str, total_steps: int, options: dict | None,
                    vocab_size: int) -> float:
     """The FLOPs a schedule will spend, found by walking its stages (transitions on untrained weights,
-    freezing applied) without training: FLOPs per step depend only on each stage's shapes and frozen parts."""
+    freezing applied) without training: FLOPs per step depend only on each stage's shapes and frozen parts;
+    the transitions' maps (and any work they report, such as fitting LiGO) are added."""
     torch.manual_seed(0)
     model = build_model(exp.family, exp.size, vocab_size, exp.config.seq_len).to(exp.device)
     stages = build_schedule(schedule, total_steps, model.config.num_hidden_layers, **(options or {}))
@@ -127,10 +147,13 @@ def schedule_flops(exp: Experiment, schedule: str, total_steps: int, options: di
         if stage.freeze is None:
             for p in state.model.parameters():
                 p.requires_grad_(True)
-        state.model = stage.enter(state).model
+        with counting_map_flops() as maps:
+            transition = stage.enter(state)
+        state.model = transition.model
         if stage.freeze:
             stage.freeze(state.model)
-        total += stage.steps * step_flops(state.model, tokens_per_step, exp.config.seq_len).total
+        total += maps.flops + transition.flops
+        total += stage.steps * step_flops(state.model, tokens_per_step, _seq_len(exp)).total
     return total
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from growlib.apply import counting_map_flops
 from growlib.optim import map_optimizer_state
 from growlib.schema import GrowthMap
 
@@ -48,26 +49,46 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
 
 
+OPTIMIZER_POLICIES = ("reset", "map", "keep")
+
+
 @dataclass
 class Transition:
-    """What a stage starts from: its model, the map from the previous model (None: unrelated) and the
-    optimizer-state policy ('map' or 'reset')."""
+    """What a stage starts from.
+
+    ``optimizer_policy``: ``reset`` starts a fresh optimizer; ``map`` carries the previous optimizer's state
+    through ``growth_map`` (growlib.map_optimizer_state); ``keep`` loads ``optimizer_state``, a state dict the
+    schedule saved earlier for this very model (e.g. the fine level's own state, resumed after a coarse
+    phase).  ``flops`` is compute the transition itself spent beyond applying maps (e.g. fitting LiGO)."""
 
     model: torch.nn.Module
     growth_map: GrowthMap | None = None
     optimizer_policy: str = "reset"
+    optimizer_state: dict | None = None
+    flops: float = 0.0
+
+    def __post_init__(self):
+        if self.optimizer_policy not in OPTIMIZER_POLICIES:
+            raise ValueError(f"optimizer_policy must be one of {OPTIMIZER_POLICIES}, got {self.optimizer_policy!r}")
+        if self.optimizer_policy == "map" and self.growth_map is None:
+            raise ValueError("optimizer_policy 'map' needs the transition's growth_map")
+        if self.optimizer_policy == "keep" and self.optimizer_state is None:
+            raise ValueError("optimizer_policy 'keep' needs the optimizer_state to load")
 
 
 @dataclass
 class Stage:
     """A phase of a schedule.  ``enter(state)`` returns the stage's Transition; ``freeze(model)`` (optional)
-    marks the parameters that stay fixed; ``lr_scale`` multiplies the base learning rate."""
+    marks the parameters that stay fixed; ``lr_scale`` multiplies the base learning rate;
+    ``before_step(model, step_in_stage)`` (optional) runs before every optimizer step, also after a resume
+    (e.g. MSG ramps its masks there)."""
 
     name: str
     steps: int
     enter: Callable[["RunState"], Transition]
     freeze: Callable[[torch.nn.Module], None] | None = None
     lr_scale: float = 1.0
+    before_step: Callable[[torch.nn.Module, int], None] | None = None
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -88,6 +109,10 @@ class RunState:
     linear_term: dict[str, torch.Tensor] = field(default_factory=dict)
     #: a training batch at the current position, for stages whose transition needs gradients.
     sample_batch: Callable[[], dict] | None = None
+    #: the optimizer of the stage being left (read-only for ``enter``: save its state_dict to ``keep`` it).
+    optimizer: torch.optim.Optimizer | None = None
+    #: optimizer state dicts a schedule keeps for a later ``keep`` transition; checkpointed with the run.
+    kept_optimizer_states: dict[str, dict] = field(default_factory=dict)
 
 
 def linear_term_value(model: torch.nn.Module, term: dict[str, torch.Tensor]) -> torch.Tensor | float:
@@ -212,6 +237,100 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
     return float(value)
 
 
+class TorchSteps:
+    """Optimizer steps with plain PyTorch, or DDP under torchrun: autocast, accumulation, clipping."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig):
+        self.model, self.optimizer, self.config = model, optimizer, config
+        self.wrapped = _data_parallel(model)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def micro_batch(self, batch: dict, linear_term: dict, last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its share of the step's mean loss."""
+        accum = self.config.grad_accum
+        with _autocast(self.model), _sync_gradients(self.wrapped, last):
+            loss = self.wrapped(**batch).loss / accum
+            (loss + linear_term_value(self.model, linear_term) / accum).backward()
+        return loss.detach()
+
+    def step(self) -> None:
+        if self.config.clip > 0:
+            torch.nn.utils.clip_grad_norm_(_trainable(self.model), self.config.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        """Nothing to release: a DDP wrapper goes with its stage."""
+
+
+def deepspeed_config(user_config: dict, config: TrainConfig) -> dict:
+    """The user's DeepSpeed JSON with the keys growlib owns filled in from ``config``.
+
+    growlib builds the optimizer and sets each stage's learning rate, and its transitions read and write whole
+    parameters, so an ``optimizer`` / ``scheduler`` section or ZeRO stage 3 is refused rather than ignored."""
+    if not isinstance(user_config, dict):
+        raise TypeError(f"deepspeed config must be a dict (the parsed JSON), got {type(user_config).__name__}")
+    for key in ("optimizer", "scheduler"):
+        if key in user_config:
+            raise ValueError(f"deepspeed config: remove {key!r}; growlib builds AdamW and sets the learning rate "
+                             "of every stage (use --lr / --warmup)")
+    stage = user_config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ValueError(f"deepspeed config: zero_optimization.stage must be 0, 1 or 2, got {stage!r}; stage 3 "
+                         "partitions the parameters, which growlib's transitions read whole")
+    owned = {"train_micro_batch_size_per_gpu": config.batch_size, "gradient_accumulation_steps": config.grad_accum,
+             "gradient_clipping": config.clip}
+    for key, value in owned.items():
+        if key in user_config and user_config[key] != value:
+            raise ValueError(f"deepspeed config: {key}={user_config[key]!r} disagrees with growlib's setting {value!r}; "
+                             "leave it out or make them equal")
+    expected_batch = config.batch_size * config.grad_accum * _world_size()
+    if user_config.get("train_batch_size", expected_batch) != expected_batch:
+        raise ValueError(f"deepspeed config: train_batch_size={user_config['train_batch_size']!r}, but batch size x "
+                         f"accumulation x processes = {expected_batch}")
+    return {**user_config, **owned}
+
+
+class DeepSpeedSteps:
+    """Optimizer steps through a DeepSpeed engine (ZeRO stage 0-2) built around the stage's model.
+
+    DeepSpeed scales the loss for accumulation, all-reduces or reduce-scatters gradients, clips and steps at
+    the accumulation boundary.  A new engine is built at every transition; the old one's gradient hooks are
+    removed so a model kept for later (the V-cycle's fine model) is not reduced twice."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
+                 user_config: dict):
+        import deepspeed
+
+        self.model, self.config = model, config
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(user_config, config))
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def micro_batch(self, batch: dict, linear_term: dict, last: bool) -> torch.Tensor:
+        with _autocast(self.model):
+            loss = self.engine(**batch).loss
+        self.engine.backward(loss + linear_term_value(self.model, linear_term))
+        self.engine.step()  # steps only at the accumulation boundary
+        return loss.detach() / self.config.grad_accum
+
+    def step(self) -> None:
+        """Already done by the last micro-batch's ``engine.step()``."""
+
+    def close(self) -> None:
+        self.engine.destroy()
+        for hook in ("module_forward_pre_hook", "module_forward_post_hook"):
+            handle = getattr(self.engine, hook, None)
+            if handle is not None:
+                handle.remove()
+
+
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -251,13 +370,18 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                  train_batch: Callable[[int], dict], eval_batches: list[dict],
                  step_flops: Callable[[torch.nn.Module], float], metrics: MetricsLog | None = None,
                  checkpoint_path: str | None = None, checkpoint_every: int = 0, resume: bool = False,
-                 schedule_name: str = "", progress: Callable[[dict], None] | None = None) -> RunResult:
+                 schedule_name: str = "", progress: Callable[[dict], None] | None = None,
+                 deepspeed: dict | None = None) -> RunResult:
     """Train through ``stages`` starting from ``state.model``.
 
     ``train_batch(global_step)`` must be deterministic in the step (that is the data position a checkpoint
     holds); ``step_flops(model)`` gives one optimizer step's FLOPs for the model as currently frozen;
     ``progress(record)`` (optional) sees every step's metrics record, e.g. to drive a progress bar.
-    With ``resume`` and an existing checkpoint, the run continues exactly where it stopped."""
+    With ``resume`` and an existing checkpoint, the run continues exactly where it stopped.  ``deepspeed``
+    (a DeepSpeed JSON config as a dict) trains every stage through a DeepSpeed engine instead of DDP."""
+    if deepspeed is not None and (resume or checkpoint_every):
+        raise ValueError("checkpoint_every and resume must be off with deepspeed: ZeRO partitions the optimizer "
+                         "state across ranks, and growlib's checkpoints hold it whole")
     metrics = metrics or MetricsLog(None)
     total_steps = sum(s.steps for s in stages)
     start_stage, start_step, global_step, flops, wall = 0, 0, 0, 0.0, 0.0
@@ -276,12 +400,13 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
         metrics.truncate_after(global_step)
         state = RunState(model=_model_from_record(checkpoint["model"], state.model),
                          kept={k: _model_from_record(r, state.model) for k, r in checkpoint["kept"].items()},
-                         linear_term=checkpoint["linear_term"])
+                         linear_term=checkpoint["linear_term"],
+                         kept_optimizer_states=checkpoint["kept_optimizer_states"])
 
     elif resume:
         metrics.truncate_after(0)  # killed before its first checkpoint: start again, log once
 
-    optimizer = None
+    optimizer, steps = None, None
     for index in range(start_stage, len(stages)):
         stage = stages[index]
         resuming_here = checkpoint is not None and index == start_stage
@@ -297,41 +422,41 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
         else:
             state.linear_term = {}
             state.sample_batch = lambda: train_batch(global_step * config.grad_accum)
+            state.optimizer = optimizer
             previous_model = state.model
-            transition = stage.enter(state)
+            with counting_map_flops() as maps:
+                transition = stage.enter(state)
             model = transition.model
+            flops += (maps.flops + transition.flops) * _world_size()  # every rank applies the maps
             if state.linear_term:  # its gradients took a forward + backward of both models on one micro-batch
                 flops += (step_flops(previous_model) + step_flops(model)) * _world_size() / config.grad_accum
             if stage.freeze:
                 stage.freeze(model)
             new_optimizer = _make_optimizer(model, config)
-            can_map = (transition.optimizer_policy == "map" and transition.growth_map is not None
-                       and optimizer is not None and all(p.requires_grad for p in model.parameters())
-                       and all(p.requires_grad for p in state.model.parameters()))
-            if can_map:
-                map_optimizer_state(optimizer, state.model, new_optimizer, model, transition.growth_map)
+            with counting_map_flops() as maps:
+                _carry_optimizer_state(transition, optimizer, state.model, new_optimizer, deepspeed is not None)
+            flops += maps.flops * _world_size()
             optimizer = new_optimizer
             state.model = model
         model.train()
-        trained = _data_parallel(model)
+        if steps is not None:
+            steps.close()
+        steps = (DeepSpeedSteps(model, optimizer, config, deepspeed) if deepspeed is not None
+                 else TorchSteps(model, optimizer, config))
         flops_per_step = step_flops(model) * _world_size()
         first_step = start_step if resuming_here else 0
         for step_in_stage in range(first_step, stage.steps):
             started = time.perf_counter()
             lr = learning_rate(config, stage, step_in_stage)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            steps.set_lr(lr)
+            if stage.before_step:
+                stage.before_step(model, step_in_stage)
             loss_sum = 0.0
             for micro in range(config.grad_accum):
                 batch = train_batch(global_step * config.grad_accum + micro)
-                with _autocast(model), _sync_gradients(trained, micro == config.grad_accum - 1):
-                    loss = trained(**batch).loss / config.grad_accum
-                    (loss + linear_term_value(model, state.linear_term) / config.grad_accum).backward()
-                loss_sum += _mean_over_ranks(loss.detach())
-            if config.clip > 0:
-                torch.nn.utils.clip_grad_norm_(_trainable(model), config.clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                loss = steps.micro_batch(batch, state.linear_term, last=micro == config.grad_accum - 1)
+                loss_sum += _mean_over_ranks(loss)
+            steps.step()
             global_step += 1
             flops += flops_per_step
             wall += time.perf_counter() - started
@@ -353,10 +478,33 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                     "stage": index, "step_in_stage": step_in_stage + 1, "global_step": global_step,
                     "flops": flops, "wall": wall, "evals": evals, "model": _model_record(model),
                     "kept": {k: _model_record(m) for k, m in state.kept.items()},
-                    "linear_term": state.linear_term,
+                    "linear_term": state.linear_term, "kept_optimizer_states": state.kept_optimizer_states,
                     "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                     "identity": identity}, checkpoint_path)
         start_step = 0
+    if steps is not None:
+        steps.close()
     return RunResult(steps=global_step, flops=flops, wall_seconds=wall,
                      final_val_loss=evals[-1][3] if evals else float("nan"), evals=evals)
+
+
+def _carry_optimizer_state(transition: Transition, old_optimizer: torch.optim.Optimizer | None,
+                           old_model: torch.nn.Module, new_optimizer: torch.optim.Optimizer,
+                           under_deepspeed: bool) -> None:
+    """Apply the transition's optimizer policy to the fresh ``new_optimizer`` of ``transition.model``."""
+    policy = transition.optimizer_policy
+    if policy == "reset" or (policy == "map" and old_optimizer is None):
+        return  # nothing to carry: a fresh optimizer, or the first stage
+    if under_deepspeed:
+        raise ValueError(f"optimizer_policy {policy!r} needs the whole optimizer state, which DeepSpeed ZeRO "
+                         "partitions across ranks: use the schedule's 'reset' policy with deepspeed")
+    if policy == "keep":
+        new_optimizer.load_state_dict(transition.optimizer_state)
+        return
+    frozen = [name for model in (old_model, transition.model) for name, p in model.named_parameters()
+              if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"optimizer_policy 'map' needs every parameter trainable on both sides of the "
+                         f"transition, but {frozen[:3]} are frozen: use 'reset' for stages that freeze")
+    map_optimizer_state(old_optimizer, old_model, new_optimizer, transition.model, transition.growth_map)

@@ -13,7 +13,9 @@ SIZES = {
     "small": (6, 256, 8, 1024),
     "base": (12, 768, 12, 3072),
 }
-FAMILIES = ("gpt2", "bert", "llama")
+FAMILIES = ("gpt2", "bert", "llama", "vit")
+#: ViT on the embedded 8x8 digits: 2x2 patches (16 patches + the class token), 3 channels, 10 classes.
+DIGITS_VIT = {"image_size": 8, "patch_size": 2, "num_channels": 3, "num_labels": 10}
 
 
 def _size(size: str | dict) -> dict:
@@ -31,7 +33,9 @@ def _size(size: str | dict) -> dict:
 
 
 def build_model(family: str, size: str | dict, vocab_size: int, seq_len: int):
-    """A freshly initialised HF model; ``size`` gives layers, hidden, heads, intermediate (and kv_heads)."""
+    """A freshly initialised HF model; ``size`` gives layers, hidden, heads, intermediate (and kv_heads).
+
+    ViT is shaped for the embedded digits images (``vocab_size`` and ``seq_len`` do not apply to it)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     s = _size(size)
@@ -43,6 +47,11 @@ def build_model(family: str, size: str | dict, vocab_size: int, seq_len: int):
             vocab_size=vocab_size, n_positions=seq_len, n_embd=s["hidden"], n_layer=s["layers"],
             n_head=s["heads"], n_inner=s["intermediate"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
             bos_token_id=0, eos_token_id=0))
+    if family == "vit":
+        return T.ViTForImageClassification(T.ViTConfig(
+            hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+            intermediate_size=s["intermediate"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            **DIGITS_VIT))
     if family == "bert":
         return T.BertForMaskedLM(T.BertConfig(
             vocab_size=vocab_size, max_position_embeddings=seq_len, hidden_size=s["hidden"],

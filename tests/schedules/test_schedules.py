@@ -101,6 +101,10 @@ def test_stack_doubles_depth_with_everything_trainable():
     ("ode_multilevel", {"coarse_share": 0.95}, "post share"),
     ("ode_multilevel", {"cycles": 0}, "cycles"),
     ("stack", {"stage_fractions": [0.5, 0.5]}, "one entry per layer count"),
+    ("vcycle", {"optimizer_policy": "average"}, "optimizer_policy"),
+    ("ode_multilevel", {"optimizer_policy": None}, "optimizer_policy"),
+    ("msg", {"ramp_fraction": 0.0}, "ramp_fraction"),
+    ("msg", {"layer_counts": [3, 2, 4]}, "strictly increasing"),
 ])
 def test_bad_schedule_options(name, options, match):
     with pytest.raises(ValueError, match=match):
@@ -113,7 +117,7 @@ def test_alpha_must_be_a_number():
 
 
 @pytest.mark.parametrize("name,options", [("vcycle", {"levels": 3}), ("ode_multilevel", {"cycles": 3}),
-                                          ("mslt", {}), ("stack", {}), ("baseline", {})])
+                                          ("mslt", {}), ("stack", {}), ("msg", {}), ("baseline", {})])
 def test_every_schedule_spends_exactly_its_budget(name, options):
     assert sum(stage.steps for stage in build_schedule(name, 120, 4, **options)) == 120
 
@@ -153,3 +157,29 @@ def test_ode_coherence_makes_the_coarse_gradient_the_restricted_fine_gradient():
 def test_ode_coherence_option_is_checked():
     with pytest.raises(TypeError, match="coherence"):
         build_schedule("ode_multilevel", 100, 4, coherence="yes")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "llama", "vit"])
+def test_msg_growth_preserves_the_function_then_ramps_the_new_layers_in(family):
+    from tests.factories import example_inputs
+
+    stages = build_schedule("msg", 40, 4)
+    assert [(st.name, st.steps) for st in stages] == [("layers1", 13), ("layers2", 13), ("layers4", 14)]
+    state = RunState(tiny_model(family, layers=4))
+    state.model = stages[0].enter(state).model.eval()
+    inputs = example_inputs(state.model)
+    with torch.no_grad():
+        before = state.model(**inputs).logits
+    grown = stages[1].enter(state).model.eval()
+    assert growlib.schema_of(grown).dims["layers"] == 2
+    assert all(p.requires_grad for p in grown.parameters())
+    stages[1].before_step(grown, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(**inputs).logits, before, rtol=1e-6, atol=1e-6)
+    ramp = max(1, round(13 * 0.2))
+    stages[1].before_step(grown, 1)
+    assert [m.value for m in grown.growlib_msg_masks] == [pytest.approx(1 / ramp)]
+    with torch.no_grad():
+        assert not torch.allclose(grown(**inputs).logits, before, atol=1e-6)  # the new layer is blending in
+    stages[1].before_step(grown, ramp)
+    assert [m.value for m in grown.growlib_msg_masks] == [1.0]

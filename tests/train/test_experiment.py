@@ -60,3 +60,45 @@ def test_sizes_by_name_inline_json_or_file(tmp_path):
         build_model("gpt2", {"layers": 2}, 300, 32)
     with pytest.raises(ValueError, match="family"):
         build_model("t5", "tiny", 300, 32)
+
+
+def test_vit_trains_on_the_embedded_digits_through_a_vcycle():
+    pytest.importorskip("sklearn")
+    from growlib.train.experiment import run
+
+    config = TrainConfig(batch_size=32, eval_every=30, eval_batches=4, warmup_steps=3, lr=3e-3)
+    exp = Experiment(family="vit", size={"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64},
+                     total_steps=60, config=config, device="cpu")
+    result = run(exp, "vcycle")
+    first_eval, last_eval = result.evals[0][3], result.evals[-1][3]
+    assert last_eval < first_eval < 2.5  # 10 classes: chance is ln 10 = 2.30
+    assert result.final_val_loss < 2.2
+
+
+def test_vit_refuses_text_data():
+    from growlib.train.experiment import prepare_data
+
+    with pytest.raises(ValueError, match="digits"):
+        prepare_data(Experiment(family="vit", data="corpus.txt"))
+
+
+@pytest.mark.parametrize("user,match", [
+    ({"optimizer": {"type": "Adam"}}, "remove 'optimizer'"),
+    ({"scheduler": {}}, "remove 'scheduler'"),
+    ({"zero_optimization": {"stage": 3}}, "stage must be 0, 1 or 2"),
+    ({"train_micro_batch_size_per_gpu": 3}, "disagrees"),
+    ({"train_batch_size": 7}, "train_batch_size"),
+])
+def test_deepspeed_config_refuses_what_growlib_owns(user, match):
+    from growlib.train.loop import deepspeed_config
+
+    with pytest.raises(ValueError, match=match):
+        deepspeed_config(user, TrainConfig(batch_size=4))
+
+
+def test_deepspeed_config_fills_in_growlibs_settings():
+    from growlib.train.loop import deepspeed_config
+
+    merged = deepspeed_config({"zero_optimization": {"stage": 2}}, TrainConfig(batch_size=4, grad_accum=2, clip=0.5))
+    assert merged == {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 4,
+                      "gradient_accumulation_steps": 2, "gradient_clipping": 0.5}

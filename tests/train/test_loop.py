@@ -31,8 +31,8 @@ def trainable_count(model):
 
 
 def run(stages, model, **kwargs):
-    return run_schedule(stages, RunState(model), CONFIG, train_batch=random_batch, eval_batches=EVAL,
-                        step_flops=trainable_count, **kwargs)
+    kwargs.setdefault("step_flops", trainable_count)
+    return run_schedule(stages, RunState(model), CONFIG, train_batch=random_batch, eval_batches=EVAL, **kwargs)
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
@@ -84,6 +84,8 @@ class Crash(RuntimeError):
 @pytest.mark.parametrize("schedule,options,crash_at", [
     ("vcycle", {}, 15), ("mslt", {}, 15),
     ("ode_multilevel", {"coherence": True}, 6),  # inside a coarse stage: its linear term comes from the checkpoint
+    ("ode_multilevel", {"optimizer_policy": "keep"}, 9),  # the kept fine optimizer state comes from the checkpoint
+    ("msg", {}, 13),  # inside a ramp: the masks are re-attached
 ])
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(schedule, options, crash_at, tmp_path):
     stages = lambda: build_schedule(schedule, 24, 4, **options)  # noqa: E731
@@ -199,3 +201,76 @@ def test_progress_sees_every_step():
     assert [r["step"] for r in records] == list(range(1, 13))
     assert {r["total_steps"] for r in records} == {12}
     assert records[-1]["flops"] > records[0]["flops"] > 0
+
+
+def test_keep_policy_resumes_the_fine_optimizer_state_after_the_coarse_phase(monkeypatch):
+    """ODE multilevel with optimizer_policy='keep': the post-smoothing optimizer starts from exactly the state
+    the pre-smoothing optimizer had, step count included."""
+    loaded = []
+    original_load = torch.optim.AdamW.load_state_dict
+
+    def spy_load(self, state_dict):
+        loaded.append((state_dict, {float(s["step"]) for s in state_dict["state"].values()}))
+        return original_load(self, state_dict)
+
+    saved = []
+    original_state_dict = torch.optim.AdamW.state_dict
+
+    def spy_save(self):
+        state = original_state_dict(self)
+        saved.append(state)
+        return state
+
+    monkeypatch.setattr(torch.optim.AdamW, "load_state_dict", spy_load)
+    monkeypatch.setattr(torch.optim.AdamW, "state_dict", spy_save)
+    stages = build_schedule("ode_multilevel", 20, 4, cycles=1, pre_share=0.25, optimizer_policy="keep")
+    run(stages, tiny_model("gpt2", layers=4))
+    assert len(saved) == 1 and [state for state, _ in loaded] == saved  # saved restricting, loaded prolonging
+    assert loaded[0][1] == {5.0}  # the 5 pre-smoothing steps
+
+
+def test_map_policy_starts_the_coarse_level_from_the_restricted_fine_state(monkeypatch):
+    mapped = []
+    monkeypatch.setattr("growlib.train.loop.map_optimizer_state",
+                        lambda *args: mapped.append(args[-1].target_dims["layers"]))
+    run(build_schedule("vcycle", 20, 4, optimizer_policy="map"), tiny_model("gpt2", layers=4))
+    assert mapped == [2]  # down to the coarse level only; the way up resumes the kept state
+    mapped.clear()
+    run(build_schedule("ode_multilevel", 20, 4, optimizer_policy="map"), tiny_model("gpt2", layers=4))
+    assert mapped == [2, 2]  # one restriction per cycle
+
+
+def test_map_policy_refuses_frozen_parameters():
+    def grow(state):
+        model = growlib.widen(state.model, hidden=96, method="hypercloning")
+        gmap = growlib.widen_map(growlib.schema_of(state.model).dims, hidden=96, method="hypercloning")
+        return Transition(model, gmap, optimizer_policy="map")
+
+    def freeze_embeddings(model):
+        model.transformer.wte.weight.requires_grad_(False)
+
+    stages = [Stage("small", 2, lambda s: Transition(s.model)), Stage("wide", 1, grow, freeze=freeze_embeddings)]
+    with pytest.raises(ValueError, match="frozen"):
+        run(stages, tiny_model("gpt2", layers=2))
+
+
+def test_transition_policy_is_validated():
+    model = tiny_model("gpt2", layers=2)
+    with pytest.raises(ValueError, match="optimizer_policy must be one of"):
+        Transition(model, optimizer_policy="copy")
+    with pytest.raises(ValueError, match="growth_map"):
+        Transition(model, optimizer_policy="map")
+    with pytest.raises(ValueError, match="optimizer_state"):
+        Transition(model, optimizer_policy="keep")
+
+
+def test_transitions_are_charged_their_map_flops():
+    """A V-cycle's FLOPs are its steps' FLOPs plus the coalescing and de-coalescing maps."""
+    from growlib.apply import counting_map_flops
+
+    result = run(build_schedule("vcycle", 20, 2), tiny_model("gpt2", layers=2), step_flops=lambda m: 0.0)
+    fine = tiny_model("gpt2", layers=2)
+    with counting_map_flops() as maps:
+        coarse = growlib.coalesce(fine)
+        growlib.interpolate_(fine, coarse, 0.25)
+    assert result.flops == maps.flops > 0
