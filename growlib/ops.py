@@ -213,3 +213,300 @@ def structured_map_(
     flat_src = [s for row in src for s in row]
     _structured_map_op(list(dst), flat_src, depth_weight, row_start, col_start, table_index, table_weight,
                        0.0 if alpha is None else float(alpha), alpha is not None, rms, backend)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kronecker-factored (LiGO) expansion
+# ----------------------------------------------------------------------------------------------------------
+
+_KRON_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def _validate_kron(W, E, F, D) -> None:
+    """Shapes, dtypes and devices of ``kron_expand`` (F is None for the 1-D form, whose stack is named w)."""
+    stack_name, stack_axes, stack_ndim = ("w", "(L1, O1)", 2) if F is None else ("W", "(L1, O1, I1)", 3)
+    named = [(stack_name, W), ("E", E), ("D", D)] + ([] if F is None else [("F", F)])
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if W.dim() != stack_ndim:
+        raise ValueError(f"{stack_name} must be {stack_ndim}-D {stack_axes}, got shape {tuple(W.shape)}")
+    expected = [("E", E, "(O2, O1)", 1, W.shape[1], "O1"), ("D", D, "(L2, L1)", 0, W.shape[0], "L1")]
+    if F is not None:
+        expected.append(("F", F, "(I2, I1)", 2, W.shape[2], "I1"))
+    for name, t, axes, stack_axis, size, size_name in expected:
+        if t.dim() != 2 or t.shape[1] != size:
+            raise ValueError(f"{name} must be 2-D {axes} with {size_name}={size} "
+                             f"({stack_name}.shape[{stack_axis}]), got shape {tuple(t.shape)}")
+    if W.dtype not in _KRON_DTYPES:
+        raise TypeError(f"{stack_name} must be float32, bfloat16 or float64, got {W.dtype}")
+    for name, t in named[1:]:
+        if t.dtype != W.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {stack_name} has {W.dtype}: all inputs must share "
+                            f"one dtype (cast {name} with .to({stack_name}.dtype))")
+        if t.device != W.device:
+            raise ValueError(f"{name} is on {t.device} but {stack_name} is on {W.device}: all inputs must share "
+                             "a device")
+
+
+class _KronExpand(torch.autograd.Function):
+    """The Triton expansion with its Triton backward.  The input of every step of the chain is saved (as
+    autograd would save it for the same chain of matmuls), so the backward recomputes nothing."""
+
+    @staticmethod
+    def forward(ctx, W, E, F, D):
+        from growlib.kernels import kron_expand as kernel
+        maps = {"depth": D, "rows": E} if F is None else {"depth": D, "rows": E, "cols": F}
+        order = kernel.cheapest_order(W.shape, maps)
+        out, stages = kernel.expand(W, maps, order)
+        ctx.order = order
+        ctx.save_for_backward(*stages, E, F, D)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        from growlib.kernels import kron_expand as kernel
+        *stages, E, F, D = ctx.saved_tensors
+        maps = {"depth": D, "rows": E} if F is None else {"depth": D, "rows": E, "cols": F}
+        need_W, need_E, need_F, need_D = ctx.needs_input_grad
+        wanted = {name for name, need in (("rows", need_E), ("cols", need_F), ("depth", need_D)) if need}
+        grad_W, grads = kernel.expand_backward(grad_out, stages, maps, ctx.order, wanted, need_W)
+        return grad_W, grads.get("rows"), grads.get("cols"), grads.get("depth")
+
+
+def _kron_dispatch(W, E, F, D) -> torch.Tensor:
+    _validate_kron(W, E, F, D)
+    if resolve_backend(W.device) == "torch":
+        if F is None:
+            return reference.kron_expand_vector(W, E, D)
+        return reference.kron_expand(W, E, F, D)
+    from growlib.kernels.kron_expand import SUPPORTED_DTYPES
+    if W.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the Triton backend supports {SUPPORTED_DTYPES} for {'w' if F is None else 'W'}, got "
+                        f"{W.dtype}; use backend 'torch' for other dtypes")
+    if F is None:
+        return _KronExpand.apply(W.unsqueeze(-1), E, None, D).squeeze(-1)
+    return _KronExpand.apply(W, E, F, D)
+
+
+def kron_expand(W: torch.Tensor, E: torch.Tensor, F: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """LiGO's Kronecker-factored expansion of one tensor name stacked over layers:
+    ``out[l] = sum_j D[l, j] * E @ W[j] @ F^T``.
+
+    W (L1, O1, I1), E (O2, O1), F (I2, I1), D (L2, L1), all of one dtype (float32 or bfloat16; float64 on the
+    torch backend) and one device -> (L2, O2, I2) in that dtype.  Differentiable with respect to all four."""
+    return _kron_dispatch(W, E, F, D)
+
+
+def kron_expand_vector(w: torch.Tensor, E: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """The 1-D form of ``kron_expand`` for biases and norms: ``out[l] = sum_j D[l, j] * E @ w[j]``.
+
+    w (L1, O1), E (O2, O1), D (L2, L1) -> (L2, O2).  Differentiable with respect to all three."""
+    return _kron_dispatch(w, E, None, D)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward-only fused blocks for frozen layers (growlib.frozen)
+# ----------------------------------------------------------------------------------------------------------
+
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FUSED_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
+
+
+def _check_floating_tensor(name: str, t, device: torch.device | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {device}: all tensors must share a device")
+
+
+def _check_vector(name: str, t, size: int, device: torch.device, what: str) -> torch.Tensor | None:
+    """An optional per-feature vector (norm weight, bias) of length ``size``, made contiguous."""
+    if t is None:
+        return None
+    _check_floating_tensor(name, t, device)
+    if tuple(t.shape) != (size,):
+        raise ValueError(f"{name} must have shape ({size},) ({what}), got {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def _check_forward_only(op: str, **tensors) -> None:
+    """These ops have no backward: refuse to silently cut a graph that autograd is recording."""
+    if torch.is_grad_enabled():
+        needing = [name for name, t in tensors.items() if t is not None and t.requires_grad]
+        if needing:
+            raise RuntimeError(f"{op} is forward-only (it has no backward), but {', '.join(needing)} requires grad: "
+                               "call it under torch.no_grad() / torch.inference_mode(), or detach the inputs")
+
+
+def _fused_backend(x: torch.Tensor, name: str) -> str:
+    backend = resolve_backend(x.device)
+    if backend == "triton" and x.dtype not in FUSED_DTYPES:
+        raise TypeError(f"the Triton backend supports {FUSED_DTYPES} for {name}, got {x.dtype}; use backend "
+                        "'torch' for other dtypes")
+    return backend
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as (rows, last axis) with contiguous columns: a view whenever the layout allows one."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _check_last_axis(name: str, x) -> int:
+    _check_floating_tensor(name, x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty last axis, got shape {tuple(x.shape)}")
+    return x.shape[-1]
+
+
+@torch.library.custom_op("growlib::add_norm", mutates_args=())
+def _add_norm_op(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                 bias: torch.Tensor | None, eps: float, rms: bool, return_sum: bool,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from growlib.kernels import fused_norm as kernel
+        impl = kernel.add_norm
+    else:
+        impl = reference.add_norm
+    out, summed = impl(x, residual, weight, bias, eps, rms, return_sum)
+    return out, summed if summed is not None else x.new_empty(0)
+
+
+@_add_norm_op.register_fake
+def _(x, residual, weight, bias, eps, rms, return_sum, backend):
+    return x.new_empty(x.shape), x.new_empty(x.shape if return_sum else (0,))
+
+
+def add_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    eps: float,
+    rms: bool = False,
+    return_sum: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm (or, with ``rms``, RMSNorm) of ``x + residual`` over the last axis, in one pass.
+
+    Returns ``out``, or with ``return_sum`` ``(out, x + residual)``: a pre-LN block gets its new residual
+    stream and the normalised input of its next branch from one read of both.  Statistics are taken in fp32
+    from the unrounded sum.  Forward-only (see kernels/fused_norm.py)."""
+    n = _check_last_axis("x", x)
+    if residual is not None:
+        _check_floating_tensor("residual", residual, x.device)
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"residual must match x: expected {x.dtype} {tuple(x.shape)}, got {residual.dtype} "
+                             f"{tuple(residual.shape)}")
+    weight = _check_vector("weight", weight, n, x.device, "x's last axis")
+    bias = _check_vector("bias", bias, n, x.device, "x's last axis")
+    if not isinstance(eps, (int, float)) or not 0.0 <= float(eps) < float("inf"):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    _check_forward_only("add_norm", x=x, residual=residual, weight=weight, bias=bias)
+    backend = _fused_backend(x, "x")
+    if backend == "triton":
+        from growlib.kernels.fused_norm import MAX_WIDTH
+        if n > MAX_WIDTH:
+            raise ValueError(f"x's last axis ({n}) is wider than the Triton norm kernel's {MAX_WIDTH} (a row is "
+                             "held in one program): use backend 'torch'")
+    out, summed = _add_norm_op(_rows(x), None if residual is None else _rows(residual), weight, bias, float(eps),
+                               bool(rms), bool(return_sum), backend)
+    if return_sum:
+        return out.view(x.shape), summed.view(x.shape)
+    return out.view(x.shape)
+
+
+@torch.library.custom_op("growlib::fused_activation", mutates_args=())
+def _activation_op(x: torch.Tensor, bias: torch.Tensor | None, activation: str, gated: bool,
+                   backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from growlib.kernels import fused_activation as kernel
+        impl = kernel.gated_activation if gated else kernel.bias_activation
+    else:
+        impl = reference.gated_activation if gated else reference.bias_activation
+    return impl(x, bias, activation)
+
+
+@_activation_op.register_fake
+def _(x, bias, activation, gated, backend):
+    return x.new_empty((x.shape[0], x.shape[1] // 2 if gated else x.shape[1]))
+
+
+def _activation(op: str, x, bias, activation: str, gated: bool) -> torch.Tensor:
+    n = _check_last_axis("x", x)
+    if gated and n % 2:
+        raise ValueError(f"x's last axis must be even ([gate | up] halves), got {n}")
+    bias = _check_vector("bias", bias, n, x.device, "x's last axis")
+    if activation not in FUSED_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {FUSED_ACTIVATIONS}, got {activation!r}")
+    _check_forward_only(op, x=x, bias=bias)
+    out = _activation_op(_rows(x), bias, activation, gated, _fused_backend(x, "x"))
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def bias_activation(x: torch.Tensor, bias: torch.Tensor | None = None, *, activation: str) -> torch.Tensor:
+    """``act(x + bias)`` in one elementwise pass (the epilogue of an MLP's first matmul).  ``activation`` is
+    'gelu' (exact erf), 'gelu_tanh' (GPT-2's gelu_new), 'silu' or 'relu'.  Forward-only."""
+    return _activation("bias_activation", x, bias, activation, gated=False)
+
+
+def gated_activation(x: torch.Tensor, bias: torch.Tensor | None = None, *, activation: str = "silu") -> torch.Tensor:
+    """``act(gate) * up`` for ``x = [gate | up]`` (last axis 2N, the output of one fused gate+up matmul), with
+    an optional bias of length 2N added first; returns (..., N).  'silu' gives SwiGLU.  Forward-only."""
+    return _activation("gated_activation", x, bias, activation, gated=True)
+
+
+@torch.library.custom_op("growlib::rope_split_qkv", mutates_args=())
+def _rope_split_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
+                   backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from growlib.kernels import rope as kernel
+        impl = kernel.rope_split_qkv
+    else:
+        impl = reference.rope_split_qkv
+    return impl(qkv, cos, sin, num_heads, num_kv_heads)
+
+
+@_rope_split_op.register_fake
+def _(qkv, cos, sin, num_heads, num_kv_heads, backend):
+    n_heads = num_heads + 2 * num_kv_heads
+    return qkv.new_empty((qkv.shape[0], n_heads, qkv.shape[1], qkv.shape[2] // n_heads))
+
+
+def rope_split_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, num_heads: int,
+                   num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split a fused QKV projection's output (B, S, (H + 2 KV) * D) into q (B, H, S, D) and k, v (B, KV, S, D),
+    rotating q and k by ``cos`` / ``sin`` (B or 1, S, D) as HF's ``apply_rotary_pos_emb`` does, in one pass.
+    q, k and v are views of one contiguous (B, H + 2 KV, S, D) tensor.  Forward-only."""
+    _check_floating_tensor("qkv", qkv)
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must be 3-D (batch, seq, (heads + 2 * kv_heads) * head_dim), got shape "
+                         f"{tuple(qkv.shape)}")
+    for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    batch, seq_len, width = qkv.shape
+    n_heads = num_heads + 2 * num_kv_heads
+    if width % n_heads:
+        raise ValueError(f"qkv's last axis ({width}) must be (num_heads + 2 * num_kv_heads) = {n_heads} heads of "
+                         "one head size")
+    head_dim = width // n_heads
+    if head_dim % 2:
+        raise ValueError(f"the head size must be even for rotary embeddings, got {head_dim}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        _check_floating_tensor(name, t, qkv.device)
+        if t.dim() != 3 or t.shape[0] not in (1, batch) or tuple(t.shape[1:]) != (seq_len, head_dim):
+            raise ValueError(f"{name} must have shape ({batch} or 1, {seq_len}, {head_dim}) (batch, seq, head_dim), "
+                             f"got {tuple(t.shape)}")
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+    _check_forward_only("rope_split_qkv", qkv=qkv, cos=cos, sin=sin)
+    heads = _rope_split_op(qkv, cos, sin, num_heads, num_kv_heads, _fused_backend(qkv, "qkv"))
+    rotated = num_heads + num_kv_heads
+    return heads[:, :num_heads], heads[:, num_heads:rotated], heads[:, rotated:]

@@ -67,3 +67,94 @@ def structured_map(
         task(out, [src[t][d] for d in live], depth_weight[t, live],
              table_index[r0:r0 + n_rows], table_weight[r0:r0 + n_rows],
              table_index[c0:c0 + n_cols], table_weight[c0:c0 + n_cols], alpha, rms)
+
+
+def kron_expand(W: torch.Tensor, E: torch.Tensor, F: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """Reference of ``growlib.ops.kron_expand``: ``out[l] = sum_j D[l, j] * E @ W[j] @ F^T``.
+
+    W (L1, O1, I1), E (O2, O1), F (I2, I1), D (L2, L1) -> (L2, O2, I2) in W's dtype.  A plain einsum chain
+    computed in fp32 (fp64 for fp64 inputs) so that it is an oracle for the kernels rather than a second
+    bf16 computation; autograd through it gives the gradients of all four inputs.  The depth mix runs first,
+    on the small matrices, so no (L2, L1, ...) product is ever formed."""
+    compute = _compute_dtype(W.dtype)
+    mixed = torch.einsum("lj,jab->lab", D.to(compute), W.to(compute))
+    rows = torch.einsum("oa,lab->lob", E.to(compute), mixed)
+    return torch.einsum("lob,ib->loi", rows, F.to(compute)).to(W.dtype)
+
+
+def kron_expand_vector(w: torch.Tensor, E: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """Reference of ``growlib.ops.kron_expand_vector``, the 1-D form for biases and norms:
+    ``out[l] = sum_j D[l, j] * E @ w[j]``; w (L1, O1), E (O2, O1), D (L2, L1) -> (L2, O2) in w's dtype,
+    computed in fp32 (fp64 for fp64 inputs) like ``kron_expand``."""
+    compute = _compute_dtype(w.dtype)
+    mixed = torch.einsum("lj,ja->la", D.to(compute), w.to(compute))
+    return torch.einsum("oa,la->lo", E.to(compute), mixed).to(w.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward-only fused blocks for frozen layers (kernels/fused_norm.py, fused_activation.py, rope.py)
+# ----------------------------------------------------------------------------------------------------------
+
+def add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+             bias: torch.Tensor | None, eps: float, rms: bool,
+             return_sum: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference of ``growlib.kernels.fused_norm.add_norm``: LayerNorm (or RMSNorm) of ``x + residual`` over
+    the last axis, statistics taken from the unrounded sum; returns (out, sum or None) in x's dtype."""
+    compute = _compute_dtype(x.dtype)
+    s = x.to(compute)
+    if residual is not None:
+        s = s + residual.to(compute)
+    centred = s if rms else s - s.mean(-1, keepdim=True)
+    y = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(compute)
+    if bias is not None:
+        y = y + bias.to(compute)
+    return y.to(x.dtype), (s.to(x.dtype, copy=True) if return_sum else None)
+
+
+def apply_activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """The activations of ``growlib.kernels.fused_activation`` (gelu, gelu_tanh, silu, relu)."""
+    if name == "gelu":
+        return torch.nn.functional.gelu(x)
+    if name == "gelu_tanh":
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    if name == "silu":
+        return torch.nn.functional.silu(x)
+    if name == "relu":
+        return torch.relu(x)
+    raise ValueError(f"activation must be one of gelu, gelu_tanh, silu, relu, got {name!r}")
+
+
+def bias_activation(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """Reference of ``growlib.kernels.fused_activation.bias_activation``: act(x + bias), in x's dtype."""
+    y = x.to(_compute_dtype(x.dtype))
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return apply_activation(y, activation).to(x.dtype)
+
+
+def gated_activation(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """Reference of ``growlib.kernels.fused_activation.gated_activation``: for ``x = [gate | up]`` (last axis
+    2N), act(gate) * up (biases added first), in x's dtype."""
+    y = x.to(_compute_dtype(x.dtype))
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    gate, up = y.chunk(2, dim=-1)
+    return (apply_activation(gate, activation) * up).to(x.dtype)
+
+
+def rope_split_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                   num_kv_heads: int) -> torch.Tensor:
+    """Reference of ``growlib.kernels.rope.rope_split_qkv``: (B, S, (H + 2 KV) * D) -> (B, H + 2 KV, S, D),
+    query and key heads rotated with HF's ``rotate_half`` convention, value heads copied."""
+    compute = _compute_dtype(qkv.dtype)
+    batch, seq_len, width = qkv.shape
+    n_heads = num_heads + 2 * num_kv_heads
+    heads = qkv.to(compute).reshape(batch, seq_len, n_heads, width // n_heads).transpose(1, 2)
+    rotated = num_heads + num_kv_heads
+    x = heads[:, :rotated]
+    half = x.shape[-1] // 2
+    turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    x = x * cos.to(compute).unsqueeze(1) + turned * sin.to(compute).unsqueeze(1)
+    return torch.cat((x, heads[:, rotated:]), dim=1).to(qkv.dtype).contiguous()

@@ -1,0 +1,101 @@
+"""Bias + activation, and gated (GLU) activations, as one elementwise pass over a matmul's output.
+
+``bias_activation``:   out = act(x + bias)                          x: (M, N)
+``gated_activation``:  out = act(g + bias[:N]) * (u + bias[N:])     x: (M, 2N) = [g | u], out: (M, N)
+
+The gated form reads the output of one fused gate+up matmul (SwiGLU is ``act='silu'``), so the MLP's
+intermediate is read once and written once at half the width.  Activations, computed in fp32:
+
+* ``gelu``       x * Phi(x) with the exact erf (BERT, ViT: HF ``gelu``);
+* ``gelu_tanh``  the tanh approximation (GPT-2: HF ``gelu_new`` / ``gelu_pytorch_tanh`` / ``gelu_fast``),
+  written as x * sigmoid(2z) through exp, so it needs no libdevice tanh;
+* ``silu``       x * sigmoid(x);
+* ``relu``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
+_ACTIVATION_CODE = {name: code for code, name in enumerate(ACTIVATIONS)}
+
+
+@triton.jit
+def _activate(x, ACT: tl.constexpr):
+    if ACT == 0:
+        y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACT == 1:
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        # 0.5 * (1 + tanh(z)) = sigmoid(2z): no libdevice tanh, no cancellation where tanh(z) is near -1, and
+        # exp overflowing to inf still gives the right limit.
+        y = x / (1.0 + tl.exp(-2.0 * inner))
+    elif ACT == 2:
+        y = x / (1.0 + tl.exp(-x))
+    else:
+        y = tl.maximum(x, 0.0)
+    return y
+
+
+@triton.jit
+def _activation_kernel(
+    x_ptr, b_ptr, out_ptr,
+    n_rows, n_cols,
+    stride_x, stride_out,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    col_ok = cols < n_cols
+    ok = (rows < n_rows)[:, None] & col_ok[None, :]
+    at = x_ptr + rows[:, None] * stride_x + cols[None, :]
+
+    x = tl.load(at, mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y = _activate(x, ACT)
+    if GATED:
+        up = tl.load(at + n_cols, mask=ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            up += tl.load(b_ptr + n_cols + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        y = y * up
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+BLOCK_M, BLOCK_N = 16, 256  # 4k elements a program
+
+
+def _launch(x: torch.Tensor, bias: torch.Tensor | None, activation: str, gated: bool) -> torch.Tensor:
+    n_rows = x.shape[0]
+    n_cols = x.shape[1] // 2 if gated else x.shape[1]
+    out = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    grid = (triton.cdiv(n_rows, BLOCK_M), triton.cdiv(n_cols, BLOCK_N))
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        _activation_kernel[grid](
+            x, bias if bias is not None else x, out,
+            n_rows, n_cols, x.stride(0), out.stride(0),
+            ACT=_ACTIVATION_CODE[activation], HAS_BIAS=bias is not None, GATED=gated,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            num_warps=4,
+        )
+    return out
+
+
+def bias_activation(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """act(x + bias) for 2-D ``x`` (rows may be strided, columns contiguous) and ``bias`` of length N or None.
+    Callers validate (growlib.ops does)."""
+    return _launch(x, bias, activation, gated=False)
+
+
+def gated_activation(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """act(gate) * up for 2-D ``x = [gate | up]`` of width 2N and ``bias`` of length 2N or None; returns
+    (M, N).  Callers validate (growlib.ops does)."""
+    return _launch(x, bias, activation, gated=True)

@@ -1,0 +1,105 @@
+"""LayerNorm / RMSNorm with the residual add folded in: one read of each input, one write of each output.
+
+For rows ``x`` (and optionally ``residual``) of width N::
+
+    s   = x + residual                                  (fp32)
+    out = (s - mean(s)) / sqrt(var(s) + eps) * w + b    LayerNorm
+    out = s / sqrt(mean(s^2) + eps) * w (+ b)           RMSNorm
+
+and, on request, ``s`` itself is written too: a pre-LN block needs the new residual stream and the
+normalised input of its next branch, and computing both in one pass saves a full read and write of the
+hidden states per branch.  The statistics come from the fp32 sum, before it is rounded to the storage dtype.
+
+One program normalises BLOCK_M whole rows (BLOCK_N >= N, a power of two), so a row is read once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_WIDTH = 16384  # one row must fit in a program's registers
+
+
+@triton.jit
+def _add_norm_kernel(
+    x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, sum_ptr,
+    n_rows, n_cols,
+    stride_x, stride_res, stride_out, stride_sum,
+    eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    STORE_SUM: tl.constexpr, RMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N).to(tl.int64)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    ok = row_ok[:, None] & col_ok[None, :]
+
+    s = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        s += tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if STORE_SUM:
+        tl.store(sum_ptr + rows[:, None] * stride_sum + cols[None, :], s.to(sum_ptr.dtype.element_ty), mask=ok)
+
+    if RMS:
+        centred = s
+    else:
+        mean = tl.sum(s, axis=1) / n_cols
+        centred = tl.where(ok, s - mean[:, None], 0.0)
+    var = tl.sum(centred * centred, axis=1) / n_cols
+    y = centred * tl.rsqrt(var + eps)[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def launch_config(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): whole rows, about 4k elements a program (fewer programs under the
+    interpreter, enough work per program on the GPU)."""
+    block_n = triton.next_power_of_2(max(n_cols, 1))
+    block_m = max(1, min(16, 4096 // block_n))
+    num_warps = max(1, min(16, block_m * block_n // 512))
+    return block_m, block_n, num_warps
+
+
+def add_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+    return_sum: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """norm(x + residual) over the last axis of 2-D ``x`` (rows may be strided, columns contiguous).
+
+    Returns ``(out, sum)``, ``sum`` being ``x + residual`` in x's dtype when ``return_sum`` (else None).
+    Callers validate (growlib.ops does): same dtype and device, ``weight`` / ``bias`` of length N."""
+    n_rows, n_cols = x.shape
+    out = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    summed = torch.empty_like(out) if return_sum else None
+    if n_rows == 0 or n_cols == 0:
+        return out, summed
+    block_m, block_n, num_warps = launch_config(n_cols)
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        _add_norm_kernel[(triton.cdiv(n_rows, block_m),)](
+            x, residual if residual is not None else x, weight if weight is not None else x,
+            bias if bias is not None else x, out, summed if summed is not None else out,
+            n_rows, n_cols,
+            x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+            summed.stride(0) if summed is not None else 0,
+            float(eps),
+            HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            STORE_SUM=return_sum, RMS=rms,
+            BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=num_warps,
+        )
+    return out, summed

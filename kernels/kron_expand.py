@@ -1,0 +1,250 @@
+"""Kronecker-factored (LiGO) expansion ``out[l] = sum_j D[l, j] * E @ W[j] @ F^T``, forward and backward.
+
+The expansion is a chain of three linear maps, each acting on its own axis of the stack W (L, R, C):
+
+* ``depth``: Y = D @ X.reshape(L, R * C)   one GEMM over the flattened stack, which reads every layer once
+  (never once per output layer) and forms no per-(l, j) product;
+* ``rows``:  Y[l] = E @ X[l]                all layers in one launch, E shared (batch stride 0);
+* ``cols``:  Y[l] = X[l] @ F^T              likewise.
+
+The maps act on different axes, so they commute: ``cheapest_order`` runs them in the order with the fewest
+multiply-adds.  Every step's backward is two GEMMs of the step's own size, so the forward count ranks the
+backward too.  For growth (L2 > L1) that usually puts the depth mix last, where the width GEMMs run on L1
+layers instead of L2; when depth shrinks or stays, it comes first, on the small matrices.  The intermediate
+stacks are (layers, rows, cols) with each axis at its input or output size: nothing larger than one of the
+chain's stacks is ever formed.
+
+Every step is one launch of ``_batched_matmul_kernel``: one program per (batch, output tile), or, for the
+gradients of E, F and D, one program per output tile that loops over all layers itself and sums them in its
+fp32 accumulator (no atomics).  When those reductions have too few output tiles to fill the GPU, their K
+range is split over more programs, each writing an fp32 partial that the host adds up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from typing import Mapping, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+STEPS = ("depth", "rows", "cols")  # ties in cheapest_order go to the earlier order in this sequence's permutations
+
+# fp32 GEMMs are exact rather than TF32 on the GPU, so that fp32 results match the fp32 reference closely.
+DOT_INPUT_PRECISION = "ieee"
+
+
+@triton.jit
+def _batched_matmul_kernel(
+    a_ptr, b_ptr, c_ptr,
+    M, N, K, batch, k_per_split,
+    stride_ab, stride_am, stride_ak,
+    stride_bb, stride_bk, stride_bn,
+    stride_cz, stride_cm, stride_cn,           # stride_cz: C's batch stride, or its split stride with SUM_BATCH
+    SUM_BATCH: tl.constexpr, INTERPRETER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[z] = A[z] @ B[z] for z < batch, or, with SUM_BATCH, C[split] = sum_z A[z] @ B[z] over the split's
+    K range.  Program axis 0 runs over (batch, tile) (tiles only with SUM_BATCH), axis 1 over K splits."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    if SUM_BATCH:
+        tile = pid
+        first_batch = 0
+        end_batch = batch
+        c_slot = tl.cast(split, tl.int64)
+    else:
+        tile = pid % (tiles_m * tiles_n)
+        first_batch = pid // (tiles_m * tiles_n)
+        end_batch = first_batch + 1
+        c_slot = tl.cast(first_batch, tl.int64)
+    # GROUP_M row tiles side by side share their B columns while those are still in L2.
+    group_size = GROUP_M * tiles_n
+    first_m = (tile // group_size) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % group_size) % group_rows
+    pid_n = (tile % group_size) // group_rows
+
+    offs_m = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.cast(pid_n, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    k_start = split * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for z in range(first_batch, end_batch):
+        a_batch = a_ptr + tl.cast(z, tl.int64) * stride_ab  # tl.cast: the interpreter's loop indices are ints
+        b_batch = b_ptr + tl.cast(z, tl.int64) * stride_bb
+        for k0 in range(k_start, k_end, BLOCK_K):
+            offs_k = tl.cast(k0, tl.int64) + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < k_end
+            a = tl.load(a_batch + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_batch + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if INTERPRETER:  # Triton's interpreter multiplies bf16 bit patterns in tl.dot (TRITON_NOTES.md)
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc=acc, input_precision=INPUT_PRECISION)
+    if INTERPRETER:
+        if c_ptr.dtype.element_ty == tl.bfloat16:
+            # The interpreter's fp32 -> bf16 cast truncates; round to nearest even first, as the GPU's cast does.
+            bits = acc.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            acc = bits.to(tl.float32, bitcast=True)
+    c = c_ptr + c_slot * stride_cz + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _launch_config(dtype: torch.dtype, on_gpu: bool) -> tuple[int, int, int, int, int]:
+    """(largest BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).  bf16 uses 128 x 128 tensor-core tiles;
+    fp32 runs exact (non-TF32) dots, so smaller ones; the interpreter gets 64-wide tiles, few programs."""
+    if not on_gpu:
+        return 64, 64, 64, 4, 1
+    if dtype == torch.bfloat16:
+        return 128, 128, 64, 8, 3
+    return 64, 64, 32, 4, 3
+
+
+def _block(size: int, largest: int) -> int:
+    """A power-of-two block covering ``size`` up to ``largest``; at least 16, the smallest tl.dot operand."""
+    return min(largest, max(16, triton.next_power_of_2(size)))
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs a reduction should be split into to occupy the device: two per SM on a GPU; a few under the
+    interpreter, so that tests cover the split path at small sizes."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def batched_matmul(a: torch.Tensor, b: torch.Tensor, *, sum_batch: bool = False) -> torch.Tensor:
+    """``a[z] @ b[z]`` for 3-D strided views a (Z, M, K) and b (Z, K, N) of one dtype -> (Z, M, N), or with
+    ``sum_batch`` their sum over z -> (M, N).  A zero batch stride (``expand``) shares an operand across the
+    batch without copying it; transposes are just strides.  fp32 accumulation, output in the inputs' dtype."""
+    batch, m, k = a.shape
+    n = b.shape[2]
+    out = torch.empty((m, n) if sum_batch else (batch, m, n), dtype=a.dtype, device=a.device)
+    if out.numel() == 0:
+        return out
+    if batch == 0 or k == 0:
+        return out.zero_()
+    on_gpu = a.device.type == "cuda"
+    largest_m, largest_n, largest_k, num_warps, num_stages = _launch_config(a.dtype, on_gpu)
+    block_m = _block(m, largest_m)
+    # A short M (the depth mix has M = L2) widens the tile to the same area, and K blocks grow or shrink so
+    # that neither operand tile outgrows its usual size: fewer, fuller programs at the same shared memory.
+    block_n = _block(n, largest_n * (largest_m // block_m))
+    block_k = _block(k, max(16, min(largest_k * largest_n // block_n, largest_k * largest_m // block_m)))
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    splits = 1
+    if sum_batch:
+        splits = max(1, min(triton.cdiv(_target_programs(a.device), tiles), triton.cdiv(k, block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    splits = triton.cdiv(k, k_per_split)
+    target = out.unsqueeze(0) if sum_batch else out
+    if splits > 1:  # fp32 partials, one per K range, added up below
+        target = torch.empty((splits, m, n), dtype=torch.float32, device=a.device)
+    grid = (tiles if sum_batch else batch * tiles, splits)
+    # Triton launches on the current CUDA device: make it the tensors' device.
+    with torch.cuda.device(a.device) if on_gpu else contextlib.nullcontext():
+        _batched_matmul_kernel[grid](
+            a, b, target,
+            m, n, k, batch, k_per_split,
+            *a.stride(), *b.stride(), *target.stride(),
+            SUM_BATCH=sum_batch, INTERPRETER=not on_gpu, INPUT_PRECISION=DOT_INPUT_PRECISION,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    if splits > 1:
+        out.copy_(target.sum(0))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The chain: depth, rows and cols steps on a stack X (L, R, C)
+# ----------------------------------------------------------------------------------------------------------
+
+def _apply_step(step: str, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    layers, rows, cols = x.shape
+    if step == "depth":
+        flat = batched_matmul(matrix.unsqueeze(0), x.reshape(1, layers, rows * cols))
+        return flat.reshape(matrix.shape[0], rows, cols)
+    if step == "rows":
+        return batched_matmul(matrix.expand(layers, *matrix.shape), x)
+    return batched_matmul(x, matrix.mT.expand(layers, cols, matrix.shape[0]))
+
+
+def _matrix_grad(step: str, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Gradient of the step's matrix, summed over layers inside the kernel."""
+    layers, rows, cols = x.shape
+    if step == "depth":  # dD = dY (L2, R*C) @ X^T (R*C, L)
+        return batched_matmul(grad.reshape(1, grad.shape[0], rows * cols),
+                              x.reshape(1, layers, rows * cols).mT, sum_batch=True)
+    if step == "rows":  # dE = sum_l dY[l] @ X[l]^T
+        return batched_matmul(grad, x.mT, sum_batch=True)
+    return batched_matmul(grad.mT, x, sum_batch=True)  # dF = sum_l dY[l]^T @ X[l]
+
+
+def _input_grad(step: str, grad: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    layers, rows, cols = grad.shape
+    if step == "depth":  # dX = D^T @ dY, over the flattened stack
+        flat = batched_matmul(matrix.mT.unsqueeze(0), grad.reshape(1, layers, rows * cols))
+        return flat.reshape(matrix.shape[1], rows, cols)
+    if step == "rows":  # dX[l] = E^T @ dY[l]
+        return batched_matmul(matrix.mT.expand(layers, *matrix.mT.shape), grad)
+    return batched_matmul(grad, matrix.expand(layers, *matrix.shape))  # dX[l] = dY[l] @ F
+
+
+def step_costs(stack_shape: Sequence[int], maps: Mapping[str, torch.Tensor], order: Sequence[str]) -> list[int]:
+    """Multiply-adds of each step of ``order`` on a stack of ``stack_shape`` (L, R, C), with ``maps`` keyed by
+    step ('depth' (D), 'rows' (E), 'cols' (F); each matrix (size_out, size_in)).  A step's backward costs the
+    same again for its matrix's gradient and once more for its input's."""
+    shape, costs = list(stack_shape), []
+    for step in order:
+        size_out = maps[step].shape[0]
+        costs.append(size_out * shape[0] * shape[1] * shape[2])  # size_out * size_in * the other two axes
+        shape[STEPS.index(step)] = size_out
+    return costs
+
+
+def cheapest_order(stack_shape: Sequence[int], maps: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
+    """The order of the steps in ``maps`` with the fewest multiply-adds (see ``step_costs``)."""
+    steps = [step for step in STEPS if step in maps]
+    return min(itertools.permutations(steps), key=lambda order: sum(step_costs(stack_shape, maps, order)))
+
+
+def expand(stack: torch.Tensor, maps: Mapping[str, torch.Tensor],
+           order: Sequence[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run the steps of ``order`` on ``stack`` (L1, O1, I1) with ``maps`` {'depth': D, 'rows': E, 'cols': F};
+    returns the output and the input of every step (what the backward needs).  Callers validate shapes
+    (growlib.ops does); all tensors share one dtype among SUPPORTED_DTYPES and one device."""
+    x = stack.contiguous()
+    stages = []
+    for step in order:
+        stages.append(x)
+        x = _apply_step(step, x, maps[step])
+    return x, stages
+
+
+def expand_backward(grad_out: torch.Tensor, stages: Sequence[torch.Tensor], maps: Mapping[str, torch.Tensor],
+                    order: Sequence[str], wanted: set[str],
+                    need_stack_grad: bool) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Gradients of ``expand``: (d stack or None, {step: d matrix} for the steps in ``wanted``).  Runs the
+    chain backwards and stops as soon as nothing earlier needs a gradient."""
+    grad = grad_out.contiguous()
+    grads = {}
+    for position in reversed(range(len(order))):
+        step = order[position]
+        if step in wanted:
+            grads[step] = _matrix_grad(step, grad, stages[position])
+        if not (need_stack_grad or any(earlier in wanted for earlier in order[:position])):
+            return None, grads
+        grad = _input_grad(step, grad, maps[step])
+    return grad, grads
