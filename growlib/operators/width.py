@@ -1,10 +1,21 @@
-"""Function-preserving width growth: Net2Net (random copies) and HyperCloning (each unit copied n times).
+"""Function-preserving width growth: Net2Net (random copies), bert2BERT's FPI and AKI, and HyperCloning (each
+unit copied n times).
 
 Heads are copied whole (head size kept) so every attention pattern survives; with grouped-query attention
 whole groups (a key/value head and its query heads) are copied.  Input columns are divided by how often
 their unit was copied, so linear layers compute the same function.  HyperCloning copies every unit equally
 often and is exactly function-preserving, LayerNorm included; Net2Net's uneven copies change LayerNorm
-statistics, so it is only approximately function-preserving in transformers (tests report its error)."""
+statistics, so it is only approximately function-preserving in transformers (tests report its error).
+
+bert2BERT's function-preserving initialisation (FPI, Chen et al. 2022) is Net2Net applied to a transformer
+with one residual-stream map shared by every layer, whole heads copied and the copies chosen at random.  In
+this framework that is exactly what ``net2net`` already does, so ``bert2bert_fpi`` is the same map (same
+seed, same copies); the name exists so schedules can say which paper they follow.
+
+bert2BERT's advanced knowledge initialisation (AKI) gives the new units of layer l the FPI rows of layer
+l + 1 (the top layer keeps its own), which breaks the symmetry between a unit and its copy.  A row then
+reads a different source layer than its neighbours, so AKI is not one width map per role times one depth
+map: ``widen_map`` refuses it and ``widen`` runs FPI and then this layer-coupled row copy."""
 
 from __future__ import annotations
 
@@ -12,9 +23,11 @@ import torch
 
 from growlib.models import adapter_for
 from growlib.operators.common import copy_map, depth_identity, expand_heads, map_model, require_int, resized_dims
-from growlib.schema import GrowthMap
+from growlib.schema import GrowthMap, WIDTH_ROLES
 
-WIDEN_METHODS = ("net2net", "hypercloning")
+WIDEN_METHODS = ("net2net", "bert2bert_fpi", "bert2bert_aki", "hypercloning")
+#: Methods that are a single growth map (every method but the layer-coupled AKI).
+WIDEN_MAP_METHODS = ("net2net", "bert2bert_fpi", "hypercloning")
 
 
 def _unit_sources(old: int, new: int, method: str, generator: torch.Generator, what: str) -> list[int]:
@@ -31,9 +44,15 @@ def _unit_sources(old: int, new: int, method: str, generator: torch.Generator, w
 
 def widen_map(dims: dict[str, int], hidden: int | None = None, intermediate: int | None = None,
               heads: int | None = None, method: str = "net2net", seed: int = 0) -> GrowthMap:
-    """The width-growth map to the given sizes (None keeps a size; heads default to the hidden ratio)."""
-    if method not in WIDEN_METHODS:
-        raise ValueError(f"method must be one of {WIDEN_METHODS}, got {method!r}")
+    """The width-growth map to the given sizes (None keeps a size; heads default to the hidden ratio).
+
+    Under ``net2net`` / ``bert2bert_fpi`` the old units keep their positions and the new ones follow them."""
+    if method == "bert2bert_aki":
+        raise ValueError("method='bert2bert_aki' takes the new units of layer l from layer l + 1, which is no "
+                         "single growth map (one width map per role times one depth map): use "
+                         "growlib.widen(..., method='bert2bert_aki'), which runs FPI and then that row copy")
+    if method not in WIDEN_MAP_METHODS:
+        raise ValueError(f"method must be one of {WIDEN_MAP_METHODS}, got {method!r}")
     hidden = dims["model"] if hidden is None else require_int("hidden", hidden)
     intermediate = dims["ffn"] if intermediate is None else require_int("intermediate", intermediate)
     for name, new, role in (("hidden", hidden, "model"), ("intermediate", intermediate, "ffn")):
@@ -69,6 +88,27 @@ def widen_map(dims: dict[str, int], hidden: int | None = None, intermediate: int
 
 def widen(model: torch.nn.Module, hidden: int | None = None, intermediate: int | None = None,
           heads: int | None = None, method: str = "net2net", seed: int = 0) -> torch.nn.Module:
-    """A wider HF model of the same class, grown function-preservingly from ``model`` (see module doc)."""
-    dims = adapter_for(model).dims(model.config)
-    return map_model(model, widen_map(dims, hidden, intermediate, heads, method, seed))
+    """A wider HF model of the same class, grown from ``model`` (see module doc)."""
+    if method not in WIDEN_METHODS:
+        raise ValueError(f"method must be one of {WIDEN_METHODS}, got {method!r}")
+    adapter = adapter_for(model)
+    dims = adapter.dims(model.config)
+    fpi_method = "bert2bert_fpi" if method == "bert2bert_aki" else method
+    grown = map_model(model, widen_map(dims, hidden, intermediate, heads, fpi_method, seed))
+    if method == "bert2bert_aki":
+        _take_new_rows_from_next_layer(adapter.schema(grown), dims)
+    return grown
+
+
+def _take_new_rows_from_next_layer(schema, small_dims: dict[str, int]) -> None:
+    """AKI: in every layer below the top, the rows of new units (positions past the small model's size on a
+    tensor's first, out-side axis) become the FPI rows of the layer above.  Layers are visited bottom-up, so
+    layer l reads layer l + 1 before its own rows change."""
+    with torch.no_grad():
+        for layer in range(schema.num_layers - 1):
+            for spec in schema.specs:
+                if spec.layer != layer or spec.axes[0].role not in WIDTH_ROLES:
+                    continue
+                old = small_dims[spec.axes[0].role]
+                upper = schema.tensor(spec.name, layer + 1)
+                schema.tensor(spec.name, layer)[old:].copy_(upper[old:])

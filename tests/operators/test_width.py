@@ -66,3 +66,36 @@ def test_widen_rejects_bad_arguments(kwargs, match):
 def test_widen_with_grouped_query_attention_needs_whole_groups():
     with pytest.raises(ValueError, match="multiple of the 2 query heads"):
         growlib.widen(tiny_model("llama", heads=4, kv_heads=2), hidden=60, heads=5)
+
+
+def test_bert2bert_fpi_is_net2net():
+    small = tiny_model("llama", hidden=48, heads=4, kv_heads=2)
+    fpi = growlib.widen(small, hidden=72, intermediate=101, heads=6, method="bert2bert_fpi", seed=4)
+    net2net = growlib.widen(small, hidden=72, intermediate=101, heads=6, method="net2net", seed=4)
+    for (key, a), b in zip(fpi.state_dict().items(), net2net.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_bert2bert_aki_takes_the_new_units_of_a_layer_from_the_layer_above(family, backend):
+    small = tiny_model(family, hidden=48, heads=4, kv_heads=2, layers=3)
+    kwargs = dict(hidden=72, intermediate=101, heads=6, seed=2)
+    aki = growlib.schema_of(growlib.widen(small, method="bert2bert_aki", **kwargs))
+    fpi = growlib.schema_of(growlib.widen(small, method="bert2bert_fpi", **kwargs))
+    small_dims = growlib.schema_of(small).dims
+    for spec in aki.specs:
+        got, fpi_rows = aki.tensors[spec.key], fpi.tensors[spec.key]
+        if spec.layer is None or spec.layer == 2:  # embeddings, head and the top layer stay FPI
+            assert torch.equal(got, fpi_rows), spec.key
+            continue
+        old = small_dims[spec.axes[0].role]
+        assert torch.equal(got[:old], fpi_rows[:old]), spec.key
+        assert torch.equal(got[old:], fpi.tensor(spec.name, spec.layer + 1)[old:]), spec.key
+        if got.shape[0] > old:
+            assert not torch.equal(got, fpi_rows), spec.key
+
+
+def test_bert2bert_aki_is_not_a_single_growth_map():
+    dims = growlib.schema_of(tiny_model("bert")).dims
+    with pytest.raises(ValueError, match="no single growth map"):
+        growlib.widen_map(dims, hidden=96, method="bert2bert_aki")
