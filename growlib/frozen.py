@@ -1,0 +1,508 @@
+"""Forward-only execution of a stack of frozen Hugging Face transformer layers (MSLT's frozen bottom).
+
+Frozen layers need no autograd graph and no saved activations, so ``freeze_forward`` runs them as a plain
+function of their weights.  The weights are packed once (fused QKV, fused gate+up, in the compute dtype) and
+everything around the matmuls runs as fused kernels (growlib.ops):
+
+* residual add + LayerNorm / RMSNorm in one pass (``add_norm``), and in a pre-LN stack the add that closes a
+  layer is fused with the norm that opens the next one;
+* bias + GELU and SwiGLU as one elementwise pass over the MLP's first matmul (``bias_activation``,
+  ``gated_activation``);
+* the QKV split with RoPE, writing q, k, v in attention's layout (``rope_split_qkv``).
+
+Matmuls stay with torch (cuBLAS) and attention is ``torch.nn.functional.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers.models.bert.modeling_bert import BertLayer
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+from transformers.models.vit.modeling_vit import ViTLayer
+
+from growlib import ops
+
+LAYER_CLASSES = {BertLayer: "bert", GPT2Block: "gpt2", LlamaDecoderLayer: "llama", ViTLayer: "vit"}
+
+# HF activation names -> the fused kernels' activations.  The tanh-approximated GELUs differ only in how they
+# round, so they share one kernel.
+ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+               "gelu_python_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "silu": "silu", "swish": "silu",
+               "relu": "relu"}
+
+_SDPA_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packed layers
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Norm:
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+    rms: bool
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, return_sum: bool = False):
+        return ops.add_norm(x, residual, self.weight, self.bias, eps=self.eps, rms=self.rms,
+                            return_sum=return_sum)
+
+
+@dataclass
+class _Linear:
+    """``x @ W^T + b``; ``in_major`` weights (GPT-2's Conv1D) are stored (in, out) and used as ``x @ W``, so
+    neither layout is copied."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    in_major: bool = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.in_major:
+            return F.linear(x, self.weight, self.bias)
+        return torch.mm(x, self.weight) if self.bias is None else torch.addmm(self.bias, x, self.weight)
+
+
+@dataclass
+class _Layer:
+    norm1: _Norm      # pre-LN: before attention; post-LN (BERT): after the attention residual add
+    norm2: _Norm      # pre-LN: before the MLP;   post-LN: after the MLP residual add
+    qkv: _Linear      # rows: H query heads, then KV key heads, then KV value heads
+    out: _Linear
+    up: _Linear       # no bias: the bias is added in the activation pass
+    up_bias: torch.Tensor | None
+    down: _Linear
+    activation: str
+    gated: bool       # up holds [gate | up]: act(gate) * up
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float
+    causal: bool
+    rotary: bool
+
+
+def _packed(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A tensor in the compute dtype, contiguous; shares the parameter's storage when it already is."""
+    return None if t is None else t.detach().to(dtype).contiguous()
+
+
+def _fused(tensors: Sequence[torch.Tensor | None], dtype: torch.dtype, what: str) -> torch.Tensor | None:
+    """Concatenation along the output axis (fused QKV or gate+up), or None when none of the parts has one."""
+    present = [t is not None for t in tensors]
+    if not any(present):
+        return None
+    if not all(present):
+        raise ValueError(f"the {what} projections must all have biases or none: growlib cannot fuse a mix")
+    return torch.cat([t.detach().to(dtype) for t in tensors], dim=0)
+
+
+def _norm(module: torch.nn.Module, dtype: torch.dtype) -> _Norm:
+    if isinstance(module, torch.nn.LayerNorm):
+        return _Norm(_packed(module.weight, dtype), _packed(module.bias, dtype), float(module.eps), rms=False)
+    # LlamaRMSNorm and its copies: a ``weight`` and a ``variance_epsilon``
+    return _Norm(_packed(module.weight, dtype), None, float(module.variance_epsilon), rms=True)
+
+
+def _linear(module: torch.nn.Module, dtype: torch.dtype, with_bias: bool = True) -> _Linear:
+    bias = _packed(module.bias, dtype) if with_bias else None
+    return _Linear(_packed(module.weight, dtype), bias, in_major=not isinstance(module, torch.nn.Linear))
+
+
+def _activation(name, family: str) -> str:
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(f"the {family} layers' activation {name!r} has no fused kernel; supported: "
+                         f"{sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def _pack_bert(layer: BertLayer, dtype: torch.dtype) -> _Layer:
+    attn = layer.attention.self
+    parts = (attn.query, attn.key, attn.value)
+    return _Layer(
+        norm1=_norm(layer.attention.output.LayerNorm, dtype), norm2=_norm(layer.output.LayerNorm, dtype),
+        qkv=_Linear(_fused([p.weight for p in parts], dtype, "query/key/value"),
+                    _fused([p.bias for p in parts], dtype, "query/key/value")),
+        out=_linear(layer.attention.output.dense, dtype),
+        up=_linear(layer.intermediate.dense, dtype, with_bias=False),
+        up_bias=_packed(layer.intermediate.dense.bias, dtype),
+        down=_linear(layer.output.dense, dtype),
+        activation=_activation(attn.config.hidden_act, "BERT"), gated=False,
+        heads=attn.num_attention_heads, kv_heads=attn.num_attention_heads, head_dim=attn.attention_head_size,
+        scale=float(attn.scaling), causal=bool(attn.is_causal), rotary=False)
+
+
+def _pack_gpt2(layer: GPT2Block, dtype: torch.dtype) -> _Layer:
+    attn = layer.attn
+    return _Layer(
+        norm1=_norm(layer.ln_1, dtype), norm2=_norm(layer.ln_2, dtype),
+        qkv=_linear(attn.c_attn, dtype), out=_linear(attn.c_proj, dtype),
+        up=_linear(layer.mlp.c_fc, dtype, with_bias=False), up_bias=_packed(layer.mlp.c_fc.bias, dtype),
+        down=_linear(layer.mlp.c_proj, dtype),
+        activation=_activation(attn.config.activation_function, "GPT-2"), gated=False,
+        heads=attn.num_heads, kv_heads=attn.num_heads, head_dim=attn.head_dim,
+        scale=float(attn.scaling), causal=True, rotary=False)
+
+
+def _pack_llama(layer: LlamaDecoderLayer, dtype: torch.dtype) -> _Layer:
+    attn, mlp, config = layer.self_attn, layer.mlp, layer.self_attn.config
+    parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+    return _Layer(
+        norm1=_norm(layer.input_layernorm, dtype), norm2=_norm(layer.post_attention_layernorm, dtype),
+        qkv=_Linear(_fused([p.weight for p in parts], dtype, "q/k/v"),
+                    _fused([p.bias for p in parts], dtype, "q/k/v")),
+        out=_linear(attn.o_proj, dtype),
+        up=_Linear(_fused([mlp.gate_proj.weight, mlp.up_proj.weight], dtype, "gate/up"), None),
+        up_bias=_fused([mlp.gate_proj.bias, mlp.up_proj.bias], dtype, "gate/up"),
+        down=_linear(mlp.down_proj, dtype),
+        activation=_activation(config.hidden_act, "Llama"), gated=True,
+        heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=attn.head_dim,
+        scale=float(attn.scaling), causal=True, rotary=True)
+
+
+def _pack_vit(layer: ViTLayer, dtype: torch.dtype) -> _Layer:
+    attn = layer.attention
+    parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+    return _Layer(
+        norm1=_norm(layer.layernorm_before, dtype), norm2=_norm(layer.layernorm_after, dtype),
+        qkv=_Linear(_fused([p.weight for p in parts], dtype, "q/k/v"),
+                    _fused([p.bias for p in parts], dtype, "q/k/v")),
+        out=_linear(attn.o_proj, dtype),
+        up=_linear(layer.mlp.fc1, dtype, with_bias=False), up_bias=_packed(layer.mlp.fc1.bias, dtype),
+        down=_linear(layer.mlp.fc2, dtype),
+        activation=_activation(attn.config.hidden_act, "ViT"), gated=False,
+        heads=attn.num_attention_heads, kv_heads=attn.num_attention_heads, head_dim=attn.head_dim,
+        scale=float(attn.scaling), causal=bool(attn.is_causal), rotary=False)
+
+
+_PACKERS = {"bert": _pack_bert, "gpt2": _pack_gpt2, "llama": _pack_llama, "vit": _pack_vit}
+POST_LN = ("bert",)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checking a stack
+# ----------------------------------------------------------------------------------------------------------
+
+def _family(layers: Sequence[torch.nn.Module]) -> str:
+    families = []
+    for i, layer in enumerate(layers):
+        family = next((f for cls, f in LAYER_CLASSES.items() if isinstance(layer, cls)), None)
+        if family is None:
+            supported = ", ".join(cls.__name__ for cls in LAYER_CLASSES)
+            raise TypeError(f"layers[{i}] is a {type(layer).__name__}; freeze_forward supports {supported}")
+        families.append(family)
+    if len(set(families)) > 1:
+        kinds = sorted({type(layer).__name__ for layer in layers})
+        raise ValueError(f"layers must all be of one family, got a mix of {', '.join(kinds)}")
+    return families[0]
+
+
+def _layer_index(layer: torch.nn.Module, family: str) -> int | None:
+    attn = {"bert": lambda: layer.attention.self, "gpt2": lambda: layer.attn, "llama": lambda: layer.self_attn,
+            "vit": lambda: layer.attention}[family]()
+    return getattr(attn, "layer_idx", None)
+
+
+def _check_contiguous(layers: Sequence[torch.nn.Module], family: str, model: torch.nn.Module | None) -> None:
+    """The stack must be a run of consecutive layers of one model: a gap means a layer would be skipped.
+
+    With ``model`` the positions come from the model's layer list; without it, from the layers' own
+    ``layer_idx`` (ViT layers have none, so only a model can vouch for them)."""
+    if len({id(layer) for layer in layers}) != len(layers):
+        raise ValueError("layers holds the same layer more than once: it must be a run of consecutive layers")
+    if model is not None:
+        stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and any(x is layers[0] for x in m)]
+        if not stacks:
+            raise ValueError(f"layers[0] is not in any layer list of model ({type(model).__name__})")
+        positions = [next((j for j, x in enumerate(stacks[0]) if x is layer), None) for layer in layers]
+        where = "model's layer list"
+    else:
+        positions = [_layer_index(layer, family) for layer in layers]
+        if any(p is None for p in positions):
+            return
+        where = "their layer_idx"
+    if any(p is None for p in positions) or positions != list(range(positions[0], positions[0] + len(layers))):
+        raise ValueError(f"layers must be a contiguous run of consecutive layers, got positions {positions} in "
+                         f"{where}")
+
+
+def _find_rotary(model: torch.nn.Module) -> torch.nn.Module:
+    found = [m for name, m in model.named_modules() if name.split(".")[-1] == "rotary_emb"]
+    if len(found) != 1:
+        raise ValueError(f"model ({type(model).__name__}) must hold exactly one 'rotary_emb' module for Llama "
+                         f"layers, found {len(found)}")
+    return found[0]
+
+
+def _version(t: torch.Tensor) -> int:
+    """The in-place update counter; tensors made under inference_mode keep none (and -1 stands for it)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The module
+# ----------------------------------------------------------------------------------------------------------
+
+class FrozenStack(torch.nn.Module):
+    """A stack of frozen HF layers run forward-only with fused kernels; see ``freeze_forward``.
+
+    It owns no parameters: it reads the layers' weights, packs them, and packs again when they change (new
+    storage, an in-place update, another device or dtype) or when a mutable ``layers`` list changes."""
+
+    def __init__(self, layers, model: torch.nn.Module | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        if not isinstance(layers, (list, tuple, torch.nn.ModuleList)):
+            raise TypeError(f"layers must be a list, tuple or nn.ModuleList of HF layers, got {type(layers).__name__}")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be an nn.Module (the model holding the layers), got {type(model).__name__}")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+        # Plain attributes, not submodules: the layers (and a model's rotary embedding) belong to the model, and
+        # registering them here would list their parameters twice in any module holding both.
+        object.__setattr__(self, "_source", layers)
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_rotary", None)
+        self._requested_dtype = dtype
+        self._signature = None
+        self.repack()
+
+    # -- packing ---------------------------------------------------------------------------------------------
+    def _current_signature(self) -> tuple:
+        """What the packed weights depend on: which layers, and each parameter's storage, in-place update
+        count, dtype, device and shape."""
+        layers = tuple(self._source)
+        return (tuple(id(layer) for layer in layers),
+                tuple((p.data_ptr(), _version(p), p.dtype, p.device, tuple(p.shape))
+                      for layer in layers for p in layer.parameters()))
+
+    def repack(self) -> None:
+        """Check the stack and pack its weights now (forward does this by itself when they have changed)."""
+        layers = list(self._source)
+        if not layers:
+            raise ValueError("layers must hold at least one layer")
+        family = _family(layers)
+        _check_contiguous(layers, family, self._model)
+        params = [p for layer in layers for p in layer.parameters()]
+        devices = {p.device for p in params}
+        if len(devices) != 1:
+            raise ValueError(f"the layers' parameters must all be on one device, got {sorted(map(str, devices))}")
+        dtype = self._requested_dtype
+        if dtype is None:
+            dtypes = {p.dtype for p in params}
+            if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+                raise ValueError(f"the layers' parameters have dtypes {sorted(map(str, dtypes))}: pass dtype= to "
+                                 "choose the compute dtype")
+            dtype = dtypes.pop()
+        with torch.no_grad():
+            packed = [_PACKERS[family](layer, dtype) for layer in layers]
+        hidden = {layer.out.weight.shape[1 if layer.out.in_major else 0] for layer in packed}  # out: -> hidden
+        if len(hidden) != 1:
+            raise ValueError(f"the layers have different hidden sizes {sorted(hidden)}: they cannot form one stack")
+        if family == "llama" and len({layer.head_dim for layer in packed}) != 1:
+            raise ValueError("the Llama layers have different head sizes: one rotary embedding cannot serve them")
+        self.family, self.dtype, self.device = family, dtype, devices.pop()
+        self.hidden_size, self.num_layers = hidden.pop(), len(layers)
+        self._layers = packed
+        if family == "llama":
+            self._set_rotary(layers[0])
+        self._signature = self._current_signature()
+
+    def _set_rotary(self, first_layer: LlamaDecoderLayer) -> None:
+        if self._model is not None:
+            rotary = _find_rotary(self._model)
+        else:
+            # The class a LlamaModel builds from the same config: the same frequencies and RoPE scaling.
+            rotary = LlamaRotaryEmbedding(first_layer.self_attn.config).to(self.device)
+        object.__setattr__(self, "_rotary", rotary)
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def _check_inputs(self, hidden_states, attention_mask, position_ids) -> None:
+        if not isinstance(hidden_states, torch.Tensor) or not hidden_states.is_floating_point():
+            raise TypeError(f"hidden_states must be a floating-point tensor, got "
+                            f"{getattr(hidden_states, 'dtype', type(hidden_states).__name__)}")
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states must be (batch, seq, {self.hidden_size}) (the layers' hidden size), "
+                             f"got shape {tuple(hidden_states.shape)}")
+        if hidden_states.device != self.device:
+            raise ValueError(f"hidden_states is on {hidden_states.device} but the layers are on {self.device}")
+        if hidden_states.requires_grad and torch.is_grad_enabled():
+            raise ValueError("hidden_states requires grad, but the frozen stack records no autograd graph, so "
+                             "nothing below it would get gradients: detach() it if that is intended")
+        batch, seq = hidden_states.shape[:2]
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, seq):
+                raise ValueError(f"attention_mask must be a ({batch}, {seq}) tensor (batch, seq) with 1 = keep, "
+                                 f"0 = padding, got {tuple(getattr(attention_mask, 'shape', ()))}")
+            if attention_mask.device != self.device:
+                raise ValueError(f"attention_mask is on {attention_mask.device} but the layers are on {self.device}")
+        if position_ids is not None:
+            if (not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point()
+                    or position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch)
+                    or position_ids.shape[1] != seq):
+                raise ValueError(f"position_ids must be an integer tensor of shape ({batch} or 1, {seq}), got "
+                                 f"{getattr(position_ids, 'dtype', '')} {tuple(getattr(position_ids, 'shape', ()))}")
+            if position_ids.device != self.device:
+                raise ValueError(f"position_ids is on {position_ids.device} but the layers are on {self.device}")
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, seq, hidden) -> (batch, seq, hidden) in hidden_states' dtype, as a tensor with no autograd
+        history.  ``attention_mask`` (batch, seq): 1 = keep, 0 = padding.  ``position_ids`` (batch or 1, seq)
+        feed the rotary embedding (Llama) and default to 0 .. seq-1; the other families take positions in
+        their embeddings and ignore them."""
+        if self._current_signature() != self._signature:
+            self.repack()
+        self._check_inputs(hidden_states, attention_mask, position_ids)
+        batch, seq, hidden = hidden_states.shape
+        with torch.no_grad(), torch.autocast(hidden_states.device.type, enabled=False):
+            x = hidden_states.to(self.dtype).reshape(batch * seq, hidden)
+            mask = self._attention_mask(attention_mask, batch, seq)
+            rope = self._rope(position_ids, seq) if self.family == "llama" else None
+            run = self._post_ln if self.family in POST_LN else self._pre_ln
+            out = run(x, batch, seq, mask, rope)
+        return out.view(batch, seq, hidden).to(hidden_states.dtype)
+
+    def _attention_mask(self, attention_mask, batch: int, seq: int) -> torch.Tensor | None:
+        """A boolean (batch, 1, seq or 1, seq) mask for SDPA, or None (then causal layers pass is_causal)."""
+        if attention_mask is None:
+            return None
+        keep = attention_mask.bool()[:, None, None, :]
+        if self._layers[0].causal:
+            keep = keep & torch.ones(seq, seq, dtype=torch.bool, device=keep.device).tril()
+        # A query row that may see nothing (a padding position before any token, or an all-padding sequence)
+        # sees everything instead: its output is padding either way, and it stays finite on every backend.
+        return keep | ~keep.any(dim=-1, keepdim=True)
+
+    def _rope(self, position_ids, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=self.device).unsqueeze(0)
+        # The rotary module reads only the device and dtype of its first argument: fp32 tables, whatever the
+        # compute dtype.
+        return self._rotary(torch.empty(0, device=self.device), position_ids)
+
+    def _attention(self, layer: _Layer, x: torch.Tensor, batch: int, seq: int, mask, rope) -> torch.Tensor:
+        qkv = layer.qkv(x).view(batch, seq, -1)
+        h, kv = layer.heads, layer.kv_heads
+        if layer.rotary:
+            q, k, v = ops.rope_split_qkv(qkv, *rope, num_heads=h, num_kv_heads=kv)
+        else:
+            heads = qkv.view(batch, seq, h + 2 * kv, layer.head_dim).transpose(1, 2)
+            q, k, v = heads[:, :h], heads[:, h:h + kv], heads[:, h + kv:]
+        extra = {}
+        if kv != h:
+            # As HF does: SDPA's own GQA where its fused kernels take it (no mask), repeated kv heads otherwise.
+            if _SDPA_HAS_GQA and mask is None:
+                extra["enable_gqa"] = True
+            else:
+                k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=layer.causal and mask is None,
+                                              scale=layer.scale, **extra)
+        return attn.transpose(1, 2).reshape(batch * seq, h * layer.head_dim)
+
+    def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        pre = layer.up(x)
+        if layer.gated:
+            return ops.gated_activation(pre, layer.up_bias, activation=layer.activation)
+        return ops.bias_activation(pre, layer.up_bias, activation=layer.activation)
+
+    def _post_ln(self, h, batch, seq, mask, rope) -> torch.Tensor:
+        """BERT: h = LN1(h + attn(h)); h = LN2(h + mlp(h))."""
+        for layer in self._layers:
+            h = layer.norm1(layer.out(self._attention(layer, h, batch, seq, mask, rope)), h)
+            h = layer.norm2(layer.down(self._mlp(layer, h)), h)
+        return h
+
+    def _pre_ln(self, h, batch, seq, mask, rope) -> torch.Tensor:
+        """GPT-2, ViT, Llama: h += attn(norm1(h)); h += mlp(norm2(h)).  Each residual add comes out of the norm
+        that follows it: norm2 of the same layer, or norm1 of the next."""
+        normed = self._layers[0].norm1(h)
+        for i, layer in enumerate(self._layers):
+            normed, h = layer.norm2(layer.out(self._attention(layer, normed, batch, seq, mask, rope)), h,
+                                    return_sum=True)
+            mlp_out = layer.down(self._mlp(layer, normed))
+            if i + 1 < len(self._layers):
+                normed, h = self._layers[i + 1].norm1(mlp_out, h, return_sum=True)
+            else:
+                h = mlp_out.add_(h)
+        return h
+
+    def extra_repr(self) -> str:
+        return (f"family={self.family}, layers={self.num_layers}, hidden={self.hidden_size}, dtype={self.dtype}, "
+                f"device={self.device}")
+
+
+def freeze_forward(layers, model: torch.nn.Module | None = None, *, dtype: torch.dtype | None = None) -> FrozenStack:
+    """A forward-only module running a contiguous stack of frozen HF layers (BertLayer, GPT2Block,
+    LlamaDecoderLayer, ViTLayer) with fused kernels: ``(hidden_states, attention_mask=None, position_ids=None)
+    -> hidden_states``.
+
+    ``layers``: a list, tuple or nn.ModuleList (e.g. ``model.model.layers[:6]``) of consecutive layers of one
+    family.  ``model``: optional, the model holding them; it vouches for the stack's contiguity and lends its
+    rotary embedding to Llama layers (otherwise one is built from the layers' config, which is the same
+    unless the model's was changed at run time).  ``dtype``: the compute dtype (default: the layers').
+
+    The stack runs without autograd and as in eval mode (no dropout): its output has no graph, so it can feed
+    trainable layers, and nothing is saved for backward.  Whether the layers' parameters require grad is left
+    to the caller; gradients never reach them through this module.  It computes in its packed dtype whatever
+    autocast says: with fp32 weights under bf16 autocast, pass ``dtype=torch.bfloat16``."""
+    return FrozenStack(layers, model=model, dtype=dtype)
+
+
+def route_frozen_bottom(model: torch.nn.Module, count: int, dtype: torch.dtype | None = None) -> FrozenStack:
+    """Run ``model``'s bottom ``count`` layers through one FrozenStack whenever the model runs (MSLT's frozen
+    stages): layer 0 runs the whole stack, layers 1 .. count-1 pass their input on.
+
+    The layers' parameters and the state dict are untouched (only their ``forward`` is rerouted), so
+    checkpoints, growth maps and FLOPs counting see the ordinary model; ``restore_layers`` undoes it.  The
+    attention mask and position ids the model is called with reach the stack.  The embeddings below must be
+    frozen too: nothing under a frozen stack can get gradients."""
+    from growlib.operators.common import layer_stack
+
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be an int >= 1 (frozen layers), got {count!r}")
+    layers = layer_stack(model)
+    if count > len(layers):
+        raise ValueError(f"count={count} exceeds the model's {len(layers)} layers")
+    restore_layers(model)
+    stack = freeze_forward(list(layers[:count]), model, dtype=dtype)
+    call_inputs = {}
+
+    def remember_inputs(module, args, kwargs):
+        call_inputs["attention_mask"] = kwargs.get("attention_mask")
+        call_inputs["position_ids"] = kwargs.get("position_ids")
+
+    def run_stack(*args, **kwargs):
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        return stack(hidden_states, attention_mask=call_inputs.get("attention_mask"),
+                     position_ids=call_inputs.get("position_ids"))
+
+    def pass_on(*args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    hook = model.register_forward_pre_hook(remember_inputs, with_kwargs=True)
+    layers[0].forward = run_stack
+    for layer in layers[1:count]:
+        layer.forward = pass_on
+    model.growlib_frozen_bottom = (stack, hook, list(layers[:count]))
+    return stack
+
+
+def restore_layers(model: torch.nn.Module) -> None:
+    """Undo ``route_frozen_bottom``: every layer runs its own forward again (a no-op if none was routed)."""
+    routed = getattr(model, "growlib_frozen_bottom", None)
+    if routed is None:
+        return
+    _, hook, layers = routed
+    hook.remove()
+    for layer in layers:
+        del layer.forward
+    del model.growlib_frozen_bottom
