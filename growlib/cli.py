@@ -102,13 +102,16 @@ def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--lr-schedule", choices=("restart", "continue"), default="restart",
+                        help="warmup + cosine restarted at every stage, or one over the whole run")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--out", required=True)
 
 
 def _experiment(args) -> Experiment:
-    config = TrainConfig(lr=args.lr, warmup_steps=args.warmup, batch_size=args.batch_size, seq_len=args.seq_len,
+    config = TrainConfig(lr=args.lr, warmup_steps=args.warmup, lr_schedule=args.lr_schedule,
+                         batch_size=args.batch_size, seq_len=args.seq_len,
                          eval_every=args.eval_every, eval_batches=args.eval_batches)
     return Experiment(family=args.model, size=args.size, total_steps=args.steps, config=config, data=args.data,
                       vocab_size=args.vocab_size)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import inspect
 
 from growlib.schedules.multilevel import baseline, ode_multilevel, vcycle
-from growlib.schedules.progressive import msg, mslt, stack
+from growlib.schedules.progressive import ligo, msg, mslt, stack
 
 SCHEDULES = {"baseline": baseline, "vcycle": vcycle, "ode_multilevel": ode_multilevel, "mslt": mslt,
-             "stack": stack, "msg": msg}
+             "stack": stack, "msg": msg, "ligo": ligo}
 
 
 def build_schedule(name: str, total_steps: int, final_layers: int, **options):

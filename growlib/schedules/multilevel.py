@@ -176,10 +176,13 @@ def ode_multilevel(total_steps: int, final_layers: int, cycles: int = 2, pre_sha
         def enter(state: RunState) -> Transition:
             fine = state.kept["fine"] = state.model
             coarse = growlib.restrict(fine, parity=parity)
-            if coherence:
-                state.linear_term = coherence_term(fine, coarse, parity, state.sample_batch())
-            return going_down(state, coarse, restrict_map(growlib.schema_of(fine), parity), "fine",
-                              optimizer_policy)
+            transition = going_down(state, coarse, restrict_map(growlib.schema_of(fine), parity), "fine",
+                                    optimizer_policy)
+            if coherence:  # a forward + backward of both models on one micro-batch
+                if not state.dry_run:
+                    state.linear_term = coherence_term(fine, coarse, parity, state.sample_batch())
+                transition.flops = state.micro_batch_flops(fine) + state.micro_batch_flops(coarse)
+            return transition
         return enter
 
     def prolong(parity):

@@ -1,21 +1,25 @@
 """Progressive growth schedules: multi-stage layerwise training (MSLT), progressive stacking (StackBERT /
-G_stack) and masked structural growth (MSG)."""
+G_stack), masked structural growth (MSG) and LiGO's learned growth."""
 
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 import torch
 
 import growlib
 from growlib.models import adapter_for
+from growlib.frozen import restore_layers, route_frozen_bottom
 from growlib.operators.common import layer_stack
 from growlib.schedules.multilevel import split_steps, check_budget, check_fraction
 from growlib.train.loop import RunState, Stage, Transition
 
 
-def freeze_below(layers: int) -> Callable[[torch.nn.Module], None]:
-    """Freeze the embeddings and layers [0, layers): they run forward only and receive no gradient.
+def freeze_below(layers: int, frozen_forward: bool = True) -> Callable[[torch.nn.Module], None]:
+    """Freeze the embeddings and layers [0, layers): they receive no gradient.  With ``frozen_forward`` the
+    frozen layers also run as one forward-only fused stack (growlib.freeze_forward: no autograd graph, no
+    saved activations; bf16 on the GPU, where the loop autocasts to bf16).
 
     With tied embeddings the LM head is the embedding, so it is frozen with it in the partial stages."""
     def freeze(model: torch.nn.Module) -> None:
@@ -24,6 +28,9 @@ def freeze_below(layers: int) -> Callable[[torch.nn.Module], None]:
             frozen = spec.name.startswith("embed.") or (spec.layer is not None and spec.layer < layers)
             if frozen:
                 model.get_parameter(spec.source).requires_grad_(False)
+        if frozen_forward:
+            on_gpu = next(model.parameters()).is_cuda
+            route_frozen_bottom(model, layers, dtype=torch.bfloat16 if on_gpu else None)
     return freeze
 
 
@@ -58,11 +65,15 @@ def _resizable(dims: dict[str, int]) -> dict[str, int]:
 
 
 def mslt(total_steps: int, final_layers: int, layer_counts: list[int] | None = None,
-         stage_fractions: list[float] | None = None, joint_fraction: float = 0.1) -> list[Stage]:
+         stage_fractions: list[float] | None = None, joint_fraction: float = 0.1,
+         frozen_forward: bool = True) -> list[Stage]:
     """Multi-stage layerwise training (Yang et al.): start with ``layer_counts[0]`` layers; at each stage copy the
     top layers onto the stack, freeze the embeddings and the old layers, train the new layers, the head and the
     final norm; end with a joint stage that trains everything.  Defaults: quarters of the depth, budget split
-    evenly over the partial stages, ``joint_fraction`` for the joint stage."""
+    evenly over the partial stages, ``joint_fraction`` for the joint stage.  ``frozen_forward`` runs the
+    frozen layers through growlib.freeze_forward's fused forward-only stack (False: HF's own layers)."""
+    if not isinstance(frozen_forward, bool):
+        raise TypeError(f"frozen_forward must be a bool, got {type(frozen_forward).__name__}")
     layer_counts = layer_counts or sorted({max(1, final_layers * k // 4) for k in range(1, 5)})
     _check_layers(layer_counts, final_layers)
     check_fraction("joint_fraction", joint_fraction, allow_zero=True)
@@ -77,12 +88,13 @@ def mslt(total_steps: int, final_layers: int, layer_counts: list[int] | None = N
     for previous, layers, n in zip(layer_counts, layer_counts[1:], steps[1:]):
         stages.append(Stage(f"layers{layers}", n,
                             lambda s, layers=layers: Transition(growlib.grow_depth(s.model, layers, "copy_top")),
-                            freeze=freeze_below(previous)))
+                            freeze=freeze_below(previous, frozen_forward)))
     stages.append(Stage("joint", steps[-1], _unfreeze_all))
     return stages
 
 
 def _unfreeze_all(state: RunState) -> Transition:
+    restore_layers(state.model)
     for p in state.model.parameters():
         p.requires_grad_(True)
     return Transition(state.model)
@@ -160,3 +172,71 @@ def msg(total_steps: int, final_layers: int, layer_counts: list[int] | None = No
                             lambda s, layers=layers: Transition(growlib.grow_depth(s.model, layers, "stack")),
                             before_step=ramp_masks(previous, max(1, round(n * ramp_fraction)))))
     return stages
+
+
+def _small_dims(dims: dict[str, int], layers: int, width_fraction: float) -> dict[str, int]:
+    """The small model's sizes: ``layers`` layers, and hidden, FFN and (whole) heads scaled by the fraction."""
+    scaled = {}
+    for role in ("model", "ffn", "heads", "kv_heads"):
+        size = dims[role] * width_fraction
+        if size != int(size) or size < 1:
+            raise ValueError(f"small_width={width_fraction} must give whole sizes: the model's {role}={dims[role]} "
+                             f"would become {size:g}")
+        scaled[role] = int(size)
+    if scaled["heads"] % scaled["kv_heads"]:
+        raise ValueError(f"small_width={width_fraction} leaves {scaled['heads']} query heads for "
+                         f"{scaled['kv_heads']} key/value heads")
+    return {**_resizable(dims), **scaled, "layers": layers, "attn": scaled["heads"] * dims["head_dim"],
+            "kv": scaled["kv_heads"] * dims["head_dim"]}
+
+
+def ligo(total_steps: int, final_layers: int, small_layers: int | None = None, small_width: float = 0.5,
+         small_fraction: float = 0.25, fit_steps: int = 100, fit_lr: float = 1e-3, depth_init: str = "stack",
+         width_init: str = "net2net", tie: str = "paper") -> list[Stage]:
+    """LiGO (Wang et al.): train a small model (``small_layers``, default half the depth, and ``small_width``
+    of the width) for ``small_fraction`` of the budget, fit the learned growth operator (growlib.LiGO) for
+    ``fit_steps`` steps on the large model's loss, materialise the large model and train it for the rest.
+
+    Fitting reads the training batches that follow (the large model trains on them again) and is charged its
+    FLOPs: per step one micro-batch forward + backward of the large model plus the operator's expansion and
+    its gradient.  Under torchrun every rank fits on its own batches and rank 0's result is broadcast, so all
+    ranks continue from the same model."""
+    small_layers = max(1, final_layers // 2) if small_layers is None else small_layers
+    if isinstance(small_layers, bool) or not isinstance(small_layers, int) or not 1 <= small_layers <= final_layers:
+        raise ValueError(f"small_layers must be an int in [1, {final_layers}], got {small_layers!r}")
+    check_fraction("small_width", small_width)
+    check_fraction("small_fraction", small_fraction)
+    if small_fraction == 1.0:
+        raise ValueError("small_fraction must leave part of the budget to the large model, got 1")
+    if isinstance(fit_steps, bool) or not isinstance(fit_steps, int) or fit_steps < 1:
+        raise ValueError(f"fit_steps must be an int >= 1, got {fit_steps!r}")
+    if isinstance(fit_lr, bool) or not isinstance(fit_lr, (int, float)) or not fit_lr > 0:
+        raise ValueError(f"fit_lr must be a positive number, got {fit_lr!r}")
+    small_steps, large_steps = split_steps(total_steps, [small_fraction, 1.0 - small_fraction])
+
+    def start_small(state: RunState) -> Transition:
+        full = state.model
+        state.notes["ligo_target_config"] = json.dumps(full.config.to_dict(), default=str)
+        dims = growlib.schema_of(full).dims
+        return Transition(adapter_for(full).new_model(full, _small_dims(dims, small_layers, small_width)))
+
+    def grow(state: RunState) -> Transition:
+        small = state.model
+        target_config = type(small.config).from_dict(json.loads(state.notes["ligo_target_config"]))
+        operator = growlib.LiGO(small, target_config, depth_init=depth_init, width_init=width_init, tie=tie)
+        if not state.dry_run:
+            operator.fit([state.sample_batch(i) for i in range(fit_steps)], steps=fit_steps, lr=fit_lr)
+        large = operator.materialize()
+        _broadcast_from_rank_zero(large)
+        fit_flops = fit_steps * (state.micro_batch_flops(large) + operator.flops_per_expansion(backward=True))
+        return Transition(large, flops=fit_flops)
+
+    return [Stage("small", small_steps, start_small), Stage("large", large_steps, grow)]
+
+
+def _broadcast_from_rank_zero(model: torch.nn.Module) -> None:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        with torch.no_grad():
+            for p in model.parameters():
+                dist.broadcast(p, 0)

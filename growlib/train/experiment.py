@@ -141,8 +141,9 @@ def schedule_flops(exp: Experiment, schedule: str, total_steps: int, options: di
     torch.manual_seed(0)
     model = build_model(exp.family, exp.size, vocab_size, exp.config.seq_len).to(exp.device)
     stages = build_schedule(schedule, total_steps, model.config.num_hidden_layers, **(options or {}))
-    state, total = RunState(model), 0.0
+    state, total = RunState(model, dry_run=True), 0.0
     tokens_per_step = exp.config.batch_size * exp.config.grad_accum
+    state.micro_batch_flops = lambda m: step_flops(m, exp.config.batch_size, _seq_len(exp)).total
     for stage in stages:
         if stage.freeze is None:
             for p in state.model.parameters():

@@ -37,6 +37,9 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 4
     seed: int = 0
+    #: "restart": warmup + cosine restarted at every stage (the papers' code); "continue": one warmup + cosine
+    #: over the whole run, each stage scaling it by its lr_scale.
+    lr_schedule: str = "restart"
 
     def __post_init__(self):
         for name in ("batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches"):
@@ -45,6 +48,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("restart", "continue"):
+            raise ValueError(f"TrainConfig.lr_schedule must be 'restart' or 'continue', got {self.lr_schedule!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainConfig.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
 
@@ -107,8 +112,17 @@ class RunState:
     #: parameter name -> v: the stage's loss gets + <v, theta> (MG/OPT first-order coherence); set by a
     #: stage's enter, cleared at every transition, checkpointed with the run.
     linear_term: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: a training batch at the current position, for stages whose transition needs gradients.
-    sample_batch: Callable[[], dict] | None = None
+    #: ``sample_batch(i)``: the training micro-batch i positions ahead of the current one, for transitions
+    #: that need data (the coherence term's gradients, fitting LiGO).
+    sample_batch: Callable[..., dict] | None = None
+    #: FLOPs of one micro-batch's forward + backward for a model as currently frozen, for transitions that
+    #: report the work they do (``Transition.flops``).
+    micro_batch_flops: Callable[[torch.nn.Module], float] | None = None
+    #: True while a schedule is only walked to count its FLOPs: transitions must build the same models and
+    #: report the same FLOPs, but may skip the training work they would do (fitting LiGO).
+    dry_run: bool = False
+    #: small JSON-able facts a schedule needs in later stages (e.g. the target model's config); checkpointed.
+    notes: dict[str, str] = field(default_factory=dict)
     #: the optimizer of the stage being left (read-only for ``enter``: save its state_dict to ``keep`` it).
     optimizer: torch.optim.Optimizer | None = None
     #: optimizer state dicts a schedule keeps for a later ``keep`` transition; checkpointed with the run.
@@ -123,15 +137,24 @@ def linear_term_value(model: torch.nn.Module, term: dict[str, torch.Tensor]) -> 
     return sum((v * params[name]).sum() for name, v in term.items())
 
 
-def learning_rate(config: TrainConfig, stage: Stage, step_in_stage: int) -> float:
-    """Linear warmup then cosine decay to ``min_lr_ratio``, restarted at each stage."""
-    peak = config.lr * stage.lr_scale
-    warmup = min(config.warmup_steps, max(1, stage.steps // 10))
-    if step_in_stage < warmup:
-        return peak * (step_in_stage + 1) / warmup
-    progress = (step_in_stage - warmup) / max(1, stage.steps - warmup)
-    floor = peak * config.min_lr_ratio
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def learning_rate(config: TrainConfig, stage: Stage, step_in_stage: int, global_step: int | None = None,
+                  total_steps: int | None = None) -> float:
+    """Linear warmup then cosine decay to ``min_lr_ratio``: over each stage (``lr_schedule='restart'``) or over
+    the whole run (``'continue'``, which needs ``global_step`` and ``total_steps``), times the stage's scale."""
+    if config.lr_schedule == "continue":
+        if global_step is None or total_steps is None:
+            raise ValueError("lr_schedule 'continue' needs global_step and total_steps")
+        return stage.lr_scale * _warmup_cosine(config, global_step, total_steps)
+    return stage.lr_scale * _warmup_cosine(config, step_in_stage, stage.steps)
+
+
+def _warmup_cosine(config: TrainConfig, step: int, steps: int) -> float:
+    warmup = min(config.warmup_steps, max(1, steps // 10))
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class MetricsLog:
@@ -401,7 +424,7 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
         state = RunState(model=_model_from_record(checkpoint["model"], state.model),
                          kept={k: _model_from_record(r, state.model) for k, r in checkpoint["kept"].items()},
                          linear_term=checkpoint["linear_term"],
-                         kept_optimizer_states=checkpoint["kept_optimizer_states"])
+                         kept_optimizer_states=checkpoint["kept_optimizer_states"], notes=checkpoint["notes"])
 
     elif resume:
         metrics.truncate_after(0)  # killed before its first checkpoint: start again, log once
@@ -421,21 +444,21 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                 torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
         else:
             state.linear_term = {}
-            state.sample_batch = lambda: train_batch(global_step * config.grad_accum)
+            state.sample_batch = lambda ahead=0: train_batch(global_step * config.grad_accum + ahead)
+            state.micro_batch_flops = lambda m: step_flops(m) / config.grad_accum
             state.optimizer = optimizer
-            previous_model = state.model
+            transition_started = time.perf_counter()
             with counting_map_flops() as maps:
                 transition = stage.enter(state)
             model = transition.model
-            flops += (maps.flops + transition.flops) * _world_size()  # every rank applies the maps
-            if state.linear_term:  # its gradients took a forward + backward of both models on one micro-batch
-                flops += (step_flops(previous_model) + step_flops(model)) * _world_size() / config.grad_accum
+            flops += (maps.flops + transition.flops) * _world_size()  # every rank does the transition
             if stage.freeze:
                 stage.freeze(model)
             new_optimizer = _make_optimizer(model, config)
             with counting_map_flops() as maps:
                 _carry_optimizer_state(transition, optimizer, state.model, new_optimizer, deepspeed is not None)
             flops += maps.flops * _world_size()
+            wall += time.perf_counter() - transition_started  # transitions cost time too (fitting LiGO)
             optimizer = new_optimizer
             state.model = model
         model.train()
@@ -447,7 +470,7 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
         first_step = start_step if resuming_here else 0
         for step_in_stage in range(first_step, stage.steps):
             started = time.perf_counter()
-            lr = learning_rate(config, stage, step_in_stage)
+            lr = learning_rate(config, stage, step_in_stage, global_step, total_steps)
             steps.set_lr(lr)
             if stage.before_step:
                 stage.before_step(model, step_in_stage)
@@ -479,6 +502,7 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                     "flops": flops, "wall": wall, "evals": evals, "model": _model_record(model),
                     "kept": {k: _model_record(m) for k, m in state.kept.items()},
                     "linear_term": state.linear_term, "kept_optimizer_states": state.kept_optimizer_states,
+                    "notes": state.notes,
                     "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                     "identity": identity}, checkpoint_path)

@@ -183,3 +183,44 @@ def test_msg_growth_preserves_the_function_then_ramps_the_new_layers_in(family):
         assert not torch.allclose(grown(**inputs).logits, before, atol=1e-6)  # the new layer is blending in
     stages[1].before_step(grown, ramp)
     assert [m.value for m in grown.growlib_msg_masks] == [1.0]
+
+
+def test_ligo_trains_a_small_model_then_fits_the_operator_into_the_full_one(monkeypatch):
+    from growlib.operators.ligo import LiGO
+    from tests.factories import example_inputs
+
+    fits = []
+    monkeypatch.setattr(LiGO, "fit", lambda self, batches, steps, lr: fits.append((len(batches), steps, lr)))
+    stages = build_schedule("ligo", 100, 4, fit_steps=7)
+    assert [(s.name, s.steps) for s in stages] == [("small", 25), ("large", 75)]
+    full = tiny_model("llama", layers=4, hidden=48, heads=4, kv_heads=2, ffn=72)
+    batch = {**example_inputs(full), "labels": example_inputs(full)["input_ids"]}
+    state = RunState(full, sample_batch=lambda ahead=0: batch, micro_batch_flops=lambda m: 1000.0)
+    state.model = stages[0].enter(state).model
+    small_dims = growlib.schema_of(state.model).dims
+    assert (small_dims["layers"], small_dims["model"], small_dims["ffn"], small_dims["heads"],
+            small_dims["kv_heads"]) == (2, 24, 36, 2, 1)
+    transition = stages[1].enter(state)
+    assert growlib.schema_of(transition.model).dims == growlib.schema_of(full).dims
+    assert fits == [(7, 7, 1e-3)]
+    assert transition.flops > 7 * 1000.0  # the large model's micro-batches plus the expansions
+    assert transition.optimizer_policy == "reset"
+
+
+def test_ligo_dry_run_reports_the_same_flops_without_fitting(monkeypatch):
+    from growlib.operators.ligo import LiGO
+
+    monkeypatch.setattr(LiGO, "fit", lambda *args, **kwargs: pytest.fail("a dry run must not fit"))
+    stages = build_schedule("ligo", 100, 4, fit_steps=5)
+    state = RunState(tiny_model("gpt2", layers=4), dry_run=True, micro_batch_flops=lambda m: 10.0)
+    state.model = stages[0].enter(state).model
+    assert stages[1].enter(state).flops > 50.0
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"small_width": 0.3}, "whole sizes"), ({"small_layers": 5}, "small_layers"), ({"small_fraction": 1.0}, "leave"),
+    ({"fit_steps": 0}, "fit_steps"), ({"fit_lr": -1}, "fit_lr")])
+def test_ligo_options_are_checked(options, match):
+    with pytest.raises(ValueError, match=match):
+        stages = build_schedule("ligo", 100, 4, **options)
+        stages[0].enter(RunState(tiny_model("gpt2", layers=4)))

@@ -43,6 +43,18 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert lrs[-1] == pytest.approx(2 * CONFIG.lr * CONFIG.min_lr_ratio, rel=1e-2)
 
 
+def test_continued_learning_rate_runs_one_cosine_over_the_whole_run():
+    config = TrainConfig(warmup_steps=2, lr_schedule="continue")
+    first, second = Stage("a", 50, lambda s: Transition(s.model)), Stage("b", 50, lambda s: Transition(s.model))
+    lrs = [learning_rate(config, first, i, i, 100) for i in range(50)]
+    lrs += [learning_rate(config, second, i, 50 + i, 100) for i in range(50)]
+    assert lrs[0] < lrs[1] == pytest.approx(config.lr)  # warmup only at the start
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # no restart at the stage boundary
+    assert lrs[-1] == pytest.approx(config.lr * config.min_lr_ratio, rel=1e-2)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
+
+
 def test_metrics_and_flops_are_recorded_per_step_and_eval(tmp_path):
     log = tmp_path / "m.jsonl"
     result = run(build_schedule("vcycle", 20, 2), tiny_model("gpt2", layers=2), metrics=MetricsLog(str(log)),
