@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                               help="train through DeepSpeed (ZeRO stage 0-2) with this config; launch with torchrun")
     compare_parser = commands.add_parser("compare", help="every schedule against the baseline, same budget")
     _experiment_arguments(compare_parser)
-    compare_parser.add_argument("--schedules", default="baseline,vcycle,ode_multilevel,mslt,stack")
+    compare_parser.add_argument("--schedules", default="baseline,vcycle,ode_multilevel,mslt,stack,msg,ligo")
     compare_parser.add_argument("--seeds", default="0")
     compare_parser.add_argument("--budget", choices=("flops", "steps"), default="flops",
                                 help="give every schedule the baseline's FLOPs (default) or its steps")

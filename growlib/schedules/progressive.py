@@ -191,17 +191,19 @@ def _small_dims(dims: dict[str, int], layers: int, width_fraction: float) -> dic
 
 
 def ligo(total_steps: int, final_layers: int, small_layers: int | None = None, small_width: float = 0.5,
-         small_fraction: float = 0.25, fit_steps: int = 100, fit_lr: float = 1e-3, depth_init: str = "stack",
+         small_fraction: float = 0.25, fit_steps: int | None = None, fit_lr: float = 1e-3, depth_init: str = "stack",
          width_init: str = "net2net", tie: str = "paper") -> list[Stage]:
     """LiGO (Wang et al.): train a small model (``small_layers``, default half the depth, and ``small_width``
     of the width) for ``small_fraction`` of the budget, fit the learned growth operator (growlib.LiGO) for
-    ``fit_steps`` steps on the large model's loss, materialise the large model and train it for the rest.
+    ``fit_steps`` steps on the large model's loss (default: the paper's 100, but at most 5% of the budget,
+    which short runs cannot spare more of), materialise the large model and train it for the rest.
 
     Fitting reads the training batches that follow (the large model trains on them again) and is charged its
     FLOPs: per step one micro-batch forward + backward of the large model plus the operator's expansion and
     its gradient.  Under torchrun every rank fits on its own batches and rank 0's result is broadcast, so all
     ranks continue from the same model."""
     small_layers = max(1, final_layers // 2) if small_layers is None else small_layers
+    fit_steps = max(1, min(100, total_steps // 20)) if fit_steps is None else fit_steps
     if isinstance(small_layers, bool) or not isinstance(small_layers, int) or not 1 <= small_layers <= final_layers:
         raise ValueError(f"small_layers must be an int in [1, {final_layers}], got {small_layers!r}")
     check_fraction("small_width", small_width)
