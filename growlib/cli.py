@@ -97,7 +97,11 @@ def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", default="tiny", help="tiny | small | base | JSON (inline or a file) of layers/hidden/heads/intermediate")
     parser.add_argument("--data", default=None, help="text file or folder, or .bin token file (default: Python's stdlib)")
     parser.add_argument("--vocab-size", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=300, help="the budget: optimizer steps of the full model")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=None,
+                        help="the budget: optimizer steps of the full model (default 300)")
+    budget.add_argument("--tokens", type=int, default=None,
+                        help="the budget in training tokens (all processes): steps = tokens / (batch x seq x processes)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -109,11 +113,22 @@ def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True)
 
 
+def _budget_steps(args) -> int:
+    """Optimizer steps from --steps, or from --tokens at this run's batch size, length and process count."""
+    if args.tokens is None:
+        return 300 if args.steps is None else args.steps
+    per_step = args.batch_size * args.seq_len * int(os.environ.get("WORLD_SIZE", "1"))
+    if args.tokens < per_step:
+        raise SystemExit(f"--tokens {args.tokens} is less than one step's {per_step} tokens "
+                         f"(batch {args.batch_size} x seq {args.seq_len} x processes)")
+    return args.tokens // per_step
+
+
 def _experiment(args) -> Experiment:
     config = TrainConfig(lr=args.lr, warmup_steps=args.warmup, lr_schedule=args.lr_schedule,
                          batch_size=args.batch_size, seq_len=args.seq_len,
                          eval_every=args.eval_every, eval_batches=args.eval_batches)
-    return Experiment(family=args.model, size=args.size, total_steps=args.steps, config=config, data=args.data,
+    return Experiment(family=args.model, size=args.size, total_steps=_budget_steps(args), config=config, data=args.data,
                       vocab_size=args.vocab_size)
 
 
