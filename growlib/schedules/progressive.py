@@ -16,16 +16,23 @@ from growlib.schedules.multilevel import split_steps, check_budget, check_fracti
 from growlib.train.loop import RunState, Stage, Transition
 
 
-def freeze_below(layers: int, frozen_forward: bool = True) -> Callable[[torch.nn.Module], None]:
-    """Freeze the embeddings and layers [0, layers): they receive no gradient.  With ``frozen_forward`` the
-    frozen layers also run as one forward-only fused stack (growlib.freeze_forward: no autograd graph, no
-    saved activations; bf16 on the GPU, where the loop autocasts to bf16).
+def freeze_below(layers: int, frozen_forward: bool = True, freeze_embeddings: bool = True
+                 ) -> Callable[[torch.nn.Module], None]:
+    """Freeze layers [0, layers) and (``freeze_embeddings``) the embeddings: they receive no gradient.  With
+    ``frozen_forward`` the frozen layers also run as one forward-only fused stack (growlib.freeze_forward: no
+    autograd graph, no saved activations; bf16 on the GPU, where the loop autocasts to bf16), which needs the
+    embeddings frozen too, since no gradient can pass down through that stack.
 
     With tied embeddings the LM head is the embedding, so it is frozen with it in the partial stages."""
+    if frozen_forward and not freeze_embeddings:
+        raise ValueError("frozen_forward=True needs freeze_embeddings=True: gradients cannot pass down through the "
+                         "forward-only stack to trainable embeddings (set frozen_forward=False)")
+
     def freeze(model: torch.nn.Module) -> None:
         schema = growlib.schema_of(model)
         for spec in schema.specs:
-            frozen = spec.name.startswith("embed.") or (spec.layer is not None and spec.layer < layers)
+            frozen = ((freeze_embeddings and spec.name.startswith("embed."))
+                      or (spec.layer is not None and spec.layer < layers))
             if frozen:
                 model.get_parameter(spec.source).requires_grad_(False)
         if frozen_forward:
@@ -66,14 +73,16 @@ def _resizable(dims: dict[str, int]) -> dict[str, int]:
 
 def mslt(total_steps: int, final_layers: int, layer_counts: list[int] | None = None,
          stage_fractions: list[float] | None = None, joint_fraction: float = 0.1,
-         frozen_forward: bool = True) -> list[Stage]:
+         frozen_forward: bool = True, freeze_embeddings: bool = True) -> list[Stage]:
     """Multi-stage layerwise training (Yang et al.): start with ``layer_counts[0]`` layers; at each stage copy the
     top layers onto the stack, freeze the embeddings and the old layers, train the new layers, the head and the
     final norm; end with a joint stage that trains everything.  Defaults: quarters of the depth, budget split
     evenly over the partial stages, ``joint_fraction`` for the joint stage.  ``frozen_forward`` runs the
-    frozen layers through growlib.freeze_forward's fused forward-only stack (False: HF's own layers)."""
-    if not isinstance(frozen_forward, bool):
-        raise TypeError(f"frozen_forward must be a bool, got {type(frozen_forward).__name__}")
+    frozen layers through growlib.freeze_forward's fused forward-only stack (False: HF's own layers);
+    ``freeze_embeddings=False`` keeps the embeddings (and a tied head) trainable, with ``frozen_forward=False``."""
+    for name, value in (("frozen_forward", frozen_forward), ("freeze_embeddings", freeze_embeddings)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     layer_counts = layer_counts or sorted({max(1, final_layers * k // 4) for k in range(1, 5)})
     _check_layers(layer_counts, final_layers)
     check_fraction("joint_fraction", joint_fraction, allow_zero=True)
@@ -88,7 +97,7 @@ def mslt(total_steps: int, final_layers: int, layer_counts: list[int] | None = N
     for previous, layers, n in zip(layer_counts, layer_counts[1:], steps[1:]):
         stages.append(Stage(f"layers{layers}", n,
                             lambda s, layers=layers: Transition(growlib.grow_depth(s.model, layers, "copy_top")),
-                            freeze=freeze_below(previous, frozen_forward)))
+                            freeze=freeze_below(previous, frozen_forward, freeze_embeddings)))
     stages.append(Stage("joint", steps[-1], _unfreeze_all))
     return stages
 

@@ -104,6 +104,7 @@ def test_stack_doubles_depth_with_everything_trainable():
     ("vcycle", {"optimizer_policy": "average"}, "optimizer_policy"),
     ("ode_multilevel", {"optimizer_policy": None}, "optimizer_policy"),
     ("msg", {"ramp_fraction": 0.0}, "ramp_fraction"),
+    ("mslt", {"freeze_embeddings": False}, "needs freeze_embeddings"),
     ("msg", {"layer_counts": [3, 2, 4]}, "strictly increasing"),
 ])
 def test_bad_schedule_options(name, options, match):
@@ -224,3 +225,16 @@ def test_ligo_options_are_checked(options, match):
     with pytest.raises(ValueError, match=match):
         stages = build_schedule("ligo", 100, 4, **options)
         stages[0].enter(RunState(tiny_model("gpt2", layers=4)))
+
+
+def test_mslt_can_keep_the_embeddings_trainable():
+    stages = build_schedule("mslt", 40, 4, freeze_embeddings=False, frozen_forward=False)
+    state = RunState(tiny_model("gpt2", layers=4))
+    for stage in stages[:3]:
+        state.model = stage.enter(state).model
+        if stage.freeze:
+            stage.freeze(state.model)
+    model = state.model
+    assert model.transformer.wte.weight.requires_grad
+    assert not any(p.requires_grad for p in model.transformer.h[0].parameters())
+    assert all(p.requires_grad for p in model.transformer.h[2].parameters())
