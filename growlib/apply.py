@@ -87,7 +87,19 @@ class _TableBuilder:
 
 
 def check_map_fits(gmap: GrowthMap, source: Schema, target: Schema) -> None:
-    """Raise ValueError unless the map reads ``source``'s sizes and writes ``target``'s."""
+    """Raise TypeError / ValueError unless the map reads ``source``'s sizes and writes ``target``'s, on one
+    device."""
+    if not isinstance(gmap, GrowthMap):
+        raise TypeError(f"gmap must be a growlib.GrowthMap (e.g. from growlib.coalesce_map), got "
+                        f"{type(gmap).__name__}")
+    for name, schema in (("source", source), ("target", target)):
+        if not isinstance(schema, Schema):
+            raise TypeError(f"{name} must be a growlib.Schema (growlib.schema_of(model)), got {type(schema).__name__}")
+    devices = {name: {t.device for t in schema.tensors.values()} for name, schema in (("source", source),
+                                                                                      ("target", target))}
+    if len(devices["source"] | devices["target"]) > 1:
+        raise ValueError(f"source tensors are on {sorted(map(str, devices['source']))} and target tensors on "
+                         f"{sorted(map(str, devices['target']))}: a map runs on one device")
     if source.family != target.family:
         raise ValueError(f"source is a {source.family} schema but target is a {target.family} schema")
     if source.tied_embeddings != target.tied_embeddings:

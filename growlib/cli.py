@@ -1,9 +1,11 @@
 """Command line: ``growlib demo`` (the operators on real HF model classes), ``growlib train`` (one schedule),
-``growlib compare`` (every schedule against training from scratch on the same budget)."""
+``growlib compare`` (every schedule against training from scratch on the same budget), ``growlib check-kernels``
+(every Triton kernel against its PyTorch reference on this machine; see growlib/kernel_check.py)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -14,10 +16,11 @@ import torch
 import transformers as T
 
 import growlib
+from growlib import kernel_check
 from growlib.schedules import SCHEDULES
 from growlib.train.experiment import Experiment, compare
 from growlib.train.experiment import run as run_experiment
-from growlib.train.loop import TrainConfig
+from growlib.train.loop import RankDivergenceError, TrainConfig
 from growlib.train.sizes import FAMILIES
 
 DEMO_CONFIGS = {
@@ -110,6 +113,8 @@ def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
                         help="warmup + cosine restarted at every stage, or one over the whole run")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
+                        help="a NaN/inf loss or gradient stops the run (default) or drops that step")
     parser.add_argument("--out", required=True)
 
 
@@ -127,7 +132,8 @@ def _budget_steps(args) -> int:
 def _experiment(args) -> Experiment:
     config = TrainConfig(lr=args.lr, warmup_steps=args.warmup, lr_schedule=args.lr_schedule,
                          batch_size=args.batch_size, seq_len=args.seq_len,
-                         eval_every=args.eval_every, eval_batches=args.eval_batches)
+                         eval_every=args.eval_every, eval_batches=args.eval_batches,
+                         on_nonfinite=args.on_nonfinite)
     return Experiment(family=args.model, size=args.size, total_steps=_budget_steps(args), config=config, data=args.data,
                       vocab_size=args.vocab_size)
 
@@ -166,16 +172,31 @@ class ProgressBar:
             self.bar.close()
 
 
+def _distributed_timeout() -> datetime.timedelta:
+    """How long a collective waits for the other ranks: ``GROWLIB_DIST_TIMEOUT_S`` seconds, 10 minutes if unset."""
+    value = os.environ.get("GROWLIB_DIST_TIMEOUT_S")
+    if value is None:
+        return datetime.timedelta(minutes=10)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise SystemExit(f"GROWLIB_DIST_TIMEOUT_S must be a positive number of seconds, got {value!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
 def _init_distributed(with_deepspeed: bool) -> str | None:
     """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on the CPU, with a timeout
-    so a rank that dies makes the others fail instead of hang; through DeepSpeed's communication layer when
-    training with DeepSpeed.  Returns this rank's device, if distributed."""
+    (``GROWLIB_DIST_TIMEOUT_S``, default 10 minutes) so a rank that dies or stalls makes the others fail
+    instead of hang; through DeepSpeed's communication layer when training with DeepSpeed.  Returns this
+    rank's device, if distributed."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not with_deepspeed:
         return None
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    backend, timeout = ("nccl" if on_gpu else "gloo"), datetime.timedelta(minutes=10)
+    backend, timeout = ("nccl" if on_gpu else "gloo"), _distributed_timeout()
     if with_deepspeed:
         import deepspeed
 
@@ -193,6 +214,25 @@ def _deepspeed_config(path: str | None) -> dict | None:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as error:
         raise SystemExit(f"--deepspeed: cannot read a JSON config from {path!r}: {error}")
+
+
+@contextlib.contextmanager
+def _exit_on_fault(command: str):
+    """A numerical fault, diverging ranks or a failed collective (another rank died, or stalled longer than the
+    process group's timeout) end the command with their message and exit status 1."""
+    try:
+        yield
+    except (FloatingPointError, RankDivergenceError) as error:
+        raise SystemExit(f"growlib {command}: {type(error).__name__}: {error}") from error
+    except RuntimeError as error:
+        dist = torch.distributed
+        if not (dist.is_initialized() and dist.get_world_size() > 1
+                and (isinstance(error, getattr(dist, "DistError", ())) or "gloo" in str(error))):
+            raise
+        raise SystemExit(f"growlib {command}: rank {dist.get_rank()} of {dist.get_world_size()}: a collective "
+                         f"operation failed, so another rank died or stalled for longer than the timeout "
+                         f"({_distributed_timeout().total_seconds():g} s, GROWLIB_DIST_TIMEOUT_S); see the other "
+                         f"ranks' output.  {type(error).__name__}: {error}") from error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,9 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     compare_parser.add_argument("--seeds", default="0")
     compare_parser.add_argument("--budget", choices=("flops", "steps"), default="flops",
                                 help="give every schedule the baseline's FLOPs (default) or its steps")
+    check_parser = commands.add_parser("check-kernels", help="every Triton kernel against its PyTorch reference "
+                                       "on this machine (CUDA, else the CPU through Triton's interpreter)")
+    kernel_check.add_arguments(check_parser)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args.model, args.seed)
+    if args.command == "check-kernels":
+        return kernel_check.main((["--quick"] if args.quick else [])
+                                 + [option for op in args.kernel or () for option in ("--kernel", op)])
     if args.command == "train":
         experiment = _experiment(args)
         deepspeed = _deepspeed_config(args.deepspeed)
@@ -228,17 +274,19 @@ def main(argv: list[str] | None = None) -> int:
                              "--resume and --checkpoint-every")
         checkpoint_every = 0 if deepspeed is not None else (50 if args.checkpoint_every is None else args.checkpoint_every)
         experiment.device = _init_distributed(deepspeed is not None) or experiment.device
-        result = run_experiment(experiment, args.schedule, args.seed, _options(args.schedule_args),
-                                out_dir=args.out, resume=args.resume, checkpoint_every=checkpoint_every,
-                                progress=ProgressBar(), deepspeed=deepspeed)
+        with _exit_on_fault("train"):
+            result = run_experiment(experiment, args.schedule, args.seed, _options(args.schedule_args),
+                                    out_dir=args.out, resume=args.resume, checkpoint_every=checkpoint_every,
+                                    progress=ProgressBar(), deepspeed=deepspeed)
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             print(f"{args.schedule}: {result.steps} steps, {result.flops:.3g} FLOPs, {result.wall_seconds:.1f} s, "
                   f"final validation loss {result.final_val_loss:.4f}")
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         return 0
-    table = compare(_experiment(args), args.schedules.split(","), [int(s) for s in args.seeds.split(",")],
-                    args.out, budget=args.budget)
+    with _exit_on_fault("compare"):
+        table = compare(_experiment(args), args.schedules.split(","), [int(s) for s in args.seeds.split(",")],
+                        args.out, budget=args.budget)
     print(table)
     return 0
 

@@ -102,6 +102,9 @@ def _validate_structured_map(dst, src, depth_weight, row_start, col_start, table
                     ("table_index", table_index), ("table_weight", table_weight)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but dst is on {device}: all tensors must share a device")
+    if device.type == "meta":
+        raise ValueError("dst is on the meta device, which holds no data: a structured map needs real tensors "
+                         "(build the model on a real device)")
 
     n_table = table_index.shape[0]
     host_index = table_index.detach().cpu().long()
@@ -487,7 +490,7 @@ def rope_split_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, n
         raise ValueError(f"qkv must be 3-D (batch, seq, (heads + 2 * kv_heads) * head_dim), got shape "
                          f"{tuple(qkv.shape)}")
     for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-        if not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     batch, seq_len, width = qkv.shape
     n_heads = num_heads + 2 * num_kv_heads

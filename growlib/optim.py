@@ -62,9 +62,12 @@ def map_optimizer_state(source_optimizer: torch.optim.Optimizer, source_model: t
     if policy == "reset":
         target_optimizer.state.clear()
         return
+    if not isinstance(growth_map, GrowthMap):
+        raise TypeError(f"growth_map must be a growlib.GrowthMap (the map the parameters went through), got "
+                        f"{type(growth_map).__name__}")
 
-    adapter = adapter_for(source_model)
-    if adapter_for(target_model) is not adapter:
+    adapter = adapter_for(source_model, "source_model")
+    if adapter_for(target_model, "target_model") is not adapter:
         raise ValueError("source_model and target_model must be of the same model family")
     source_params = dict(source_model.named_parameters(remove_duplicate=False))
     keys = None

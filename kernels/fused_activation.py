@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from growlib.kernels import launch
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 _ACTIVATION_CODE = {name: code for code, name in enumerate(ACTIVATIONS)}
@@ -68,7 +70,10 @@ def _activation_kernel(
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-BLOCK_M, BLOCK_N = 16, 256  # 4k elements a program
+def launch_config() -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): 16 x 256 tiles, 4k elements a program.  Elementwise, no shared memory
+    to speak of: one choice suits every GPU (tests/kernels/test_launch_configs.py compiles it for sm_80/90)."""
+    return 16, 256, 4
 
 
 def _launch(x: torch.Tensor, bias: torch.Tensor | None, activation: str, gated: bool) -> torch.Tensor:
@@ -77,14 +82,17 @@ def _launch(x: torch.Tensor, bias: torch.Tensor | None, activation: str, gated: 
     out = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    grid = (triton.cdiv(n_rows, BLOCK_M), triton.cdiv(n_cols, BLOCK_N))
+    block_m, block_n, num_warps = launch_config()
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+    launch.note("gated_activation" if gated else "bias_activation", dtype=str(x.dtype).removeprefix("torch."),
+                ACT=activation, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         _activation_kernel[grid](
             x, bias if bias is not None else x, out,
             n_rows, n_cols, x.stride(0), out.stride(0),
             ACT=_ACTIVATION_CODE[activation], HAS_BIAS=bias is not None, GATED=gated,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            num_warps=4,
+            BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=num_warps,
         )
     return out
 

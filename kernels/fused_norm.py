@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from growlib.kernels import launch
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WIDTH = 16384  # one row must fit in a program's registers
 
@@ -63,7 +65,8 @@ def _add_norm_kernel(
 
 def launch_config(n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): whole rows, about 4k elements a program (fewer programs under the
-    interpreter, enough work per program on the GPU)."""
+    interpreter, enough work per program on the GPU).  Only the row reductions use shared memory (a few KB),
+    so one choice suits every GPU (tests/kernels/test_launch_configs.py compiles the widest for sm_80/90)."""
     block_n = triton.next_power_of_2(max(n_cols, 1))
     block_m = max(1, min(16, 4096 // block_n))
     num_warps = max(1, min(16, block_m * block_n // 512))
@@ -89,6 +92,8 @@ def add_norm(
     if n_rows == 0 or n_cols == 0:
         return out, summed
     block_m, block_n, num_warps = launch_config(n_cols)
+    launch.note("add_norm", dtype=str(x.dtype).removeprefix("torch."), RMS=rms, BLOCK_M=block_m, BLOCK_N=block_n,
+                num_warps=num_warps)
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         _add_norm_kernel[(triton.cdiv(n_rows, block_m),)](
             x, residual if residual is not None else x, weight if weight is not None else x,

@@ -23,12 +23,16 @@ range is split over more programs, each writing an fp32 partial that the host ad
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from growlib.kernels import launch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 STEPS = ("depth", "rows", "cols")  # ties in cheapest_order go to the earlier order in this sequence's permutations
@@ -101,10 +105,31 @@ def _batched_matmul_kernel(
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _launch_config(dtype: torch.dtype, on_gpu: bool) -> tuple[int, int, int, int, int]:
-    """(largest BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).  bf16 uses 128 x 128 tensor-core tiles;
-    fp32 runs exact (non-TF32) dots, so smaller ones; the interpreter gets 64-wide tiles, few programs."""
-    if not on_gpu:
+@dataclass(frozen=True)
+class GemmConfig:
+    """One launch of ``_batched_matmul_kernel``: its tiles, warps and pipeline stages, and how a summed (batch
+    reduction) GEMM's K range is split over programs."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    splits: int
+    k_per_split: int
+
+    def shared_bytes(self, element_size: int) -> int:
+        """An upper bound on the shared memory the compiled kernel uses: one A and one B tile per stage (the
+        compiled kernels use at most this for every tile shape here; tests/kernels/test_launch_configs.py
+        compiles them for sm_80 and sm_90 and checks)."""
+        return self.num_stages * (self.block_m * self.block_k + self.block_k * self.block_n) * element_size
+
+
+def _largest_tiles(dtype: torch.dtype, capability: tuple[int, int] | None) -> tuple[int, int, int, int, int]:
+    """(largest BLOCK_M, BLOCK_N, BLOCK_K, num_warps, preferred num_stages).  bf16 uses 128 x 128 tensor-core
+    tiles; fp32 runs exact (non-TF32) dots, so smaller ones; the interpreter (capability None) gets 64-wide
+    tiles, few programs, and no pipelining."""
+    if capability is None:
         return 64, 64, 64, 4, 1
     if dtype == torch.bfloat16:
         return 128, 128, 64, 8, 3
@@ -114,6 +139,39 @@ def _launch_config(dtype: torch.dtype, on_gpu: bool) -> tuple[int, int, int, int
 def _block(size: int, largest: int) -> int:
     """A power-of-two block covering ``size`` up to ``largest``; at least 16, the smallest tl.dot operand."""
     return min(largest, max(16, triton.next_power_of_2(size)))
+
+
+def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, capability: tuple[int, int] | None, *,
+                sum_batch: bool = False, target_programs: int = 4) -> GemmConfig:
+    """The launch configuration of one (M, N, K) GEMM of ``dtype`` on a device of compute ``capability``
+    (None: Triton's interpreter), a pure function so that it can be checked for any GPU without one.
+
+    Tiles come from ``_largest_tiles``; the pipeline then keeps as many of its preferred stages as fit the
+    capability's shared memory (``launch.max_shared_bytes``: 163 KB on sm_80, 227 KB on sm_90, 99 KB on
+    sm_86/89), so a tile choice that suits one GPU cannot fail to launch on another.  With ``sum_batch`` the
+    K range is split until about ``target_programs`` programs run."""
+    largest_m, largest_n, largest_k, num_warps, num_stages = _largest_tiles(dtype, capability)
+    block_m = _block(m, largest_m)
+    # A short M (the depth mix has M = L2) widens the tile to the same area, and K blocks grow or shrink so
+    # that neither operand tile outgrows its usual size: fewer, fuller programs at the same shared memory.
+    block_n = _block(n, largest_n * (largest_m // block_m))
+    block_k = _block(k, max(16, min(largest_k * largest_n // block_n, largest_k * largest_m // block_m)))
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    splits = 1
+    if sum_batch:
+        splits = max(1, min(triton.cdiv(target_programs, tiles), triton.cdiv(k, block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    splits = triton.cdiv(k, k_per_split)
+    config = GemmConfig(block_m, block_n, block_k, num_warps, num_stages, splits, k_per_split)
+    if capability is not None:
+        element_size = dtype.itemsize
+        limit = launch.max_shared_bytes(capability)
+        while config.num_stages > 1 and config.shared_bytes(element_size) > limit:
+            config = dataclasses.replace(config, num_stages=config.num_stages - 1)
+        if config.shared_bytes(element_size) > limit:
+            raise ValueError(f"no pipeline depth fits {block_m}x{block_n}x{block_k} {dtype} tiles into the "
+                             f"{limit // 1024} KB of shared memory of compute capability {capability}")
+    return config
 
 
 def _target_programs(device: torch.device) -> int:
@@ -135,34 +193,28 @@ def batched_matmul(a: torch.Tensor, b: torch.Tensor, *, sum_batch: bool = False)
         return out
     if batch == 0 or k == 0:
         return out.zero_()
-    on_gpu = a.device.type == "cuda"
-    largest_m, largest_n, largest_k, num_warps, num_stages = _launch_config(a.dtype, on_gpu)
-    block_m = _block(m, largest_m)
-    # A short M (the depth mix has M = L2) widens the tile to the same area, and K blocks grow or shrink so
-    # that neither operand tile outgrows its usual size: fewer, fuller programs at the same shared memory.
-    block_n = _block(n, largest_n * (largest_m // block_m))
-    block_k = _block(k, max(16, min(largest_k * largest_n // block_n, largest_k * largest_m // block_m)))
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    splits = 1
-    if sum_batch:
-        splits = max(1, min(triton.cdiv(_target_programs(a.device), tiles), triton.cdiv(k, block_k)))
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-    splits = triton.cdiv(k, k_per_split)
+    capability = launch.device_capability(a.device)  # None: the interpreter
+    config = gemm_config(m, n, k, a.dtype, capability, sum_batch=sum_batch,
+                         target_programs=_target_programs(a.device))
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     target = out.unsqueeze(0) if sum_batch else out
-    if splits > 1:  # fp32 partials, one per K range, added up below
-        target = torch.empty((splits, m, n), dtype=torch.float32, device=a.device)
-    grid = (tiles if sum_batch else batch * tiles, splits)
+    if config.splits > 1:  # fp32 partials, one per K range, added up below
+        target = torch.empty((config.splits, m, n), dtype=torch.float32, device=a.device)
+    grid = (tiles if sum_batch else batch * tiles, config.splits)
+    launch.note("kron_gemm", dtype=str(a.dtype).removeprefix("torch."), SUM_BATCH=sum_batch,
+                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                num_warps=config.num_warps, num_stages=config.num_stages, splits=config.splits)
     # Triton launches on the current CUDA device: make it the tensors' device.
-    with torch.cuda.device(a.device) if on_gpu else contextlib.nullcontext():
+    with torch.cuda.device(a.device) if a.device.type == "cuda" else contextlib.nullcontext():
         _batched_matmul_kernel[grid](
             a, b, target,
-            m, n, k, batch, k_per_split,
+            m, n, k, batch, config.k_per_split,
             *a.stride(), *b.stride(), *target.stride(),
-            SUM_BATCH=sum_batch, INTERPRETER=not on_gpu, INPUT_PRECISION=DOT_INPUT_PRECISION,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-            num_warps=num_warps, num_stages=num_stages,
+            SUM_BATCH=sum_batch, INTERPRETER=capability is None, INPUT_PRECISION=DOT_INPUT_PRECISION,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=8,
+            num_warps=config.num_warps, num_stages=config.num_stages,
         )
-    if splits > 1:
+    if config.splits > 1:
         out.copy_(target.sum(0))
     return out
 

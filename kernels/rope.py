@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from growlib.kernels import launch
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -58,6 +60,15 @@ def _rope_split_kernel(
     tl.store(dst + half, y2.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+def launch_config(n_heads: int, head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_HALF, num_warps): a program covers a whole rotary half (a power of two >= D / 2) of up
+    to 2048 / BLOCK_HALF heads.  Elementwise, no shared memory to speak of: one choice suits every GPU
+    (tests/kernels/test_launch_configs.py compiles it for sm_80/90)."""
+    block_half = triton.next_power_of_2(head_dim // 2)
+    block_h = max(1, min(triton.next_power_of_2(n_heads), 2048 // block_half))
+    return block_h, block_half, 4
+
+
 def rope_split_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
                    num_kv_heads: int) -> torch.Tensor:
     """Rotate and split (B, S, (H + 2 KV) * D) ``qkv`` (tokens may be strided, features contiguous) into a
@@ -71,8 +82,9 @@ def rope_split_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_
         return out
     rows = qkv.reshape(batch * seq_len, width)  # a view whenever tokens are evenly strided
     half = head_dim // 2
-    block_half = triton.next_power_of_2(half)
-    block_h = max(1, min(triton.next_power_of_2(n_heads), 2048 // block_half))
+    block_h, block_half, num_warps = launch_config(n_heads, head_dim)
+    launch.note("rope_split_qkv", dtype=str(qkv.dtype).removeprefix("torch."), BLOCK_H=block_h,
+                BLOCK_HALF=block_half, num_warps=num_warps)
 
     def batch_stride(t):
         return 0 if t.shape[0] == 1 else t.stride(0)
@@ -83,6 +95,6 @@ def rope_split_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_
             seq_len, n_heads, num_heads + num_kv_heads, half,
             rows.stride(0), batch_stride(cos), cos.stride(1), batch_stride(sin), sin.stride(1),
             BLOCK_H=block_h, BLOCK_HALF=block_half,
-            num_warps=4,
+            num_warps=num_warps,
         )
     return out

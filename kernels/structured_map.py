@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from growlib.kernels import launch
+
 _TORCH_TO_TRITON = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 SUPPORTED_DTYPES = tuple(_TORCH_TO_TRITON)
 
@@ -101,9 +103,12 @@ def _structured_map_kernel(
     tl.store(dst + d_offs, acc.to(DST_DTYPE), mask=tile_ok)
 
 
-def _block_sizes() -> tuple[int, int]:
-    """64 x 64 tiles: large enough to stream at copy bandwidth on the GPU, few programs under the interpreter."""
-    return 64, 64
+def launch_config() -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps): 64 x 64 tiles, large enough to stream at copy bandwidth on the GPU, few
+    programs under the interpreter.  The kernel has no pipelined loop and no dot, so it needs almost no shared
+    memory and one configuration suits every GPU (tests/kernels/test_launch_configs.py compiles it for sm_80
+    and sm_90)."""
+    return 64, 64, 4
 
 
 def structured_map(
@@ -129,7 +134,7 @@ def structured_map(
     kd = depth_weight.shape[1]
     k = table_index.shape[1]
     device = dst[0].device
-    block_r, block_c = _block_sizes()
+    block_r, block_c, num_warps = launch_config()
 
     dst_meta = torch.tensor([[t.shape[0], t.shape[1], t.stride(0), t.stride(1)] for t in dst], dtype=torch.int64)
     dst_ptr = torch.tensor([t.data_ptr() for t in dst], dtype=torch.int64)
@@ -146,6 +151,9 @@ def structured_map(
     def on_device(t):
         return t.to(device, non_blocking=True)
 
+    launch.note("structured_map", src=str(src[0][0].dtype).removeprefix("torch."),
+                dst=str(dst[0].dtype).removeprefix("torch."), BLEND=alpha is not None, RMS=rms, KD=kd, K=k,
+                BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
     # Triton launches on the current CUDA device: make it the tensors' device.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _structured_map_kernel[(len(prog_task),)](
@@ -158,5 +166,5 @@ def structured_map(
             SRC_DTYPE=_TORCH_TO_TRITON[src[0][0].dtype], DST_DTYPE=_TORCH_TO_TRITON[dst[0].dtype],
             BLEND=alpha is not None, RMS=rms,
             BLOCK_R=block_r, BLOCK_C=block_c,
-            num_warps=4,
+            num_warps=num_warps,
         )

@@ -34,6 +34,8 @@ import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
 import growlib
+from growlib.kernels.launch import recorded as launch_records
+from growlib.kernels.launch import summarize as summarize_launches
 
 from common import REPO_ROOT, append_csv, environment_row, measure_ceilings, require_cuda, time_fn
 
@@ -150,7 +152,7 @@ def empty_row(frozen_layers: int, trainable_layers: int) -> dict:
             "p20_ms": None, "p80_ms": None, "tokens_per_s": None, "tflops": None, "frac_matmul_ceiling": None,
             "baseline": "", "speedup_vs_baseline": None, "speedup_vs_compile": None, "peak_mem_gib": None,
             "peak_mem_above_start_gib": None, "peak_mem_vs_baseline": None, "rel_diff_vs_eager": None,
-            "first_call_s": None, "error": ""}
+            "first_call_s": None, "error": "", "triton_launches": ""}
 
 
 def finish_rows(rows: dict[str, dict], flops: dict[str, float], tokens: int, ceiling_tflops: float,
@@ -192,9 +194,11 @@ def bench_stack_forward(case: StackCase, layers: int, device: torch.device, ceil
             with torch.no_grad():
                 torch.cuda.synchronize(device)
                 start = time.perf_counter()
-                out = fn()
+                with launch_records() as records:
+                    out = fn()
                 torch.cuda.synchronize(device)
                 row["first_call_s"] = time.perf_counter() - start
+                row["triton_launches"] = summarize_launches(records)
                 if expected is None:
                     expected = out.float()
                 scale = expected.abs().max().clamp_min(1e-30)
@@ -255,9 +259,11 @@ def bench_mslt_step(case: StackCase, layers: int, device: torch.device, ceiling_
         fn = functools.partial(step_runner(impl, model, case.family, split, torch.randn_like(hidden)), hidden)
         torch.cuda.synchronize(device)
         start = time.perf_counter()
-        fn()  # creates the optimizer state, so the peak below is a steady-state step's
+        with launch_records() as records:
+            fn()  # creates the optimizer state, so the peak below is a steady-state step's
         torch.cuda.synchronize(device)
         row["first_call_s"] = time.perf_counter() - start
+        row["triton_launches"] = summarize_launches(records)
         row["peak_mem_gib"], row["peak_mem_above_start_gib"] = peak_memory(fn, device)
         row["median_ms"], row["p20_ms"], row["p80_ms"] = time_fn(fn)
         log(f"  {case.name} mslt_step {impl}: {row['median_ms']:.2f} ms, peak {row['peak_mem_gib']:.2f} GiB")

@@ -35,6 +35,8 @@ import growlib
 import growlib.ops
 import growlib.reference
 from growlib.kernels import kron_expand as kernel
+from growlib.kernels.launch import recorded as launch_records
+from growlib.kernels.launch import summarize as summarize_launches
 
 from common import REPO_ROOT, append_csv, environment_row, measure_ceilings, require_cuda, time_fn
 
@@ -158,7 +160,11 @@ def bench_case(case: Case, impls: dict[str, Callable], ceiling_tflops: float,
         try:
             start = time.perf_counter()
             runners = phase_runners(expand, inputs, grad_out)
-            first = {phase: run() for phase, run in runners.items()}
+            first, launches = {}, {}
+            for phase, run in runners.items():  # each phase's first call, with the Triton launches it makes
+                with launch_records() as records:
+                    first[phase] = run()
+                launches[phase] = summarize_launches(records)
             torch.cuda.synchronize()
             first_call_s = time.perf_counter() - start
         except Exception as err:  # torch.compile only: compile_failure raises anything else
@@ -173,7 +179,7 @@ def bench_case(case: Case, impls: dict[str, Callable], ceiling_tflops: float,
             measured[impl, phase] = {
                 "median_ms": median, "p20_ms": p20, "p80_ms": p80, "peak_mem_mib": peak_memory_mib(run),
                 "max_rel_diff_vs_eager": max_rel_diff(first[phase], expected[phase]),
-                "first_call_s": first_call_s, "error": "",
+                "first_call_s": first_call_s, "error": "", "triton_launches": launches[phase],
             }
             log(f"  {case.tensor} {impl} {phase}: {median:.3f} ms")
         del runners, first
@@ -200,15 +206,9 @@ def bench_case(case: Case, impls: dict[str, Callable], ceiling_tflops: float,
                 "frac_matmul_ceiling": tflops / ceiling_tflops if tflops else None, **speedups,
                 "peak_mem_mib": m.get("peak_mem_mib"), "max_rel_diff_vs_eager": m.get("max_rel_diff_vs_eager"),
                 "first_call_s": m.get("first_call_s"), "error": m["error"],
+                "triton_launches": m.get("triton_launches", ""),
             })
     return rows
-
-
-def triton_launch_config() -> dict[str, int]:
-    """The bf16 GEMM launch's largest blocks, warps and stages, read from the launcher so they cannot drift."""
-    block_m, block_n, block_k, num_warps, num_stages = kernel._launch_config(DTYPE, on_gpu=True)
-    return {"block_m": block_m, "block_n": block_n, "block_k": block_k, "num_warps": num_warps,
-            "num_stages": num_stages}
 
 
 def _fmt(value) -> str:
@@ -233,13 +233,12 @@ def main(argv: list[str] | None = None) -> None:
     environment = environment_row()
     ceilings = measure_ceilings(torch.device("cuda"))
     log(f"{environment['device_name']}: bf16 matmul {ceilings['matmul_ceiling_tflops']:.0f} TFLOP/s")
-    launch_config = triton_launch_config()
     impls = implementations()
     all_rows = []
     with torch._dynamo.config.patch(recompile_limit=64):
         for case in QUICK_CASES if args.quick else CASES:
             log(f"{case.growth} {case.tensor}: {case.small} -> {case.large}")
-            rows = [{**row, **launch_config, **ceilings, **environment}
+            rows = [{**row, **ceilings, **environment}
                     for row in bench_case(case, impls, ceilings["matmul_ceiling_tflops"], log)]
             append_csv(csv_path, rows)  # per case, so a late failure keeps the earlier results
             all_rows += rows

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import inspect
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +40,8 @@ import growlib
 import growlib.ops
 import growlib.reference
 from growlib.kernels import structured_map as kernel
+from growlib.kernels.launch import recorded as launch_records
+from growlib.kernels.launch import summarize as summarize_launches
 from growlib.models import adapter_for
 from growlib.schema import GrowthMap, Schema
 
@@ -232,16 +232,9 @@ def bytes_moved(calls: list[KernelCall]) -> int:
     return total + sum(int(r.sum()) * int(c.sum()) * size for r, c, size in touched.values())
 
 
-def triton_launch_config() -> dict[str, int]:
-    """BLOCK sizes and num_warps of the kernel's launch, read from the launcher so they cannot drift."""
-    block_r, block_c = kernel._block_sizes()
-    num_warps = re.search(r"num_warps=(\d+)", inspect.getsource(kernel.structured_map))
-    return {"block_r": block_r, "block_c": block_c, "num_warps": int(num_warps.group(1))}
-
-
 def triton_programs(calls: list[KernelCall]) -> int:
     """Programs the Triton launches start: one per (task, BLOCK_R x BLOCK_C tile)."""
-    block_r, block_c = kernel._block_sizes()
+    block_r, block_c, _ = kernel.launch_config()
     return sum(triton.cdiv(out.shape[0], block_r) * triton.cdiv(out.shape[1], block_c)
                for call in calls for out in call.dst)
 
@@ -297,11 +290,12 @@ def compile_failure(impl: str, err: Exception) -> str:
 @dataclass
 class Check:
     """One implementation's first run of an op: its wall time (JIT / torch.compile included), its largest
-    deviation from the eager reference, or why it failed."""
+    deviation from the eager reference, the Triton launch configurations it used, or why it failed."""
 
     first_call_s: float | None = None
     max_abs_diff: float | None = None
     error: str = ""
+    launches: str = ""
 
 
 def _synchronize(device: torch.device) -> None:
@@ -322,7 +316,8 @@ def check_agreement(calls: list[KernelCall], launch_by_impl: dict[str, Callable]
         _synchronize(device)
         start = time.perf_counter()
         try:
-            run_calls(calls, launch)
+            with launch_records() as records:
+                run_calls(calls, launch)
             _synchronize(device)
         except Exception as err:
             checks[impl] = Check(error=compile_failure(impl, err))
@@ -332,7 +327,7 @@ def check_agreement(calls: list[KernelCall], launch_by_impl: dict[str, Callable]
             expected = [t.clone() for t in dsts]
         diff = max(((t.float() - e.float()).abs().max().item() for t, e in zip(dsts, expected) if t.numel()),
                    default=0.0)
-        checks[impl] = Check(first_call_s=elapsed, max_abs_diff=diff)
+        checks[impl] = Check(first_call_s=elapsed, max_abs_diff=diff, launches=summarize_launches(records))
     for t, s in zip(dsts, saved):
         t.copy_(s)
     return checks
@@ -385,7 +380,7 @@ def bench_op(op: MapOp, compiled: Callable, copy_ceiling_gbps: float,
                          "frac_copy_ceiling": gbps / copy_ceiling_gbps if gbps else None, **speedups,
                          "first_call_s": checks[impl].first_call_s,
                          "max_abs_diff_vs_eager": checks[impl].max_abs_diff, "error": errors[scope, impl],
-                         "tasks": tasks, "triton_programs": programs})
+                         "tasks": tasks, "triton_programs": programs, "triton_launches": checks[impl].launches})
     return rows
 
 
@@ -447,7 +442,6 @@ def main(argv: list[str] | None = None) -> None:
     ceilings = measure_ceilings(device)
     log(f"{environment['device_name']}: copy {ceilings['copy_ceiling_gbps']:.0f} GB/s, "
         f"bf16 matmul {ceilings['matmul_ceiling_tflops']:.0f} TFLOP/s")
-    launch_config = triton_launch_config()
     compiled = compiled_reference()
     all_rows = []
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
@@ -456,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
             log(f"{case.name} {dtype}: building")
             fine = build_model(case, device)
             ops = build_ops(fine)
-            rows = [{"model": case.name, "dtype": dtype, **row, **launch_config, **ceilings, **environment}
+            rows = [{"model": case.name, "dtype": dtype, **row, **ceilings, **environment}
                     for op in ops for row in bench_op(op, compiled, ceilings["copy_ceiling_gbps"], log)]
             append_csv(csv_path, rows)  # per model, so a late failure keeps the earlier results
             all_rows += rows

@@ -80,9 +80,11 @@ def _command_output(args: list[str]) -> str:
 
 
 def environment_row() -> dict[str, str]:
-    """The facts a timing depends on (GPU, driver, library versions, commit, time), one value each, for
-    every CSV row; anything that cannot be found is left empty."""
+    """The facts a timing depends on (GPU, driver, library versions, commit and whether the working tree had
+    uncommitted changes, time), one value each, for every CSV row; anything that cannot be found is left
+    empty.  Each benchmark adds the Triton launch configurations that ran (``triton_launches``)."""
     on_gpu = torch.cuda.is_available()
+    commit = _command_output(["git", "rev-parse", "--short", "HEAD"])
     return {
         "device_name": torch.cuda.get_device_name() if on_gpu else "",
         "compute_capability": "%d.%d" % torch.cuda.get_device_capability() if on_gpu else "",
@@ -90,7 +92,9 @@ def environment_row() -> dict[str, str]:
         "driver": _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "git_commit": _command_output(["git", "rev-parse", "--short", "HEAD"]),
+        "git_commit": commit,
+        "git_dirty": ("yes" if _command_output(["git", "status", "--porcelain", "--untracked-files=no"]) else "no")
+        if commit else "",
         "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -117,3 +121,9 @@ def append_csv(path: str | Path, rows: Iterable[dict]) -> None:
         if is_new:
             writer.writeheader()
         writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    # ``python perf/common.py``: the gate ``make bench`` passes before anything is timed.
+    require_cuda()
+    print(f"kernel timings can be taken here: {torch.cuda.get_device_name()}")

@@ -74,6 +74,14 @@ def require_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
+def require_same_device(**models: torch.nn.Module) -> None:
+    """An in-place operator reads one model and writes another: both must live on one device."""
+    devices = {name: next(model.parameters()).device for name, model in models.items()}
+    if len(set(devices.values())) > 1:
+        found = " but ".join(f"{name} is on {device}" for name, device in devices.items())
+        raise ValueError(f"{found}: move them to one device first")
+
+
 def map_model(model: torch.nn.Module, gmap: GrowthMap) -> torch.nn.Module:
     """A new model of ``model``'s class at ``gmap.target_dims``, its parameters computed by the map."""
     adapter = adapter_for(model)

@@ -7,7 +7,7 @@ import torch
 
 from growlib.apply import apply_map
 from growlib.models import adapter_for
-from growlib.operators.common import depth_copy, map_model, require_int, resized_dims
+from growlib.operators.common import depth_copy, map_model, require_int, require_same_device, resized_dims
 from growlib.schema import DepthMap, GrowthMap
 
 GROW_METHODS = ("stack", "interleave", "copy_top")
@@ -99,9 +99,10 @@ def restrict(model: torch.nn.Module, parity: str = "even") -> torch.nn.Module:
 def prolong_(fine: torch.nn.Module, coarse: torch.nn.Module, parity: str = "even") -> torch.nn.Module:
     """Write the trained coarse layers back into their fine slots (step h restored) and the shared embeddings
     and head into ``fine``; the other fine layers are unchanged.  Returns ``fine``."""
-    adapter = adapter_for(fine)
-    if adapter_for(coarse) is not adapter:
+    adapter = adapter_for(fine, "fine")
+    if adapter_for(coarse, "coarse") is not adapter:
         raise ValueError(f"coarse is a {type(coarse).__name__} but fine is a {type(fine).__name__}")
+    require_same_device(fine=fine, coarse=coarse)
     fine_schema = adapter.schema(fine)
     if fine_schema.dims["layers"] != 2 * adapter.dims(coarse.config)["layers"]:
         raise ValueError(f"coarse must have half of fine's {fine_schema.dims['layers']} layers, got "

@@ -170,7 +170,7 @@ class LiGO(nn.Module):
         if not isinstance(small_model, nn.Module):
             raise TypeError(f"small_model must be a Hugging Face model (torch.nn.Module), got "
                             f"{type(small_model).__name__}")
-        adapter = adapter_for(small_model)
+        adapter = adapter_for(small_model, "small_model")
         _choice("depth_init", depth_init, LIGO_DEPTH_INITS)
         _choice("width_init", width_init, LIGO_WIDTH_INITS)
         _choice("tie", tie, TIES)

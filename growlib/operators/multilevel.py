@@ -12,7 +12,8 @@ import torch
 
 from growlib.apply import apply_map
 from growlib.models import adapter_for
-from growlib.operators.common import copy_map, depth_copy, map_model, merge_map, require_int, resized_dims
+from growlib.operators.common import (copy_map, depth_copy, map_model, merge_map, require_int, require_same_device,
+                                      resized_dims)
 from growlib.schema import DepthMap, GrowthMap
 
 DEPTH_PAIRINGS = ("adjacent", "stack")
@@ -98,6 +99,11 @@ def coalesce(model: torch.nn.Module, width: int = 2, depth: int = 2,
 
 
 def _dims_of_like(adapter, like) -> dict[str, int]:
+    if isinstance(like, torch.nn.Module):
+        try:
+            adapter_for(like)
+        except TypeError:
+            raise TypeError(f"like must be a {adapter.family} model or config, got {type(like).__name__}") from None
     config = like.config if isinstance(like, torch.nn.Module) else like
     if isinstance(like, torch.nn.Module) and adapter_for(like) is not adapter:
         raise ValueError(f"like is a {type(like).__name__}, not a model of the coarse model's family "
@@ -113,7 +119,7 @@ def decoalesce(coarse: torch.nn.Module, like, depth_pairing: str = "adjacent") -
 
     Rows are copied, columns copied and divided, layers copied: ``coalesce(decoalesce(c)) == c`` exactly,
     and width-only de-coalescing preserves the model's function."""
-    adapter = adapter_for(coarse)
+    adapter = adapter_for(coarse, "coarse")
     coarse_dims = adapter.dims(coarse.config)
     gmap = decoalesce_map(coarse_dims, _dims_of_like(adapter, like), depth_pairing)
     return map_model(coarse, gmap)
@@ -128,9 +134,12 @@ def interpolate_(fine: torch.nn.Module, coarse: torch.nn.Module, alpha: float,
         raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    adapter = adapter_for(fine)
-    if adapter_for(coarse) is not adapter:
+    adapter = adapter_for(fine, "fine")
+    if adapter_for(coarse, "coarse") is not adapter:
         raise ValueError(f"coarse is a {type(coarse).__name__} but fine is a {type(fine).__name__}")
+    if coarse is fine:
+        raise ValueError("fine and coarse are the same model: interpolate_ blends a coarse model into another one")
+    require_same_device(fine=fine, coarse=coarse)
     gmap = decoalesce_map(adapter.dims(coarse.config), adapter.dims(fine.config), depth_pairing)
     apply_map(gmap, adapter.schema(coarse), adapter.schema(fine), alpha=float(alpha))
     return fine

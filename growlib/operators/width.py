@@ -67,7 +67,7 @@ def widen_map(dims: dict[str, int], hidden: int | None = None, intermediate: int
     group = dims["heads"] // dims["kv_heads"]
     if heads % group:
         raise ValueError(f"heads={heads} must be a multiple of the {group} query heads per key/value head")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(require_int("seed", seed, minimum=0))
     model_source = _unit_sources(dims["model"], hidden, method, generator, "hidden")
     ffn_source = _unit_sources(dims["ffn"], intermediate, method, generator, "intermediate")
     kv_heads = heads // group

@@ -15,6 +15,9 @@ def build_schedule(name: str, total_steps: int, final_layers: int, **options):
     """The stages of schedule ``name`` for a budget of ``total_steps`` optimizer steps of the full model."""
     if name not in SCHEDULES:
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {name!r}")
+    for label, value in (("total_steps", total_steps), ("final_layers", final_layers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be an int >= 1, got {value!r}")
     builder = SCHEDULES[name]
     accepted = inspect.signature(builder).parameters
     unknown = set(options) - set(accepted)

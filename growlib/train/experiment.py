@@ -10,12 +10,12 @@ from typing import Callable
 import torch
 
 from growlib.apply import counting_map_flops
-from growlib.schedules import build_schedule
+from growlib.schedules import SCHEDULES, build_schedule
 from growlib.train import data as D
 from growlib.train.compare import plot_curves, summarize, write_summary
 from growlib.train.flops import step_flops
 from growlib.train.loop import MetricsLog, RunResult, RunState, TrainConfig, rank_and_world, run_schedule
-from growlib.train.sizes import build_model
+from growlib.train.sizes import FAMILIES, build_model, parse_size
 
 DEFAULT_CACHE = os.environ.get("GROWLIB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "growlib"))
 
@@ -34,6 +34,24 @@ class Experiment:
     vocab_size: int = 2048
     cache_dir: str = DEFAULT_CACHE
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"Experiment.family must be one of {FAMILIES}, got {self.family!r}")
+        for name in ("total_steps", "vocab_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Experiment.{name} must be an int >= 1, got {value!r}")
+        parse_size(self.size)
+        if not isinstance(self.config, TrainConfig):
+            raise TypeError(f"Experiment.config must be a growlib TrainConfig, got {type(self.config).__name__}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"Experiment.device must name a torch device ('cpu', 'cuda', 'cuda:1'), got "
+                             f"{self.device!r}") from error
+        if self.data is not None and self.family != "vit" and not os.path.exists(self.data):
+            raise FileNotFoundError(f"Experiment.data: no such file or folder: {self.data!r}")
 
 
 @dataclass
@@ -169,6 +187,11 @@ def compare(exp: Experiment, schedules: list[str], seeds: list[int], out_dir: st
     compute saved is measured: the FLOPs each method needs to reach the baseline's final loss."""
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    unknown = [name for name in schedules if name not in SCHEDULES]
+    if not schedules or unknown:
+        raise ValueError(f"schedules must be a non-empty list of {sorted(SCHEDULES)}, got {list(schedules)!r}")
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise ValueError(f"seeds must be a non-empty list of ints, got {seeds!r}")
     if "baseline" not in schedules:
         schedules = ["baseline"] + list(schedules)
     prepared = prepare_data(exp)

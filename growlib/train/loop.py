@@ -8,6 +8,9 @@ with a fresh or mapped optimizer and its own warmup + cosine learning-rate sched
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
+import io
 import json
 import math
 import os
@@ -20,6 +23,12 @@ import torch
 from growlib.apply import counting_map_flops
 from growlib.optim import map_optimizer_state
 from growlib.schema import GrowthMap
+from growlib.train import faults
+
+
+NONFINITE_POLICIES = ("stop", "skip")
+#: TrainConfig fields that say how to react to faults, not what to compute: left out of a run's identity.
+_FAULT_POLICY_FIELDS = ("on_nonfinite", "max_consecutive_skips")
 
 
 @dataclass
@@ -40,18 +49,36 @@ class TrainConfig:
     #: "restart": warmup + cosine restarted at every stage (the papers' code); "continue": one warmup + cosine
     #: over the whole run, each stage scaling it by its lr_scale.
     lr_schedule: str = "restart"
+    #: A NaN / inf loss or gradient: "stop" raises FloatingPointError (the last checkpoint stays the last good
+    #: state); "skip" drops that optimizer step and goes on, until ``max_consecutive_skips`` steps in a row
+    #: were dropped.  Neither is part of a checkpoint's identity, so a stopped run may resume with "skip".
+    on_nonfinite: str = "stop"
+    max_consecutive_skips: int = 10
 
     def __post_init__(self):
-        for name in ("batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches"):
+        for name, minimum in (("batch_size", 1), ("seq_len", 1), ("grad_accum", 1), ("eval_every", 1),
+                              ("eval_batches", 1), ("warmup_steps", 0), ("seed", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"TrainConfig.{name} must be an int >= {minimum}, got {value!r}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"TrainConfig.{name} must be a finite number, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        for name in ("weight_decay", "clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0 (clip 0: no clipping), got {getattr(self, name)}")
         if self.lr_schedule not in ("restart", "continue"):
             raise ValueError(f"TrainConfig.lr_schedule must be 'restart' or 'continue', got {self.lr_schedule!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainConfig.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"TrainConfig.on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
+        value = self.max_consecutive_skips
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"TrainConfig.max_consecutive_skips must be an int >= 1, got {value!r}")
 
 
 OPTIMIZER_POLICIES = ("reset", "map", "keep")
@@ -189,15 +216,142 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+CHECKPOINT_FORMAT = "growlib-checkpoint"
+CHECKPOINT_VERSION = 1
+#: How every checkpoint file begins (its header line is JSON with these keys first).
+_HEADER_START = b'{"format": "growlib-checkpoint"'
+_MAX_HEADER_BYTES = 4096
+
+
+def _checkpoint_bytes(payload: dict) -> bytes:
+    """One JSON header line (format, version, SHA-256 and length of the payload) followed by the payload as
+    ``torch.save`` writes it: the header vouches for every payload byte."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    body = buffer.getvalue()
+    header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+              "sha256": hashlib.sha256(body).hexdigest(), "payload_bytes": len(body)}
+    return json.dumps(header).encode() + b"\n" + body
+
+
 def save_checkpoint_atomically(payload: dict, path: str) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    """Write the checkpoint to a temporary file in the same folder, fsync it, rename it over ``path`` and fsync
+    the folder: ``path`` always holds one whole checkpoint (the old or the new one).  A temporary file left by
+    a crash fails ``load_checkpoint`` (truncated) and is removed by the next save."""
+    blob = _checkpoint_bytes(payload)
+    for stale in glob.glob(glob.escape(path) + ".tmp-*"):
+        os.remove(stale)
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(payload, tmp)
+    with open(tmp, "wb") as f:
+        half = len(blob) // 2
+        f.write(blob[:half])
+        f.flush()
+        faults.in_checkpoint_write(payload.get("global_step"))
+        f.write(blob[half:])
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Read a checkpoint written by ``save_checkpoint_atomically``.  Format, version, length and SHA-256 are
+    verified before anything is deserialised (with ``weights_only=True``: tensors and plain containers only,
+    no code), so a damaged file raises ValueError naming the file and what is wrong, and changes nothing."""
+    def refuse(problem: str, detail: str) -> ValueError:
+        return ValueError(f"checkpoint {path} is {problem}: {detail}; nothing was loaded (restore a good copy, or "
+                          "delete it to start the run over)")
+
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"PK\x03\x04"):
+        raise refuse("not a growlib checkpoint", "it is a plain torch.save file (a zip archive) without "
+                     f"growlib's {CHECKPOINT_FORMAT!r} header and checksum")
+    end = data.find(b"\n", 0, _MAX_HEADER_BYTES)
+    if end < 0:
+        if _HEADER_START.startswith(data) or data.startswith(_HEADER_START):
+            raise refuse("truncated", f"the file ends inside its header ({len(data)} bytes)")
+        raise refuse("not a growlib checkpoint", f"it does not start with a {CHECKPOINT_FORMAT!r} header")
+    try:
+        header = json.loads(data[:end])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict) or header.get("format") != CHECKPOINT_FORMAT:
+        raise refuse("not a growlib checkpoint", f"its first line is not a {CHECKPOINT_FORMAT!r} header")
+    if header.get("version") != CHECKPOINT_VERSION:
+        raise refuse("of an unsupported version", f"format version {header.get('version')!r}, but this growlib "
+                     f"reads version {CHECKPOINT_VERSION}")
+    expected_length, digest = header.get("payload_bytes"), header.get("sha256")
+    if not isinstance(expected_length, int) or not isinstance(digest, str):
+        raise refuse("corrupted", "its header lacks the payload's length or SHA-256")
+    body = data[end + 1:]
+    if len(body) < expected_length:
+        raise refuse("truncated", f"it holds {len(body)} of its {expected_length} payload bytes")
+    if len(body) > expected_length:
+        raise refuse("corrupted", f"it holds {len(body) - expected_length} bytes past its {expected_length}-byte "
+                     "payload")
+    if hashlib.sha256(body).hexdigest() != digest:
+        raise refuse("corrupted", "checksum mismatch (the payload's SHA-256 differs from the header's)")
+    try:
+        payload = torch.load(io.BytesIO(body), weights_only=True, map_location="cpu")
+    except Exception as error:  # intact bytes that torch cannot read: a payload of another torch or growlib
+        raise refuse("unreadable", f"torch.load(weights_only=True) failed on its verified payload: {error}") from error
+    if not isinstance(payload, dict):
+        raise refuse("not a growlib checkpoint", f"its payload is a {type(payload).__name__}, not a dict")
+    return payload
 
 
 def config_as_dict(config: TrainConfig) -> dict:
     return asdict(config)
+
+
+def _run_identity_config(config: TrainConfig) -> dict:
+    """The settings a checkpoint must agree on to be resumed: everything but the fault policy."""
+    return {k: v for k, v in config_as_dict(config).items() if k not in _FAULT_POLICY_FIELDS}
+
+
+def first_nonfinite(named_tensors) -> str | None:
+    """The name of the first (name, tensor) pair whose tensor holds NaN or inf (None tensors are skipped)."""
+    for name, tensor in named_tensors:
+        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+class RankDivergenceError(RuntimeError):
+    """The processes of a distributed run hold different models where they must hold the same one."""
+
+
+def check_ranks_agree(model: torch.nn.Module, stage: str) -> None:
+    """After a transition every rank must hold the same model, computed from the same synchronised one.  DDP and
+    DeepSpeed would silently overwrite the others with rank 0's when they wrap it, so compare cheap per-tensor
+    checksums (float64 sum, sum of squares, position-weighted sum) across ranks (all_reduce MAX and MIN) and
+    raise RankDivergenceError naming the stage and the first tensor that differs."""
+    if _world_size() == 1:
+        return
+    names, sums = [], []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            x = p.detach().reshape(-1).double()
+            weights = torch.arange(x.numel(), device=x.device, dtype=torch.float64).remainder_(997).add_(1)
+            names.append(name)
+            sums.append(torch.stack([x.sum(), x.square().sum(), (x * weights).sum()]))
+    high = torch.stack(sums)
+    low = high.clone()
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    differing = (high != low).any(dim=1).nonzero()
+    if len(differing):
+        name = names[int(differing[0])]
+        raise RankDivergenceError(
+            f"the ranks hold different models after the transition into stage {stage!r}: parameter {name!r} (and "
+            f"{len(differing) - 1} more) differs between ranks; every rank must compute the same transition from "
+            "the same model (a non-deterministic transition, or one that reads rank-dependent data?)")
 
 
 @dataclass
@@ -279,10 +433,35 @@ class TorchSteps:
             (loss + linear_term_value(self.model, linear_term) / accum).backward()
         return loss.detach()
 
+    def clip_and_find_nonfinite_gradient(self) -> str | None:
+        """Clip the gradients; return None if they are all finite, else the name of the first parameter whose
+        gradient holds NaN or inf.  The check is one isfinite on the total norm clipping computes anyway (under
+        DDP the gradients are already averaged, so every rank decides alike); the search runs only on failure."""
+        params = _trainable(self.model)
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return None
+        # clip_grad_norm_ in two halves (torch >= 2.6), so the search runs before clipping spreads a NaN
+        if hasattr(torch.nn.utils, "get_total_norm"):
+            total_norm = torch.nn.utils.get_total_norm(grads)
+        else:
+            total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if not bool(torch.isfinite(total_norm)):
+            return first_nonfinite((name, p.grad) for name, p in self.model.named_parameters() if p.requires_grad)
+        if self.config.clip > 0 and hasattr(torch.nn.utils, "clip_grads_with_norm_"):
+            torch.nn.utils.clip_grads_with_norm_(params, self.config.clip, total_norm)
+        elif self.config.clip > 0:
+            scale = torch.clamp(self.config.clip / (total_norm + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(scale)
+        return None
+
     def step(self) -> None:
-        if self.config.clip > 0:
-            torch.nn.utils.clip_grad_norm_(_trainable(self.model), self.config.clip)
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def skip(self) -> None:
+        """Drop this step's gradients without updating anything."""
         self.optimizer.zero_grad(set_to_none=True)
 
     def close(self) -> None:
@@ -296,6 +475,11 @@ def deepspeed_config(user_config: dict, config: TrainConfig) -> dict:
     parameters, so an ``optimizer`` / ``scheduler`` section or ZeRO stage 3 is refused rather than ignored."""
     if not isinstance(user_config, dict):
         raise TypeError(f"deepspeed config must be a dict (the parsed JSON), got {type(user_config).__name__}")
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a growlib TrainConfig, got {type(config).__name__}")
+    if not isinstance(user_config.get("zero_optimization", {}), dict):
+        raise ValueError(f"deepspeed config: zero_optimization must be an object such as {{\"stage\": 2}}, got "
+                         f"{user_config['zero_optimization']!r}")
     for key in ("optimizer", "scheduler"):
         if key in user_config:
             raise ValueError(f"deepspeed config: remove {key!r}; growlib builds AdamW and sets the learning rate "
@@ -340,11 +524,22 @@ class DeepSpeedSteps:
         with _autocast(self.model):
             loss = self.engine(**batch).loss
         self.engine.backward(loss + linear_term_value(self.model, linear_term))
-        self.engine.step()  # steps only at the accumulation boundary
+        if not last:
+            self.engine.step()  # no update before the accumulation boundary, whose step() waits for the checks
         return loss.detach() / self.config.grad_accum
 
+    def clip_and_find_nonfinite_gradient(self) -> str | None:
+        """Not checked: the engine clips inside ``step()`` and, under ZeRO, holds only its partition of the
+        gradients.  Under DeepSpeed only the loss is checked (a non-finite gradient with a finite loss is not
+        caught), and ``on_nonfinite='skip'`` is refused."""
+        return None
+
     def step(self) -> None:
-        """Already done by the last micro-batch's ``engine.step()``."""
+        """The accumulation boundary's ``engine.step()``: clips, updates and zeroes the gradients."""
+        self.engine.step()
+
+    def skip(self) -> None:
+        raise AssertionError("on_nonfinite='skip' is refused with deepspeed before training starts")
 
     def close(self) -> None:
         self.engine.destroy()
@@ -369,10 +564,15 @@ def _model_record(model: torch.nn.Module) -> dict:
 
 
 def _model_from_record(record: dict, like: torch.nn.Module) -> torch.nn.Module:
-    """Rebuild a checkpointed model of the same family as ``like`` (the schedule's initial model)."""
-    import transformers
+    """Rebuild a checkpointed model of the same family as ``like`` (the schedule's initial model).  The class
+    is looked up among the model classes growlib supports only: a checkpoint cannot name any other callable."""
+    from growlib.models import ADAPTERS
 
-    cls = getattr(transformers, record["class"])
+    supported = {cls.__name__: cls for adapter in ADAPTERS for cls in adapter.model_classes}
+    if record["class"] not in supported:
+        raise ValueError(f"checkpoint model class {record['class']!r} is not one growlib supports "
+                         f"({sorted(supported)})")
+    cls = supported[record["class"]]
     config = type(like.config).from_dict(record["config"])
     model = cls(config).to(next(like.parameters()).device)
     model.load_state_dict(record["state"], strict=True)
@@ -400,20 +600,29 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
     ``train_batch(global_step)`` must be deterministic in the step (that is the data position a checkpoint
     holds); ``step_flops(model)`` gives one optimizer step's FLOPs for the model as currently frozen;
     ``progress(record)`` (optional) sees every step's metrics record, e.g. to drive a progress bar.
-    With ``resume`` and an existing checkpoint, the run continues exactly where it stopped.  ``deepspeed``
-    (a DeepSpeed JSON config as a dict) trains every stage through a DeepSpeed engine instead of DDP."""
+    With ``resume`` and an existing checkpoint, the run continues exactly where it stopped; a damaged
+    checkpoint raises ValueError before anything changes.  ``deepspeed`` (a DeepSpeed JSON config as a dict)
+    trains every stage through a DeepSpeed engine instead of DDP.
+
+    Numerical faults: a NaN / inf loss or gradient (``config.on_nonfinite``: stop or skip the step) and a NaN /
+    inf parameter right after a transition or in a model about to be checkpointed (always stop) raise
+    FloatingPointError naming the step, stage and tensor; no checkpoint of a broken state is ever written.
+    Under torchrun, the ranks' models are compared after every transition (``check_ranks_agree``)."""
     if deepspeed is not None and (resume or checkpoint_every):
         raise ValueError("checkpoint_every and resume must be off with deepspeed: ZeRO partitions the optimizer "
                          "state across ranks, and growlib's checkpoints hold it whole")
+    if deepspeed is not None and config.on_nonfinite == "skip":
+        raise ValueError("TrainConfig.on_nonfinite='skip' is not supported with deepspeed: the engine clips and "
+                         "steps by itself, so growlib checks only the loss there and stops on a non-finite one")
     metrics = metrics or MetricsLog(None)
     total_steps = sum(s.steps for s in stages)
     start_stage, start_step, global_step, flops, wall = 0, 0, 0, 0.0, 0.0
     evals: list[tuple[int, float, float, float]] = []
     checkpoint = None
     identity = {"schedule": schedule_name, "stages": [[s.name, s.steps] for s in stages],
-                "config": config_as_dict(config)}
+                "config": _run_identity_config(config)}
     if resume and checkpoint_path and os.path.exists(checkpoint_path):
-        checkpoint = torch.load(checkpoint_path, weights_only=True, map_location="cpu")
+        checkpoint = load_checkpoint(checkpoint_path)
         if checkpoint["identity"] != identity:
             raise ValueError(f"checkpoint {checkpoint_path} belongs to another run ({checkpoint['identity']}); "
                              f"this run is {identity}: resume with the same schedule, steps and settings")
@@ -429,7 +638,7 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
     elif resume:
         metrics.truncate_after(0)  # killed before its first checkpoint: start again, log once
 
-    optimizer, steps = None, None
+    optimizer, steps, consecutive_skips = None, None, 0
     for index in range(start_stage, len(stages)):
         stage = stages[index]
         resuming_here = checkpoint is not None and index == start_stage
@@ -452,6 +661,14 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                 transition = stage.enter(state)
             model = transition.model
             flops += (maps.flops + transition.flops) * _world_size()  # every rank does the transition
+            faults.in_transition(stage.name)
+            broken = first_nonfinite(model.named_parameters())
+            if broken is not None:
+                raise FloatingPointError(
+                    f"parameter {broken!r} holds NaN or inf right after the transition into stage {stage.name!r} "
+                    f"(before step {global_step + 1}): the transition broke the model; stopping before it is "
+                    "trained or checkpointed")
+            check_ranks_agree(model, stage.name)
             if stage.freeze:
                 stage.freeze(model)
             new_optimizer = _make_optimizer(model, config)
@@ -469,6 +686,7 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
         flops_per_step = step_flops(model) * _world_size()
         first_step = start_step if resuming_here else 0
         for step_in_stage in range(first_step, stage.steps):
+            faults.before_step(global_step + 1, rank_and_world()[0])
             started = time.perf_counter()
             lr = learning_rate(config, stage, step_in_stage, global_step, total_steps)
             steps.set_lr(lr)
@@ -479,16 +697,31 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                 batch = train_batch(global_step * config.grad_accum + micro)
                 loss = steps.micro_batch(batch, state.linear_term, last=micro == config.grad_accum - 1)
                 loss_sum += _mean_over_ranks(loss)
-            steps.step()
+            fault = _nonfinite_fault(loss_sum, steps, global_step + 1, stage.name)
+            if fault is None:
+                steps.step()
+                consecutive_skips = 0
+            elif config.on_nonfinite == "skip" and consecutive_skips < config.max_consecutive_skips:
+                steps.skip()
+                consecutive_skips += 1
+            elif config.on_nonfinite == "skip":
+                raise FloatingPointError(f"{fault[0]}; that is {consecutive_skips + 1} non-finite steps in a row, "
+                                         f"more than on_nonfinite='skip' drops (max_consecutive_skips="
+                                         f"{config.max_consecutive_skips})")
+            else:
+                raise FloatingPointError(f"{fault[0]}; stopping (on_nonfinite='stop'): the last checkpoint holds "
+                                         "the last good state")
             global_step += 1
             flops += flops_per_step
             wall += time.perf_counter() - started
-            if not math.isfinite(loss_sum):
-                raise FloatingPointError(f"loss is {loss_sum} at step {global_step} (stage {stage.name!r})")
             record = {"kind": "train", "schedule": schedule_name, "step": global_step, "stage": stage.name,
                       "tokens": global_step * config.grad_accum * config.batch_size * config.seq_len * _world_size(),
                       "flops": flops, "loss": loss_sum, "lr": lr, "wall": wall}
-            metrics.write(record)
+            if fault is None:
+                metrics.write(record)
+            else:  # JSON has no NaN: the loss is written as text
+                metrics.write({**record, "kind": "skipped", "loss": str(loss_sum), "reason": fault[0],
+                               "tensor": fault[1]})
             if progress and _is_main():
                 progress({**record, "total_steps": total_steps})
             if global_step % config.eval_every == 0 or global_step == total_steps:
@@ -496,6 +729,11 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                 evals.append((global_step, flops, wall, val))
                 metrics.write({"kind": "eval", "schedule": schedule_name, "step": global_step,
                                "stage": stage.name, "flops": flops, "wall": wall, "val_loss": val})
+            if checkpoint_path and checkpoint_every and global_step % checkpoint_every == 0:
+                broken = first_nonfinite(model.named_parameters())
+                if broken is not None:
+                    raise FloatingPointError(f"parameter {broken!r} holds NaN or inf after step {global_step} "
+                                             f"(stage {stage.name!r}); not writing a checkpoint of it")
             if checkpoint_path and checkpoint_every and global_step % checkpoint_every == 0 and _is_main():
                 save_checkpoint_atomically({
                     "stage": index, "step_in_stage": step_in_stage + 1, "global_step": global_step,
@@ -511,6 +749,18 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
         steps.close()
     return RunResult(steps=global_step, flops=flops, wall_seconds=wall,
                      final_val_loss=evals[-1][3] if evals else float("nan"), evals=evals)
+
+
+def _nonfinite_fault(loss_sum: float, steps, step: int, stage: str) -> tuple[str, str | None] | None:
+    """None when this step's loss and gradients are finite, else (what is wrong, the tensor's name or None).
+    The loss is checked first: a NaN loss makes every gradient NaN, and the loss names the cause."""
+    if not math.isfinite(loss_sum):
+        return f"the loss is {loss_sum} at step {step} (stage {stage!r})", None
+    parameter = steps.clip_and_find_nonfinite_gradient()
+    if parameter is None:
+        return None
+    return (f"the gradient of parameter {parameter!r} holds NaN or inf at step {step} (stage {stage!r}; the loss "
+            f"is finite: {loss_sum:.6g})"), parameter
 
 
 def _carry_optimizer_state(transition: Transition, old_optimizer: torch.optim.Optimizer | None,

@@ -21,6 +21,8 @@ DIGITS_VIT = {"image_size": 8, "patch_size": 2, "num_channels": 3, "num_labels":
 def _size(size: str | dict) -> dict:
     if isinstance(size, dict):
         return size
+    if not isinstance(size, str):
+        raise ValueError(f"size must be one of {sorted(SIZES)}, inline JSON, a JSON file or a dict, got {size!r}")
     if size in SIZES:
         layers, hidden, heads, ffn = SIZES[size]
         return {"layers": layers, "hidden": hidden, "heads": heads, "intermediate": ffn}
@@ -32,16 +34,23 @@ def _size(size: str | dict) -> dict:
     raise ValueError(f"size must be one of {sorted(SIZES)}, inline JSON, a JSON file or a dict, got {size!r}")
 
 
+def parse_size(size: str | dict) -> dict:
+    """``size`` as a dict of layers, hidden, heads, intermediate (and kv_heads); ValueError naming it otherwise."""
+    s = _size(size)
+    missing = {"layers", "hidden", "heads", "intermediate"} - set(s) if isinstance(s, dict) else set()
+    if not isinstance(s, dict) or missing:
+        raise ValueError(f"size needs keys layers, hidden, heads, intermediate; got {size!r}"
+                         + (f", missing {sorted(missing)}" if missing else ""))
+    return s
+
+
 def build_model(family: str, size: str | dict, vocab_size: int, seq_len: int):
     """A freshly initialised HF model; ``size`` gives layers, hidden, heads, intermediate (and kv_heads).
 
     ViT is shaped for the embedded digits images (``vocab_size`` and ``seq_len`` do not apply to it)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    s = _size(size)
-    missing = {"layers", "hidden", "heads", "intermediate"} - set(s)
-    if missing:
-        raise ValueError(f"size needs keys layers, hidden, heads, intermediate; missing {sorted(missing)}")
+    s = parse_size(size)
     if family == "gpt2":
         return T.GPT2LMHeadModel(T.GPT2Config(
             vocab_size=vocab_size, n_positions=seq_len, n_embd=s["hidden"], n_layer=s["layers"],

@@ -1,9 +1,10 @@
 """The forward-only fused kernels of frozen layers (interpreter on CPU) against their PyTorch references.
 
-Awkward shapes: a single row or element, prime sizes, widths just over a block (the norm's power-of-two row
-block, the activation's 256-column tile, a rotary half just over 64), row counts just over a row block, and
-strided inputs.  fp32 is compared with the fp64 reference; fp16 / bf16 by the three-way rule against the same
-reference run in the input dtype."""
+The value cases live in growlib.kernel_cases, shared with ``growlib check-kernels``: awkward shapes (a single
+row or element, prime sizes, widths just over a block (the norm's power-of-two row block, the activation's
+256-column tile, a rotary half just over 64), row counts just over a row block, strided inputs), every norm
+variant and activation, fp32 judged against the fp64 reference and fp16 / bf16 by the three-way rule.  Here
+also: strided rows and eps, the HF activations and rotary embedding themselves, and input validation."""
 
 from __future__ import annotations
 
@@ -11,21 +12,19 @@ import pytest
 import torch
 
 import growlib
-from growlib import ops, reference
+from growlib import kernel_cases, ops, reference
 from tests.conftest import DEVICE
 
 # exp(-x) overflowing to inf is how the activations reach their limits; numpy (the interpreter) warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Per-dtype tolerance relative to max(1, |ref|).  fp16/bf16 also obey the three-way rule (see assert_matches);
-# their tolerance is one unit in the last place, since the interpreter truncates where the GPU rounds.
-TOLERANCE = {torch.float32: 4e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
 
 def randn(*shape, seed, scale=1.0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+    return kernel_cases.randn(*shape, seed=seed, scale=scale, dtype=dtype, device=DEVICE)
+
+
+def rotary_tables(batch, seq, head_dim, seed):
+    return kernel_cases.rotary_tables(batch, seq, head_dim, seed, DEVICE)
 
 
 def run(backend, fn, *args, **kwargs):
@@ -33,69 +32,18 @@ def run(backend, fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def as_tuple(x):
-    return x if isinstance(x, tuple) else (x,)
+FUSED_CASES = [case for op in ("add_norm", "bias_activation", "gated_activation", "rope_split_qkv")
+               for case in kernel_cases.cases_for(op)]
 
 
-def assert_matches(kernel, dtype, oracle, same_dtype):
-    """fp32: |kernel - ref64| <= tol * max(1, |ref64|); fp16/bf16: <= 2 |torch_same_dtype - ref64| + that."""
-    for got, exact, torch_got in zip(as_tuple(kernel), as_tuple(oracle), as_tuple(same_dtype)):
-        assert got.dtype == dtype and got.shape == exact.shape
-        scale = exact.abs().clamp_min(1.0)
-        err = (got.double() - exact).abs()
-        bound = TOLERANCE[dtype] * scale
-        if dtype != torch.float32:
-            bound = bound + 2 * (torch_got.double() - exact).abs()
-        assert (err <= bound).all(), float((err / scale).max())
-
-
-def check_op(fn, inputs: dict, dtype, **options):
-    """Run ``fn`` on the Triton kernel and on the reference (in dtype and in fp64) and compare them."""
-    cast = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and k not in ("cos", "sin") else v)
-            for k, v in inputs.items()}  # rotary tables stay fp32, as growlib.frozen passes them
-    exact = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in cast.items()}
-    kernel = run("triton", fn, **cast, **options)
-    same_dtype = run("torch", fn, **cast, **options)
-    oracle = run("torch", fn, **exact, **options)
-    assert_matches(kernel, dtype, oracle, same_dtype)
-    return kernel
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda case: case.id)
+def test_kernel_matches_reference(case):
+    assert not kernel_cases.failures(case.run(DEVICE))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # add_norm
 # ----------------------------------------------------------------------------------------------------------
-
-# (leading shape, width): one element; a prime row count over a prime width; rows just over a row block
-# (8 rows of 512 for width 257, which is just over a 256 block); a wide row.
-NORM_SHAPES = [((1,), 1), ((3, 43), 37), ((17,), 257), ((2,), 4100)]
-NORM_VARIANTS = {
-    "layernorm+residual+sum": dict(rms=False, residual=True, weight=True, bias=True, return_sum=True),
-    "layernorm-plain": dict(rms=False, residual=False, weight=True, bias=True, return_sum=False),
-    "rmsnorm+residual+sum": dict(rms=True, residual=True, weight=True, bias=False, return_sum=True),
-    "rmsnorm-no-affine": dict(rms=True, residual=False, weight=False, bias=False, return_sum=True),
-}
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", NORM_SHAPES, ids=["one", "primes", "over-block", "wide"])
-@pytest.mark.parametrize("variant", list(NORM_VARIANTS))
-def test_add_norm_matches_reference(dtype, shape, variant):
-    lead, n = shape
-    v = NORM_VARIANTS[variant]
-    inputs = {
-        "x": randn(*lead, n, seed=1, scale=3.0) + 0.5,  # an offset, so centring matters
-        "residual": randn(*lead, n, seed=2) if v["residual"] else None,
-        "weight": randn(n, seed=3) + 1.0 if v["weight"] else None,
-        "bias": randn(n, seed=4) if v["bias"] else None,
-    }
-    out = check_op(ops.add_norm, inputs, dtype, eps=1e-5, rms=v["rms"], return_sum=v["return_sum"])
-    if v["return_sum"]:
-        summed = out[1].double()
-        expected = inputs["x"].to(dtype).double()
-        if inputs["residual"] is not None:
-            expected = expected + inputs["residual"].to(dtype).double()
-        assert torch.allclose(summed, expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
-
 
 def test_add_norm_reads_strided_rows_and_respects_eps():
     """Rows that are column slices of a wider tensor, and an eps large enough to change the result."""
@@ -113,30 +61,6 @@ def test_add_norm_reads_strided_rows_and_respects_eps():
 # ----------------------------------------------------------------------------------------------------------
 # bias + activation, gated activation
 # ----------------------------------------------------------------------------------------------------------
-
-# one element; a prime row count over a prime width; rows just over the 16-row tile, width just over the
-# 256-column tile; a 3-D input
-ACTIVATION_SHAPES = [(1, 1), (43, 37), (17, 257), (2, 5, 19)]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", ACTIVATION_SHAPES, ids=["one", "primes", "over-block", "3d"])
-@pytest.mark.parametrize("activation", ops.FUSED_ACTIVATIONS)
-def test_bias_activation_matches_reference(dtype, shape, activation):
-    inputs = {"x": randn(*shape, seed=11, scale=3.0), "bias": randn(shape[-1], seed=12)}
-    check_op(ops.bias_activation, inputs, dtype, activation=activation)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", ACTIVATION_SHAPES, ids=["one", "primes", "over-block", "3d"])
-@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
-def test_gated_activation_matches_reference(dtype, shape, activation, with_bias):
-    *lead, n = shape
-    inputs = {"x": randn(*lead, 2 * n, seed=13, scale=3.0), "bias": randn(2 * n, seed=14) if with_bias else None}
-    out = check_op(ops.gated_activation, inputs, dtype, activation=activation)
-    assert out.shape == (*lead, n)
-
 
 def test_activations_are_the_hf_ones():
     """gelu is the exact erf form (BERT, ViT), gelu_tanh is GPT-2's gelu_new, silu * up is Llama's SwiGLU."""
@@ -156,35 +80,6 @@ def test_activations_are_the_hf_ones():
 # ----------------------------------------------------------------------------------------------------------
 # QKV split + RoPE
 # ----------------------------------------------------------------------------------------------------------
-
-def rotary_tables(batch, seq, head_dim, seed):
-    """cos / sin as HF builds them: angles position * inv_freq, duplicated over the two halves."""
-    g = torch.Generator().manual_seed(seed)
-    positions = torch.randint(0, 50, (batch, seq), generator=g).double()
-    inv_freq = 1.0 / (1000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = positions[..., None] * inv_freq
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float().to(DEVICE), angles.sin().float().to(DEVICE)
-
-
-# (batch, seq, heads, kv_heads, head_dim, cos batch): the smallest case; GQA with shared tables; MHA with
-# per-sequence tables and a rotary half (65) just over a power-of-two block; MQA over a prime seq
-ROPE_CASES = [(1, 1, 1, 1, 2, 1), (3, 17, 4, 2, 8, 1), (2, 5, 3, 3, 130, 2), (2, 13, 5, 1, 6, 2)]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ROPE_CASES, ids=["one", "gqa", "over-block", "mqa"])
-def test_rope_split_matches_reference(dtype, case):
-    batch, seq, heads, kv_heads, head_dim, cos_batch = case
-    width = (heads + 2 * kv_heads) * head_dim
-    qkv = randn(batch, seq, width + 3, seed=21)[..., 2:2 + width]  # tokens strided, as a slice of a wider output
-    cos, sin = rotary_tables(cos_batch, seq, head_dim, seed=22)
-    inputs = {"qkv": qkv, "cos": cos, "sin": sin}
-    q, k, v = check_op(ops.rope_split_qkv, inputs, dtype, num_heads=heads, num_kv_heads=kv_heads)
-    assert q.shape == (batch, heads, seq, head_dim) and k.shape == v.shape == (batch, kv_heads, seq, head_dim)
-    split = qkv.to(dtype).reshape(batch, seq, heads + 2 * kv_heads, head_dim).transpose(1, 2)
-    assert torch.equal(v, split[:, heads + kv_heads:])  # value heads are copied bit for bit
-
 
 def test_rope_matches_hf_apply_rotary_pos_emb():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb

@@ -1,8 +1,10 @@
 """The Kronecker-factored (LiGO) expansion: Triton kernels (interpreter on CPU) against the PyTorch reference.
 
 Values and the gradients of W, E, F and D at awkward shapes (size 1, primes, just over the 64-wide tile, the
-issue's 48x80 -> 97x131), every order of the chain's three steps, frozen inputs, non-contiguous views, the 1-D
-form; gradcheck of the reference in float64; and the errors bad inputs raise."""
+issue's 48x80 -> 97x131) on contiguous tensors and non-contiguous views, and the 1-D form: the shared cases of
+growlib.kernel_cases (``growlib check-kernels`` runs them too).  Here also: every order of the chain's three
+steps, frozen inputs, bf16 rounding, empty axes, gradcheck of the reference in float64, and the errors bad
+inputs raise."""
 
 from __future__ import annotations
 
@@ -12,89 +14,28 @@ import pytest
 import torch
 
 import growlib
-from growlib import ops, reference
+from growlib import kernel_cases, ops, reference
 from growlib.kernels import kron_expand as kernel
 from tests.conftest import DEVICE
 
-# Per-dtype tolerance, relative to the largest |ref| of the tensor compared (at least 1): a sum's rounding error
-# follows the size of its terms, not of the sum.  bf16 also obeys the three-way rule in assert_close.
-TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 8e-3}
-
-# (L1, O1, I1) -> (L2, O2, I2)
-SHAPES = {
-    "issue": ((3, 48, 80), (5, 97, 131)),
-    "size-one": ((1, 1, 3), (2, 1, 2)),
-    "primes": ((2, 7, 13), (3, 17, 11)),
-    "over-block": ((2, 65, 33), (3, 66, 65)),
-    "shrink": ((5, 40, 24), (2, 17, 30)),
-}
-NAMES = ("W", "E", "F", "D")
+NAMES = kernel_cases.KRON_NAMES
 
 
 def random_inputs(seed, dtype, small, large, views=False):
-    """W, E, F, D scaled so that outputs and gradients are of order one.  With ``views`` they are strided
-    and transposed views rather than contiguous tensors."""
-    (l1, o1, i1), (l2, o2, i2) = small, large
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(l1, o1, i1 + 2, generator=g)[:, :, 1:-1] if views else torch.randn(l1, o1, i1, generator=g)
-    E = (torch.randn(o1, o2, generator=g).mT if views else torch.randn(o2, o1, generator=g)) / o1 ** 0.5
-    F = (torch.randn(i1, i2, generator=g).mT if views else torch.randn(i2, i1, generator=g)) / i1 ** 0.5
-    D = torch.randn(l2, l1, generator=g) / l1 ** 0.5
-    grad_out = torch.randn(l2, o2, i2, generator=g)
-    return [t.to(DEVICE, dtype) for t in (W, E, F, D)], grad_out.to(DEVICE, dtype)
-
-
-def value_and_grads(fn, inputs, grad_out, wanted=NAMES):
-    """fn's output and the gradients of the ``wanted`` inputs (None for the others, which are frozen)."""
-    leaves = [t.detach().requires_grad_(name in wanted) for name, t in zip(NAMES, inputs)]
-    out = fn(*leaves)
-    grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], grad_out)
-    by_name = dict(zip([n for n in NAMES if n in wanted], grads))
-    return [out.detach()] + [by_name.get(name) for name in NAMES]
-
-
-def through_ops(backend):
-    def fn(W, E, F, D):
-        with growlib.use_backend(backend):
-            return ops.kron_expand(W, E, F, D)
-    return fn
-
-
-def eager_same_dtype(W, E, F, D):
-    """The einsum chain a user would write, in the inputs' own dtype: the bf16 baseline of the three-way rule."""
-    return torch.einsum("lob,ib->loi", torch.einsum("oa,lab->lob", E, torch.einsum("lj,jab->lab", D, W)), F)
-
-
-def assert_close(got, exact, torch_got, dtype, name):
-    """fp32: within TOLERANCE of the fp64 oracle.  bf16: |kernel - ref64| <= 2 |eager bf16 - ref64| + atol."""
-    assert got.dtype == dtype and got.shape == exact.shape, (name, got.dtype, got.shape)
-    atol = TOLERANCE[dtype] * max(1.0, float(exact.abs().max()))
-    err = (got.double() - exact).abs()
-    allowed = atol + (2 * (torch_got.double() - exact).abs() if dtype != torch.float32 else 0.0)
-    assert (err <= allowed).all(), (name, float(err.max()) / atol)
-
-
-def assert_matches(kernel_results, oracle, same_dtype, dtype):
-    for name, got, exact, torch_got in zip(("out",) + NAMES, kernel_results, oracle, same_dtype):
-        if exact is None:
-            assert got is None, name
-        else:
-            assert_close(got, exact, torch_got, dtype, name)
+    return kernel_cases.kron_inputs(seed, dtype, small, large, DEVICE, views)
 
 
 def check_against_reference(inputs, grad_out, wanted=NAMES):
-    dtype = inputs[0].dtype
-    got = value_and_grads(through_ops("triton"), inputs, grad_out, wanted)
-    oracle = value_and_grads(reference.kron_expand, [t.double() for t in inputs], grad_out.double(), wanted)
-    same_dtype = value_and_grads(eager_same_dtype, inputs, grad_out, wanted)
-    assert_matches(got, oracle, same_dtype, dtype)
+    """Output and gradients through the Triton kernels, judged by the shared rule (growlib.kernel_cases)."""
+    assert not kernel_cases.failures(kernel_cases.kron_comparisons(inputs, grad_out, wanted))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
-def test_values_and_gradients_match_reference(dtype, shape):
-    inputs, grad_out = random_inputs(3, dtype, *SHAPES[shape], views=shape == "issue")
-    check_against_reference(inputs, grad_out)
+@pytest.mark.parametrize("case", kernel_cases.cases_for("kron_expand") + kernel_cases.cases_for("kron_expand_vector"),
+                         ids=lambda case: case.id)
+def test_values_and_gradients_match_reference(case):
+    """The shared cases: sizes 1, primes, just over the tile, the issue's shape on views, shrinking depth, and
+    the 1-D form; forward and backward."""
+    assert not kernel_cases.failures(case.run(DEVICE))
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(kernel.STEPS)), ids="-".join)
@@ -138,40 +79,14 @@ def test_cheapest_order_puts_the_depth_mix_where_it_saves_work():
     assert kernel.cheapest_order(*maps(12, 12, 100, 4000, 100, 200)) == ("depth", "cols", "rows")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("small, large", [((1, 1), (3, 2)), ((3, 70), (4, 67))], ids=["size-one", "over-block"])
-def test_vector_form_matches_reference(dtype, small, large):
-    (l1, o1), (l2, o2) = small, large
-    g = torch.Generator().manual_seed(2)
-    w = torch.randn(l1, o1, generator=g).to(DEVICE, dtype)
-    E = (torch.randn(o2, o1, generator=g) / o1 ** 0.5).to(DEVICE, dtype)
-    D = (torch.randn(l2, l1, generator=g) / l1 ** 0.5).to(DEVICE, dtype)
-    grad_out = torch.randn(l2, o2, generator=g).to(DEVICE, dtype)
-
-    def run(fn, args, grad):
-        leaves = [t.detach().requires_grad_() for t in args]
-        out = fn(*leaves)
-        return [out.detach(), *torch.autograd.grad(out, leaves, grad)]
-
-    def through_triton(w, E, D):
-        with growlib.use_backend("triton"):
-            return ops.kron_expand_vector(w, E, D)
-
-    got = run(through_triton, (w, E, D), grad_out)
-    oracle = run(reference.kron_expand_vector, [t.double() for t in (w, E, D)], grad_out.double())
-    same_dtype = run(lambda w, E, D: torch.einsum("oa,la->lo", E, D @ w), (w, E, D), grad_out)
-    for name, got_t, exact, torch_t in zip(("out", "w", "E", "D"), got, oracle, same_dtype):
-        assert_close(got_t, exact, torch_t, dtype, name)
-
-
 @pytest.mark.parametrize("shapes", [((0, 3, 4), (5, 3), (6, 4), (2, 0)), ((2, 3, 4), (0, 3), (6, 4), (2, 2)),
                                     ((2, 3, 4), (5, 3), (6, 4), (0, 2))], ids=["L1=0", "O2=0", "L2=0"])
 def test_empty_axes_give_what_the_reference_gives(shapes):
     """No program runs on an empty axis; a sum over none is zero."""
     inputs = [torch.randn(shape, device=DEVICE) for shape in shapes]
     grad_out = torch.ones(shapes[3][0], shapes[1][0], shapes[2][0], device=DEVICE)
-    got = value_and_grads(through_ops("triton"), inputs, grad_out)
-    expected = value_and_grads(reference.kron_expand, inputs, grad_out)
+    got = kernel_cases.value_and_grads(kernel_cases.kron_through("triton"), inputs, grad_out)
+    expected = kernel_cases.value_and_grads(reference.kron_expand, inputs, grad_out)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 

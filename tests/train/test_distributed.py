@@ -11,7 +11,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
+
+from growlib.train.loop import load_checkpoint
 
 SIZE = {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64}
 STEPS = 40
@@ -43,7 +44,7 @@ def train(tmp_path, name: str, port: int, *extra: str) -> list[dict]:
 def ddp_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("ddp")
     records = train(tmp_path, "out", 29517, "--checkpoint-every", str(STEPS))
-    checkpoint = torch.load(tmp_path / "out" / "vcycle-seed0" / "checkpoint.pt", weights_only=True)
+    checkpoint = load_checkpoint(str(tmp_path / "out" / "vcycle-seed0" / "checkpoint.pt"))
     assert checkpoint["global_step"] == STEPS
     return records
 

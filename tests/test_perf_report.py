@@ -1,0 +1,102 @@
+"""perf/report.py: the Markdown table from the latest benchmark run, and the honest answer when there is none;
+and ``make bench``, which refuses to time anything without a GPU.
+
+The CSV here is synthetic and lives in a temporary directory: it only checks that the report reads the right
+rows and computes the right ratios."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPORT = Path(__file__).resolve().parent.parent / "perf" / "report.py"
+
+
+@pytest.fixture(scope="module")
+def report():
+    """perf/report.py as a module (perf/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("perf_report", REPORT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+ENVIRONMENT = {"device_name": "Test GPU", "compute_capability": "9.0", "cuda_runtime": "13.0", "driver": "580.1",
+               "torch": "2.11.0", "triton": "3.6.0", "git_commit": "abc1234", "git_dirty": "no",
+               "copy_ceiling_gbps": "4000", "matmul_ceiling_tflops": "800"}
+
+
+def structured_rows(timestamp, triton_ms, eager_ms, compile_ms, frac, **environment):
+    case = {"model": "bert-base", "dtype": "bfloat16", "op": "coalesce", "scope": "kernel_only"}
+    rows = []
+    for impl, ms in (("triton", triton_ms), ("eager", eager_ms), ("compile", compile_ms)):
+        rows.append({**case, "impl": impl, "median_ms": ms, "frac_copy_ceiling": frac if impl == "triton" else "",
+                     "error": "" if ms != "" else "TorchDynamo: failed",
+                     "triton_launches": "structured_map(BLOCK_R=64,BLOCK_C=64,num_warps=4) x1" if impl == "triton" else "",
+                     **ENVIRONMENT, "timestamp_utc": timestamp, **environment})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_report_uses_the_latest_run_and_computes_ratios(report, tmp_path):
+    older = structured_rows("2030-01-01T00:00:00+00:00", "9.0", "10.0", "11.0", "0.1")
+    newer = structured_rows("2030-02-01T00:00:00+00:00", "1.5", "3.0", "", "0.4567")
+    cpu_row = structured_rows("2031-01-01T00:00:00+00:00", "0.001", "0.001", "0.001", "0.9", device_name="")
+    write_csv(tmp_path / "structured.csv", older + newer + cpu_row)
+    out = tmp_path / "PERFORMANCE.md"
+    assert report.main(["--results", str(tmp_path), "--out", str(out)]) == 0
+    text = out.read_text()
+    structured = text.split("## Structured growth maps")[1].split("## ")[0]
+    assert "2030-02-01T00:00:00+00:00" in structured and "2030-01-01" not in structured and "2031" not in structured
+    assert "| bert-base | bfloat16 | coalesce | kernel_only | 1.5 | 3 | - | 2.00x | - | 46% |" in structured
+    assert "Test GPU (compute capability 9.0)" in structured and "triton 3.6.0" in structured
+    assert "commit abc1234" in structured and "copy 4000 GB/s" in structured
+    assert "compile: TorchDynamo: failed" in structured
+    assert "`structured_map(BLOCK_R=64,BLOCK_C=64,num_warps=4) x1`" in structured
+    # the benchmarks with no CSV say so rather than showing anything
+    for title in ("Kronecker-factored expansion", "Frozen stack forward", "MSLT training step"):
+        assert "not yet measured on a GPU" in text.split(f"## {title}")[1].split("## ")[0]
+
+
+def test_report_without_any_csv_says_not_yet_measured_and_succeeds(report, tmp_path, capsys):
+    out = tmp_path / "PERFORMANCE.md"
+    assert report.main(["--results", str(tmp_path / "missing"), "--out", str(out)]) == 0
+    assert "not yet measured on a GPU" in capsys.readouterr().out
+    text = out.read_text()
+    assert text.count("not yet measured on a GPU") == len(report.TABLES)
+    assert "|" not in text  # no table, no number
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_bench_gate_refuses_without_a_gpu_and_prints_no_number():
+    """``make bench`` starts with ``python perf/common.py``: on a machine without a GPU it must stop there."""
+    result = subprocess.run([sys.executable, str(REPORT.parent / "common.py")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    assert "kernel timings" in result.stderr and result.stdout == ""
+
+
+def test_make_bench_gates_then_runs_every_benchmark_and_the_report():
+    makefile = (REPORT.parent.parent / "Makefile").read_text()
+    recipe = makefile.split("\nbench:")[1].split("\n\n")[0]
+    commands = [line.strip() for line in recipe.splitlines()[1:] if line.startswith("\t")]
+    assert commands[0] == "$(PY) perf/common.py"
+    scripts = [c.split()[1] for c in commands if c.startswith("$(PY) perf/")]
+    assert scripts == ["perf/common.py", "perf/bench_structured.py", "perf/bench_kron.py", "perf/bench_frozen.py",
+                       "perf/report.py"]
