@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,8 @@ import growlib
 from growlib.kernels.launch import recorded as launch_records
 from growlib.kernels.launch import summarize as summarize_launches
 
-from common import REPO_ROOT, append_csv, environment_row, measure_ceilings, require_cuda, time_fn
+from common import (REPO_ROOT, append_csv, elapsed_logger, environment_row, measure_ceilings, print_table,
+                    require_cuda, time_fn)
 
 STACK_IMPLS = ("eager", "compile", "freeze_forward")  # eager first: the others are checked against it
 STEP_IMPLS = ("full_backprop", "mslt_no_grad", "mslt_freeze_forward")
@@ -278,9 +278,6 @@ def bench_mslt_step(case: StackCase, layers: int, device: torch.device, ceiling_
 # Output
 # ----------------------------------------------------------------------------------------------------------
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -290,10 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     require_cuda()
 
-    started = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+    log = elapsed_logger()
 
     device = torch.device("cuda")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -319,9 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     columns = ("model", "bench", "impl", "frozen_layers", "trainable_layers", "tokens", "median_ms", "tokens_per_s",
                "tflops", "frac_matmul_ceiling", "baseline", "speedup_vs_baseline", "speedup_vs_compile",
                "peak_mem_gib", "peak_mem_vs_baseline", "rel_diff_vs_eager", "error")
-    print("\t".join(columns))
-    for row in all_rows:
-        print("\t".join(_fmt(row[c]) for c in columns))
+    print_table(all_rows, list(columns), number_format='.3g')
     log(f"wrote {csv_path}")
 
 

@@ -23,7 +23,6 @@ what was live before it.  Without a CUDA GPU it exits with status 2 and times no
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,8 @@ from growlib.kernels import kron_expand as kernel
 from growlib.kernels.launch import recorded as launch_records
 from growlib.kernels.launch import summarize as summarize_launches
 
-from common import REPO_ROOT, append_csv, environment_row, measure_ceilings, require_cuda, time_fn
+from common import (REPO_ROOT, append_csv, elapsed_logger, environment_row, measure_ceilings, print_table,
+                    require_cuda, time_fn)
 
 DTYPE = torch.bfloat16
 IMPLS = ("eager", "eager_bf16", "compile", "triton")  # eager first: the others are checked against it
@@ -211,9 +211,6 @@ def bench_case(case: Case, impls: dict[str, Callable], ceiling_tflops: float,
     return rows
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -223,10 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     require_cuda()
 
-    started = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+    log = elapsed_logger()
 
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "kron.csv"
@@ -246,9 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     columns = ("growth", "tensor", "phase", "impl", "median_ms", "tflops", "frac_matmul_ceiling",
                "speedup_vs_eager", "speedup_vs_eager_bf16", "speedup_vs_compile", "peak_mem_mib",
                "max_rel_diff_vs_eager")
-    print("\t".join(columns))
-    for row in all_rows:
-        print("\t".join(_fmt(row[c]) for c in columns))
+    print_table(all_rows, list(columns))
     log(f"wrote {csv_path}")
 
 

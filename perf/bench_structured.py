@@ -45,7 +45,8 @@ from growlib.kernels.launch import summarize as summarize_launches
 from growlib.models import adapter_for
 from growlib.schema import GrowthMap, Schema
 
-from common import REPO_ROOT, append_csv, environment_row, measure_ceilings, require_cuda, time_fn
+from common import (REPO_ROOT, append_csv, elapsed_logger, environment_row, measure_ceilings, print_table,
+                    require_cuda, time_fn)
 
 WIDTH, DEPTH = 2, 2  # coalescing factors
 ALPHA = 0.25  # interpolation weight
@@ -418,9 +419,6 @@ def plot(rows: list[dict], path: Path, copy_ceiling_gbps: float) -> None:
     plt.close(fig)
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -430,10 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     require_cuda()
 
-    started = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+    log = elapsed_logger()
 
     device = torch.device("cuda")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -459,9 +454,7 @@ def main(argv: list[str] | None = None) -> None:
 
     columns = ("model", "dtype", "op", "scope", "impl", "median_ms", "gbps", "frac_copy_ceiling",
                "speedup_vs_eager", "speedup_vs_compile", "max_abs_diff_vs_eager")
-    print("\t".join(columns))
-    for row in all_rows:
-        print("\t".join(_fmt(row[c]) for c in columns))
+    print_table(all_rows, list(columns))
     plot(all_rows, args.out / "structured.png", ceilings["copy_ceiling_gbps"])
     log(f"wrote {csv_path}")
 

@@ -127,3 +127,24 @@ if __name__ == "__main__":
     # ``python perf/common.py``: the gate ``make bench`` passes before anything is timed.
     require_cuda()
     print(f"kernel timings can be taken here: {torch.cuda.get_device_name()}")
+
+
+def elapsed_logger() -> Callable[[str], None]:
+    """A progress log to stderr, each line stamped with the seconds since the logger was made (numbers a
+    benchmark reports go to stdout and its CSV, never here)."""
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def print_table(rows: list[dict], columns: list[str], number_format: str = ".3f") -> None:
+    """Rows as a tab-separated table on stdout: floats in ``number_format``, missing values as '-'."""
+    def cell(value) -> str:
+        return "-" if value is None else format(value, number_format) if isinstance(value, float) else str(value)
+
+    print("\t".join(columns))
+    for row in rows:
+        print("\t".join(cell(row[c]) for c in columns))
