@@ -55,7 +55,9 @@ def claims_section(folders: list[Path]) -> list[str]:
                 else:
                     cell = f"{(float(row['flops_ratio']) - 1) * 100:+.0f}% FLOPs, {row['reached']}/{row['seeds']} seeds"
                 measured.setdefault(row["schedule"], []).append(cell)
-    for schedule, claim in PAPER_CLAIMS.items():
+    others = [name for name in measured if name not in PAPER_CLAIMS and name != "baseline"]
+    for schedule in list(PAPER_CLAIMS) + others:
+        claim = PAPER_CLAIMS.get(schedule, "(a classic operator, not one of the four source papers)")
         cells = measured.get(schedule, ["not run"] * len(folders))
         lines.append(f"| {schedule} | {claim} | " + " | ".join(cells) + " |")
     return lines + [""]

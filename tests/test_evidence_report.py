@@ -26,13 +26,16 @@ def summary(schedule, loss, ratio):
 
 def test_evidence_puts_each_configuration_beside_the_papers(tmp_path):
     results = tmp_path / "evidence"
-    write_summary([summary("baseline", 5.0, 1.0), summary("ligo", 4.8, 0.6), summary("vcycle", 5.2, None)],
+    write_summary([summary("baseline", 5.0, 1.0), summary("ligo", 4.8, 0.6), summary("vcycle", 5.2, None),
+                   summary("stack", 4.9, 0.8)],
                   str(results / "gpt2-small"), header="gpt2 small, 3 seeds")
     assert load_script().main(["--results", str(results)]) == 0
     text = (tmp_path / "evidence.md").read_text()
     assert "| ligo | LiGO: -45% FLOPs, -40% wall time | -40% FLOPs, 3/3 seeds |" in text
     assert "| vcycle | multi-level framework" in text and "baseline loss not reached (final 5.200)" in text
     assert "| mslt | MSLT: more than 2.1x training speed | not run |" in text
+    assert "| stack | (a classic operator, not one of the four source papers) | -20% FLOPs, 3/3 seeds |" in text
+    assert "| baseline | (a classic" not in text
     assert "gpt2 small, 3 seeds" in text and "| ligo | 4.800 (4.700-4.800) | 0.60x | 0.60x | 3/3 |" in text
 
 
