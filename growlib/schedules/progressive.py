@@ -199,11 +199,13 @@ def _small_dims(dims: dict[str, int], layers: int, width_fraction: float) -> dic
             "kv": scaled["kv_heads"] * dims["head_dim"]}
 
 
-def ligo(total_steps: int, final_layers: int, small_layers: int | None = None, small_width: float = 0.5,
+def ligo(total_steps: int, final_layers: int, small_layers: int | None = None, small_width: float = 1.0,
          small_fraction: float = 0.25, fit_steps: int | None = None, fit_lr: float = 1e-3, depth_init: str = "stack",
          width_init: str = "net2net", tie: str = "paper") -> list[Stage]:
     """LiGO (Wang et al.): train a small model (``small_layers``, default half the depth, and ``small_width``
-    of the width) for ``small_fraction`` of the budget, fit the learned growth operator (growlib.LiGO) for
+    of the width: full width by default, since at the sizes measured in perf/results/ligo_small_width a
+    narrower small model loses more than its cheaper phase saves) for ``small_fraction`` of the budget, fit the
+    learned growth operator (growlib.LiGO: the width maps are learned even when the width stays) for
     ``fit_steps`` steps on the large model's loss (default: the paper's 100, but at most 5% of the budget,
     which short runs cannot spare more of), materialise the large model and train it for the rest.
 

@@ -192,7 +192,9 @@ def test_ligo_trains_a_small_model_then_fits_the_operator_into_the_full_one(monk
 
     fits = []
     monkeypatch.setattr(LiGO, "fit", lambda self, batches, steps, lr: fits.append((len(batches), steps, lr)))
-    stages = build_schedule("ligo", 100, 4, fit_steps=7)
+    assert growlib.schema_of(build_schedule("ligo", 100, 4)[0].enter(RunState(tiny_model("gpt2", layers=4))).model
+                             ).dims["model"] == 48  # full width by default
+    stages = build_schedule("ligo", 100, 4, fit_steps=7, small_width=0.5)
     assert [(s.name, s.steps) for s in stages] == [("small", 25), ("large", 75)]
     full = tiny_model("llama", layers=4, hidden=48, heads=4, kv_heads=2, ffn=72)
     batch = {**example_inputs(full), "labels": example_inputs(full)["input_ids"]}
