@@ -662,12 +662,9 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
             model = transition.model
             flops += (maps.flops + transition.flops) * _world_size()  # every rank does the transition
             faults.in_transition(stage.name)
-            broken = first_nonfinite(model.named_parameters())
-            if broken is not None:
-                raise FloatingPointError(
-                    f"parameter {broken!r} holds NaN or inf right after the transition into stage {stage.name!r} "
-                    f"(before step {global_step + 1}): the transition broke the model; stopping before it is "
-                    "trained or checkpointed")
+            _require_finite_parameters(model, f"right after the transition into stage {stage.name!r} (before step "
+                                              f"{global_step + 1}): the transition broke the model; stopping before "
+                                              "it is trained or checkpointed")
             check_ranks_agree(model, stage.name)
             if stage.freeze:
                 stage.freeze(model)
@@ -729,12 +726,11 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                 evals.append((global_step, flops, wall, val))
                 metrics.write({"kind": "eval", "schedule": schedule_name, "step": global_step,
                                "stage": stage.name, "flops": flops, "wall": wall, "val_loss": val})
-            if checkpoint_path and checkpoint_every and global_step % checkpoint_every == 0:
-                broken = first_nonfinite(model.named_parameters())
-                if broken is not None:
-                    raise FloatingPointError(f"parameter {broken!r} holds NaN or inf after step {global_step} "
-                                             f"(stage {stage.name!r}); not writing a checkpoint of it")
-            if checkpoint_path and checkpoint_every and global_step % checkpoint_every == 0 and _is_main():
+            checkpoint_due = bool(checkpoint_path and checkpoint_every and global_step % checkpoint_every == 0)
+            if checkpoint_due:
+                _require_finite_parameters(model, f"after step {global_step} (stage {stage.name!r}); not writing a "
+                                                  "checkpoint of it")
+            if checkpoint_due and _is_main():
                 save_checkpoint_atomically({
                     "stage": index, "step_in_stage": step_in_stage + 1, "global_step": global_step,
                     "flops": flops, "wall": wall, "evals": evals, "model": _model_record(model),
@@ -749,6 +745,13 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
         steps.close()
     return RunResult(steps=global_step, flops=flops, wall_seconds=wall,
                      final_val_loss=evals[-1][3] if evals else float("nan"), evals=evals)
+
+
+def _require_finite_parameters(model: torch.nn.Module, where: str) -> None:
+    """Raise FloatingPointError naming the first parameter holding NaN or inf, and ``where`` that was found."""
+    broken = first_nonfinite(model.named_parameters())
+    if broken is not None:
+        raise FloatingPointError(f"parameter {broken!r} holds NaN or inf {where}")
 
 
 def _nonfinite_fault(loss_sum: float, steps, step: int, stage: str) -> tuple[str, str | None] | None:
