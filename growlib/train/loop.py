@@ -217,7 +217,7 @@ class MetricsLog:
 
 
 CHECKPOINT_FORMAT = "growlib-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 #: How every checkpoint file begins (its header line is JSON with these keys first).
 _HEADER_START = b'{"format": "growlib-checkpoint"'
 _MAX_HEADER_BYTES = 4096
@@ -638,7 +638,8 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
     elif resume:
         metrics.truncate_after(0)  # killed before its first checkpoint: start again, log once
 
-    optimizer, steps, consecutive_skips = None, None, 0
+    optimizer, steps = None, None
+    consecutive_skips = checkpoint["consecutive_skips"] if checkpoint is not None else 0
     for index in range(start_stage, len(stages)):
         stage = stages[index]
         resuming_here = checkpoint is not None and index == start_stage
@@ -736,7 +737,7 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                     "flops": flops, "wall": wall, "evals": evals, "model": _model_record(model),
                     "kept": {k: _model_record(m) for k, m in state.kept.items()},
                     "linear_term": state.linear_term, "kept_optimizer_states": state.kept_optimizer_states,
-                    "notes": state.notes,
+                    "notes": state.notes, "consecutive_skips": consecutive_skips,
                     "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                     "identity": identity}, checkpoint_path)

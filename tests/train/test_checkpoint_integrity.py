@@ -55,7 +55,7 @@ DAMAGE = [
     ("payload cut short", lambda d: d[:len(d) - 100], r"is truncated: it holds \d+ of its \d+ payload bytes"),
     ("cut inside the header", lambda d: d[:20], r"is truncated: the file ends inside its header"),
     ("empty file", lambda d: b"", r"is truncated"),
-    ("format version 2", lambda d: with_version(d, 2), r"unsupported version: format version 2"),
+    ("format version 1", lambda d: with_version(d, 1), r"unsupported version: format version 1"),
     ("no format version", lambda d: with_version(d, None), r"unsupported version: format version None"),
     ("a plain torch.save file", plain_torch_save, r"not a growlib checkpoint: it is a plain torch.save file"),
     ("a text file", lambda d: b"hello\nworld\n", r"not a growlib checkpoint: its first line"),
@@ -93,7 +93,7 @@ def trained_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("damage,match", [d[1:] for d in DAMAGE if d[0] in
-                                          ("one payload byte flipped", "payload cut short", "format version 2",
+                                          ("one payload byte flipped", "payload cut short", "format version 1",
                                            "a plain torch.save file")],
                          ids=["corrupted", "truncated", "version", "plain torch.save"])
 def test_resuming_from_a_damaged_checkpoint_changes_nothing(trained_run, tmp_path, damage, match):

@@ -155,6 +155,19 @@ def test_skip_stops_after_too_many_consecutive_bad_steps(tmp_path):
     assert [r["step"] for r in records(tmp_path, "skipped")] == [3, 4]
 
 
+def test_the_run_of_skipped_steps_survives_a_resume(tmp_path):
+    """The checkpoint after step 4 holds two skips in a row (steps 3, 4): resumed, step 5 is the third and
+    step 6 the fourth, one more than max_consecutive_skips=3 allows, as if the run had never stopped."""
+    config = TrainConfig(**{**CONFIG.__dict__, "on_nonfinite": "skip", "max_consecutive_skips": 3})
+    poison = Poison({3, 4, 5, 6, 7}, "gradient")
+    with pytest.raises(FloatingPointError, match=r"at step 6 .*4 non-finite steps in a row"):
+        train(tiny_model("gpt2", layers=2), poison.stages(8), poison, tmp_path, config=config)
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["consecutive_skips"] == 2
+    poison = Poison({5, 6}, "gradient")
+    with pytest.raises(FloatingPointError, match=r"at step 6 .*4 non-finite steps in a row"):
+        train(tiny_model("gpt2", layers=2, seed=4), poison.stages(8), poison, tmp_path, config=config, resume=True)
+
+
 def test_a_run_stopped_by_nan_resumes_with_skip(tmp_path):
     """The fault policy is not part of the run's identity: resume the stopped run, dropping the bad step."""
     poison = Poison({6}, "loss")
