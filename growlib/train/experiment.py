@@ -140,7 +140,8 @@ def run(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = No
                         step_flops=flops, metrics=MetricsLog(os.path.join(run_dir, "metrics.jsonl") if run_dir else None),
                         checkpoint_path=os.path.join(run_dir, "checkpoint.pt") if run_dir else None,
                         checkpoint_every=checkpoint_every if run_dir else 0, resume=resume, schedule_name=schedule,
-                        progress=progress, deepspeed=deepspeed)
+                        progress=progress, deepspeed=deepspeed,
+                        tokens_per_sample=step_flops(model, 1, _seq_len(exp)).seq_len)
 
 
 def _seq_len(exp: Experiment) -> int | None:

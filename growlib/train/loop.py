@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from growlib.apply import counting_map_flops
+from growlib.operators.common import require_int
 from growlib.optim import map_optimizer_state
 from growlib.schema import GrowthMap
 from growlib.train import faults
@@ -594,12 +595,14 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                  step_flops: Callable[[torch.nn.Module], float], metrics: MetricsLog | None = None,
                  checkpoint_path: str | None = None, checkpoint_every: int = 0, resume: bool = False,
                  schedule_name: str = "", progress: Callable[[dict], None] | None = None,
-                 deepspeed: dict | None = None) -> RunResult:
+                 deepspeed: dict | None = None, tokens_per_sample: int | None = None) -> RunResult:
     """Train through ``stages`` starting from ``state.model``.
 
     ``train_batch(global_step)`` must be deterministic in the step (that is the data position a checkpoint
     holds); ``step_flops(model)`` gives one optimizer step's FLOPs for the model as currently frozen;
-    ``progress(record)`` (optional) sees every step's metrics record, e.g. to drive a progress bar.
+    ``progress(record)`` (optional) sees every step's metrics record, e.g. to drive a progress bar;
+    ``tokens_per_sample`` is what the records count as tokens per sample (default ``config.seq_len``; a ViT
+    sees its patches + class token, whatever ``seq_len`` says).
     With ``resume`` and an existing checkpoint, the run continues exactly where it stopped; a damaged
     checkpoint raises ValueError before anything changes.  ``deepspeed`` (a DeepSpeed JSON config as a dict)
     trains every stage through a DeepSpeed engine instead of DDP.
@@ -615,6 +618,8 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
         raise ValueError("TrainConfig.on_nonfinite='skip' is not supported with deepspeed: the engine clips and "
                          "steps by itself, so growlib checks only the loss there and stops on a non-finite one")
     metrics = metrics or MetricsLog(None)
+    tokens_per_sample = config.seq_len if tokens_per_sample is None else require_int("tokens_per_sample",
+                                                                                     tokens_per_sample)
     total_steps = sum(s.steps for s in stages)
     start_stage, start_step, global_step, flops, wall = 0, 0, 0, 0.0, 0.0
     evals: list[tuple[int, float, float, float]] = []
@@ -713,7 +718,7 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
             flops += flops_per_step
             wall += time.perf_counter() - started
             record = {"kind": "train", "schedule": schedule_name, "step": global_step, "stage": stage.name,
-                      "tokens": global_step * config.grad_accum * config.batch_size * config.seq_len * _world_size(),
+                      "tokens": global_step * config.grad_accum * config.batch_size * tokens_per_sample * _world_size(),
                       "flops": flops, "loss": loss_sum, "lr": lr, "wall": wall}
             if fault is None:
                 metrics.write(record)

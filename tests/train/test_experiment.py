@@ -69,7 +69,9 @@ def test_vit_trains_on_the_embedded_digits_through_a_vcycle():
     config = TrainConfig(batch_size=32, eval_every=30, eval_batches=4, warmup_steps=3, lr=3e-3)
     exp = Experiment(family="vit", size={"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64},
                      total_steps=60, config=config, device="cpu")
-    result = run(exp, "vcycle")
+    records = []
+    result = run(exp, "vcycle", progress=records.append)
+    assert records[-1]["tokens"] == 60 * 32 * (4 * 4 + 1)  # 8x8 digits in 2x2 patches, + the class token
     first_eval, last_eval = result.evals[0][3], result.evals[-1][3]
     assert last_eval < first_eval < 2.5  # 10 classes: chance is ln 10 = 2.30
     assert result.final_val_loss < 2.2
