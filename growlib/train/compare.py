@@ -4,7 +4,6 @@ validation loss, final validation loss, with the spread over seeds."""
 from __future__ import annotations
 
 import csv
-import math
 import os
 import statistics
 from dataclasses import dataclass
@@ -13,17 +12,24 @@ from growlib.train.loop import RunResult
 
 
 def cost_to_reach(result: RunResult, target: float) -> tuple[float, float] | None:
-    """(FLOPs, wall seconds) at the first evaluation whose validation loss is <= target, interpolated linearly
-    between that evaluation and the one before; None if the run never gets there."""
-    previous = (0.0, 0.0, math.inf)
-    for _, flops, wall, loss in result.evals:
-        if loss <= target:
-            p_flops, p_wall, p_loss = previous
-            if math.isinf(p_loss):
-                return flops, wall
-            share = (p_loss - target) / (p_loss - loss)
-            return p_flops + share * (flops - p_flops), p_wall + share * (wall - p_wall)
-        previous = (flops, wall, loss)
+    """(FLOPs, wall seconds) at the first evaluation of the final model's size whose validation loss is <=
+    target, interpolated linearly from the evaluation of that size before it; None if never.  A schedule's
+    smaller models (coarse levels, shallow stages) do not count: at small budgets a smaller model can pass a
+    loss that the model being trained has not reached yet."""
+    if not result.evals:
+        return None
+    final_size = result.evals[-1].parameters
+    previous = None
+    for evaluation in result.evals:
+        if evaluation.parameters != final_size:
+            continue
+        if evaluation.val_loss <= target:
+            if previous is None:
+                return evaluation.flops, evaluation.wall
+            share = (previous.val_loss - target) / (previous.val_loss - evaluation.val_loss)
+            return (previous.flops + share * (evaluation.flops - previous.flops),
+                    previous.wall + share * (evaluation.wall - previous.wall))
+        previous = evaluation
     return None
 
 
@@ -123,7 +129,7 @@ def plot_curves(results: dict[str, list[RunResult]], out_dir: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, runs in results.items():
             evals = runs[0].evals
-            ax.plot([e[1 + index] for e in evals], [e[3] for e in evals], marker=".", label=name)
+            ax.plot([e[1 + index] for e in evals], [e.val_loss for e in evals], marker=".", label=name)
         ax.set_xlabel(label)
         ax.set_ylabel("validation loss")
         ax.legend()

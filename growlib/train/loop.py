@@ -16,7 +16,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -355,15 +355,27 @@ def check_ranks_agree(model: torch.nn.Module, stage: str) -> None:
             "the same model (a non-deterministic transition, or one that reads rank-dependent data?)")
 
 
+class Evaluation(NamedTuple):
+    """One point of a run's validation curve.  ``parameters`` is the size of the model evaluated: a
+    schedule's smaller models (a coarse level, a shallow stage) are evaluated too, but only evaluations of
+    the final model's size count as reaching a target loss (growlib.train.compare.cost_to_reach)."""
+
+    step: int
+    flops: float
+    wall: float
+    val_loss: float
+    parameters: int
+
+
 @dataclass
 class RunResult:
-    """Totals of a finished run and its evaluation curve: (global step, FLOPs, wall seconds, val loss)."""
+    """Totals of a finished run and its evaluation curve."""
 
     steps: int
     flops: float
     wall_seconds: float
     final_val_loss: float
-    evals: list[tuple[int, float, float, float]]
+    evals: list[Evaluation]
 
 
 def _autocast(model: torch.nn.Module):
@@ -622,7 +634,7 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                                                                                      tokens_per_sample)
     total_steps = sum(s.steps for s in stages)
     start_stage, start_step, global_step, flops, wall = 0, 0, 0, 0.0, 0.0
-    evals: list[tuple[int, float, float, float]] = []
+    evals: list[Evaluation] = []
     checkpoint = None
     identity = {"schedule": schedule_name, "stages": [[s.name, s.steps] for s in stages],
                 "config": _run_identity_config(config)}
@@ -633,7 +645,7 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                              f"this run is {identity}: resume with the same schedule, steps and settings")
         start_stage, start_step = checkpoint["stage"], checkpoint["step_in_stage"]
         global_step, flops, wall = checkpoint["global_step"], checkpoint["flops"], checkpoint["wall"]
-        evals = [tuple(e) for e in checkpoint["evals"]]
+        evals = [Evaluation(*e) for e in checkpoint["evals"]]
         metrics.truncate_after(global_step)
         state = RunState(model=_model_from_record(checkpoint["model"], state.model),
                          kept={k: _model_from_record(r, state.model) for k, r in checkpoint["kept"].items()},
@@ -729,9 +741,10 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                 progress({**record, "total_steps": total_steps})
             if global_step % config.eval_every == 0 or global_step == total_steps:
                 val = evaluate(model, eval_batches)
-                evals.append((global_step, flops, wall, val))
+                evals.append(Evaluation(global_step, flops, wall, val, _parameter_count(model)))
                 metrics.write({"kind": "eval", "schedule": schedule_name, "step": global_step,
-                               "stage": stage.name, "flops": flops, "wall": wall, "val_loss": val})
+                               "stage": stage.name, "flops": flops, "wall": wall, "val_loss": val,
+                               "parameters": evals[-1].parameters})
             checkpoint_due = bool(checkpoint_path and checkpoint_every and global_step % checkpoint_every == 0)
             if checkpoint_due:
                 _require_finite_parameters(model, f"after step {global_step} (stage {stage.name!r}); not writing a "
@@ -739,7 +752,7 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
             if checkpoint_due and _is_main():
                 save_checkpoint_atomically({
                     "stage": index, "step_in_stage": step_in_stage + 1, "global_step": global_step,
-                    "flops": flops, "wall": wall, "evals": evals, "model": _model_record(model),
+                    "flops": flops, "wall": wall, "evals": [tuple(e) for e in evals], "model": _model_record(model),
                     "kept": {k: _model_record(m) for k, m in state.kept.items()},
                     "linear_term": state.linear_term, "kept_optimizer_states": state.kept_optimizer_states,
                     "notes": state.notes, "consecutive_skips": consecutive_skips,
@@ -750,7 +763,12 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
     if steps is not None:
         steps.close()
     return RunResult(steps=global_step, flops=flops, wall_seconds=wall,
-                     final_val_loss=evals[-1][3] if evals else float("nan"), evals=evals)
+                     final_val_loss=evals[-1].val_loss if evals else float("nan"), evals=evals)
+
+
+def _parameter_count(model: torch.nn.Module) -> int:
+    """Distinct parameter elements (a tied embedding counts once), frozen ones included."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def _require_finite_parameters(model: torch.nn.Module, where: str) -> None:

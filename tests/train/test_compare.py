@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 
 from growlib.train.compare import cost_to_reach, markdown_table, summarize, write_summary
-from growlib.train.loop import RunResult
+from growlib.train.loop import Evaluation, RunResult
 
 
 def result(points, flops, wall):
-    """points: (step, flops, wall, val_loss) evaluations."""
+    """points: (step, flops, wall, val_loss[, parameters]) evaluations; 100 parameters unless given."""
+    evals = [Evaluation(*p) if len(p) == 5 else Evaluation(*p, parameters=100) for p in points]
     return RunResult(steps=points[-1][0], flops=flops, wall_seconds=wall, final_val_loss=points[-1][3],
-                     evals=list(points))
+                     evals=evals)
 
 
 def test_cost_to_reach_interpolates_between_evaluations():
@@ -19,6 +20,17 @@ def test_cost_to_reach_interpolates_between_evaluations():
     assert cost_to_reach(run, 2.5) == pytest.approx((25.0, 2.5))
     assert cost_to_reach(run, 5.0) == (10.0, 1.0)
     assert cost_to_reach(run, 1.0) is None
+
+
+def test_only_evaluations_of_the_final_models_size_reach_the_target():
+    """A coarse level (fewer parameters) passes the target first; the run only reaches it later, once the
+    full-size model gets there, interpolated from the full-size evaluation before it, never from the coarse."""
+    run = result([(1, 10.0, 1.0, 2.0, 25), (2, 20.0, 2.0, 4.0, 100), (3, 30.0, 3.0, 2.0, 100)], 30.0, 3.0)
+    assert cost_to_reach(run, 3.0) == pytest.approx((25.0, 2.5))
+    assert cost_to_reach(run, 5.0) == (20.0, 2.0)
+    assert cost_to_reach(run, 1.5) is None
+    coarse_only = result([(1, 10.0, 1.0, 2.0, 25), (2, 20.0, 2.0, 4.0, 100)], 20.0, 2.0)
+    assert cost_to_reach(coarse_only, 3.0) is None
 
 
 def test_summary_ratios_against_the_baseline_of_the_same_seed(tmp_path):

@@ -72,7 +72,8 @@ def test_vit_trains_on_the_embedded_digits_through_a_vcycle():
     records = []
     result = run(exp, "vcycle", progress=records.append)
     assert records[-1]["tokens"] == 60 * 32 * (4 * 4 + 1)  # 8x8 digits in 2x2 patches, + the class token
-    first_eval, last_eval = result.evals[0][3], result.evals[-1][3]
+    assert result.evals[0].parameters < result.evals[-1].parameters  # step 30 is on the coarse level
+    first_eval, last_eval = result.evals[0].val_loss, result.evals[-1].val_loss
     assert last_eval < first_eval < 2.5  # 10 classes: chance is ln 10 = 2.30
     assert result.final_val_loss < 2.2
 
