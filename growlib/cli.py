@@ -109,8 +109,9 @@ def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--lr-schedule", choices=("restart", "continue"), default="restart",
-                        help="warmup + cosine restarted at every stage, or one over the whole run")
+    parser.add_argument("--lr-schedule", choices=("restart", "continue"), default=None,
+                        help="warmup + cosine restarted at every stage, or one over the whole run (default: the "
+                             "schedule's own: continue for ode_multilevel, restart for the others)")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",

@@ -380,7 +380,7 @@ TABLE = [
     ("TrainConfig", "min_lr_ratio=2", lambda: TrainConfig(min_lr_ratio=2.0),
      ValueError, r"TrainConfig.min_lr_ratio must lie in \[0, 1\], got 2.0"),
     ("TrainConfig", "unknown lr_schedule", lambda: TrainConfig(lr_schedule="linear"),
-     ValueError, r"TrainConfig.lr_schedule must be 'restart' or 'continue', got 'linear'"),
+     ValueError, r"TrainConfig.lr_schedule must be 'restart', 'continue' or None \(each stage's own\), got 'linear'"),
     ("TrainConfig", "unknown on_nonfinite", lambda: TrainConfig(on_nonfinite="ignore"),
      ValueError, r"TrainConfig.on_nonfinite must be one of \('stop', 'skip'\), got 'ignore'"),
     ("TrainConfig", "max_consecutive_skips=0", lambda: TrainConfig(max_consecutive_skips=0),

@@ -10,7 +10,7 @@ from growlib.models import adapter_for
 from growlib.operators.depth import restrict_map
 from growlib.operators.multilevel import coalesce_map
 from growlib.optim import dual_map
-from growlib.train.loop import RunState, Stage, Transition
+from growlib.train.loop import LR_SCHEDULES, RunState, Stage, Transition
 
 
 def check_fraction(name: str, value, allow_zero: bool = False) -> float:
@@ -88,20 +88,24 @@ def coming_up(state: RunState, fine: torch.nn.Module, level_key: str) -> Transit
     return Transition(fine, optimizer_policy="keep", optimizer_state=saved)
 
 
-def identity_stage(name: str, steps: int) -> Stage:
-    return Stage(name, steps, lambda s: Transition(s.model))
+def identity_stage(name: str, steps: int, lr_schedule: str = "restart") -> Stage:
+    return Stage(name, steps, lambda s: Transition(s.model), lr_schedule=lr_schedule)
 
 
 def vcycle(total_steps: int, final_layers: int, levels: int = 2, down_fraction: float = 0.05,
-           coarsest_fraction: float = 0.5, up_fraction: float | None = None, alpha: float = 0.25,
+           coarsest_fraction: float = 0.7, up_fraction: float | None = None, alpha: float = 0.5,
            coarse_lr_scale: float = 2.0, optimizer_policy: str = "reset") -> list[Stage]:
     """Zou et al.'s V-cycle.  Down: train each level ``down_fraction`` of the budget, keep it, coalesce
     (width and depth halved).  Coarsest: train ``coarsest_fraction``.  Up: de-coalesce into the kept model
-    with interpolation ``alpha`` (0.25 GPT/ViT, 0.5 BERT in the paper) and train ``up_fraction`` per level
-    (default: what is left, shared equally).  The LR schedule restarts at each level; ``optimizer_policy``
-    ``reset`` (the paper's code) starts each level with a fresh optimizer, ``keep`` resumes a fine level's own
-    state on the way up, ``map`` also starts each coarse level from the fine state mapped through the
-    coalescing.  Fractions are of ``total_steps``, the baseline's budget in steps."""
+    with interpolation ``alpha`` and train ``up_fraction`` per level (default: what is left, shared equally).
+    The LR schedule restarts at each level; ``optimizer_policy`` ``reset`` (the paper's code) starts each
+    level with a fresh optimizer, ``keep`` resumes a fine level's own state on the way up, ``map`` also starts
+    each coarse level from the fine state mapped through the coalescing.  Fractions are of ``total_steps``,
+    the baseline's budget in steps.
+
+    Defaults from perf/results/tuning/gpt2-4x128/vcycle: 70% of the budget on the coarsest level and alpha 0.5
+    reach the baseline's loss with the fewest FLOPs there; the paper's 50% and alpha 0.25 (its GPT setting;
+    0.5 is its BERT one) never reached it."""
     check_optimizer_policy(optimizer_policy)
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
         raise ValueError(f"levels must be an int >= 2, got {levels!r}")
@@ -144,20 +148,28 @@ def vcycle(total_steps: int, final_layers: int, levels: int = 2, down_fraction: 
     return stages
 
 
-def ode_multilevel(total_steps: int, final_layers: int, cycles: int = 2, pre_share: float = 0.1,
-                   coarse_share: float = 0.6, coherence: bool = False,
-                   optimizer_policy: str = "reset") -> list[Stage]:
+def ode_multilevel(total_steps: int, final_layers: int, cycles: int = 1, pre_share: float = 0.1,
+                   coarse_share: float = 0.6, coherence: bool = False, optimizer_policy: str = "reset",
+                   lr_schedule: str = "continue") -> list[Stage]:
     """Lauga et al.'s two-level method on the ODE view of a pre-LN transformer.  The budget is split into
     ``cycles`` equal cycles; each spends ``pre_share`` of its steps on fine pre-smoothing, ``coarse_share`` on
     the even (then odd, alternating) layers with residual step h = 2, and the rest on fine post-smoothing after
     prolongation.  The paper names momentum across levels an open problem; ``optimizer_policy`` offers
     ``reset`` (a fresh optimizer at every transition), ``keep`` (the fine level resumes its own state after
     the coarse phase) and ``map`` (keep, and the coarse level starts from the fine state restricted like
-    gradients); perf/momentum_policies.py measures them.  With ``coherence`` the coarse objective is MG/OPT's L_H(theta) + <v, theta>, v = R grad L_h -
-    grad L_H(R theta_h) on one batch at the transition, so the coarse model starts along the fine gradient."""
+    gradients); perf/momentum_policies.py measures them.  With ``coherence`` the coarse objective is MG/OPT's
+    L_H(theta) + <v, theta>, v = R grad L_h - grad L_H(R theta_h) on one batch at the transition, so the
+    coarse model starts along the fine gradient.
+
+    The default recipe (one cycle: 10% fine, 60% coarse, 30% fine; one warmup + cosine over the whole run,
+    ``lr_schedule='continue'``) needs the fewest FLOPs to reach the baseline's loss in
+    perf/results/tuning/gpt2-4x128/ode_multilevel; two cycles with the LR restarted at each of their six
+    stages never reached it there."""
     if not isinstance(coherence, bool):
         raise TypeError(f"coherence must be a bool, got {type(coherence).__name__}")
     check_optimizer_policy(optimizer_policy)
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
     if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
         raise ValueError(f"cycles must be an int >= 1, got {cycles!r}")
     if final_layers % 2:
@@ -192,9 +204,9 @@ def ode_multilevel(total_steps: int, final_layers: int, cycles: int = 2, pre_sha
 
     for cycle, (pre, coarse, post) in enumerate(per_cycle):
         parity = ("even", "odd")[cycle % 2]
-        stages += [identity_stage(f"cycle{cycle}-pre", pre) for _ in range(1 if pre else 0)]
-        stages += [Stage(f"cycle{cycle}-coarse-{parity}", coarse, restrict(parity))]
-        stages += [Stage(f"cycle{cycle}-post", post, prolong(parity))]
+        stages += [identity_stage(f"cycle{cycle}-pre", pre, lr_schedule) for _ in range(1 if pre else 0)]
+        stages += [Stage(f"cycle{cycle}-coarse-{parity}", coarse, restrict(parity), lr_schedule=lr_schedule)]
+        stages += [Stage(f"cycle{cycle}-post", post, prolong(parity), lr_schedule=lr_schedule)]
     return stages
 
 

@@ -16,26 +16,44 @@ from growlib.schedules.multilevel import split_steps, check_budget, check_fracti
 from growlib.train.loop import RunState, Stage, Transition
 
 
-def freeze_below(layers: int, frozen_forward: bool = True, freeze_embeddings: bool = True
+def embeddings_tied_to_head(model: torch.nn.Module) -> bool:
+    """Whether the LM head is the input embedding matrix (GPT-2, BERT's MLM head): freezing one freezes both."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def _check_freezing(frozen_forward: bool | None, freeze_embeddings: bool | None) -> None:
+    for name, value in (("frozen_forward", frozen_forward), ("freeze_embeddings", freeze_embeddings)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool or None (automatic), got {type(value).__name__}")
+    if frozen_forward and freeze_embeddings is False:
+        raise ValueError("frozen_forward=True needs freeze_embeddings=True: gradients cannot pass down through the "
+                         "forward-only stack to trainable embeddings (set frozen_forward=False)")
+
+
+def freeze_below(layers: int, frozen_forward: bool | None = None, freeze_embeddings: bool | None = None
                  ) -> Callable[[torch.nn.Module], None]:
     """Freeze layers [0, layers) and (``freeze_embeddings``) the embeddings: they receive no gradient.  With
     ``frozen_forward`` the frozen layers also run as one forward-only fused stack (growlib.freeze_forward: no
     autograd graph, no saved activations; bf16 on the GPU, where the loop autocasts to bf16), which needs the
     embeddings frozen too, since no gradient can pass down through that stack.
 
-    With tied embeddings the LM head is the embedding, so it is frozen with it in the partial stages."""
-    if frozen_forward and not freeze_embeddings:
-        raise ValueError("frozen_forward=True needs freeze_embeddings=True: gradients cannot pass down through the "
-                         "forward-only stack to trainable embeddings (set frozen_forward=False)")
+    ``freeze_embeddings=None`` freezes them unless they are tied to the LM head (then freezing them would
+    freeze the head too, which perf/results/tuning/gpt2-4x128/mslt measures as the difference between
+    reaching the baseline's loss and not); ``frozen_forward=None`` runs the forward-only stack whenever the
+    embeddings end up frozen."""
+    _check_freezing(frozen_forward, freeze_embeddings)
 
     def freeze(model: torch.nn.Module) -> None:
+        embeddings_frozen = (freeze_embeddings if freeze_embeddings is not None
+                             else bool(frozen_forward) or not embeddings_tied_to_head(model))
         schema = growlib.schema_of(model)
         for spec in schema.specs:
-            frozen = ((freeze_embeddings and spec.name.startswith("embed."))
+            frozen = ((embeddings_frozen and spec.name.startswith("embed."))
                       or (spec.layer is not None and spec.layer < layers))
             if frozen:
                 model.get_parameter(spec.source).requires_grad_(False)
-        if frozen_forward:
+        if embeddings_frozen if frozen_forward is None else frozen_forward:
             on_gpu = next(model.parameters()).is_cuda
             route_frozen_bottom(model, layers, dtype=torch.bfloat16 if on_gpu else None)
     return freeze
@@ -72,18 +90,20 @@ def _resizable(dims: dict[str, int]) -> dict[str, int]:
 
 
 def mslt(total_steps: int, final_layers: int, layer_counts: list[int] | None = None,
-         stage_fractions: list[float] | None = None, joint_fraction: float = 0.1,
-         frozen_forward: bool = True, freeze_embeddings: bool = True) -> list[Stage]:
+         stage_fractions: list[float] | None = None, joint_fraction: float = 0.4,
+         frozen_forward: bool | None = None, freeze_embeddings: bool | None = None) -> list[Stage]:
     """Multi-stage layerwise training (Yang et al.): start with ``layer_counts[0]`` layers; at each stage copy the
-    top layers onto the stack, freeze the embeddings and the old layers, train the new layers, the head and the
-    final norm; end with a joint stage that trains everything.  Defaults: quarters of the depth, budget split
-    evenly over the partial stages, ``joint_fraction`` for the joint stage.  ``frozen_forward`` runs the
-    frozen layers through growlib.freeze_forward's fused forward-only stack (False: HF's own layers);
-    ``freeze_embeddings=False`` keeps the embeddings (and a tied head) trainable, with ``frozen_forward=False``."""
-    for name, value in (("frozen_forward", frozen_forward), ("freeze_embeddings", freeze_embeddings)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    layer_counts = layer_counts or sorted({max(1, final_layers * k // 4) for k in range(1, 5)})
+    top layers onto the stack, freeze the old layers (and the embeddings), train the new layers, the head and
+    the final norm; end with a joint stage that trains everything.
+
+    Defaults (perf/results/tuning/gpt2-4x128/mslt): half the depth, then the full depth, the partial stages
+    sharing 60% of the budget evenly and the joint stage 40%; embeddings frozen unless tied to the LM head
+    (GPT-2, BERT: freezing them freezes the head, and that recipe never reached the baseline's loss there);
+    ``frozen_forward`` (default: whenever the embeddings are frozen) runs the frozen layers through
+    growlib.freeze_forward's fused forward-only stack (False: HF's own layers, through which gradients reach
+    trainable embeddings)."""
+    _check_freezing(frozen_forward, freeze_embeddings)
+    layer_counts = layer_counts or sorted({max(1, final_layers // 2), final_layers})
     _check_layers(layer_counts, final_layers)
     check_fraction("joint_fraction", joint_fraction, allow_zero=True)
     for previous, layers in zip(layer_counts, layer_counts[1:]):

@@ -28,6 +28,7 @@ from growlib.train import faults
 
 
 NONFINITE_POLICIES = ("stop", "skip")
+LR_SCHEDULES = ("restart", "continue")
 #: TrainConfig fields that say how to react to faults, not what to compute: left out of a run's identity.
 _FAULT_POLICY_FIELDS = ("on_nonfinite", "max_consecutive_skips")
 
@@ -48,8 +49,9 @@ class TrainConfig:
     eval_batches: int = 4
     seed: int = 0
     #: "restart": warmup + cosine restarted at every stage (the papers' code); "continue": one warmup + cosine
-    #: over the whole run, each stage scaling it by its lr_scale.
-    lr_schedule: str = "restart"
+    #: over the whole run, each stage scaling it by its lr_scale; None: each stage's own ``Stage.lr_schedule``
+    #: (the schedule's default recipe: "continue" for ode_multilevel, "restart" for the others).
+    lr_schedule: str | None = None
     #: A NaN / inf loss or gradient: "stop" raises FloatingPointError (the last checkpoint stays the last good
     #: state); "skip" drops that optimizer step and goes on, until ``max_consecutive_skips`` steps in a row
     #: were dropped.  Neither is part of a checkpoint's identity, so a stopped run may resume with "skip".
@@ -71,8 +73,9 @@ class TrainConfig:
         for name in ("weight_decay", "clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0 (clip 0: no clipping), got {getattr(self, name)}")
-        if self.lr_schedule not in ("restart", "continue"):
-            raise ValueError(f"TrainConfig.lr_schedule must be 'restart' or 'continue', got {self.lr_schedule!r}")
+        if self.lr_schedule not in LR_SCHEDULES + (None,):
+            raise ValueError(f"TrainConfig.lr_schedule must be 'restart', 'continue' or None (each stage's own), "
+                             f"got {self.lr_schedule!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainConfig.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         if self.on_nonfinite not in NONFINITE_POLICIES:
@@ -112,9 +115,10 @@ class Transition:
 @dataclass
 class Stage:
     """A phase of a schedule.  ``enter(state)`` returns the stage's Transition; ``freeze(model)`` (optional)
-    marks the parameters that stay fixed; ``lr_scale`` multiplies the base learning rate;
-    ``before_step(model, step_in_stage)`` (optional) runs before every optimizer step, also after a resume
-    (e.g. MSG ramps its masks there)."""
+    marks the parameters that stay fixed; ``lr_scale`` multiplies the base learning rate; ``lr_schedule``
+    restarts warmup + cosine at this stage or continues the run's one curve (``TrainConfig.lr_schedule``
+    overrides it when set); ``before_step(model, step_in_stage)`` (optional) runs before every optimizer
+    step, also after a resume (e.g. MSG ramps its masks there)."""
 
     name: str
     steps: int
@@ -122,12 +126,16 @@ class Stage:
     freeze: Callable[[torch.nn.Module], None] | None = None
     lr_scale: float = 1.0
     before_step: Callable[[torch.nn.Module, int], None] | None = None
+    lr_schedule: str = "restart"
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"stage {self.name!r}: steps must be an int >= 1, got {self.steps!r}")
         if not self.lr_scale > 0:
             raise ValueError(f"stage {self.name!r}: lr_scale must be > 0, got {self.lr_scale!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"stage {self.name!r}: lr_schedule must be one of {LR_SCHEDULES}, got "
+                             f"{self.lr_schedule!r}")
 
 
 @dataclass
@@ -168,8 +176,9 @@ def linear_term_value(model: torch.nn.Module, term: dict[str, torch.Tensor]) -> 
 def learning_rate(config: TrainConfig, stage: Stage, step_in_stage: int, global_step: int | None = None,
                   total_steps: int | None = None) -> float:
     """Linear warmup then cosine decay to ``min_lr_ratio``: over each stage (``lr_schedule='restart'``) or over
-    the whole run (``'continue'``, which needs ``global_step`` and ``total_steps``), times the stage's scale."""
-    if config.lr_schedule == "continue":
+    the whole run (``'continue'``, which needs ``global_step`` and ``total_steps``), times the stage's scale.
+    The config's ``lr_schedule`` decides when set, else the stage's."""
+    if (config.lr_schedule or stage.lr_schedule) == "continue":
         if global_step is None or total_steps is None:
             raise ValueError("lr_schedule 'continue' needs global_step and total_steps")
         return stage.lr_scale * _warmup_cosine(config, global_step, total_steps)

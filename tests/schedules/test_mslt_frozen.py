@@ -34,7 +34,7 @@ def training_batch(model):
 def test_frozen_bottom_gives_the_trainable_top_the_same_loss_and_gradients(family, backend):
     model = tiny_model(family, layers=4).eval()
     batch = training_batch(model)
-    freeze_below(3, frozen_forward=False)(model)
+    freeze_below(3, frozen_forward=False, freeze_embeddings=True)(model)
     expected_loss, expected_grads = loss_and_grads(model, batch)
     stack = route_frozen_bottom(model, 3)
     assert stack.num_layers == 3
@@ -49,7 +49,7 @@ def test_frozen_bottom_gives_the_trainable_top_the_same_loss_and_gradients(famil
 
 def test_frozen_bottom_keeps_no_autograd_graph_below_the_trainable_layers():
     model = tiny_model("gpt2", layers=4)
-    freeze_below(3)(model)
+    freeze_below(3, freeze_embeddings=True)(model)
     seen = []
     layer = growlib.operators.common.layer_stack(model)[3]
     layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
@@ -58,7 +58,7 @@ def test_frozen_bottom_keeps_no_autograd_graph_below_the_trainable_layers():
 
 
 def test_mslt_routes_its_frozen_stages_and_restores_the_joint_stage():
-    stages = build_schedule("mslt", 40, 4)
+    stages = build_schedule("mslt", 40, 4, layer_counts=[1, 2, 3, 4])
     state = RunState(tiny_model("llama", layers=4))
     routed = []
     for stage in stages:

@@ -6,6 +6,7 @@ import pytest
 
 import growlib
 import torch
+from growlib.operators.common import layer_stack
 from growlib.schedules import build_schedule
 from growlib.train.loop import RunState
 from tests.factories import tiny_model
@@ -31,7 +32,7 @@ def walk(stages, model):
 def test_vcycle_two_levels():
     seen = walk(build_schedule("vcycle", 100, 4), tiny_model("gpt2", layers=4))
     assert [(n, s, l, d) for n, s, l, d, _, _ in seen] == [
-        ("level0-down", 5, 4, 48), ("level1-coarsest", 50, 2, 24), ("level0-up", 45, 4, 48)]
+        ("level0-down", 5, 4, 48), ("level1-coarsest", 70, 2, 24), ("level0-up", 25, 4, 48)]
     assert all(policy == "reset" for *_, policy in seen)
 
 
@@ -61,14 +62,15 @@ def test_ode_multilevel_alternates_parity_and_prolongs_into_the_fine_model():
 
 
 def test_mslt_freezes_embeddings_and_old_layers_then_trains_jointly():
-    seen = walk(build_schedule("mslt", 100, 4), tiny_model("bert", layers=4))
+    seen = walk(build_schedule("mslt", 100, 4, layer_counts=[1, 2, 3, 4], freeze_embeddings=True),
+                tiny_model("bert", layers=4))
     assert [(n, l, t) for n, _, l, _, t, _ in seen] == [
         ("layers1", 1, [0]), ("layers2", 2, [1]), ("layers3", 3, [2]), ("layers4", 4, [3]),
         ("joint", 4, [0, 1, 2, 3])]
 
 
 def test_mslt_keeps_the_head_trainable_and_embeddings_frozen():
-    stages = build_schedule("mslt", 100, 4, layer_counts=[2, 4])
+    stages = build_schedule("mslt", 100, 4, layer_counts=[2, 4], freeze_embeddings=True)
     state = RunState(tiny_model("bert", layers=4))
     for stage in stages[:2]:
         state.model = stage.enter(state).model
@@ -104,7 +106,7 @@ def test_stack_doubles_depth_with_everything_trainable():
     ("vcycle", {"optimizer_policy": "average"}, "optimizer_policy"),
     ("ode_multilevel", {"optimizer_policy": None}, "optimizer_policy"),
     ("msg", {"ramp_fraction": 0.0}, "ramp_fraction"),
-    ("mslt", {"freeze_embeddings": False}, "needs freeze_embeddings"),
+    ("mslt", {"freeze_embeddings": False, "frozen_forward": True}, "needs freeze_embeddings"),
     ("msg", {"layer_counts": [3, 2, 4]}, "strictly increasing"),
 ])
 def test_bad_schedule_options(name, options, match):
@@ -155,9 +157,11 @@ def test_ode_coherence_makes_the_coarse_gradient_the_restricted_fine_gradient():
                                    atol=1e-6, msg=f"{spec.name} {spec.layer}")
 
 
-def test_ode_coherence_option_is_checked():
+def test_flag_options_must_be_bools():
     with pytest.raises(TypeError, match="coherence"):
         build_schedule("ode_multilevel", 100, 4, coherence="yes")
+    with pytest.raises(TypeError, match="frozen_forward must be a bool or None"):
+        build_schedule("mslt", 100, 4, frozen_forward="yes")
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bert", "llama", "vit"])
@@ -229,8 +233,27 @@ def test_ligo_options_are_checked(options, match):
         stages[0].enter(RunState(tiny_model("gpt2", layers=4)))
 
 
+@pytest.mark.parametrize("family,tied", [("gpt2", True), ("bert", True), ("llama", False)])
+def test_mslt_by_default_freezes_the_embeddings_unless_they_are_the_lm_head(family, tied):
+    """Tied (GPT-2, BERT's MLM head): embeddings and head stay trainable, HF's layers run the frozen bottom
+    (gradients must pass down); untied (Llama): embeddings frozen, the bottom runs forward-only."""
+    stages = build_schedule("mslt", 40, 4)
+    assert [s.name for s in stages] == ["layers2", "layers4", "joint"]
+    state = RunState(tiny_model(family, layers=4))
+    for stage in stages[:2]:
+        state.model = stage.enter(state).model
+        if stage.freeze:
+            stage.freeze(state.model)
+    model = state.model
+    assert model.get_input_embeddings().weight.requires_grad == tied
+    assert model.get_output_embeddings().weight.requires_grad
+    assert (getattr(model, "growlib_frozen_bottom", None) is None) == tied
+    assert not any(p.requires_grad for p in layer_stack(model)[1].parameters())
+
+
 def test_mslt_can_keep_the_embeddings_trainable():
-    stages = build_schedule("mslt", 40, 4, freeze_embeddings=False, frozen_forward=False)
+    stages = build_schedule("mslt", 40, 4, layer_counts=[1, 2, 3, 4], freeze_embeddings=False,
+                            frozen_forward=False)
     state = RunState(tiny_model("gpt2", layers=4))
     for stage in stages[:3]:
         state.model = stage.enter(state).model

@@ -36,8 +36,11 @@ def test_cheaper_schedules_get_more_steps_for_the_same_flops(experiment, tmp_pat
 def test_schedule_flops_counts_coarse_levels_as_cheaper(experiment):
     baseline = schedule_flops(experiment, "baseline", 40, None, 300)
     vcycle = schedule_flops(experiment, "vcycle", 40, None, 300)
-    mslt = schedule_flops(experiment, "mslt", 40, None, 300)
+    mslt = schedule_flops(experiment, "mslt", 40, {"layer_counts": [1, 2, 3, 4], "freeze_embeddings": True}, 300)
     assert vcycle < 0.8 * baseline and mslt < 0.8 * baseline
+    # embeddings trainable: gradients pass down through the frozen layers, which then cost more than forward only
+    assert mslt < schedule_flops(experiment, "mslt", 40, {"layer_counts": [1, 2, 3, 4], "freeze_embeddings": False,
+                                                         "frozen_forward": False}, 300) < baseline
 
 
 def test_unknown_budget_is_rejected(experiment, tmp_path):

@@ -55,6 +55,28 @@ def test_continued_learning_rate_runs_one_cosine_over_the_whole_run():
         TrainConfig(lr_schedule="linear")
 
 
+def test_the_config_lr_schedule_overrides_the_stages_own():
+    """ode_multilevel's stages continue one curve by default; TrainConfig(lr_schedule="restart") restarts it."""
+    stages = build_schedule("ode_multilevel", 100, 4)
+    assert {s.lr_schedule for s in stages} == {"continue"}
+    assert {s.lr_schedule for s in build_schedule("vcycle", 100, 4)} == {"restart"}
+
+    def curve(config):
+        lrs, step = [], 0
+        for stage in stages:
+            for i in range(stage.steps):
+                lrs.append(learning_rate(config, stage, i, step, 100))
+                step += 1
+        return lrs
+
+    first_of_coarse = stages[0].steps
+    own, restarted = curve(TrainConfig(warmup_steps=2)), curve(TrainConfig(warmup_steps=2, lr_schedule="restart"))
+    assert own[first_of_coarse] < own[first_of_coarse - 1]  # still decaying across the boundary
+    assert restarted[first_of_coarse] < restarted[first_of_coarse + 1]  # warming up again
+    with pytest.raises(ValueError, match="stage 'x': lr_schedule must be one of"):
+        Stage("x", 1, lambda s: Transition(s.model), lr_schedule="linear")
+
+
 def test_metrics_and_flops_are_recorded_per_step_and_eval(tmp_path):
     log = tmp_path / "m.jsonl"
     result = run(build_schedule("vcycle", 20, 2), tiny_model("gpt2", layers=2), metrics=MetricsLog(str(log)),
@@ -93,10 +115,15 @@ class Crash(RuntimeError):
     pass
 
 
+TWO_ODE_CYCLES = {"cycles": 2, "pre_share": 0.1, "coarse_share": 0.6}  # 24 steps: 1 pre, 7 coarse, 4 post per cycle
+
+
 @pytest.mark.parametrize("schedule,options,crash_at", [
     ("vcycle", {}, 15), ("mslt", {}, 15),
-    ("ode_multilevel", {"coherence": True}, 6),  # inside a coarse stage: its linear term comes from the checkpoint
-    ("ode_multilevel", {"optimizer_policy": "keep"}, 9),  # the kept fine optimizer state comes from the checkpoint
+    # inside a coarse stage: its linear term comes from the checkpoint
+    ("ode_multilevel", {**TWO_ODE_CYCLES, "coherence": True}, 6),
+    # the kept fine optimizer state comes from the checkpoint
+    ("ode_multilevel", {**TWO_ODE_CYCLES, "optimizer_policy": "keep"}, 9),
     ("msg", {}, 13),  # inside a ramp: the masks are re-attached
 ])
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(schedule, options, crash_at, tmp_path):
@@ -235,7 +262,7 @@ def test_keep_policy_resumes_the_fine_optimizer_state_after_the_coarse_phase(mon
 
     monkeypatch.setattr(torch.optim.AdamW, "load_state_dict", spy_load)
     monkeypatch.setattr(torch.optim.AdamW, "state_dict", spy_save)
-    stages = build_schedule("ode_multilevel", 20, 4, cycles=1, pre_share=0.25, optimizer_policy="keep")
+    stages = build_schedule("ode_multilevel", 20, 4, pre_share=0.25, coarse_share=0.6, optimizer_policy="keep")
     run(stages, tiny_model("gpt2", layers=4))
     assert len(saved) == 1 and [state for state, _ in loaded] == saved  # saved restricting, loaded prolonging
     assert loaded[0][1] == {5.0}  # the 5 pre-smoothing steps
@@ -248,7 +275,8 @@ def test_map_policy_starts_the_coarse_level_from_the_restricted_fine_state(monke
     run(build_schedule("vcycle", 20, 4, optimizer_policy="map"), tiny_model("gpt2", layers=4))
     assert mapped == [2]  # down to the coarse level only; the way up resumes the kept state
     mapped.clear()
-    run(build_schedule("ode_multilevel", 20, 4, optimizer_policy="map"), tiny_model("gpt2", layers=4))
+    run(build_schedule("ode_multilevel", 20, 4, cycles=2, pre_share=0.1, coarse_share=0.6, optimizer_policy="map"),
+        tiny_model("gpt2", layers=4))
     assert mapped == [2, 2]  # one restriction per cycle
 
 
