@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# Evidence: compute saved against training from scratch", "",
              "Every schedule on the same FLOPs as the baseline (cheaper schedules get more steps), on the embedded "
              "Python-stdlib corpus; ratios are the FLOPs and wall time a method needs to reach the baseline's final "
-             "validation loss (same seed), averaged over the seeds that reach it. Produced by "
+             "validation loss (same seed) with a model of the final size (a coarse level or shallow stage passing "
+             "it does not count), averaged over the seeds that reach it. Produced by "
              "`perf/experiments/evidence_cpu.sh` and this script.", ""]
     lines += claims_section(folders)
     lines += ["## Per configuration", ""]
