@@ -20,6 +20,11 @@ from growlib.train.compare import summarize, write_summary
 from growlib.train.experiment import Experiment, prepare_data, run, schedule_flops
 from growlib.train.loop import TrainConfig
 
+# The defaults before tuning, spelled out so that these recipes keep meaning what they say now that the
+# defaults have changed.  "quarters" / "half" layer counts resolve for the model's depth (see ``resolve``).
+OLD_ODE = {"cycles": 2, "pre_share": 0.1, "coarse_share": 0.6}
+OLD_MSLT = {"layer_counts": "quarters", "joint_fraction": 0.1, "freeze_embeddings": True, "frozen_forward": True}
+OLD_VCYCLE = {"coarsest_fraction": 0.5, "alpha": 0.25}
 EMBEDDINGS_TRAINABLE = {"freeze_embeddings": False, "frozen_forward": False}
 CYCLE_1_COARSE_08 = {"cycles": 1, "coarse_share": 0.8, "pre_share": 0.05}
 
@@ -28,28 +33,31 @@ CYCLE_1_COARSE_08 = {"cycles": 1, "coarse_share": 0.8, "pre_share": 0.05}
 # mattered and combine them.
 RECIPES = {
     "ode_multilevel": [
-        ("old default (cycles=2 coarse_share=0.6 pre_share=0.1)", {}, "restart"),
-        ("cycles=1", {"cycles": 1}, "restart"),
-        ("cycles=1, continue LR", {"cycles": 1}, "continue"),
-        ("coarse_share=0.8 pre_share=0.05, continue LR", {"coarse_share": 0.8, "pre_share": 0.05}, "continue"),
+        ("old default (cycles=2 coarse_share=0.6 pre_share=0.1)", OLD_ODE, "restart"),
+        ("cycles=1", {**OLD_ODE, "cycles": 1}, "restart"),
+        ("cycles=1, continue LR", {**OLD_ODE, "cycles": 1}, "continue"),
+        ("coarse_share=0.8 pre_share=0.05, continue LR", {**OLD_ODE, "coarse_share": 0.8, "pre_share": 0.05},
+         "continue"),
         ("cycles=1 coarse_share=0.8 pre_share=0.05", CYCLE_1_COARSE_08, "restart"),
         ("cycles=1 coarse_share=0.8 pre_share=0.05, continue LR", CYCLE_1_COARSE_08, "continue"),
         ("cycles=1 coarse_share=0.9 pre_share=0.05, continue LR",
          {"cycles": 1, "coarse_share": 0.9, "pre_share": 0.05}, "continue"),
     ],
     "mslt": [
-        ("old default (embeddings frozen, joint_fraction=0.1)", {}, "restart"),
-        ("joint_fraction=0.4", {"joint_fraction": 0.4}, "restart"),
-        ("embeddings trainable, joint_fraction=0.4", {**EMBEDDINGS_TRAINABLE, "joint_fraction": 0.4}, "restart"),
-        ("embeddings trainable, joint_fraction=0.6", {**EMBEDDINGS_TRAINABLE, "joint_fraction": 0.6}, "restart"),
+        ("old default (embeddings frozen, joint_fraction=0.1)", OLD_MSLT, "restart"),
+        ("joint_fraction=0.4", {**OLD_MSLT, "joint_fraction": 0.4}, "restart"),
+        ("embeddings trainable, joint_fraction=0.4", {**OLD_MSLT, **EMBEDDINGS_TRAINABLE, "joint_fraction": 0.4},
+         "restart"),
+        ("embeddings trainable, joint_fraction=0.6", {**OLD_MSLT, **EMBEDDINGS_TRAINABLE, "joint_fraction": 0.6},
+         "restart"),
         ("embeddings trainable, layer_counts=half,full joint_fraction=0.4",
-         {**EMBEDDINGS_TRAINABLE, "layer_counts": "half", "joint_fraction": 0.4}, "restart"),
+         {**OLD_MSLT, **EMBEDDINGS_TRAINABLE, "layer_counts": "half", "joint_fraction": 0.4}, "restart"),
     ],
     "vcycle": [
-        ("old default (coarsest_fraction=0.5 alpha=0.25)", {}, "restart"),
-        ("continue LR", {}, "continue"),
-        ("coarsest_fraction=0.7", {"coarsest_fraction": 0.7}, "restart"),
-        ("alpha=0.5", {"alpha": 0.5}, "restart"),
+        ("old default (coarsest_fraction=0.5 alpha=0.25)", OLD_VCYCLE, "restart"),
+        ("continue LR", OLD_VCYCLE, "continue"),
+        ("coarsest_fraction=0.7", {**OLD_VCYCLE, "coarsest_fraction": 0.7}, "restart"),
+        ("alpha=0.5", {**OLD_VCYCLE, "alpha": 0.5}, "restart"),
         ("coarsest_fraction=0.7 alpha=0.5", {"coarsest_fraction": 0.7, "alpha": 0.5}, "restart"),
         ("coarsest_fraction=0.8 alpha=0.5", {"coarsest_fraction": 0.8, "alpha": 0.5}, "restart"),
     ],
@@ -57,9 +65,11 @@ RECIPES = {
 
 
 def resolve(options: dict, layers: int) -> dict:
-    """Recipes are written for any depth: ``layer_counts: "half"`` means [L/2, L]."""
-    if options.get("layer_counts") == "half":
-        return {**options, "layer_counts": [layers // 2, layers]}
+    """Recipes are written for any depth: ``layer_counts`` "quarters" means [L/4, L/2, 3L/4, L] (the old MSLT
+    default) and "half" means [L/2, L]."""
+    counts = {"quarters": sorted({max(1, layers * k // 4) for k in range(1, 5)}), "half": [layers // 2, layers]}
+    if options.get("layer_counts") in counts:
+        return {**options, "layer_counts": counts[options["layer_counts"]]}
     return options
 
 
