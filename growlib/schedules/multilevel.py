@@ -10,7 +10,7 @@ from growlib.models import adapter_for
 from growlib.operators.depth import restrict_map
 from growlib.operators.multilevel import coalesce_map
 from growlib.optim import dual_map
-from growlib.train.loop import LR_SCHEDULES, RunState, Stage, Transition
+from growlib.train.loop import RunState, Stage, Transition
 
 
 def check_fraction(name: str, value, allow_zero: bool = False) -> float:
@@ -168,8 +168,6 @@ def ode_multilevel(total_steps: int, final_layers: int, cycles: int = 1, pre_sha
     if not isinstance(coherence, bool):
         raise TypeError(f"coherence must be a bool, got {type(coherence).__name__}")
     check_optimizer_policy(optimizer_policy)
-    if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
     if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
         raise ValueError(f"cycles must be an int >= 1, got {cycles!r}")
     if final_layers % 2:

@@ -106,6 +106,7 @@ def test_stack_doubles_depth_with_everything_trainable():
     ("vcycle", {"optimizer_policy": "average"}, "optimizer_policy"),
     ("ode_multilevel", {"optimizer_policy": None}, "optimizer_policy"),
     ("msg", {"ramp_fraction": 0.0}, "ramp_fraction"),
+    ("ode_multilevel", {"lr_schedule": "linear"}, "lr_schedule must be one of"),
     ("mslt", {"freeze_embeddings": False, "frozen_forward": True}, "needs freeze_embeddings"),
     ("msg", {"layer_counts": [3, 2, 4]}, "strictly increasing"),
 ])
