@@ -29,6 +29,16 @@ def walk(stages, model):
     return seen
 
 
+def enter_stages(stages, model):
+    """Enter ``stages`` in turn (no training), freezing as each says; returns the model the last one leaves."""
+    state = RunState(model)
+    for stage in stages:
+        state.model = stage.enter(state).model
+        if stage.freeze:
+            stage.freeze(state.model)
+    return state.model
+
+
 def test_vcycle_two_levels():
     seen = walk(build_schedule("vcycle", 100, 4), tiny_model("gpt2", layers=4))
     assert [(n, s, l, d) for n, s, l, d, _, _ in seen] == [
@@ -47,10 +57,7 @@ def test_vcycle_three_levels_returns_to_the_kept_models():
 def test_vcycle_interpolates_into_the_model_kept_before_coalescing():
     model = tiny_model("gpt2", layers=2)
     stages = build_schedule("vcycle", 40, 2, alpha=0.0)
-    state = RunState(model)
-    for stage in stages:
-        state.model = stage.enter(state).model
-    assert state.model is model  # alpha = 0: the kept fine model, unchanged
+    assert enter_stages(stages, model) is model  # alpha = 0: the kept fine model, unchanged
 
 
 def test_ode_multilevel_alternates_parity_and_prolongs_into_the_fine_model():
@@ -71,12 +78,7 @@ def test_mslt_freezes_embeddings_and_old_layers_then_trains_jointly():
 
 def test_mslt_keeps_the_head_trainable_and_embeddings_frozen():
     stages = build_schedule("mslt", 100, 4, layer_counts=[2, 4], freeze_embeddings=True)
-    state = RunState(tiny_model("bert", layers=4))
-    for stage in stages[:2]:
-        state.model = stage.enter(state).model
-        if stage.freeze:
-            stage.freeze(state.model)
-    model = state.model
+    model = enter_stages(stages[:2], tiny_model("bert", layers=4))
     assert model.cls.predictions.transform.dense.weight.requires_grad
     assert not model.bert.embeddings.position_embeddings.weight.requires_grad
     assert model.bert.encoder.layer[3].output.dense.weight.requires_grad
@@ -240,12 +242,7 @@ def test_mslt_by_default_freezes_the_embeddings_unless_they_are_the_lm_head(fami
     (gradients must pass down); untied (Llama): embeddings frozen, the bottom runs forward-only."""
     stages = build_schedule("mslt", 40, 4)
     assert [s.name for s in stages] == ["layers2", "layers4", "joint"]
-    state = RunState(tiny_model(family, layers=4))
-    for stage in stages[:2]:
-        state.model = stage.enter(state).model
-        if stage.freeze:
-            stage.freeze(state.model)
-    model = state.model
+    model = enter_stages(stages[:2], tiny_model(family, layers=4))
     assert model.get_input_embeddings().weight.requires_grad == tied
     assert model.get_output_embeddings().weight.requires_grad
     assert (getattr(model, "growlib_frozen_bottom", None) is None) == tied
@@ -255,12 +252,7 @@ def test_mslt_by_default_freezes_the_embeddings_unless_they_are_the_lm_head(fami
 def test_mslt_can_keep_the_embeddings_trainable():
     stages = build_schedule("mslt", 40, 4, layer_counts=[1, 2, 3, 4], freeze_embeddings=False,
                             frozen_forward=False)
-    state = RunState(tiny_model("gpt2", layers=4))
-    for stage in stages[:3]:
-        state.model = stage.enter(state).model
-        if stage.freeze:
-            stage.freeze(state.model)
-    model = state.model
+    model = enter_stages(stages[:3], tiny_model("gpt2", layers=4))
     assert model.transformer.wte.weight.requires_grad
     assert not any(p.requires_grad for p in model.transformer.h[0].parameters())
     assert all(p.requires_grad for p in model.transformer.h[2].parameters())
