@@ -103,6 +103,11 @@ def _fused(tensors: Sequence[torch.Tensor | None], dtype: torch.dtype, what: str
     return torch.cat([t.detach().to(dtype) for t in tensors], dim=0)
 
 
+def _fused_linear(parts: Sequence[torch.nn.Module], dtype: torch.dtype, what: str) -> _Linear:
+    """Separate projections (Q, K, V) as one linear: weights and biases stacked along the output rows."""
+    return _Linear(_fused([p.weight for p in parts], dtype, what), _fused([p.bias for p in parts], dtype, what))
+
+
 def _norm(module: torch.nn.Module, dtype: torch.dtype) -> _Norm:
     if isinstance(module, torch.nn.LayerNorm):
         return _Norm(_packed(module.weight, dtype), _packed(module.bias, dtype), float(module.eps), rms=False)
@@ -124,11 +129,9 @@ def _activation(name, family: str) -> str:
 
 def _pack_bert(layer: BertLayer, dtype: torch.dtype) -> _Layer:
     attn = layer.attention.self
-    parts = (attn.query, attn.key, attn.value)
     return _Layer(
         norm1=_norm(layer.attention.output.LayerNorm, dtype), norm2=_norm(layer.output.LayerNorm, dtype),
-        qkv=_Linear(_fused([p.weight for p in parts], dtype, "query/key/value"),
-                    _fused([p.bias for p in parts], dtype, "query/key/value")),
+        qkv=_fused_linear((attn.query, attn.key, attn.value), dtype, "query/key/value"),
         out=_linear(layer.attention.output.dense, dtype),
         up=_linear(layer.intermediate.dense, dtype, with_bias=False),
         up_bias=_packed(layer.intermediate.dense.bias, dtype),
@@ -152,11 +155,9 @@ def _pack_gpt2(layer: GPT2Block, dtype: torch.dtype) -> _Layer:
 
 def _pack_llama(layer: LlamaDecoderLayer, dtype: torch.dtype) -> _Layer:
     attn, mlp, config = layer.self_attn, layer.mlp, layer.self_attn.config
-    parts = (attn.q_proj, attn.k_proj, attn.v_proj)
     return _Layer(
         norm1=_norm(layer.input_layernorm, dtype), norm2=_norm(layer.post_attention_layernorm, dtype),
-        qkv=_Linear(_fused([p.weight for p in parts], dtype, "q/k/v"),
-                    _fused([p.bias for p in parts], dtype, "q/k/v")),
+        qkv=_fused_linear((attn.q_proj, attn.k_proj, attn.v_proj), dtype, "q/k/v"),
         out=_linear(attn.o_proj, dtype),
         up=_Linear(_fused([mlp.gate_proj.weight, mlp.up_proj.weight], dtype, "gate/up"), None),
         up_bias=_fused([mlp.gate_proj.bias, mlp.up_proj.bias], dtype, "gate/up"),
@@ -168,11 +169,9 @@ def _pack_llama(layer: LlamaDecoderLayer, dtype: torch.dtype) -> _Layer:
 
 def _pack_vit(layer: ViTLayer, dtype: torch.dtype) -> _Layer:
     attn = layer.attention
-    parts = (attn.q_proj, attn.k_proj, attn.v_proj)
     return _Layer(
         norm1=_norm(layer.layernorm_before, dtype), norm2=_norm(layer.layernorm_after, dtype),
-        qkv=_Linear(_fused([p.weight for p in parts], dtype, "q/k/v"),
-                    _fused([p.bias for p in parts], dtype, "q/k/v")),
+        qkv=_fused_linear((attn.q_proj, attn.k_proj, attn.v_proj), dtype, "q/k/v"),
         out=_linear(attn.o_proj, dtype),
         up=_linear(layer.mlp.fc1, dtype, with_bias=False), up_bias=_packed(layer.mlp.fc1.bias, dtype),
         down=_linear(layer.mlp.fc2, dtype),
