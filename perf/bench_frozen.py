@@ -36,8 +36,7 @@ import growlib
 from growlib.kernels.launch import recorded as launch_records
 from growlib.kernels.launch import summarize as summarize_launches
 
-from common import (REPO_ROOT, append_csv, elapsed_logger, environment_row, measure_ceilings, print_table,
-                    require_cuda, time_fn)
+from common import REPO_ROOT, append_csv, print_table, start_benchmark, time_fn
 
 STACK_IMPLS = ("eager", "compile", "freeze_forward")  # eager first: the others are checked against it
 STEP_IMPLS = ("full_backprop", "mslt_no_grad", "mslt_freeze_forward")
@@ -285,17 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results",
                         help="directory for frozen.csv (appended)")
     args = parser.parse_args(argv)
-    require_cuda()
-
-    log = elapsed_logger()
-
+    log, csv_path, environment, ceilings = start_benchmark(args.out, "frozen.csv")
     device = torch.device("cuda")
-    args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out / "frozen.csv"
-    environment = environment_row()
-    ceilings = measure_ceilings(device)
-    log(f"{environment['device_name']}: copy {ceilings['copy_ceiling_gbps']:.0f} GB/s, "
-        f"bf16 matmul {ceilings['matmul_ceiling_tflops']:.0f} TFLOP/s")
     layers = QUICK_LAYERS if args.quick else LAYERS
     all_rows = []
     for case in QUICK_CASES if args.quick else CASES:

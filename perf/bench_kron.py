@@ -37,8 +37,7 @@ from growlib.kernels import kron_expand as kernel
 from growlib.kernels.launch import recorded as launch_records
 from growlib.kernels.launch import summarize as summarize_launches
 
-from common import (REPO_ROOT, append_csv, elapsed_logger, environment_row, measure_ceilings, print_table,
-                    require_cuda, time_fn)
+from common import REPO_ROOT, append_csv, print_table, start_benchmark, time_fn
 
 DTYPE = torch.bfloat16
 IMPLS = ("eager", "eager_bf16", "compile", "triton")  # eager first: the others are checked against it
@@ -218,15 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results",
                         help="directory for kron.csv (appended)")
     args = parser.parse_args(argv)
-    require_cuda()
-
-    log = elapsed_logger()
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out / "kron.csv"
-    environment = environment_row()
-    ceilings = measure_ceilings(torch.device("cuda"))
-    log(f"{environment['device_name']}: bf16 matmul {ceilings['matmul_ceiling_tflops']:.0f} TFLOP/s")
+    log, csv_path, environment, ceilings = start_benchmark(args.out, "kron.csv")
     impls = implementations()
     all_rows = []
     with torch._dynamo.config.patch(recompile_limit=64):

@@ -45,8 +45,7 @@ from growlib.kernels.launch import summarize as summarize_launches
 from growlib.models import adapter_for
 from growlib.schema import GrowthMap, Schema
 
-from common import (REPO_ROOT, append_csv, elapsed_logger, environment_row, measure_ceilings, print_table,
-                    require_cuda, time_fn)
+from common import REPO_ROOT, append_csv, print_table, start_benchmark, time_fn
 
 WIDTH, DEPTH = 2, 2  # coalescing factors
 ALPHA = 0.25  # interpolation weight
@@ -426,17 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results",
                         help="directory for structured.csv (appended) and structured.png")
     args = parser.parse_args(argv)
-    require_cuda()
-
-    log = elapsed_logger()
-
+    log, csv_path, environment, ceilings = start_benchmark(args.out, "structured.csv")
     device = torch.device("cuda")
-    args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out / "structured.csv"
-    environment = environment_row()
-    ceilings = measure_ceilings(device)
-    log(f"{environment['device_name']}: copy {ceilings['copy_ceiling_gbps']:.0f} GB/s, "
-        f"bf16 matmul {ceilings['matmul_ceiling_tflops']:.0f} TFLOP/s")
     compiled = compiled_reference()
     all_rows = []
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):

@@ -13,7 +13,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 import triton
@@ -138,6 +138,26 @@ def elapsed_logger() -> Callable[[str], None]:
         print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     return log
+
+
+class BenchmarkStart(NamedTuple):
+    log: Callable[[str], None]
+    csv_path: Path
+    environment: dict[str, str]
+    ceilings: dict[str, float]
+
+
+def start_benchmark(out_dir: Path, csv_name: str) -> BenchmarkStart:
+    """What every benchmark does before it times anything: exit unless on a CUDA GPU, make ``out_dir``, record
+    the environment, measure this GPU's copy and matmul ceilings and log them."""
+    require_cuda()
+    log = elapsed_logger()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    environment = environment_row()
+    ceilings = measure_ceilings(torch.device("cuda"))
+    log(f"{environment['device_name']}: copy {ceilings['copy_ceiling_gbps']:.0f} GB/s, "
+        f"bf16 matmul {ceilings['matmul_ceiling_tflops']:.0f} TFLOP/s")
+    return BenchmarkStart(log, out_dir / csv_name, environment, ceilings)
 
 
 def print_table(rows: list[dict], columns: list[str], number_format: str = ".3f") -> None:
