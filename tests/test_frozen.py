@@ -39,8 +39,8 @@ def hf_forward(model, family, layers, hidden, attention_mask=None, position_ids=
             return hidden
         if position_ids is None:
             position_ids = torch.arange(hidden.shape[1]).unsqueeze(0)
-        mask = masking_utils.create_causal_mask(config=model.config, inputs_embeds=hidden,
-                                                attention_mask=attention_mask, cache=None, position_ids=position_ids)
+        # No cache, passed by position: transformers 5.17 names that parameter past_key_values, 5.24 cache.
+        mask = masking_utils.create_causal_mask(model.config, hidden, attention_mask, None, position_ids=position_ids)
         if family == "gpt2":
             for layer in layers:
                 hidden = layer(hidden, attention_mask=mask)
