@@ -14,11 +14,16 @@ Counted, per step of ``batch_size`` sequences of ``seq_len`` tokens (B sequences
   eager attention computes the full S x S score matrices, masked or causal alike (grouped-query keys and
   values are repeated to every query head first), and flop_counter counts its SDPA kernels the same way.
   Fused kernels may do otherwise (skip fully masked blocks, recompute the scores in the backward pass); the
-  count is the model's, not a kernel's.
+  count is the model's, not a kernel's;
+- Llama's rotary angle table (S positions x head_dim / 2 inverse frequencies), built once per forward pass
+  without gradient, counted as whatever the installed transformers computes: a matrix product in 5.17
+  (``head_dim * S`` FLOPs), an elementwise product in 5.24 (none).  Rather than keyed on a version, the
+  model's own rotary embedding is run once on the step's positions under flop_counter to find out.
 
 Not counted (zero): embedding lookups and their gradients (token / position / type tables, ViT's class token
-and position table), norms, activations, softmax, RoPE, residual adds, biases, the loss -- elementwise or
-indexing work, which flop_counter does not count either -- and recomputation by gradient checkpointing.
+and position table), norms, activations, softmax, RoPE's rotation of Q and K, residual adds, biases, the loss
+-- elementwise or indexing work, which flop_counter does not count either -- and recomputation by gradient
+checkpointing.
 
 Backward, as autograd runs it: a matrix product computes the gradient of one of its operands only if that
 operand requires grad.  Hence
@@ -45,15 +50,18 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from growlib.frozen import _find_rotary
 from growlib.operators.common import require_int, schema_of
 from growlib.schema import IN, Schema
 
 
 @dataclass(frozen=True)
 class OpFlops:
-    """One matrix product of the step: a linear map (``attn.q``, ``head.out``, ...) or an attention product
-    (``attn.scores``, ``attn.context``) of ``layer`` (None: embeddings or head)."""
+    """One matrix product of the step: a linear map (``attn.q``, ``head.out``, ...), an attention product
+    (``attn.scores``, ``attn.context``) or Llama's rotary angle table (``embed.rotary``) of ``layer``
+    (None: embeddings or head)."""
 
     name: str
     layer: int | None
@@ -108,6 +116,8 @@ def step_flops(model: torch.nn.Module, batch_size: int, seq_len: int | None = No
     step = _Step(schema, trainable, batch_size, seq_len, training)
 
     x = _embeddings(step)
+    if schema.family == "llama":
+        _rotary_angles(step, model, seq_len)
     for layer in range(schema.num_layers):
         x = _post_ln_layer(step, layer, x) if schema.family == "bert" else _pre_ln_layer(step, layer, x)
     _head(step, x)
@@ -181,6 +191,18 @@ def _embeddings(step: _Step) -> bool:
     if step.has("embed.patch.weight"):
         step.linear("embed.patch", None, False, rows="patches")
     return step.any_trainable("embed")
+
+
+def _rotary_angles(step: _Step, model: torch.nn.Module, seq_len: int) -> None:
+    """The angle table of Llama's rotary embedding, on the positions the model makes when given none (one row,
+    0 .. S-1).  transformers 5.17 builds it as inv_freq (head_dim/2 x 1) @ positions (1 x S), 5.24 as an
+    elementwise product; running the installed module under flop_counter counts whichever it does."""
+    device = next(model.parameters()).device
+    positions = torch.arange(seq_len, device=device).unsqueeze(0)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        _find_rotary(model)(torch.empty(0, device=device), positions)
+    if counter.get_total_flops():
+        step.ops.append(OpFlops("embed.rotary", None, counter.get_total_flops(), 0, 0))
 
 
 def _attention(step: _Step, layer: int, a: bool) -> bool:

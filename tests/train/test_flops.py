@@ -82,9 +82,12 @@ def test_forward_and_backward_match_flop_counter(case):
     flops = analytic(model)
     assert (flops.forward, flops.backward_input + flops.backward_weight) == counted(model)
     # everything trainable: every linear map computes its weight gradient and its input gradient (but ViT's
-    # patch projection, whose input is the pixels), each attention product the gradients of both operands
+    # patch projection, whose input is the pixels), each attention product the gradients of both operands;
+    # Llama's rotary angle table (a product only in some transformers releases) is made from positions, no grad
     attention = sum(op.forward for op in flops.ops if op.name in ("attn.scores", "attn.context"))
-    linear = flops.forward - attention
+    rotary = [op for op in flops.ops if op.name == "embed.rotary"]
+    assert all(op.backward_input == op.backward_weight == 0 for op in rotary)
+    linear = flops.forward - attention - sum(op.forward for op in rotary)
     patch = sum(op.forward for op in flops.ops if op.name == "embed.patch")
     assert flops.backward_weight == linear
     assert flops.backward_input == linear - patch + 2 * attention
