@@ -1,27 +1,42 @@
-# make demo | make test | make check-kernels | make bench — each bootstraps .venv idempotently from this
-# repository's files.
+# make demo | make test | make check-kernels | make bench — each installs what it needs once, idempotently,
+# from this repository's files.
 #
-# CPU machines: a fresh .venv with the pinned CPU build of torch (constraints-cpu.txt).
-# GPU machines (nvidia-smi works): a .venv over the system's own torch/triton/transformers
-# (--system-site-packages), installing only growlib itself, since such machines may reach no registry.
+# CPU machines (and CI): a fresh .venv with the pinned CPU build of torch (constraints-cpu.txt).
+# GPU machines (nvidia-smi works): no venv.  Their Python is itself a virtualenv holding torch, triton and
+#   transformers, and they may reach no registry; a venv made from it, even with --system-site-packages, sees
+#   none of those packages.  So growlib alone is installed, editable and without dependencies, into
+#   $(PYTHON) itself, and the targets run with that interpreter.
+# make rehearse-gpu-image (by hand, on a CPU machine; not CI): .venv-gpu-image from a Python 3.12
+#   ($(IMAGE_PYTHON)) with the GPU machine's versions (constraints-gpu-image.txt), growlib installed as on that
+#   machine; then the kernel tests, the GPU script's smoke run and the whole suite, as that machine would run them.
 
 PYTHON ?= python3
+IMAGE_PYTHON ?= python3.12
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+INSTALL_GROWLIB_ONLY := -m pip install -q --no-deps --no-build-isolation --no-index -e .
+
+ifeq ($(HAS_GPU),yes)
+PY := $(PYTHON)
+STAMP := .installed-gpu
+else
 VENV := .venv
 PY := $(VENV)/bin/python
-HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
-STAMP := $(VENV)/.installed$(if $(HAS_GPU),-gpu,-cpu)
+STAMP := $(VENV)/.installed-cpu
+endif
 
-.PHONY: demo test check-kernels bench clean
+IMAGE_VENV := .venv-gpu-image
+IMAGE_PY := $(IMAGE_VENV)/bin/python
 
-$(STAMP): pyproject.toml constraints-cpu.txt
-ifeq ($(HAS_GPU),yes)
-	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-else
+.PHONY: demo test check-kernels bench rehearse-gpu-image clean
+
+.installed-gpu: pyproject.toml
+	$(PYTHON) $(INSTALL_GROWLIB_ONLY)
+	touch $@
+
+$(VENV)/.installed-cpu: pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[test,plots,images,distributed]"
-endif
 	touch $@
 
 demo: $(STAMP)
@@ -45,5 +60,17 @@ bench: $(STAMP)
 	$(PY) perf/bench_frozen.py
 	$(PY) perf/report.py
 
+$(IMAGE_VENV)/.installed: pyproject.toml constraints-gpu-image.txt
+	$(IMAGE_PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12) and "IMAGE_PYTHON must be a Python 3.12")'
+	test -x $(IMAGE_PY) || $(IMAGE_PYTHON) -m venv $(IMAGE_VENV)
+	$(IMAGE_PY) -m pip install -q -r constraints-gpu-image.txt
+	$(IMAGE_PY) $(INSTALL_GROWLIB_ONLY)
+	touch $@
+
+rehearse-gpu-image: $(IMAGE_VENV)/.installed
+	$(IMAGE_PY) -m pytest -q tests/kernels
+	PYTHON=$(abspath $(IMAGE_PY)) bash perf/gpu_run.sh --smoke out/gpu-image-smoke
+	$(IMAGE_PY) -m pytest -q
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(IMAGE_VENV) .installed-gpu build *.egg-info
