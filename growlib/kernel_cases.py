@@ -253,18 +253,43 @@ KRON_SHAPES = {
     "over-block": ((2, 65, 33), (3, 66, 65)),
     "shrink": ((5, 40, 24), (2, 17, 30)),
 }
+# Per-layer width maps (LiGO's tie='paper': E (L2, O2, O1) and/or F (L2, I2, I1), one per output layer, so the
+# depth mix must run first): (shapes, which maps are per layer).  Both maps at size 1 and just over the tile;
+# E alone at primes, where the shared F may still run before the depth mix; F alone on strided views.
+KRON_PER_LAYER_SHAPES = {
+    "size-one": (((1, 1, 3), (2, 1, 2)), "EF"),
+    "primes": (((2, 7, 13), (3, 17, 11)), "E"),
+    "over-block": (((2, 65, 33), (3, 66, 65)), "EF"),
+    "views": (((3, 19, 5), (5, 23, 7)), "F"),
+}
 # (L1, O1) -> (L2, O2) of the 1-D form
 KRON_VECTOR_SHAPES = {"size-one": ((1, 1), (3, 2)), "over-block": ((3, 70), (4, 67))}
 
 
-def kron_inputs(seed: int, dtype: torch.dtype, small, large, device: torch.device, views: bool = False):
+def _width_map(g: torch.Generator, size_out: int, size_in: int, layers: int | None, views: bool) -> torch.Tensor:
+    """A random width map scaled by 1 / sqrt(size_in): (size_out, size_in), or (layers, size_out, size_in) per
+    output layer; with ``views`` a transposed (and, per layer, permuted) view rather than a contiguous tensor."""
+    if layers is None and views:
+        matrix = torch.randn(size_in, size_out, generator=g).mT
+    elif layers is None:
+        matrix = torch.randn(size_out, size_in, generator=g)
+    elif views:
+        matrix = torch.randn(size_in, layers, size_out, generator=g).permute(1, 2, 0)
+    else:
+        matrix = torch.randn(layers, size_out, size_in, generator=g)
+    return matrix / size_in ** 0.5
+
+
+def kron_inputs(seed: int, dtype: torch.dtype, small, large, device: torch.device, views: bool = False,
+                per_layer: str = ""):
     """W, E, F, D scaled so that outputs and gradients are of order one, and an output gradient.  With
-    ``views`` they are strided and transposed views rather than contiguous tensors."""
+    ``views`` they are strided and transposed views rather than contiguous tensors; ``per_layer`` names the
+    width maps ('E', 'F' or 'EF') given one per output layer."""
     (l1, o1, i1), (l2, o2, i2) = small, large
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(l1, o1, i1 + 2, generator=g)[:, :, 1:-1] if views else torch.randn(l1, o1, i1, generator=g)
-    E = (torch.randn(o1, o2, generator=g).mT if views else torch.randn(o2, o1, generator=g)) / o1 ** 0.5
-    F = (torch.randn(i1, i2, generator=g).mT if views else torch.randn(i2, i1, generator=g)) / i1 ** 0.5
+    E = _width_map(g, o2, o1, l2 if "E" in per_layer else None, views)
+    F = _width_map(g, i2, i1, l2 if "F" in per_layer else None, views)
     D = torch.randn(l2, l1, generator=g) / l1 ** 0.5
     grad_out = torch.randn(l2, o2, i2, generator=g)
     return [t.to(device, dtype) for t in (W, E, F, D)], grad_out.to(device, dtype)
@@ -289,7 +314,8 @@ def kron_through(backend: str) -> Callable:
 
 def kron_same_dtype(W, E, F, D):
     """The einsum chain a user would write, in the inputs' own dtype: the bf16 baseline of the three-way rule."""
-    return torch.einsum("lob,ib->loi", torch.einsum("oa,lab->lob", E, torch.einsum("lj,jab->lab", D, W)), F)
+    rows = torch.einsum("loa,lab->lob" if E.dim() == 3 else "oa,lab->lob", E, torch.einsum("lj,jab->lab", D, W))
+    return torch.einsum("lob,lib->loi" if F.dim() == 3 else "lob,ib->loi", rows, F)
 
 
 def kron_comparisons(inputs, grad_out, wanted=KRON_NAMES) -> list[Comparison]:
@@ -309,11 +335,17 @@ def _check_kron(shape: str, dtype: torch.dtype, device: torch.device) -> list[Co
     return kron_comparisons(inputs, grad_out)
 
 
-def _check_kron_vector(shape: str, dtype: torch.dtype, device: torch.device) -> list[Comparison]:
+def _check_kron_per_layer(shape: str, dtype: torch.dtype, device: torch.device) -> list[Comparison]:
+    sizes, per_layer = KRON_PER_LAYER_SHAPES[shape]
+    inputs, grad_out = kron_inputs(4, dtype, *sizes, device, views=shape == "views", per_layer=per_layer)
+    return kron_comparisons(inputs, grad_out)
+
+
+def _check_kron_vector(shape: str, per_layer: bool, dtype: torch.dtype, device: torch.device) -> list[Comparison]:
     (l1, o1), (l2, o2) = KRON_VECTOR_SHAPES[shape]
     g = torch.Generator().manual_seed(2)
     w = torch.randn(l1, o1, generator=g).to(device, dtype)
-    E = (torch.randn(o2, o1, generator=g) / o1 ** 0.5).to(device, dtype)
+    E = _width_map(g, o2, o1, l2 if per_layer else None, views=False).to(device, dtype)
     D = (torch.randn(l2, l1, generator=g) / l1 ** 0.5).to(device, dtype)
     grad_out = torch.randn(l2, o2, generator=g).to(device, dtype)
 
@@ -328,18 +360,24 @@ def _check_kron_vector(shape: str, dtype: torch.dtype, device: torch.device) -> 
 
     got = run(through_triton, (w, E, D), grad_out)
     oracle = run(reference.kron_expand_vector, [t.double() for t in (w, E, D)], grad_out.double())
-    same_dtype = run(lambda w, E, D: torch.einsum("oa,la->lo", E, D @ w), (w, E, D), grad_out)
+    same_dtype = run(lambda w, E, D: torch.einsum("loa,la->lo" if per_layer else "oa,la->lo", E, D @ w), (w, E, D),
+                     grad_out)
     return [compare(label, g, e, s, dtype, KRON_TOLERANCE, backward=label != "out")
             for label, g, e, s in zip(("out", "grad w", "grad E", "grad D"), got, oracle, same_dtype)]
 
 
 def _kron_cases() -> list[KernelCase]:
+    """Shared width maps, then per-layer ones (a row of their own in check-kernels' table)."""
     return ([KernelCase("kron_expand", "kron_expand", shape, dtype, KRON_TOLERANCE,
                         functools.partial(_check_kron, shape, dtype), quick=shape == "primes")
              for shape in KRON_SHAPES for dtype in KRON_DTYPES]
-            + [KernelCase("kron_expand_vector", "kron_expand_vector", shape, dtype, KRON_TOLERANCE,
-                          functools.partial(_check_kron_vector, shape, dtype), quick=shape == "over-block")
-               for shape in KRON_VECTOR_SHAPES for dtype in KRON_DTYPES])
+            + [KernelCase("kron_expand", "kron_expand+per-layer", shape, dtype, KRON_TOLERANCE,
+                          functools.partial(_check_kron_per_layer, shape, dtype), quick=shape == "primes")
+               for shape in KRON_PER_LAYER_SHAPES for dtype in KRON_DTYPES]
+            + [KernelCase("kron_expand_vector", "kron_expand_vector" + ("+per-layer" if per_layer else ""), shape,
+                          dtype, KRON_TOLERANCE, functools.partial(_check_kron_vector, shape, per_layer, dtype),
+                          quick=shape == "over-block")
+               for per_layer in (False, True) for shape in KRON_VECTOR_SHAPES for dtype in KRON_DTYPES])
 
 
 # ----------------------------------------------------------------------------------------------------------

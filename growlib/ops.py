@@ -234,13 +234,21 @@ def _validate_kron(W, E, F, D) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if W.dim() != stack_ndim:
         raise ValueError(f"{stack_name} must be {stack_ndim}-D {stack_axes}, got shape {tuple(W.shape)}")
-    expected = [("E", E, "(O2, O1)", 1, W.shape[1], "O1"), ("D", D, "(L2, L1)", 0, W.shape[0], "L1")]
-    if F is not None:
-        expected.append(("F", F, "(I2, I1)", 2, W.shape[2], "I1"))
-    for name, t, axes, stack_axis, size, size_name in expected:
-        if t.dim() != 2 or t.shape[1] != size:
-            raise ValueError(f"{name} must be 2-D {axes} with {size_name}={size} "
-                             f"({stack_name}.shape[{stack_axis}]), got shape {tuple(t.shape)}")
+    if D.dim() != 2 or D.shape[1] != W.shape[0]:
+        raise ValueError(f"D must be 2-D (L2, L1) with L1={W.shape[0]} ({stack_name}.shape[0]), got shape "
+                         f"{tuple(D.shape)}")
+    layers_out = D.shape[0]
+    width_maps = [("E", E, "O", 1)] + ([] if F is None else [("F", F, "I", 2)])
+    for name, t, axis, stack_axis in width_maps:
+        size_in, size_name = W.shape[stack_axis], f"{axis}1={W.shape[stack_axis]} ({stack_name}.shape[{stack_axis}])"
+        if t.dim() == 2 and t.shape[1] != size_in:
+            raise ValueError(f"{name} must be 2-D ({axis}2, {axis}1) with {size_name}, got shape {tuple(t.shape)}")
+        if t.dim() == 3 and (t.shape[0] != layers_out or t.shape[2] != size_in):
+            raise ValueError(f"{name} must be 3-D (L2, {axis}2, {axis}1), one map per output layer, with "
+                             f"L2={layers_out} (D.shape[0]) and {size_name}, got shape {tuple(t.shape)}")
+        if t.dim() not in (2, 3):
+            raise ValueError(f"{name} must be 2-D ({axis}2, {axis}1), shared by all layers, or 3-D "
+                             f"(L2, {axis}2, {axis}1), one map per output layer, got shape {tuple(t.shape)}")
     if W.dtype not in _KRON_DTYPES:
         raise TypeError(f"{stack_name} must be float32, bfloat16 or float64, got {W.dtype}")
     for name, t in named[1:]:
@@ -252,30 +260,70 @@ def _validate_kron(W, E, F, D) -> None:
                              "a device")
 
 
-class _KronExpand(torch.autograd.Function):
-    """The Triton expansion with its Triton backward.  The input of every step of the chain is saved (as
-    autograd would save it for the same chain of matmuls), so the backward recomputes nothing."""
+def _kron_maps(E, F, D) -> dict[str, torch.Tensor]:
+    """The chain's maps by step (kernels/kron_expand.py); no 'cols' step for the 1-D form (F None)."""
+    return {"depth": D, "rows": E} if F is None else {"depth": D, "rows": E, "cols": F}
 
-    @staticmethod
-    def forward(ctx, W, E, F, D):
-        from growlib.kernels import kron_expand as kernel
-        maps = {"depth": D, "rows": E} if F is None else {"depth": D, "rows": E, "cols": F}
-        order = kernel.cheapest_order(W.shape, maps)
-        out, stages = kernel.expand(W, maps, order)
-        ctx.order = order
-        ctx.save_for_backward(*stages, E, F, D)
-        return out
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        from growlib.kernels import kron_expand as kernel
-        *stages, E, F, D = ctx.saved_tensors
-        maps = {"depth": D, "rows": E} if F is None else {"depth": D, "rows": E, "cols": F}
-        need_W, need_E, need_F, need_D = ctx.needs_input_grad
-        wanted = {name for name, need in (("rows", need_E), ("cols", need_F), ("depth", need_D)) if need}
-        grad_W, grads = kernel.expand_backward(grad_out, stages, maps, ctx.order, wanted, need_W)
-        return grad_W, grads.get("rows"), grads.get("cols"), grads.get("depth")
+@torch.library.custom_op("growlib::kron_expand", mutates_args=())
+def _kron_expand_op(W: torch.Tensor, E: torch.Tensor, F: torch.Tensor | None, D: torch.Tensor) -> list[torch.Tensor]:
+    """The Triton expansion of W (L1, O1, I1) (the 1-D form as (L1, O1, 1) with F None), its steps in
+    ``cheapest_order``: [out, the input of every step after the first].  Those inputs are what the backward
+    needs (as autograd would save them for the same chain of matmuls), so the backward recomputes nothing."""
+    from growlib.kernels import kron_expand as kernel
+    maps = _kron_maps(E, F, D)
+    out, stages = kernel.expand(W, maps, kernel.cheapest_order(W.shape, maps))
+    return [out, *stages[1:]]
+
+
+@_kron_expand_op.register_fake
+def _(W, E, F, D):
+    from growlib.kernels import kron_expand as kernel
+    maps = _kron_maps(E, F, D)
+    shapes = kernel.chain_shapes(W.shape, maps, kernel.cheapest_order(W.shape, maps))
+    return [W.new_empty(shape) for shape in [shapes[-1], *shapes[1:-1]]]
+
+
+@torch.library.custom_op("growlib::kron_expand_backward", mutates_args=())
+def _kron_expand_backward_op(grad_out: torch.Tensor, stages: list[torch.Tensor], E: torch.Tensor,
+                             F: torch.Tensor | None, D: torch.Tensor, wanted: list[bool]) -> list[torch.Tensor]:
+    """The Triton backward of ``growlib::kron_expand``: the gradients of those of (W, E, F, D) that ``wanted``
+    flags, in that order.  ``stages``: W and the step inputs the forward returned."""
+    from growlib.kernels import kron_expand as kernel
+    maps = _kron_maps(E, F, D)
+    need_W, need_E, need_F, need_D = wanted
+    steps = {step for step, need in (("rows", need_E), ("cols", need_F), ("depth", need_D)) if need}
+    grad_W, grads = kernel.expand_backward(grad_out, stages, maps, kernel.cheapest_order(stages[0].shape, maps),
+                                           steps, need_W)
+    computed = (grad_W, grads.get("rows"), grads.get("cols"), grads.get("depth"))
+    return [grad for grad, need in zip(computed, wanted) if need]
+
+
+@_kron_expand_backward_op.register_fake
+def _(grad_out, stages, E, F, D, wanted):
+    return [t.new_empty(t.shape) for t, need in zip((stages[0], E, F, D), wanted) if need]
+
+
+def _kron_setup_context(ctx, inputs, output) -> None:
+    W, E, F, D = inputs
+    ctx.mark_non_differentiable(*output[1:])  # the saved step inputs are returned only for the backward
+    ctx.save_for_backward(W, *output[1:], E, F, D)
+
+
+def _kron_backward(ctx, grads):
+    W, *step_inputs, E, F, D = ctx.saved_tensors
+    wanted = list(ctx.needs_input_grad)  # F is None for the 1-D form and never needs one
+    computed = iter(torch.ops.growlib.kron_expand_backward(grads[0], [W, *step_inputs], E, F, D, wanted))
+    return tuple(next(computed) if need else None for need in wanted)
+
+
+def _kron_no_double_backward(ctx, grads):
+    raise RuntimeError("kron_expand's Triton backward is not differentiable itself (no double backward): use "
+                       "backend 'torch' for higher-order gradients")
+
+
+_kron_expand_op.register_autograd(_kron_backward, setup_context=_kron_setup_context)
+_kron_expand_backward_op.register_autograd(_kron_no_double_backward)
 
 
 def _kron_dispatch(W, E, F, D) -> torch.Tensor:
@@ -289,23 +337,27 @@ def _kron_dispatch(W, E, F, D) -> torch.Tensor:
         raise TypeError(f"the Triton backend supports {SUPPORTED_DTYPES} for {'w' if F is None else 'W'}, got "
                         f"{W.dtype}; use backend 'torch' for other dtypes")
     if F is None:
-        return _KronExpand.apply(W.unsqueeze(-1), E, None, D).squeeze(-1)
-    return _KronExpand.apply(W, E, F, D)
+        return _kron_expand_op(W.unsqueeze(-1), E, None, D)[0].squeeze(-1)
+    return _kron_expand_op(W, E, F, D)[0]
 
 
 def kron_expand(W: torch.Tensor, E: torch.Tensor, F: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     """LiGO's Kronecker-factored expansion of one tensor name stacked over layers:
-    ``out[l] = sum_j D[l, j] * E @ W[j] @ F^T``.
+    ``out[l] = E_l (sum_j D[l, j] W[j]) F_l^T``, in one chain of batched GEMMs however many layers there are.
 
-    W (L1, O1, I1), E (O2, O1), F (I2, I1), D (L2, L1), all of one dtype (float32 or bfloat16; float64 on the
-    torch backend) and one device -> (L2, O2, I2) in that dtype.  Differentiable with respect to all four."""
+    W (L1, O1, I1), D (L2, L1), E (O2, O1) shared by all output layers or (L2, O2, O1) one per output layer,
+    F likewise (I2, I1) or (L2, I2, I1); all of one dtype (float32 or bfloat16; float64 on the torch backend)
+    and one device -> (L2, O2, I2) in that dtype.  Differentiable with respect to all four (the Triton
+    backend's backward once, the torch backend's to any order).  The Triton backend is the custom op
+    ``growlib::kron_expand`` (with ``growlib::kron_expand_backward``), so ``torch.compile`` keeps it whole."""
     return _kron_dispatch(W, E, F, D)
 
 
 def kron_expand_vector(w: torch.Tensor, E: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
-    """The 1-D form of ``kron_expand`` for biases and norms: ``out[l] = sum_j D[l, j] * E @ w[j]``.
+    """The 1-D form of ``kron_expand`` for biases and norms: ``out[l] = E_l sum_j D[l, j] w[j]``.
 
-    w (L1, O1), E (O2, O1), D (L2, L1) -> (L2, O2).  Differentiable with respect to all three."""
+    w (L1, O1), D (L2, L1), E (O2, O1) or (L2, O2, O1) -> (L2, O2).  Differentiable with respect to all
+    three."""
     return _kron_dispatch(w, E, None, D)
 
 

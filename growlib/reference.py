@@ -70,25 +70,26 @@ def structured_map(
 
 
 def kron_expand(W: torch.Tensor, E: torch.Tensor, F: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
-    """Reference of ``growlib.ops.kron_expand``: ``out[l] = sum_j D[l, j] * E @ W[j] @ F^T``.
+    """Reference of ``growlib.ops.kron_expand``: ``out[l] = E_l (sum_j D[l, j] W[j]) F_l^T``.
 
-    W (L1, O1, I1), E (O2, O1), F (I2, I1), D (L2, L1) -> (L2, O2, I2) in W's dtype.  A plain einsum chain
-    computed in fp32 (fp64 for fp64 inputs) so that it is an oracle for the kernels rather than a second
-    bf16 computation; autograd through it gives the gradients of all four inputs.  The depth mix runs first,
-    on the small matrices, so no (L2, L1, ...) product is ever formed."""
+    W (L1, O1, I1), D (L2, L1), E (O2, O1) shared by all layers or (L2, O2, O1) one per output layer, F
+    likewise (I2, I1) or (L2, I2, I1) -> (L2, O2, I2) in W's dtype.  A plain einsum chain computed in fp32
+    (fp64 for fp64 inputs) so that it is an oracle for the kernels rather than a second bf16 computation;
+    autograd through it gives the gradients of all four inputs.  The depth mix runs first, on the small
+    matrices (per-layer maps need it first), so no (L2, L1, ...) product is ever formed."""
     compute = _compute_dtype(W.dtype)
     mixed = torch.einsum("lj,jab->lab", D.to(compute), W.to(compute))
-    rows = torch.einsum("oa,lab->lob", E.to(compute), mixed)
-    return torch.einsum("lob,ib->loi", rows, F.to(compute)).to(W.dtype)
+    rows = torch.einsum("loa,lab->lob" if E.dim() == 3 else "oa,lab->lob", E.to(compute), mixed)
+    return torch.einsum("lob,lib->loi" if F.dim() == 3 else "lob,ib->loi", rows, F.to(compute)).to(W.dtype)
 
 
 def kron_expand_vector(w: torch.Tensor, E: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     """Reference of ``growlib.ops.kron_expand_vector``, the 1-D form for biases and norms:
-    ``out[l] = sum_j D[l, j] * E @ w[j]``; w (L1, O1), E (O2, O1), D (L2, L1) -> (L2, O2) in w's dtype,
-    computed in fp32 (fp64 for fp64 inputs) like ``kron_expand``."""
+    ``out[l] = E_l sum_j D[l, j] w[j]``; w (L1, O1), D (L2, L1), E (O2, O1) or (L2, O2, O1) -> (L2, O2) in w's
+    dtype, computed in fp32 (fp64 for fp64 inputs) like ``kron_expand``."""
     compute = _compute_dtype(w.dtype)
     mixed = torch.einsum("lj,ja->la", D.to(compute), w.to(compute))
-    return torch.einsum("oa,la->lo", E.to(compute), mixed).to(w.dtype)
+    return torch.einsum("loa,la->lo" if E.dim() == 3 else "oa,la->lo", E.to(compute), mixed).to(w.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -7,7 +7,11 @@ The expansion is a chain of three linear maps, each acting on its own axis of th
 * ``rows``:  Y[l] = E @ X[l]                all layers in one launch, E shared (batch stride 0);
 * ``cols``:  Y[l] = X[l] @ F^T              likewise.
 
-The maps act on different axes, so they commute: ``cheapest_order`` runs them in the order with the fewest
+A width map may also be given per output layer (E (L2, O2, O1): Y[l] = E[l] @ X[l], LiGO's per-layer maps):
+the same launch with a real batch stride, whose gradient is per layer too (dE[l], not summed over layers).
+
+The maps act on different axes, so they commute, except that a per-layer map acts on the output layers and
+so needs the depth mix before it: ``cheapest_order`` runs them in the valid order with the fewest
 multiply-adds.  Every step's backward is two GEMMs of the step's own size, so the forward count ranks the
 backward too.  For growth (L2 > L1) that usually puts the depth mix last, where the width GEMMs run on L1
 layers instead of L2; when depth shrinks or stays, it comes first, on the small matrices.  The intermediate
@@ -25,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -223,25 +228,38 @@ def batched_matmul(a: torch.Tensor, b: torch.Tensor, *, sum_batch: bool = False)
 # The chain: depth, rows and cols steps on a stack X (L, R, C)
 # ----------------------------------------------------------------------------------------------------------
 
+def per_layer(matrix: torch.Tensor) -> bool:
+    """Whether a width map is one matrix per output layer (L2, size_out, size_in) rather than one shared."""
+    return matrix.dim() == 3
+
+
+def _over_layers(matrix: torch.Tensor, layers: int) -> torch.Tensor:
+    """A width map as a batch of ``layers`` matrices: per-layer maps as they are, a shared one broadcast (batch
+    stride 0, no copy)."""
+    return matrix if per_layer(matrix) else matrix.expand(layers, *matrix.shape)
+
+
 def _apply_step(step: str, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     layers, rows, cols = x.shape
     if step == "depth":
         flat = batched_matmul(matrix.unsqueeze(0), x.reshape(1, layers, rows * cols))
         return flat.reshape(matrix.shape[0], rows, cols)
-    if step == "rows":
-        return batched_matmul(matrix.expand(layers, *matrix.shape), x)
-    return batched_matmul(x, matrix.mT.expand(layers, cols, matrix.shape[0]))
+    if step == "rows":  # Y[l] = E[l] @ X[l]
+        return batched_matmul(_over_layers(matrix, layers), x)
+    return batched_matmul(x, _over_layers(matrix, layers).mT)  # Y[l] = X[l] @ F[l]^T
 
 
-def _matrix_grad(step: str, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Gradient of the step's matrix, summed over layers inside the kernel."""
+def _matrix_grad(step: str, grad: torch.Tensor, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """Gradient of the step's matrix: a shared matrix's summed over layers inside the kernel, a per-layer
+    matrix's one per layer."""
     layers, rows, cols = x.shape
     if step == "depth":  # dD = dY (L2, R*C) @ X^T (R*C, L)
         return batched_matmul(grad.reshape(1, grad.shape[0], rows * cols),
                               x.reshape(1, layers, rows * cols).mT, sum_batch=True)
-    if step == "rows":  # dE = sum_l dY[l] @ X[l]^T
-        return batched_matmul(grad, x.mT, sum_batch=True)
-    return batched_matmul(grad.mT, x, sum_batch=True)  # dF = sum_l dY[l]^T @ X[l]
+    summed = not per_layer(matrix)
+    if step == "rows":  # dE[l] = dY[l] @ X[l]^T (dE = the sum over l when shared)
+        return batched_matmul(grad, x.mT, sum_batch=summed)
+    return batched_matmul(grad.mT, x, sum_batch=summed)  # dF[l] = dY[l]^T @ X[l]
 
 
 def _input_grad(step: str, grad: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
@@ -249,33 +267,51 @@ def _input_grad(step: str, grad: torch.Tensor, matrix: torch.Tensor) -> torch.Te
     if step == "depth":  # dX = D^T @ dY, over the flattened stack
         flat = batched_matmul(matrix.mT.unsqueeze(0), grad.reshape(1, layers, rows * cols))
         return flat.reshape(matrix.shape[1], rows, cols)
-    if step == "rows":  # dX[l] = E^T @ dY[l]
-        return batched_matmul(matrix.mT.expand(layers, *matrix.mT.shape), grad)
-    return batched_matmul(grad, matrix.expand(layers, *matrix.shape))  # dX[l] = dY[l] @ F
+    if step == "rows":  # dX[l] = E[l]^T @ dY[l]
+        return batched_matmul(_over_layers(matrix, layers).mT, grad)
+    return batched_matmul(grad, _over_layers(matrix, layers))  # dX[l] = dY[l] @ F[l]
+
+
+def chain_shapes(stack_shape: Sequence[int], maps: Mapping[str, torch.Tensor],
+                 order: Sequence[str]) -> list[tuple[int, ...]]:
+    """The shape (L, R, C) of the stack before each step of ``order`` and after the last, with ``maps`` keyed by
+    step ('depth' (D), 'rows' (E), 'cols' (F); each matrix (size_out, size_in), a width map possibly one per
+    output layer (L2, size_out, size_in)): what the output and the saved inputs of ``expand`` will be."""
+    shapes = [tuple(stack_shape)]
+    for step in order:
+        shape = list(shapes[-1])
+        shape[STEPS.index(step)] = maps[step].shape[-2]
+        shapes.append(tuple(shape))
+    return shapes
 
 
 def step_costs(stack_shape: Sequence[int], maps: Mapping[str, torch.Tensor], order: Sequence[str]) -> list[int]:
-    """Multiply-adds of each step of ``order`` on a stack of ``stack_shape`` (L, R, C), with ``maps`` keyed by
-    step ('depth' (D), 'rows' (E), 'cols' (F); each matrix (size_out, size_in)).  A step's backward costs the
-    same again for its matrix's gradient and once more for its input's."""
-    shape, costs = list(stack_shape), []
-    for step in order:
-        size_out = maps[step].shape[0]
-        costs.append(size_out * shape[0] * shape[1] * shape[2])  # size_out * size_in * the other two axes
-        shape[STEPS.index(step)] = size_out
-    return costs
+    """Multiply-adds of each step of ``order`` on a stack of ``stack_shape`` (L, R, C) (``maps`` as in
+    ``chain_shapes``): size_out * size_in * the other two axes, whether the map is shared or per layer.  A
+    step's backward costs the same again for its matrix's gradient and once more for its input's."""
+    shapes = chain_shapes(stack_shape, maps, order)
+    return [maps[step].shape[-2] * math.prod(shape) for step, shape in zip(order, shapes)]
+
+
+def valid_orders(maps: Mapping[str, torch.Tensor]) -> list[tuple[str, ...]]:
+    """The orders in which the steps of ``maps`` can run: a per-layer width map acts on the output layers, so
+    the depth mix must come before it."""
+    steps = [step for step in STEPS if step in maps]
+    return [order for order in itertools.permutations(steps)
+            if all(order.index("depth") < order.index(step) for step in order
+                   if step != "depth" and per_layer(maps[step]))]
 
 
 def cheapest_order(stack_shape: Sequence[int], maps: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
-    """The order of the steps in ``maps`` with the fewest multiply-adds (see ``step_costs``)."""
-    steps = [step for step in STEPS if step in maps]
-    return min(itertools.permutations(steps), key=lambda order: sum(step_costs(stack_shape, maps, order)))
+    """The valid order of the steps in ``maps`` with the fewest multiply-adds (see ``step_costs``)."""
+    return min(valid_orders(maps), key=lambda order: sum(step_costs(stack_shape, maps, order)))
 
 
 def expand(stack: torch.Tensor, maps: Mapping[str, torch.Tensor],
            order: Sequence[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run the steps of ``order`` on ``stack`` (L1, O1, I1) with ``maps`` {'depth': D, 'rows': E, 'cols': F};
-    returns the output and the input of every step (what the backward needs).  Callers validate shapes
+    """Run the steps of ``order`` (one of ``valid_orders``) on ``stack`` (L1, O1, I1) with ``maps``
+    {'depth': D, 'rows': E, 'cols': F}, E and F shared or per output layer; returns the output and the input
+    of every step (what the backward needs).  Callers validate shapes
     (growlib.ops does); all tensors share one dtype among SUPPORTED_DTYPES and one device."""
     x = stack.contiguous()
     stages = []
@@ -295,7 +331,7 @@ def expand_backward(grad_out: torch.Tensor, stages: Sequence[torch.Tensor], maps
     for position in reversed(range(len(order))):
         step = order[position]
         if step in wanted:
-            grads[step] = _matrix_grad(step, grad, stages[position])
+            grads[step] = _matrix_grad(step, grad, stages[position], maps[step])
         if not (need_stack_grad or any(earlier in wanted for earlier in order[:position])):
             return None, grads
         grad = _input_grad(step, grad, maps[step])

@@ -111,3 +111,45 @@ def test_custom_op_registration_passes_opcheck():
     dst, src, dw, rs, cs, ti, tw = one_task()
     args = (dst, [s for row in src for s in row], dw, rs, cs, ti, tw, 0.5, True, False, "torch")
     torch.library.opcheck(torch.ops.growlib.structured_map_.default, args)
+
+
+
+def kron_args(per_layer: bool, vector: bool = False):
+    """Tiny W (L1=2), E, F (one per output layer with ``per_layer``) and D (L2=3), all requiring grad, as the
+    custom op takes them: the 1-D form is a stack with one column and no F."""
+    g = torch.Generator().manual_seed(3)
+    layers = (3,) if per_layer else ()
+    W = torch.randn(2, 3, 1 if vector else 4, generator=g)
+    E = torch.randn(*layers, 5, 3, generator=g)
+    F = None if vector else torch.randn(*layers, 6, 4, generator=g)
+    D = torch.randn(3, 2, generator=g)
+    return [None if t is None else t.to(DEVICE).requires_grad_() for t in (W, E, F, D)]
+
+
+@pytest.mark.parametrize("per_layer, vector", [(False, False), (True, False), (True, True)],
+                         ids=["shared", "per-layer", "per-layer-1d"])
+def test_kron_expand_custom_op_passes_opcheck(per_layer, vector):
+    """growlib::kron_expand (the Triton backend, through the interpreter on the CPU): schema, fake tensors,
+    autograd registration and AOT dispatch with its backward op.  The torch backend is plain differentiable
+    PyTorch (growlib.reference), which needs no registration."""
+    torch.library.opcheck(torch.ops.growlib.kron_expand.default, kron_args(per_layer, vector))
+
+
+@pytest.mark.parametrize("wanted", [[True, True, True, True], [False, True, False, True]], ids=["all", "E-and-D"])
+def test_kron_expand_backward_custom_op_passes_opcheck(wanted):
+    W, E, F, D = (t.detach() for t in kron_args(per_layer=True))
+    out, *step_inputs = torch.ops.growlib.kron_expand(W, E, F, D)
+    args = (torch.randn_like(out), [W, *step_inputs], E, F, D, wanted)
+    torch.library.opcheck(torch.ops.growlib.kron_expand_backward.default, args)
+    assert [g.shape for g in torch.ops.growlib.kron_expand_backward(*args)] == [
+        t.shape for t, need in zip((W, E, F, D), wanted) if need]
+
+
+def test_kron_expand_triton_backward_refuses_double_backward():
+    """The Triton backward is differentiable once (a second derivative needs the torch backend)."""
+    W, E, F, D = kron_args(per_layer=True)
+    with growlib.use_backend("triton"):
+        out = ops.kron_expand(W, E, F, D)
+    grad_E, = torch.autograd.grad(out.square().sum(), E, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"no double backward\): use backend 'torch'"):
+        grad_E.sum().backward()

@@ -351,28 +351,23 @@ class LiGO(nn.Module):
             return self._matrix(ref)
         return torch.eye(size, dtype=like.dtype, device=like.device)
 
+    def _layer_maps(self, refs: tuple[_MapRef | None, ...], size: int, like: torch.Tensor) -> torch.Tensor:
+        """The width map of one axis of a tensor name: its matrix (d2, d1) when every large layer shares it,
+        else the large layers' matrices stacked (L2, d2, d1)."""
+        if len(set(refs)) == 1:
+            return self._matrix_or_identity(refs[0], size, like)
+        return torch.stack([self._matrix(ref) for ref in refs])
+
     def _expand_layers(self, task: _LayerTask) -> torch.Tensor:
-        """(L2, O2[, I2]) for one tensor name: one ``kron_expand`` per set of large layers sharing width maps
-        (all layers for the residual-stream-only tensors, one layer each for per-layer maps)."""
+        """(L2, O2[, I2]) for one tensor name: one ``kron_expand`` over all large layers, whether the width maps
+        are shared (``tie='shared'``, the residual stream) or per layer (``tie='paper'``)."""
         stack = getattr(self, task.source)
         depth = self.depth[task.depth]
-        layer_sets: dict[tuple, list[int]] = {}
-        for l, maps in enumerate(task.maps):
-            layer_sets.setdefault(maps, []).append(l)
-        pieces, order = [], []
-        for maps, layers in layer_sets.items():
-            rows = depth if len(layers) == depth.shape[0] else depth[layers]
-            E = self._matrix_or_identity(maps[0], stack.shape[1], stack)
-            if stack.dim() == 2:
-                pieces.append(ops.kron_expand_vector(stack, E, rows))
-            else:
-                F = self._matrix_or_identity(maps[1], stack.shape[2], stack)
-                pieces.append(ops.kron_expand(stack, E, F, rows))
-            order += layers
-        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        if order != sorted(order):
-            out = out[torch.argsort(torch.tensor(order, device=out.device))]
-        return out
+        E = self._layer_maps(tuple(maps[0] for maps in task.maps), stack.shape[1], stack)
+        if stack.dim() == 2:
+            return ops.kron_expand_vector(stack, E, depth)
+        F = self._layer_maps(tuple(maps[1] for maps in task.maps), stack.shape[2], stack)
+        return ops.kron_expand(stack, E, F, depth)
 
     def _columns_first(self, tensor: torch.Tensor, out_ref: _MapRef, in_ref: _MapRef) -> bool:
         """Whether E (W F^T) is cheaper than (E W) F^T for this tensor."""
@@ -416,23 +411,20 @@ class LiGO(nn.Module):
         return params
 
     def flops_per_expansion(self, backward: bool = False) -> int:
-        """FLOPs of one ``expanded()`` as the torch backend runs it (a multiply-add is 2 FLOPs): per call of
-        ``kron_expand`` the depth mix, then E, then F; outside the layers E W F^T in the cheaper order.  With
-        ``backward`` the gradients of E, F and D are added (the small weights are frozen, so the first product
-        of each chain has no input gradient).  The Triton kernel may pick a cheaper order; lifts, reshapes and
-        gathers move data and are not counted."""
+        """FLOPs of one ``expanded()`` as the torch backend runs it (a multiply-add is 2 FLOPs): per tensor name
+        one ``kron_expand`` over all large layers, the depth mix, then E, then F (per-layer maps cost what a
+        shared map does); outside the layers E W F^T in the cheaper order.  With ``backward`` the gradients of
+        E, F and D are added (the small weights are frozen, so the first product of each chain has no input
+        gradient).  The Triton kernel may pick a cheaper order where the maps are shared; lifts, stacks,
+        reshapes and gathers move data and are not counted."""
         forward_total = backward_total = 0
         for task in self._layer_tasks:
             stack = getattr(self, task.source)
-            layer_sets: dict[tuple, int] = {}
-            for maps in task.maps:
-                layer_sets[maps] = layer_sets.get(maps, 0) + 1
-            for maps, count in layer_sets.items():
-                steps = [(0, count)] + [(axis + 1, self._matrix_or_identity(ref, n, stack).shape[0])
-                                        for axis, (ref, n) in enumerate(zip(maps, stack.shape[1:]))]
-                forward, backward_flops = _chain_flops(tuple(stack.shape), steps)
-                forward_total += forward
-                backward_total += backward_flops
+            steps = [(0, len(task.maps))] + [(axis + 1, self._matrix_or_identity(ref, n, stack).shape[0])
+                                             for axis, (ref, n) in enumerate(zip(task.maps[0], stack.shape[1:]))]
+            forward, backward_flops = _chain_flops(tuple(stack.shape), steps)
+            forward_total += forward
+            backward_total += backward_flops
         for task in self._fixed_tasks:
             tensor = getattr(self, task.source)
             steps = [(axis, self._matrix(ref).shape[0]) for axis, ref in enumerate(task.maps) if ref is not None]

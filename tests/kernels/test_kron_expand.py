@@ -1,10 +1,11 @@
 """The Kronecker-factored (LiGO) expansion: Triton kernels (interpreter on CPU) against the PyTorch reference.
 
 Values and the gradients of W, E, F and D at awkward shapes (size 1, primes, just over the 64-wide tile, the
-issue's 48x80 -> 97x131) on contiguous tensors and non-contiguous views, and the 1-D form: the shared cases of
-growlib.kernel_cases (``growlib check-kernels`` runs them too).  Here also: every order of the chain's three
-steps, frozen inputs, bf16 rounding, empty axes, gradcheck of the reference in float64, and the errors bad
-inputs raise."""
+issue's 48x80 -> 97x131) on contiguous tensors and non-contiguous views, with width maps shared by all layers
+or one per output layer, and the 1-D form: the shared cases of growlib.kernel_cases (``growlib check-kernels``
+runs them too).  Here also: every valid order of the chain's three steps, frozen inputs, bf16 rounding, empty
+axes, one launch chain whatever the layer count, gradcheck of the reference in float64, the custom op's
+registration, and the errors bad inputs raise."""
 
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ import torch
 import growlib
 from growlib import kernel_cases, ops, reference
 from growlib.kernels import kron_expand as kernel
+from growlib.kernels import launch
 from tests.conftest import DEVICE
 
 NAMES = kernel_cases.KRON_NAMES
 
 
-def random_inputs(seed, dtype, small, large, views=False):
-    return kernel_cases.kron_inputs(seed, dtype, small, large, DEVICE, views)
+def random_inputs(seed, dtype, small, large, views=False, per_layer=""):
+    return kernel_cases.kron_inputs(seed, dtype, small, large, DEVICE, views, per_layer)
 
 
 def check_against_reference(inputs, grad_out, wanted=NAMES):
@@ -33,8 +35,8 @@ def check_against_reference(inputs, grad_out, wanted=NAMES):
 @pytest.mark.parametrize("case", kernel_cases.cases_for("kron_expand") + kernel_cases.cases_for("kron_expand_vector"),
                          ids=lambda case: case.id)
 def test_values_and_gradients_match_reference(case):
-    """The shared cases: sizes 1, primes, just over the tile, the issue's shape on views, shrinking depth, and
-    the 1-D form; forward and backward."""
+    """The shared cases: sizes 1, primes, just over the tile, the issue's shape on views, shrinking depth,
+    per-layer width maps, and the 1-D form; forward and backward."""
     assert not kernel_cases.failures(case.run(DEVICE))
 
 
@@ -44,6 +46,83 @@ def test_every_step_order_gives_the_same_values_and_gradients(order, monkeypatch
     monkeypatch.setattr(kernel, "cheapest_order", lambda stack_shape, maps: order)
     inputs, grad_out = random_inputs(5, torch.float32, (2, 9, 20), (3, 17, 18))
     check_against_reference(inputs, grad_out)
+
+
+PER_LAYER_ORDERS = {"E": [("depth", "rows", "cols"), ("depth", "cols", "rows"), ("cols", "depth", "rows")],
+                    "F": [("depth", "rows", "cols"), ("depth", "cols", "rows"), ("rows", "depth", "cols")],
+                    "EF": [("depth", "rows", "cols"), ("depth", "cols", "rows")]}
+
+
+def per_layer_maps(per_layer):
+    (_, E, F, D), _ = random_inputs(5, torch.float32, (2, 9, 20), (3, 17, 18), per_layer=per_layer)
+    return {"depth": D, "rows": E, "cols": F}
+
+
+@pytest.mark.parametrize("per_layer", list(PER_LAYER_ORDERS))
+def test_valid_orders_put_the_depth_mix_before_every_per_layer_map(per_layer):
+    """A per-layer map acts on the output layers; a shared one may still run on the small stack."""
+    maps = per_layer_maps(per_layer)
+    assert kernel.valid_orders(maps) == PER_LAYER_ORDERS[per_layer]
+    shared = {step: m if step == "depth" else m[0] if m.dim() == 3 else m for step, m in maps.items()}
+    assert kernel.valid_orders(shared) == list(itertools.permutations(kernel.STEPS))
+
+
+@pytest.mark.parametrize("per_layer, order", [(p, o) for p, orders in PER_LAYER_ORDERS.items() for o in orders],
+                         ids=lambda value: value if isinstance(value, str) else "-".join(value))
+def test_every_valid_order_with_per_layer_maps_gives_the_same_values_and_gradients(per_layer, order, monkeypatch):
+    """Per-layer E and/or F: every order the chain may take is right, the per-layer gradients included."""
+    monkeypatch.setattr(kernel, "cheapest_order", lambda stack_shape, maps: order)
+    inputs, grad_out = random_inputs(5, torch.float32, (2, 9, 20), (3, 17, 18), per_layer=per_layer)
+    check_against_reference(inputs, grad_out)
+
+
+def test_cheapest_order_with_per_layer_maps_is_the_cheapest_valid_one():
+    """Depth grown 2 -> 16 layers: shared maps run on the 2 small layers before the depth mix; a per-layer map
+    must wait for it, and then the map that grows its axis least goes first."""
+    W, D = torch.empty(2, 64, 64), torch.empty(16, 2)
+    grow_rows, keep_cols = torch.empty(256, 64), torch.empty(64, 64)
+    shared = {"depth": D, "rows": grow_rows, "cols": keep_cols}
+    assert kernel.cheapest_order(W.shape, shared) == ("cols", "rows", "depth")
+    per_layer_rows = {"depth": D, "rows": grow_rows.expand(16, -1, -1), "cols": keep_cols}
+    assert kernel.cheapest_order(W.shape, per_layer_rows) == ("cols", "depth", "rows")
+    both = {"depth": D, "rows": grow_rows.expand(16, -1, -1), "cols": keep_cols.expand(16, -1, -1)}
+    assert kernel.cheapest_order(W.shape, both) == ("depth", "cols", "rows")
+    for maps in (per_layer_rows, both):
+        order = kernel.cheapest_order(W.shape, maps)
+        assert sum(kernel.step_costs(W.shape, maps, order)) == min(
+            sum(kernel.step_costs(W.shape, maps, valid)) for valid in kernel.valid_orders(maps))
+
+
+def test_per_layer_maps_that_repeat_one_map_equal_the_shared_map(backend):
+    """E and F given once per layer, all alike, expand as the shared map does; their per-layer gradients add
+    up to the shared map's gradient."""
+    (W, E, F, D), grad_out = random_inputs(6, torch.float32, (3, 11, 7), (4, 13, 9))
+    shared = kernel_cases.value_and_grads(ops.kron_expand, (W, E, F, D), grad_out)
+    repeated = kernel_cases.value_and_grads(ops.kron_expand, (W, E.expand(4, -1, -1), F.expand(4, -1, -1), D),
+                                            grad_out)
+    torch.testing.assert_close(repeated[0], shared[0], rtol=1e-5, atol=1e-5)
+    for position in (2, 3):  # grad E, grad F
+        assert repeated[position].shape == (4, *shared[position].shape)
+        torch.testing.assert_close(repeated[position].sum(0), shared[position], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layers_out", [3, 7])
+@pytest.mark.parametrize("per_layer", ["", "EF"], ids=["shared", "per-layer"])
+def test_one_launch_per_step_whatever_the_layer_count(per_layer, layers_out):
+    """Forward: one batched GEMM per step; backward: one per matrix gradient and one per input gradient the
+    chain still needs (none for the frozen stack's step), however many output layers there are."""
+    inputs, grad_out = random_inputs(9, torch.float32, (2, 5, 6), (layers_out, 7, 8), per_layer=per_layer)
+    W, *maps = inputs
+    maps = [m.detach().requires_grad_() for m in maps]
+    with launch.recorded() as forward:
+        with growlib.use_backend("triton"):
+            out = ops.kron_expand(W, *maps)
+    with launch.recorded() as backward:
+        out.backward(grad_out)
+    assert [r["kernel"] for r in forward] == ["kron_gemm"] * 3
+    assert [r["kernel"] for r in backward] == ["kron_gemm"] * 5
+    unsummed = [r for r in backward if not r["SUM_BATCH"]]
+    assert len(unsummed) == 2 + 2 * (per_layer == "EF")  # two input gradients, and dE[l], dF[l] per layer
 
 
 @pytest.mark.parametrize("wanted", [("D",), ("E", "F", "D"), ("W",)], ids=["D", "EFD-frozen-W", "W"])
@@ -96,6 +175,9 @@ def test_reference_gradcheck_in_float64():
                   for shape in ((2, 3, 4), (5, 3), (3, 4), (3, 2)))
     assert torch.autograd.gradcheck(reference.kron_expand, (W, E, F, D))
     assert torch.autograd.gradcheck(reference.kron_expand_vector, (W[:, :, 0].detach().requires_grad_(), E, D))
+    E_l, F_l = (torch.randn(3, *m.shape, generator=g, dtype=torch.float64, requires_grad=True) for m in (E, F))
+    assert torch.autograd.gradcheck(reference.kron_expand, (W, E_l, F_l, D))
+    assert torch.autograd.gradcheck(reference.kron_expand_vector, (W[:, :, 0].detach().requires_grad_(), E_l, D))
 
 
 def test_reference_is_the_sum_over_layers_it_claims():
@@ -105,6 +187,19 @@ def test_reference_is_the_sum_over_layers_it_claims():
     assert torch.allclose(reference.kron_expand(W, E, F, D), expected)
     assert torch.allclose(reference.kron_expand_vector(W[:, :, 0], E, D),
                           torch.stack([sum(D[l, j] * E @ W[j, :, 0] for j in range(2)) for l in range(3)]))
+
+
+@pytest.mark.parametrize("per_layer", ["E", "F", "EF"])
+def test_reference_with_per_layer_maps_is_the_sum_it_claims(per_layer):
+    """out[l] = E_l (sum_j D[l, j] W_j) F_l^T, each output layer through its own maps."""
+    (W, E, F, D), _ = random_inputs(1, torch.float64, (2, 3, 4), (3, 5, 6), per_layer=per_layer)
+    E_l = E if E.dim() == 3 else E.expand(3, -1, -1)
+    F_l = F if F.dim() == 3 else F.expand(3, -1, -1)
+    expected = torch.stack([E_l[l] @ sum(D[l, j] * W[j] for j in range(2)) @ F_l[l].T for l in range(3)])
+    assert torch.allclose(reference.kron_expand(W, E, F, D), expected)
+    if per_layer != "F":
+        assert torch.allclose(reference.kron_expand_vector(W[:, :, 0], E, D),
+                              torch.stack([E_l[l] @ sum(D[l, j] * W[j, :, 0] for j in range(2)) for l in range(3)]))
 
 
 def test_float64_runs_on_the_torch_backend_and_is_refused_by_triton():
@@ -123,7 +218,13 @@ def _replace(args, position, value):
 
 BAD_INPUTS = [
     ("W not 3-D", lambda a: _replace(a, 0, a[0][0]), ValueError, "W must be 3-D"),
-    ("E not 2-D", lambda a: _replace(a, 1, a[1][None]), ValueError, "E must be 2-D"),
+    ("E 4-D", lambda a: _replace(a, 1, a[1][None, None]), ValueError,
+     r"E must be 2-D \(O2, O1\), shared by all layers, or 3-D \(L2, O2, O1\), one map per output layer"),
+    ("per-layer E, L2 mismatch", lambda a: _replace(a, 1, a[1].expand(2, 5, 3)), ValueError,
+     r"E must be 3-D \(L2, O2, O1\), one map per output layer, with L2=3 \(D.shape\[0\]\) and O1=3"),
+    ("per-layer F, I1 mismatch", lambda a: _replace(a, 2, a[2].new_ones(3, 6, 5)), ValueError,
+     r"F must be 3-D \(L2, I2, I1\), .* with L2=3 \(D.shape\[0\]\) and I1=4 \(W.shape\[2\]\)"),
+    ("D not 2-D", lambda a: _replace(a, 3, a[3][None]), ValueError, r"D must be 2-D \(L2, L1\) with L1=2"),
     ("O1 mismatch", lambda a: _replace(a, 1, a[1].new_ones(5, 4)), ValueError, r"E .*O1=3"),
     ("I1 mismatch", lambda a: _replace(a, 2, a[2].new_ones(6, 3)), ValueError, r"F .*I1=4"),
     ("L1 mismatch", lambda a: _replace(a, 3, a[3].new_ones(3, 5)), ValueError, r"D .*L1=2"),

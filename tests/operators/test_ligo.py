@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._inductor.cpp_builder
 from torch.utils.flop_counter import FlopCounterMode
 
 import growlib
 from growlib import ops
+from growlib.kernels import launch
 from tests.factories import example_inputs, logits, relative_error, tiny_config, tiny_model
 
 # (label, family, small model kwargs): tied and untied heads, grouped-query attention, bias-free Llama.
@@ -201,6 +203,73 @@ def test_flops_per_expansion_match_the_flop_counter():
             sum(t.sum() for t in expanded.values()).backward()
     assert ligo.flops_per_expansion() == forward.get_total_flops() > 0
     assert ligo.flops_per_expansion(backward=True) == forward.get_total_flops() + backward.get_total_flops()
+
+
+def kron_launches(records) -> int:
+    return sum(record["kernel"] == "kron_gemm" for record in records)
+
+
+@pytest.mark.parametrize("tie", ["paper", "shared"])
+def test_one_kron_expand_per_tensor_name_whatever_the_layer_count(tie):
+    """Under the Triton backend one expansion launches, per tensor name of the layers, one batched GEMM per step
+    of its chain (depth, rows, cols for a weight; depth, rows for a bias or norm), and its backward one per
+    gradient of a map plus one per input gradient the chain still needs (none for the frozen small stack):
+    the same for 2 -> 4 and 2 -> 8 layers, per-layer maps (tie='paper') included."""
+    small = tiny_model("gpt2", hidden=16, heads=2, layers=2, ffn=20)
+    steps = [small_tensor.dim() + 1 for small_tensor in
+             (growlib.schema_of(small).tensor(name, 0) for name in growlib.schema_of(small).layer_names())]
+    counts = []
+    for layers in (4, 8):
+        ligo = growlib.LiGO(small, tiny_config("gpt2", hidden=24, heads=3, layers=layers, ffn=30), tie=tie)
+        with growlib.use_backend("triton"):
+            with launch.recorded() as forward:
+                expanded = ligo.expanded()
+            with launch.recorded() as backward:
+                sum(t.sum() for t in expanded.values()).backward()
+        counts.append((kron_launches(forward), kron_launches(backward)))
+    assert counts[0] == counts[1] == (sum(steps), sum(2 * n - 1 for n in steps))
+
+
+def _compile_unavailable() -> str:
+    """Why torch.compile cannot run on this platform ('' when it can): dynamo needs a supported Python, and
+    inductor's CPU code a C++ compiler."""
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile (dynamo) does not support this Python or platform"
+    try:
+        torch._inductor.cpp_builder.get_cpp_compiler()
+    except Exception as err:  # inductor raises its own error type when no compiler is found
+        return f"torch.compile's CPU backend finds no C++ compiler: {err}"
+    return ""
+
+
+@pytest.mark.skipif(bool(_compile_unavailable()), reason=_compile_unavailable() or "torch.compile is available")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own
+def test_compiled_expansion_and_its_backward_match_eager(backend):
+    """torch.compile(fullgraph=True) of ``expanded()`` on the CPU: the torch backend's einsums compile with the
+    rest, the Triton backend's kernels stay whole as the custom ops growlib::kron_expand(_backward); values
+    and the operator's gradients equal eager's (a tiny Llama with grouped-query attention, per-layer maps)."""
+    torch._dynamo.reset()  # the backend is chosen while tracing: compile afresh under this test's
+    small = tiny_model("llama", hidden=16, heads=2, kv_heads=1, layers=2, ffn=20)
+    ligo = growlib.LiGO(small, tiny_config("llama", hidden=32, heads=4, kv_heads=2, layers=3, ffn=30))
+    with torch.no_grad():
+        for p in ligo.parameters():  # a moved operator, so that no gradient is trivially symmetric
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    params = list(ligo.parameters())
+
+    def value_and_grads(expansion):
+        tensors = expansion()
+        weighted = sum((t * t).sum() for t in tensors.values())
+        return tensors, torch.autograd.grad(weighted, params)
+
+    eager, eager_grads = value_and_grads(ligo.expanded)
+    with launch.recorded() as records:
+        compiled, compiled_grads = value_and_grads(torch.compile(ligo.expanded, fullgraph=True))
+    assert (kron_launches(records) > 0) == (backend == "triton")
+    assert compiled.keys() == eager.keys()
+    for name, tensor in eager.items():
+        torch.testing.assert_close(compiled[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    for p, got, expected in zip(params, compiled_grads, eager_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 # -- fitting ---------------------------------------------------------------------------------------------
