@@ -4,9 +4,10 @@ Every tensor name k of the large model is computed from the small model's stack 
 
     W'_l = E_out,l (sum_j D_k[l, j] W_j) F_in,l^T         (biases and norms: E_l sum_j D_k[l, j] w_j)
 
-with ``growlib.ops.kron_expand``.  The learned coefficients are the width matrices (E for out-side axes, F for
-in-side axes, both (d2, d1)) and one depth matrix D_k (L2, L1) per tensor name; the small model's weights are
-frozen copies held as buffers.
+with one ``growlib.ops.kron_expand`` per tensor name over all large layers (per-layer width maps are passed
+stacked, (L2, d2, d1)).  The learned coefficients are the width matrices (E for out-side axes, F for in-side
+axes, both (d2, d1)) and one depth matrix D_k (L2, L1) per tensor name; the small model's weights are frozen
+copies held as buffers.
 
 Choices, where the paper and its official code differ (see the research notes):
 
@@ -415,8 +416,8 @@ class LiGO(nn.Module):
         one ``kron_expand`` over all large layers, the depth mix, then E, then F (per-layer maps cost what a
         shared map does); outside the layers E W F^T in the cheaper order.  With ``backward`` the gradients of
         E, F and D are added (the small weights are frozen, so the first product of each chain has no input
-        gradient).  The Triton kernel may pick a cheaper order where the maps are shared; lifts, stacks,
-        reshapes and gathers move data and are not counted."""
+        gradient).  The Triton kernel may run the steps in a cheaper valid order; lifts, stacks, reshapes and
+        gathers move data and are not counted."""
         forward_total = backward_total = 0
         for task in self._layer_tasks:
             stack = getattr(self, task.source)
