@@ -1,12 +1,13 @@
-"""GPU benchmark of forward-only frozen stacks: growlib.freeze_forward vs the HF layers, eager and compiled.
+"""Benchmark of forward-only frozen stacks: growlib.freeze_forward vs the HF layers, eager and compiled.
 
-Usage (from the repository root, on a machine with a CUDA GPU)::
+Usage (from the repository root)::
 
-    python perf/bench_frozen.py                # BERT-Base, GPT-2 small, Llama-1B layer shapes, 8 layers, 16k tokens
-    python perf/bench_frozen.py --quick        # BERT-Base only, 4 layers, 8k tokens
-    python perf/bench_frozen.py --out DIR      # write DIR/frozen.csv (appended)
+    python perf/bench_frozen.py --out DIR                    # on a CUDA GPU: DIR/frozen.csv
+    python perf/bench_frozen.py --out DIR --time-limit 50    # stop starting measurements after ~50 s
+    TRITON_INTERPRET=1 python perf/bench_frozen.py --out DIR --smoke   # CPU rehearsal, tiny models
 
-Two benchmarks per model, on randomly initialised layers at the real sizes (the values do not matter):
+Two benchmarks per model (BERT-Base, then GPT-2 small, then Llama-1B layer shapes, 8 layers, 16k tokens, as far
+as the time limit reaches), on randomly initialised layers at the real sizes (the values do not matter):
 
 * ``stack_forward``: a stack of L layers forward (bf16 weights and activations), three ways on the same input:
   ``eager`` the HF layers under ``torch.no_grad``, ``compile`` the same loop under ``torch.compile``, and
@@ -17,16 +18,19 @@ Two benchmarks per model, on randomly initialised layers at the real sizes (the 
   layers, ``mslt_no_grad`` runs the frozen layers as HF layers under no_grad, ``mslt_freeze_forward`` runs
   them with ``freeze_forward(dtype=bfloat16)``.  Peak memory is reported for every row.
 
-Without a CUDA GPU (or under TRITON_INTERPRET) it exits with status 2 and times nothing.
+One CSV row is written per measurement.  torch.compile (one graph per model) is measured for the first model
+right after its other rows, for the others only after every model's other rows, where the time limit leaves
+room.  Without a CUDA GPU (and without --smoke) it exits with status 2 and times nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
+import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -36,11 +40,14 @@ import growlib
 from growlib.kernels.launch import recorded as launch_records
 from growlib.kernels.launch import summarize as summarize_launches
 
-from common import REPO_ROOT, append_csv, print_table, start_benchmark, time_fn
+from common import (BenchmarkStart, CompileEstimate, add_benchmark_arguments, append_csv, compile_failure,
+                    fraction, graphs_compiled, print_key, print_table, start_benchmark, synchronize, time_fn)
 
-STACK_IMPLS = ("eager", "compile", "freeze_forward")  # eager first: the others are checked against it
 STEP_IMPLS = ("full_backprop", "mslt_no_grad", "mslt_freeze_forward")
 FROZEN_FRACTION = 0.75
+# Seconds assumed for building a model and for one timed measurement (GPU / smoke).
+BUILD_S = {"cuda": 5.0, "cpu": 1.0}
+MEASURE_S = {"cuda": 3.0, "cpu": 1.0}
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class StackCase:
     family: str
     model_class: type
     config: Callable[..., object]
+    layers: int
     batch: int
     seq: int
 
@@ -63,21 +71,30 @@ LLAMA_1B = functools.partial(LlamaConfig, vocab_size=1024, hidden_size=2048, int
                              num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
                              max_position_embeddings=8192)
 
-CASES = (
-    StackCase("bert-base", "bert", BertModel, BERT_BASE, batch=32, seq=512),
-    StackCase("gpt2-small", "gpt2", GPT2Model, GPT2_SMALL, batch=16, seq=1024),
-    StackCase("llama-1b", "llama", LlamaModel, LLAMA_1B, batch=8, seq=2048),
+CASES = (  # in order of value: a time limit cuts the later ones
+    StackCase("bert-base", "bert", BertModel, BERT_BASE, layers=8, batch=32, seq=512),
+    StackCase("gpt2-small", "gpt2", GPT2Model, GPT2_SMALL, layers=8, batch=16, seq=1024),
+    StackCase("llama-1b", "llama", LlamaModel, LLAMA_1B, layers=8, batch=8, seq=2048),
 )
-QUICK_CASES = (StackCase("bert-base", "bert", BertModel, BERT_BASE, batch=16, seq=512),)
-LAYERS, QUICK_LAYERS = 8, 4
+# --smoke: every family (each has its own fused-kernel path) at sizes the interpreter runs in a blink
+SMOKE_CASES = (
+    StackCase("bert-tiny", "bert", BertModel, functools.partial(
+        BERT_BASE, vocab_size=32, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=16), layers=4, batch=2, seq=8),
+    StackCase("gpt2-tiny", "gpt2", GPT2Model, functools.partial(
+        GPT2_SMALL, vocab_size=32, n_positions=16, n_embd=32, n_head=2), layers=4, batch=2, seq=8),
+    StackCase("llama-tiny", "llama", LlamaModel, functools.partial(
+        LLAMA_1B, vocab_size=32, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, max_position_embeddings=16), layers=4, batch=2, seq=8),
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Models and the HF way of running their layers
 # ----------------------------------------------------------------------------------------------------------
 
-def build_model(case: StackCase, layers: int, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    config = case.config(**{"n_layer" if case.family == "gpt2" else "num_hidden_layers": layers})
+def build_model(case: StackCase, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    config = case.config(**{"n_layer" if case.family == "gpt2" else "num_hidden_layers": case.layers})
     config._attn_implementation = "sdpa"
     with torch.device(device):
         model = case.model_class(config)
@@ -123,96 +140,6 @@ def random_hidden(case: StackCase, model: torch.nn.Module, dtype: torch.dtype, d
                        dtype=dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Measuring
-# ----------------------------------------------------------------------------------------------------------
-
-def compile_failure(impl: str, err: Exception) -> str:
-    """The one-line message recorded when torch.compile fails; any other failure is a bug and is raised."""
-    if impl != "compile":
-        raise err
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
-
-
-def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
-    """(peak GiB allocated during one call, of which above what was allocated before it)."""
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    return peak / 2 ** 30, (peak - before) / 2 ** 30
-
-
-def empty_row(frozen_layers: int, trainable_layers: int) -> dict:
-    return {"frozen_layers": frozen_layers, "trainable_layers": trainable_layers, "median_ms": None,
-            "p20_ms": None, "p80_ms": None, "tokens_per_s": None, "tflops": None, "frac_matmul_ceiling": None,
-            "baseline": "", "speedup_vs_baseline": None, "speedup_vs_compile": None, "peak_mem_gib": None,
-            "peak_mem_above_start_gib": None, "peak_mem_vs_baseline": None, "rel_diff_vs_eager": None,
-            "first_call_s": None, "error": "", "triton_launches": ""}
-
-
-def finish_rows(rows: dict[str, dict], flops: dict[str, float], tokens: int, ceiling_tflops: float,
-                baseline: str) -> None:
-    """Throughput, TFLOP/s, speed-ups and memory ratios from each row's measurements (in place)."""
-    base, compiled = rows[baseline], rows.get("compile")
-    for impl, row in rows.items():
-        row["baseline"] = baseline
-        if row["median_ms"] is None:
-            continue
-        seconds = row["median_ms"] / 1e3
-        row["tokens_per_s"] = tokens / seconds
-        row["tflops"] = flops[impl] / seconds / 1e12
-        row["frac_matmul_ceiling"] = row["tflops"] / ceiling_tflops
-        if base["median_ms"]:
-            row["speedup_vs_baseline"] = base["median_ms"] / row["median_ms"]
-        if compiled is not None and compiled["median_ms"]:
-            row["speedup_vs_compile"] = compiled["median_ms"] / row["median_ms"]
-        if base["peak_mem_above_start_gib"]:
-            row["peak_mem_vs_baseline"] = row["peak_mem_above_start_gib"] / base["peak_mem_above_start_gib"]
-
-
-def bench_stack_forward(case: StackCase, layers: int, device: torch.device, ceiling_tflops: float,
-                        log: Callable[[str], None]) -> list[dict]:
-    """A bf16 stack forward: the HF layers eager and compiled, and freeze_forward, on one input."""
-    model = build_model(case, layers, torch.bfloat16, device)
-    stack = layer_list(model, case.family)
-    hidden = random_hidden(case, model, torch.bfloat16, device)
-    eager = hf_stack(model, case.family, stack)
-    runners = {"eager": eager, "compile": torch.compile(eager),
-               "freeze_forward": growlib.freeze_forward(stack, model)}
-    flops = forward_flops(model, case.family, stack, case.batch, case.seq)
-
-    rows, expected = {}, None
-    for impl in STACK_IMPLS:
-        row = rows[impl] = empty_row(layers, 0)
-        fn = functools.partial(runners[impl], hidden)
-        try:
-            with torch.no_grad():
-                torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                with launch_records() as records:
-                    out = fn()
-                torch.cuda.synchronize(device)
-                row["first_call_s"] = time.perf_counter() - start
-                row["triton_launches"] = summarize_launches(records)
-                if expected is None:
-                    expected = out.float()
-                scale = expected.abs().max().clamp_min(1e-30)
-                row["rel_diff_vs_eager"] = float((out.float() - expected).abs().max() / scale)
-                del out
-                row["peak_mem_gib"], row["peak_mem_above_start_gib"] = peak_memory(fn, device)
-                row["median_ms"], row["p20_ms"], row["p80_ms"] = time_fn(fn)
-        except Exception as err:  # torch.compile may fail on some HF layers; record it and go on
-            row["error"] = compile_failure(impl, err)
-        log(f"  {case.name} stack_forward {impl}: "
-            + (f"{row['median_ms']:.2f} ms" if row["median_ms"] is not None else row["error"]))
-    finish_rows(rows, {impl: flops for impl in rows}, case.batch * case.seq, ceiling_tflops, "eager")
-    return [{"bench": "stack_forward", "impl": impl, "weights": "bfloat16", **row} for impl, row in rows.items()]
-
-
 def step_runner(impl: str, model: torch.nn.Module, family: str, split: int,
                 target: torch.Tensor) -> Callable[[torch.Tensor], None]:
     """One optimizer step of ``impl``: the layers below ``split`` frozen, the others trained."""
@@ -235,7 +162,7 @@ def step_runner(impl: str, model: torch.nn.Module, family: str, split: int,
 
     def step(hidden: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
             out = trainable(hidden if frozen is None else frozen(hidden))
             loss = (out.float() - target).pow(2).mean()
         loss.backward()
@@ -243,69 +170,207 @@ def step_runner(impl: str, model: torch.nn.Module, family: str, split: int,
     return step
 
 
-def bench_mslt_step(case: StackCase, layers: int, device: torch.device, ceiling_tflops: float,
-                    log: Callable[[str], None]) -> list[dict]:
-    """One training step at MSLT's stage shape against full backprop through the same depth."""
-    frozen_layers = int(round(FROZEN_FRACTION * layers))
-    rows, flops = {}, {}
-    for impl in STEP_IMPLS:
-        split = 0 if impl == "full_backprop" else frozen_layers
-        model = build_model(case, layers, torch.float32, device)
-        hidden = random_hidden(case, model, torch.float32, device)
-        per_layer = forward_flops(model, case.family, layer_list(model, case.family)[:1], case.batch, case.seq)
-        flops[impl] = per_layer * (split + 3 * (layers - split))  # frozen: forward; trained: forward + 2x backward
-        row = rows[impl] = empty_row(split, layers - split)
-        fn = functools.partial(step_runner(impl, model, case.family, split, torch.randn_like(hidden)), hidden)
-        torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        with launch_records() as records:
-            fn()  # creates the optimizer state, so the peak below is a steady-state step's
-        torch.cuda.synchronize(device)
-        row["first_call_s"] = time.perf_counter() - start
-        row["triton_launches"] = summarize_launches(records)
-        row["peak_mem_gib"], row["peak_mem_above_start_gib"] = peak_memory(fn, device)
-        row["median_ms"], row["p20_ms"], row["p80_ms"] = time_fn(fn)
-        log(f"  {case.name} mslt_step {impl}: {row['median_ms']:.2f} ms, peak {row['peak_mem_gib']:.2f} GiB")
-        del model, hidden, fn
-        torch.cuda.empty_cache()
-    finish_rows(rows, flops, case.batch * case.seq, ceiling_tflops, "full_backprop")
-    return [{"bench": "mslt_step", "impl": impl, "weights": "float32+autocast_bf16", **row}
-            for impl, row in rows.items()]
+def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[float | None, float | None]:
+    """(peak GiB allocated during one call, of which above what was allocated before it); CUDA only."""
+    if device.type != "cuda":
+        return None, None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return peak / 2 ** 30, (peak - before) / 2 ** 30
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Output
+# Measuring
 # ----------------------------------------------------------------------------------------------------------
 
+@dataclass
+class Stack:
+    """One model's bf16 stack, its input, the HF loop that runs it and that loop's output (what the others are
+    compared with)."""
 
-def main(argv: list[str] | None = None) -> None:
+    case: StackCase
+    model: torch.nn.Module
+    hidden: torch.Tensor
+    eager: Callable[[torch.Tensor], torch.Tensor]
+    flops: float
+    expected: torch.Tensor | None = None
+
+
+class FrozenBench:
+    """Measures stacks and training steps and writes one CSV row per measurement."""
+
+    def __init__(self, start: BenchmarkStart):
+        self.start = start
+        self.compile_estimate = CompileEstimate(start.compile_backend)
+        self.rows: list[dict] = []
+
+    def write(self, case: StackCase, bench: str, impl: str, weights: str, frozen_layers: int, flops: float,
+              **measured) -> None:
+        median = measured.get("median_ms")
+        seconds = median / 1e3 if median and not self.start.smoke else None
+        tflops = flops / seconds / 1e12 if seconds else None
+        tokens = case.batch * case.seq
+        row = {"model": case.name, "layers": case.layers, "batch": case.batch, "seq": case.seq, "tokens": tokens,
+               "bench": bench, "impl": impl, "weights": weights, "frozen_layers": frozen_layers,
+               "trainable_layers": case.layers - frozen_layers if bench == "mslt_step" else 0,
+               "median_ms": median, "p20_ms": measured.get("p20_ms"), "p80_ms": measured.get("p80_ms"),
+               "tokens_per_s": tokens / seconds if seconds else None, "tflops": tflops,
+               "frac_matmul_ceiling": fraction(tflops, self.start.ceilings["matmul_ceiling_tflops"]),
+               "peak_mem_gib": measured.get("peak_mem_gib"),
+               "peak_mem_above_start_gib": measured.get("peak_mem_above_start_gib"),
+               "rel_diff_vs_eager": measured.get("rel_diff"), "first_call_s": measured.get("first_call_s"),
+               "compile_graphs": measured.get("compile_graphs"), "error": measured.get("error", ""),
+               "triton_launches": measured.get("triton_launches", ""), **self.start.ceilings,
+               **self.start.environment}
+        append_csv(self.start.csv_path, [row])
+        self.rows.append(row)
+        self.start.log(f"  {case.name} {bench} {impl}: "
+                       + (f"{median:.2f} ms" if median is not None else row["error"]))
+
+    def build_stack(self, case: StackCase) -> Stack:
+        device = self.start.device
+        model = build_model(case, torch.bfloat16, device)
+        layers = layer_list(model, case.family)
+        return Stack(case, model, random_hidden(case, model, torch.bfloat16, device),
+                     hf_stack(model, case.family, layers), forward_flops(model, case.family, layers, case.batch,
+                                                                       case.seq))
+
+    def measure_stack(self, stack: Stack, impl: str) -> None:
+        """One implementation of the bf16 stack forward (eager first: the others are compared with it)."""
+        device, deadline, case = self.start.device, self.start.deadline, stack.case
+        estimate = MEASURE_S[device.type] + (self.compile_estimate.cost(1) if impl == "compile" else 0.0)
+        if not deadline.allows(estimate):
+            what = "compiling 1 graph" if impl == "compile" else "a measurement"
+            self.write(case, "stack_forward", impl, "bfloat16", case.layers, stack.flops,
+                       error=deadline.refusal(what, estimate))
+            return
+        if impl == "compile":
+            runner = torch.compile(stack.eager, dynamic=False, backend=self.start.compile_backend)
+        elif impl == "freeze_forward":
+            runner = growlib.freeze_forward(layer_list(stack.model, case.family), stack.model)
+        else:
+            runner = stack.eager
+
+        def fn() -> torch.Tensor:
+            with torch.no_grad(), growlib.use_backend("triton"):  # the Triton kernels, on the CPU too (smoke)
+                return runner(stack.hidden)
+
+        measured = {}
+        graphs_before = graphs_compiled()
+        try:
+            synchronize(device)
+            start = time.perf_counter()
+            with launch_records() as records:
+                out = fn()
+            synchronize(device)
+            measured["first_call_s"] = time.perf_counter() - start
+        except Exception as err:  # torch.compile may fail on some HF layers; record it and go on
+            self.write(case, "stack_forward", impl, "bfloat16", case.layers, stack.flops,
+                       error=compile_failure(impl, err))
+            return
+        if impl == "compile":
+            measured["compile_graphs"] = graphs_compiled() - graphs_before
+            self.compile_estimate.record(measured["first_call_s"], measured["compile_graphs"])
+        if stack.expected is None:
+            stack.expected = out.float()
+        scale = stack.expected.abs().max().clamp_min(1e-30)
+        measured["rel_diff"] = float((out.float() - stack.expected).abs().max() / scale)
+        del out
+        measured["peak_mem_gib"], measured["peak_mem_above_start_gib"] = peak_memory(fn, device)
+        measured["median_ms"], measured["p20_ms"], measured["p80_ms"] = time_fn(fn, device)
+        self.write(case, "stack_forward", impl, "bfloat16", case.layers, stack.flops,
+                   triton_launches=summarize_launches(records), **measured)
+
+    def measure_steps(self, case: StackCase) -> None:
+        """One training step at MSLT's stage shape, each way, against full backprop through the same depth."""
+        device, deadline = self.start.device, self.start.deadline
+        frozen_layers = int(round(FROZEN_FRACTION * case.layers))
+        for impl in STEP_IMPLS:
+            split = 0 if impl == "full_backprop" else frozen_layers
+            model = build_model(case, torch.float32, device)
+            hidden = random_hidden(case, model, torch.float32, device)
+            per_layer = forward_flops(model, case.family, layer_list(model, case.family)[:1], case.batch, case.seq)
+            flops = per_layer * (split + 3 * (case.layers - split))  # frozen: forward; trained: forward + 2x backward
+            if not deadline.allows(MEASURE_S[device.type]):
+                self.write(case, "mslt_step", impl, "float32+autocast_bf16", split, flops,
+                           error=deadline.refusal("a measurement", MEASURE_S[device.type]))
+                continue
+            fn = functools.partial(step_runner(impl, model, case.family, split, torch.randn_like(hidden)), hidden)
+            synchronize(device)
+            start = time.perf_counter()
+            with launch_records() as records, growlib.use_backend("triton"):
+                fn()  # creates the optimizer state, so the peak below is a steady-state step's
+            synchronize(device)
+            measured = {"first_call_s": time.perf_counter() - start, "triton_launches": summarize_launches(records)}
+            with growlib.use_backend("triton"):
+                measured["peak_mem_gib"], measured["peak_mem_above_start_gib"] = peak_memory(fn, device)
+                measured["median_ms"], measured["p20_ms"], measured["p80_ms"] = time_fn(fn, device)
+            self.write(case, "mslt_step", impl, "float32+autocast_bf16", split, flops, **measured)
+            del model, hidden, fn
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def summary(rows: list[dict], smoke: bool) -> str:
+    measured = [r for r in rows if r["median_ms"] is not None]
+    compiled = sum(1 for r in measured if r["impl"] == "compile")
+    text = f"{len(measured)}/{len(rows)} measured ({compiled} compile) on {len({r['model'] for r in rows})} model(s)"
+    if smoke:
+        return text + "; smoke: times are not kernel timings"
+    ms = {(r["model"], r["bench"], r["impl"]): r["median_ms"] for r in measured}
+    for bench, kernel, baseline in (("stack_forward", "freeze_forward", "eager"),
+                                    ("mslt_step", "mslt_freeze_forward", "mslt_no_grad")):
+        ratios = [ms[(model, bench, baseline)] / value for (model, b, impl), value in ms.items()
+                  if b == bench and impl == kernel and (model, bench, baseline) in ms]
+        if ratios:
+            text += f"; {kernel}/{baseline} {min(ratios):.2f}-{max(ratios):.2f}x"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="BERT-Base only, 4 layers, 8k tokens")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results",
-                        help="directory for frozen.csv (appended)")
+    add_benchmark_arguments(parser, "frozen.csv")
     args = parser.parse_args(argv)
-    log, csv_path, environment, ceilings = start_benchmark(args.out, "frozen.csv")
-    device = torch.device("cuda")
-    layers = QUICK_LAYERS if args.quick else LAYERS
-    all_rows = []
-    for case in QUICK_CASES if args.quick else CASES:
-        log(f"{case.name}: {layers} layers, batch {case.batch} x seq {case.seq}")
-        rows = (bench_stack_forward(case, layers, device, ceilings["matmul_ceiling_tflops"], log)
-                + bench_mslt_step(case, layers, device, ceilings["matmul_ceiling_tflops"], log))
-        shape = {"model": case.name, "layers": layers, "batch": case.batch, "seq": case.seq,
-                 "tokens": case.batch * case.seq}
-        rows = [{**shape, **row, **ceilings, **environment} for row in rows]
-        append_csv(csv_path, rows)  # per model, so a late failure keeps the earlier results
-        all_rows += rows
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
+    start = start_benchmark(args, "frozen.csv")
+    bench = FrozenBench(start)
+    device, deadline = start.device, start.deadline
+    to_compile, failed = [], False
+    for index, case in enumerate(SMOKE_CASES if start.smoke else CASES):
+        if not deadline.allows(BUILD_S[device.type] + 5 * MEASURE_S[device.type]):
+            start.log(f"{case.name}: not started, " + deadline.refusal("a model", BUILD_S[device.type]))
+            continue
+        start.log(f"{case.name}: {case.layers} layers, batch {case.batch} x seq {case.seq}")
+        try:
+            stack = bench.build_stack(case)
+            for impl in ("eager", "freeze_forward"):
+                bench.measure_stack(stack, impl)
+            bench.measure_steps(case)
+            if index == 0:
+                bench.measure_stack(stack, "compile")
+            else:
+                to_compile.append(stack)
+        except Exception:  # a bug in one case: logged, the other cases still run, the exit status says so
+            traceback.print_exc()
+            failed = True
+    for stack in to_compile:
+        try:
+            bench.measure_stack(stack, "compile")
+        except Exception:
+            traceback.print_exc()
+            failed = True
 
-    columns = ("model", "bench", "impl", "frozen_layers", "trainable_layers", "tokens", "median_ms", "tokens_per_s",
-               "tflops", "frac_matmul_ceiling", "baseline", "speedup_vs_baseline", "speedup_vs_compile",
-               "peak_mem_gib", "peak_mem_vs_baseline", "rel_diff_vs_eager", "error")
-    print_table(all_rows, list(columns), number_format='.3g')
-    log(f"wrote {csv_path}")
+    if not start.smoke:
+        columns = ("model", "bench", "impl", "frozen_layers", "tokens", "median_ms", "tokens_per_s", "tflops",
+                   "frac_matmul_ceiling", "peak_mem_gib", "rel_diff_vs_eager", "error")
+        print_table(bench.rows, list(columns), number_format=".3g")
+    start.log(f"wrote {start.csv_path}")
+    print_key(summary(bench.rows, start.smoke))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,125 +1,152 @@
-"""GPU benchmark of the Kronecker-factored (LiGO) expansion: Triton vs the eager reference vs torch.compile.
+"""Benchmark of LiGO's Kronecker-factored expansion: Triton vs the eager reference vs torch.compile.
 
-Usage (from the repository root, on a machine with a CUDA GPU)::
+Usage (from the repository root)::
 
-    python perf/bench_kron.py            # BERT-Base -> BERT-Large and GPT-2 small -> medium tensor names, bf16
-    python perf/bench_kron.py --quick    # the BERT attention tensor only
-    python perf/bench_kron.py --out DIR  # write DIR/kron.csv (appended)
+    python perf/bench_kron.py --out DIR                    # on a CUDA GPU: DIR/kron.csv
+    python perf/bench_kron.py --out DIR --time-limit 60    # stop starting measurements after ~60 s
+    TRITON_INTERPRET=1 python perf/bench_kron.py --out DIR --smoke   # CPU rehearsal, tiny models
 
-Each case is one tensor name stacked over the small model's 12 layers, grown to the large model's 24 with
-dense LiGO maps, as in LiGO's training phase: E, F and D learn, W is frozen.  Every case runs four ways:
+Each case is a whole LiGO operator, ``growlib.LiGO(small, target_config, tie=...)``, from a bf16 BERT-Base to
+BERT-Large or from GPT-2 small to medium, with ``tie="paper"`` (LiGO's default: per-layer Q / K / V / FFN maps)
+or ``tie="shared"`` (one map per role).  What is timed is what LiGO's fitting runs every step:
+``expanded()`` (every large parameter from the learned maps E, F, D; the small weights frozen) and its backward
+to the maps, run three ways:
 
-* ``triton``     ``growlib.ops.kron_expand`` on the Triton backend (forward and backward kernels);
-* ``eager``      ``growlib.reference.kron_expand``, the torch backend (fp32 compute of bf16 inputs);
-* ``compile``    that reference under ``torch.compile``;
-* ``eager_bf16`` the same einsum chain in bf16 (cuBLAS bf16 GEMMs), what one would write without growlib;
+* ``triton``  under ``growlib.use_backend("triton")`` (growlib's kron_expand kernels);
+* ``eager``   under ``growlib.use_backend("torch")`` (the einsum reference);
+* ``compile`` ``torch.compile(dynamic=False)`` of ``expanded`` under the torch backend;
 
-in three phases: ``forward``, ``backward`` (gradients of E, F, D from a kept graph) and ``fwd+bwd``.  FLOP/s
-count the work of the cheapest contraction order (the one the Triton path runs), the same count for every
-implementation, against the GPU's measured bf16 matmul ceiling; peak memory is what the phase allocates above
-what was live before it.  Without a CUDA GPU it exits with status 2 and times nothing.
+in two phases: ``forward`` and ``fwd+bwd`` (the gradients of every map from a random output gradient).  LiGO
+keeps its maps and frozen weights in fp32 whatever the model's dtype (``map_dtype``), and casts the large
+parameters to the model's dtype.  FLOP/s count ``LiGO.flops_per_expansion`` (the torch path's contraction
+order, the same count for every implementation) against the GPU's measured bf16 matmul ceiling; peak memory
+is what the phase allocates above what was live before it.  One CSV row is written per measurement; the first
+case gets its torch.compile rows right after its own, the others only after every case's eager and Triton
+rows, where the time limit leaves room.  Without a CUDA GPU (and without --smoke) it exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import sys
 import time
+import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
 import growlib
-import growlib.ops
-import growlib.reference
-from growlib.kernels import kron_expand as kernel
 from growlib.kernels.launch import recorded as launch_records
 from growlib.kernels.launch import summarize as summarize_launches
 
-from common import REPO_ROOT, append_csv, print_table, start_benchmark, time_fn
+from common import (BenchmarkStart, CompileEstimate, add_benchmark_arguments, append_csv, compile_failure,
+                    fraction, graphs_compiled, print_key, print_table, start_benchmark, synchronize, time_fn)
 
-DTYPE = torch.bfloat16
-IMPLS = ("eager", "eager_bf16", "compile", "triton")  # eager first: the others are checked against it
-PHASES = ("forward", "backward", "fwd+bwd")
-LEARNED = ("E", "F", "D")  # LiGO trains the maps; the small model's weights stay frozen
+MODEL_DTYPE = torch.bfloat16
+PHASES = ("forward", "fwd+bwd")
+# Seconds assumed for building a case (small model, LiGO, output gradients) and for one timed measurement.
+BUILD_S = {"cuda": 10.0, "cpu": 2.0}
+MEASURE_S = {"cuda": 3.0, "cpu": 2.0}
 
 
 @dataclass(frozen=True)
+class Growth:
+    name: str
+    model_class: type
+    small: Callable[[], object]
+    large: Callable[[], object]
+
+
+BERT = Growth("bert-base->bert-large", BertForMaskedLM,
+              functools.partial(BertConfig, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                intermediate_size=3072),
+              functools.partial(BertConfig, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                intermediate_size=4096))
+GPT2 = Growth("gpt2-small->gpt2-medium", GPT2LMHeadModel,
+              functools.partial(GPT2Config, n_embd=768, n_layer=12, n_head=12),
+              functools.partial(GPT2Config, n_embd=1024, n_layer=24, n_head=16))
+# --smoke: the same code at sizes the interpreter runs in seconds (2 -> 3 layers, widths 16 -> 24)
+BERT_TINY = Growth("bert-tiny->bert-tiny-grown", BertForMaskedLM,
+                   functools.partial(BertConfig, vocab_size=32, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=16),
+                   functools.partial(BertConfig, vocab_size=32, hidden_size=24, num_hidden_layers=3,
+                                     num_attention_heads=3, intermediate_size=48, max_position_embeddings=16))
+GPT2_TINY = Growth("gpt2-tiny->gpt2-tiny-grown", GPT2LMHeadModel,
+                   functools.partial(GPT2Config, vocab_size=32, n_positions=16, n_embd=16, n_layer=2, n_head=2),
+                   functools.partial(GPT2Config, vocab_size=32, n_positions=16, n_embd=24, n_layer=3, n_head=3))
+
+CASES = ((BERT, "paper"), (GPT2, "paper"), (BERT, "shared"), (GPT2, "shared"))  # in order of value
+SMOKE_CASES = ((BERT_TINY, "paper"), (GPT2_TINY, "shared"))
+
+
+def build_ligo(growth: Growth, tie: str, device: torch.device) -> growlib.LiGO:
+    """LiGO from a randomly initialised small model (the values do not matter for timing)."""
+    with torch.device(device):
+        small = growth.model_class(growth.small()).to(MODEL_DTYPE)
+    return growlib.LiGO(small, growth.large(), tie=tie)
+
+
+def expansion(ligo: growlib.LiGO, impl: str, compiled: Callable | None) -> Callable[[], dict[str, torch.Tensor]]:
+    """``ligo.expanded`` as one implementation runs it."""
+    backend, expand = ("triton", ligo.expanded) if impl == "triton" else ("torch", compiled or ligo.expanded)
+
+    def run() -> dict[str, torch.Tensor]:
+        with growlib.use_backend(backend):
+            return expand()
+    return run
+
+
+@dataclass
 class Case:
-    growth: str
-    tensor: str
-    small: tuple[int, int, int]  # (L1, O1, I1)
-    large: tuple[int, int, int]  # (L2, O2, I2)
+    """One LiGO operator with what every implementation is measured on: random output gradients, eager's
+    results to compare with, and each implementation's first run."""
+
+    growth: Growth
+    tie: str
+    ligo: growlib.LiGO
+    grads: dict[str, torch.Tensor]
+    expected: dict[str, list[torch.Tensor]]
+
+    @classmethod
+    def build(cls, growth: Growth, tie: str, device: torch.device) -> Case:
+        ligo = build_ligo(growth, tie, device)
+        with growlib.use_backend("torch"):
+            out = ligo.expanded()
+        grads = {name: torch.randn_like(t) for name, t in out.items() if t.requires_grad}
+        return cls(growth, tie, ligo, grads, {})
+
+    def runners(self, expand: Callable[[], dict[str, torch.Tensor]]) -> dict[str, Callable[[], list[torch.Tensor]]]:
+        """Each phase as a callable returning what is compared: the expanded tensors, or the maps' gradients."""
+        params = list(self.ligo.parameters())
+        names = list(self.grads)
+
+        def forward() -> list[torch.Tensor]:
+            out = expand()
+            return [out[name] for name in names]
+
+        def fwd_bwd() -> list[torch.Tensor]:
+            out = expand()
+            grads = torch.autograd.grad([out[name] for name in names], params, [self.grads[n] for n in names],
+                                        allow_unused=True)
+            return [g for g in grads if g is not None]
+
+        return {"forward": forward, "fwd+bwd": fwd_bwd}
 
 
-BERT = "bert-base->bert-large"
-GPT2 = "gpt2-small->gpt2-medium"
-CASES = (
-    Case(BERT, "attention.{query,key,value,output}", (12, 768, 768), (24, 1024, 1024)),
-    Case(BERT, "intermediate.dense (ffn in)", (12, 3072, 768), (24, 4096, 1024)),
-    Case(BERT, "output.dense (ffn out)", (12, 768, 3072), (24, 1024, 4096)),
-    Case(GPT2, "attn.c_attn (fused qkv, Conv1D in x out)", (12, 768, 2304), (24, 1024, 3072)),
-    Case(GPT2, "mlp.c_fc (Conv1D in x out)", (12, 768, 3072), (24, 1024, 4096)),
-)
-QUICK_CASES = CASES[:1]
+def max_rel_diff(result: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """Largest |difference| of any tensor over that tensor's largest |expected| value."""
+    with torch.no_grad():
+        return max(float((r.float() - e.float()).abs().max() / e.float().abs().max().clamp_min(1e-30))
+                   for r, e in zip(result, expected))
 
 
-def make_inputs(case: Case, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Random W, E, F, D (scaled to keep values of order one) and an output gradient; E, F, D require grad."""
-    (l1, o1, i1), (l2, o2, i2) = case.small, case.large
-    inputs = {
-        "W": torch.randn(l1, o1, i1, device=device),
-        "E": torch.randn(o2, o1, device=device) / o1 ** 0.5,
-        "F": torch.randn(i2, i1, device=device) / i1 ** 0.5,
-        "D": torch.randn(l2, l1, device=device) / l1 ** 0.5,
-    }
-    inputs = {name: t.to(DTYPE).requires_grad_(name in LEARNED) for name, t in inputs.items()}
-    return inputs, torch.randn(l2, o2, i2, device=device, dtype=DTYPE)
-
-
-def bf16_einsum_chain(W, E, F, D):
-    """The reference's chain without its fp32 upcast: bf16 in, bf16 out, cuBLAS doing the GEMMs."""
-    return torch.einsum("lob,ib->loi", torch.einsum("oa,lab->lob", E, torch.einsum("lj,jab->lab", D, W)), F)
-
-
-def triton_expand(W, E, F, D):
-    with growlib.use_backend("triton"):
-        return growlib.ops.kron_expand(W, E, F, D)
-
-
-def implementations() -> dict[str, Callable]:
-    """Each implementation as a function of (W, E, F, D).  The compiled one is built once; dynamo compiles a
-    graph per case (static shapes, as LiGO uses one shape per tensor name)."""
-    return {"eager": growlib.reference.kron_expand, "eager_bf16": bf16_einsum_chain,
-            "compile": torch.compile(growlib.reference.kron_expand, dynamic=False), "triton": triton_expand}
-
-
-def phase_runners(expand: Callable, inputs: dict[str, torch.Tensor],
-                  grad_out: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """The callable timed for each phase.  ``backward`` replays the gradient of one kept forward graph."""
-    args = [inputs[name] for name in ("W", "E", "F", "D")]
-    learned = [inputs[name] for name in LEARNED]
-    kept = expand(*args)
-    return {
-        "forward": lambda: expand(*args),
-        "backward": lambda: torch.autograd.grad(kept, learned, grad_out, retain_graph=True),
-        "fwd+bwd": lambda: torch.autograd.grad(expand(*args), learned, grad_out),
-    }
-
-
-def phase_flops(case: Case) -> dict[str, int]:
-    """FLOPs of the cheapest order (2 per multiply-add).  The backward computes every step's matrix gradient
-    and the input gradient of every step but the first (W is frozen), each costing the step's forward."""
-    (l1, o1, i1), (l2, o2, i2) = case.small, case.large
-    maps = {"depth": torch.empty(l2, l1), "rows": torch.empty(o2, o1), "cols": torch.empty(i2, i1)}
-    costs = kernel.step_costs(case.small, maps, kernel.cheapest_order(case.small, maps))
-    forward, backward = 2 * sum(costs), 2 * (sum(costs) + sum(costs[1:]))
-    return {"forward": forward, "backward": backward, "fwd+bwd": forward + backward}
-
-
-def peak_memory_mib(run: Callable[[], object]) -> float:
-    """MiB a call allocates at its peak above what was live before it."""
+def peak_memory_mib(run: Callable[[], object], device: torch.device) -> float | None:
+    """MiB a call allocates at its peak above what was live before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -130,110 +157,134 @@ def peak_memory_mib(run: Callable[[], object]) -> float:
     return peak / 2 ** 20
 
 
-def max_rel_diff(result, expected) -> float:
-    """Largest |difference| of the output (or each gradient) over that tensor's largest |expected| value."""
-    results = result if isinstance(result, tuple) else (result,)
-    expecteds = expected if isinstance(expected, tuple) else (expected,)
-    return max(float((r.float() - e.float()).abs().max() / e.float().abs().max().clamp_min(1e-30))
-               for r, e in zip(results, expecteds))
+class KronBench:
+    """Measures cases and writes one CSV row per measurement."""
 
+    def __init__(self, start: BenchmarkStart):
+        self.start = start
+        self.compile_estimate = CompileEstimate(start.compile_backend)
+        self.rows: list[dict] = []
 
-def compile_failure(impl: str, err: Exception) -> str:
-    """The one-line message recorded when torch.compile fails; a failure of any other implementation is a
-    bug and is raised again."""
-    if impl != "compile":
-        raise err
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+    def write(self, case: Case, impl: str, phase: str, **measured) -> None:
+        flops = case.ligo.flops_per_expansion(backward=phase == "fwd+bwd")
+        median = measured.get("median_ms")
+        tflops = flops / (median * 1e9) if median and not self.start.smoke else None
+        map_dtype = next(case.ligo.parameters()).dtype
+        row = {"growth": case.growth.name, "tie": case.tie, "model_dtype": str(MODEL_DTYPE).removeprefix("torch."),
+               "map_dtype": str(map_dtype).removeprefix("torch."), "impl": impl, "phase": phase,
+               "median_ms": median, "p20_ms": measured.get("p20_ms"), "p80_ms": measured.get("p80_ms"),
+               "flops": flops, "tflops": tflops,
+               "frac_matmul_ceiling": fraction(tflops, self.start.ceilings["matmul_ceiling_tflops"]),
+               "peak_mem_mib": measured.get("peak_mem_mib"), "max_rel_diff_vs_eager": measured.get("max_rel_diff"),
+               "first_call_s": measured.get("first_call_s"), "compile_graphs": measured.get("compile_graphs"),
+               "error": measured.get("error", ""), "triton_launches": measured.get("triton_launches", ""),
+               **self.start.ceilings, **self.start.environment}
+        append_csv(self.start.csv_path, [row])
+        self.rows.append(row)
+        self.start.log(f"  {case.growth.name} tie={case.tie} {impl} {phase}: "
+                       + (f"{median:.3f} ms" if median is not None else row["error"]))
 
-
-def bench_case(case: Case, impls: dict[str, Callable], ceiling_tflops: float,
-               log: Callable[[str], None]) -> list[dict]:
-    """Rows for one case: every implementation in every phase, with FLOP/s, peak memory and agreement."""
-    device = torch.device("cuda")
-    inputs, grad_out = make_inputs(case, device)
-    flops = phase_flops(case)
-    measured: dict[tuple[str, str], dict] = {}
-    expected: dict[str, object] = {}
-    for impl, expand in impls.items():
-        try:
-            start = time.perf_counter()
-            runners = phase_runners(expand, inputs, grad_out)
-            first, launches = {}, {}
-            for phase, run in runners.items():  # each phase's first call, with the Triton launches it makes
-                with launch_records() as records:
-                    first[phase] = run()
-                launches[phase] = summarize_launches(records)
-            torch.cuda.synchronize()
-            first_call_s = time.perf_counter() - start
-        except Exception as err:  # torch.compile only: compile_failure raises anything else
-            message = compile_failure(impl, err)
-            measured.update({(impl, phase): {"error": message} for phase in PHASES})
-            log(f"  {case.tensor} {impl}: {message}")
-            continue
-        if impl == "eager":
-            expected = first
+    def measure(self, case: Case, impl: str) -> None:
+        """Both phases of one implementation: a first run of each (JIT or compile, agreement with eager), then
+        the timings.  torch.compile only when its graphs fit the time left."""
+        device, deadline = self.start.device, self.start.deadline
+        compiled = None
+        if impl == "compile":
+            cost = self.compile_estimate.cost(1) + 2 * MEASURE_S[device.type]
+            if not deadline.allows(cost):
+                for phase in PHASES:
+                    self.write(case, impl, phase, error=deadline.refusal("compiling", cost))
+                return
+            compiled = torch.compile(case.ligo.expanded, dynamic=False, backend=self.start.compile_backend)
+        runners = case.runners(expansion(case.ligo, impl, compiled))
         for phase, run in runners.items():
-            median, p20, p80 = time_fn(run)
-            measured[impl, phase] = {
-                "median_ms": median, "p20_ms": p20, "p80_ms": p80, "peak_mem_mib": peak_memory_mib(run),
-                "max_rel_diff_vs_eager": max_rel_diff(first[phase], expected[phase]),
-                "first_call_s": first_call_s, "error": "", "triton_launches": launches[phase],
-            }
-            log(f"  {case.tensor} {impl} {phase}: {median:.3f} ms")
-        del runners, first
-        torch.cuda.empty_cache()
+            if not deadline.allows(MEASURE_S[device.type]):
+                self.write(case, impl, phase, error=deadline.refusal("a measurement", MEASURE_S[device.type]))
+                continue
+            graphs_before = graphs_compiled()
+            try:
+                synchronize(device)
+                start = time.perf_counter()
+                with launch_records() as records:
+                    result = run()
+                synchronize(device)
+                first_call_s = time.perf_counter() - start
+            except Exception as err:  # torch.compile only: compile_failure raises anything else
+                self.write(case, impl, phase, error=compile_failure(impl, err))
+                continue
+            graphs = graphs_compiled() - graphs_before
+            if impl == "compile":
+                self.compile_estimate.record(first_call_s, graphs)
+            if impl == "eager":
+                case.expected[phase] = result
+            diff = max_rel_diff(result, case.expected[phase])
+            del result
+            median, p20, p80 = time_fn(run, device)
+            self.write(case, impl, phase, median_ms=median, p20_ms=p20, p80_ms=p80,
+                       peak_mem_mib=peak_memory_mib(run, device), max_rel_diff=diff, first_call_s=first_call_s,
+                       compile_graphs=graphs if impl == "compile" else None,
+                       triton_launches=summarize_launches(records))
 
-    rows = []
-    order = "-".join(kernel.cheapest_order(case.small, {"depth": inputs["D"], "rows": inputs["E"],
-                                                        "cols": inputs["F"]}))
-    for impl in impls:
-        for phase in PHASES:
-            m = measured[impl, phase]
-            median = m.get("median_ms")
-            tflops = flops[phase] / (median * 1e9) if median else None
-            speedups = {}
-            for baseline in ("eager", "eager_bf16", "compile"):
-                other = measured[baseline, phase].get("median_ms") if impl == "triton" and median else None
-                speedups[f"speedup_vs_{baseline}"] = other / median if other else None
-            rows.append({
-                "growth": case.growth, "tensor": case.tensor, "small": "x".join(map(str, case.small)),
-                "large": "x".join(map(str, case.large)), "dtype": str(DTYPE).removeprefix("torch."),
-                "triton_order": order, "impl": impl, "phase": phase,
-                "median_ms": median, "p20_ms": m.get("p20_ms"), "p80_ms": m.get("p80_ms"),
-                "flops": flops[phase], "tflops": tflops,
-                "frac_matmul_ceiling": tflops / ceiling_tflops if tflops else None, **speedups,
-                "peak_mem_mib": m.get("peak_mem_mib"), "max_rel_diff_vs_eager": m.get("max_rel_diff_vs_eager"),
-                "first_call_s": m.get("first_call_s"), "error": m["error"],
-                "triton_launches": m.get("triton_launches", ""),
-            })
-    return rows
+    def measure_plain(self, case: Case) -> None:
+        for impl in ("eager", "triton"):
+            self.measure(case, impl)
 
 
+def summary(rows: list[dict], smoke: bool) -> str:
+    measured = [r for r in rows if r["median_ms"] is not None]
+    compiled = sum(1 for r in measured if r["impl"] == "compile")
+    text = f"{len(measured)}/{len(rows)} measured ({compiled} compile)"
+    if smoke:
+        return text + "; smoke: times are not kernel timings"
+    ms = {(r["growth"], r["tie"], r["phase"], r["impl"]): r["median_ms"] for r in measured}
+    speedups = [ms[(*key[:3], "eager")] / value for key, value in ms.items()
+                if key[3] == "triton" and key[2] == "fwd+bwd" and (*key[:3], "eager") in ms]
+    fracs = [r["frac_matmul_ceiling"] for r in measured if r["impl"] == "triton" and r["frac_matmul_ceiling"]]
+    if speedups:
+        text += f"; triton/eager fwd+bwd {min(speedups):.2f}-{max(speedups):.2f}x"
+    if fracs:
+        text += f"; triton best {100 * max(fracs):.0f}% of bf16 matmul"
+    return text
 
-def main(argv: list[str] | None = None) -> None:
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the BERT attention tensor only")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results",
-                        help="directory for kron.csv (appended)")
+    add_benchmark_arguments(parser, "kron.csv")
     args = parser.parse_args(argv)
-    log, csv_path, environment, ceilings = start_benchmark(args.out, "kron.csv")
-    impls = implementations()
-    all_rows = []
-    with torch._dynamo.config.patch(recompile_limit=64):
-        for case in QUICK_CASES if args.quick else CASES:
-            log(f"{case.growth} {case.tensor}: {case.small} -> {case.large}")
-            rows = [{**row, **ceilings, **environment}
-                    for row in bench_case(case, impls, ceilings["matmul_ceiling_tflops"], log)]
-            append_csv(csv_path, rows)  # per case, so a late failure keeps the earlier results
-            all_rows += rows
+    start = start_benchmark(args, "kron.csv")
+    bench = KronBench(start)
+    device, deadline = start.device, start.deadline
+    built, failed = [], False
+    for index, (growth, tie) in enumerate(SMOKE_CASES if start.smoke else CASES):
+        if not deadline.allows(BUILD_S[device.type] + 2 * MEASURE_S[device.type]):
+            start.log(f"{growth.name} tie={tie}: not started, " + deadline.refusal("a case", BUILD_S[device.type]))
+            continue
+        try:
+            start.log(f"{growth.name} tie={tie}: building")
+            case = Case.build(growth, tie, device)
+            bench.measure_plain(case)
+            if index == 0:
+                bench.measure(case, "compile")
+            else:
+                built.append(case)
+        except Exception:  # a bug in one case: logged, the other cases still run, the exit status says so
+            traceback.print_exc()
+            failed = True
+    for case in built:
+        try:
+            bench.measure(case, "compile")
+        except Exception:
+            traceback.print_exc()
+            failed = True
 
-    columns = ("growth", "tensor", "phase", "impl", "median_ms", "tflops", "frac_matmul_ceiling",
-               "speedup_vs_eager", "speedup_vs_eager_bf16", "speedup_vs_compile", "peak_mem_mib",
-               "max_rel_diff_vs_eager")
-    print_table(all_rows, list(columns))
-    log(f"wrote {csv_path}")
+    if not start.smoke:
+        columns = ("growth", "tie", "phase", "impl", "median_ms", "tflops", "frac_matmul_ceiling", "peak_mem_mib",
+                   "max_rel_diff_vs_eager", "error")
+        print_table(bench.rows, list(columns))
+    start.log(f"wrote {start.csv_path}")
+    print_key(summary(bench.rows, start.smoke))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

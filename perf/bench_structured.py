@@ -1,23 +1,27 @@
-"""GPU benchmark of the structured growth-map kernel: Triton vs the eager PyTorch reference vs torch.compile.
+"""Benchmark of the structured growth-map kernel: Triton vs the eager PyTorch reference vs torch.compile.
 
-Usage (from the repository root, on a machine with a CUDA GPU)::
+Usage (from the repository root)::
 
-    python perf/bench_structured.py            # BERT-Base (bf16, fp32), BERT-Large, GPT-2 small, Llama 1B
-    python perf/bench_structured.py --quick    # BERT-Base bf16 only
-    python perf/bench_structured.py --out DIR  # write DIR/structured.csv (appended) and DIR/structured.png
+    python perf/bench_structured.py --out DIR                    # on a CUDA GPU: DIR/structured.csv
+    python perf/bench_structured.py --out DIR --time-limit 60    # stop starting measurements after ~60 s
+    TRITON_INTERPRET=1 python perf/bench_structured.py --out DIR --smoke   # CPU rehearsal, tiny models
 
-Every op is a whole-model map at real parameter sizes, run three ways on the same tensors:
+Every op is a whole-model map at real parameter sizes (BERT-Large and GPT-2-medium first, then BERT-Base in
+bf16 and fp32, GPT-2 small, a 1B Llama, as far as the time limit reaches), run three ways on the same tensors:
 
 * ``triton``  growlib's Triton kernel (``growlib.use_backend("triton")``);
 * ``eager``   growlib's PyTorch reference (``growlib.use_backend("torch")``);
 * ``compile`` the reference's per-task arithmetic under ``torch.compile`` (see ``compiled_reference``);
 
-and at two scopes: ``end_to_end`` is ``growlib.apply_map`` as users call it (task tables built on the host,
-inputs validated, the map run), ``kernel_only`` replays the arguments that apply_map passed to
-``growlib.ops.structured_map_`` straight into each implementation's launcher (the Triton launcher still builds
-its pointer tables and tile schedule on the host each call).  Times are compared with the
-op's compulsory memory traffic and the GPU's copy bandwidth, since the map is a gather with a few flops per
-element and can at best stream at copy speed.  Without a CUDA GPU it exits with status 2 and times nothing.
+at three scopes: ``end_to_end`` is ``growlib.apply_map`` as users call it (task tables built on the host,
+inputs validated, the map run); ``kernel_only`` replays the arguments apply_map passed to
+``growlib.ops.structured_map_`` straight into each implementation's launcher; ``shape_group`` replays only the
+op's largest group of tasks that share one shape (e.g. every layer's FFN weight), which torch.compile covers
+with a single static graph.  torch.compile needs one graph per task shape (8 to 18 per op), so within a time
+limit it is measured on ``shape_group`` first and on the whole op only where its remaining graphs fit.
+Times are compared with the op's compulsory memory traffic and the GPU's copy bandwidth, since the map is a
+gather with a few flops per element and can at best stream at copy speed.  One CSV row is written per
+measurement.  Without a CUDA GPU (and without --smoke) it exits with status 2 and times nothing.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ import contextlib
 import functools
 import sys
 import time
+import traceback
+from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -45,12 +50,17 @@ from growlib.kernels.launch import summarize as summarize_launches
 from growlib.models import adapter_for
 from growlib.schema import GrowthMap, Schema
 
-from common import REPO_ROOT, append_csv, print_table, start_benchmark, time_fn
+from common import (BenchmarkStart, CompileEstimate, add_benchmark_arguments, append_csv, compile_failure,
+                    fraction, graphs_compiled, print_key, print_table, start_benchmark, synchronize, time_fn)
 
 WIDTH, DEPTH = 2, 2  # coalescing factors
 ALPHA = 0.25  # interpolation weight
-SCOPES = ("kernel_only", "end_to_end")
-IMPLS = ("eager", "compile", "triton")  # eager first: the others are checked against it
+SCOPES = ("kernel_only", "end_to_end", "shape_group")
+COMPILE_SCOPES = ("shape_group", "kernel_only", "end_to_end")  # cheapest to compile first
+# Seconds assumed for one timed measurement and for building a model with its ops (GPU / smoke): a case
+# is started only when its build and a few measurements fit the time limit.
+MEASURE_S = {"cuda": 3.0, "cpu": 2.0}
+BUILD_S = {"cuda": 15.0, "cpu": 3.0}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -70,18 +80,25 @@ BERT_BASE = functools.partial(BertConfig, vocab_size=30522, hidden_size=768, num
 BERT_LARGE = functools.partial(BertConfig, vocab_size=30522, hidden_size=1024, num_hidden_layers=24,
                                num_attention_heads=16, intermediate_size=4096)
 GPT2_SMALL = functools.partial(GPT2Config, vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+GPT2_MEDIUM = functools.partial(GPT2Config, vocab_size=50257, n_positions=1024, n_embd=1024, n_layer=24, n_head=16)
 LLAMA_1B = functools.partial(LlamaConfig, vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                              num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
                              tie_word_embeddings=True)
 
-CASES = (
+CASES = (  # in order of value: a time limit cuts the later ones
+    ModelCase("bert-large", BertForMaskedLM, BERT_LARGE, torch.bfloat16),
+    ModelCase("gpt2-medium", GPT2LMHeadModel, GPT2_MEDIUM, torch.bfloat16),
     ModelCase("bert-base", BertForMaskedLM, BERT_BASE, torch.bfloat16),
     ModelCase("bert-base", BertForMaskedLM, BERT_BASE, torch.float32),
-    ModelCase("bert-large", BertForMaskedLM, BERT_LARGE, torch.bfloat16),
     ModelCase("gpt2-small", GPT2LMHeadModel, GPT2_SMALL, torch.bfloat16),
     ModelCase("llama-1b", LlamaForCausalLM, LLAMA_1B, torch.bfloat16),
 )
-QUICK_CASES = CASES[:1]
+# --smoke: one tiny model (the interpreter takes about a second per whole-model launch)
+SMOKE_CASES = (
+    ModelCase("bert-tiny", BertForMaskedLM,
+              functools.partial(BertConfig, vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, max_position_embeddings=32), torch.bfloat16),
+)
 
 
 def build_model(case: ModelCase, device: torch.device) -> torch.nn.Module:
@@ -172,6 +189,20 @@ class KernelCall:
         launch(self.dst, self.src, self.depth_weight, self.row_start, self.col_start, self.table_index,
                self.table_weight, alpha=self.alpha, rms=self.rms)
 
+    def task_signature(self, t: int) -> tuple:
+        """What a static torch.compile graph of task ``t`` is specialised on: the shapes, strides and dtypes of
+        its destination and live sources, its table width and its epilogue."""
+        out = self.dst[t]
+        live = [s for s, w in zip(self.src[t], self.depth_weight[t].tolist()) if w != 0.0]
+        return (tuple(out.shape), out.stride(), out.dtype, tuple((tuple(s.shape), s.stride(), s.dtype) for s in live),
+                self.table_index.shape[1], self.alpha, self.rms)
+
+    def subset(self, tasks: list[int]) -> KernelCall:
+        """The same call restricted to some of its tasks (the tables are shared, their offsets kept)."""
+        return KernelCall([self.dst[t] for t in tasks], [self.src[t] for t in tasks], self.depth_weight[tasks],
+                          self.row_start[tasks], self.col_start[tasks], self.table_index, self.table_weight,
+                          self.alpha, self.rms)
+
 
 @contextlib.contextmanager
 def _patched(owner, name: str, value) -> Iterator[None]:
@@ -195,6 +226,25 @@ def record_kernel_calls(op: MapOp) -> list[KernelCall]:
     with _patched(growlib.ops, "structured_map_", record):
         op.run()
     return calls
+
+
+def signatures(calls: list[KernelCall], scope: str) -> set[tuple]:
+    """The static graphs torch.compile needs for ``calls`` at ``scope``.  apply_map runs the reference inside
+    a torch.library op, where tensors carry other dispatch keys than in a replay, so end_to_end graphs are
+    never shared with the replayed scopes'."""
+    context = "in_op" if scope == "end_to_end" else "replay"
+    return {(context, call.task_signature(t)) for call in calls for t in range(len(call.dst))}
+
+
+def largest_shape_group(calls: list[KernelCall]) -> list[KernelCall]:
+    """The tasks sharing the op's most frequent signature (ties: the most bytes), as calls of their own."""
+    counts: Counter = Counter()
+    for call in calls:
+        for t, out in enumerate(call.dst):
+            counts[call.task_signature(t)] += out.numel()
+    best = max(counts, key=counts.get)
+    group = [call.subset([t for t in range(len(call.dst)) if call.task_signature(t) == best]) for call in calls]
+    return [call for call in group if call.dst]
 
 
 def run_calls(calls: list[KernelCall], launch: Callable) -> None:
@@ -243,21 +293,19 @@ def triton_programs(calls: list[KernelCall]) -> int:
 # torch.compile of the reference
 # ----------------------------------------------------------------------------------------------------------
 
-def compiled_reference() -> Callable:
+def compiled_reference(backend: str) -> Callable:
     """``growlib.reference.structured_map`` with its per-task arithmetic (``map_task``) under torch.compile.
 
     Compiling the whole reference measures nothing: its task loop reads table offsets and depth weights on
     the host, which dynamo cannot trace, and a graph break inside a loop leaves the loop eager.  The task
-    body is pure tensor code; dynamic shapes let a model's hundreds of tasks share a handful of graphs.  Sizes
-    of 1 (vectors), source counts and the epilogue flags still specialise, so the recompile limit is raised
-    well above the number of variants a model has; otherwise dynamo would quietly run the rest eagerly."""
-    torch._dynamo.config.recompile_limit = 64
+    body is pure tensor code.  Static shapes (a graph per task shape, shared by every op and model that has
+    that shape) compile faster than symbolic ones and are what a user's fixed model gets."""
     return functools.partial(growlib.reference.structured_map,
-                             task=torch.compile(growlib.reference.map_task, dynamic=True))
+                             task=torch.compile(growlib.reference.map_task, dynamic=False, backend=backend))
 
 
 def launchers(compiled: Callable) -> dict[str, Callable]:
-    """Each implementation's launcher, called with a KernelCall's arguments (the kernel_only scope)."""
+    """Each implementation's launcher, called with a KernelCall's arguments (kernel_only and shape_group)."""
     return {"eager": growlib.reference.structured_map, "compile": compiled, "triton": kernel.structured_map}
 
 
@@ -274,180 +322,200 @@ def routed_to(impl: str, compiled: Callable) -> Iterator[None]:
             yield
 
 
-def compile_failure(impl: str, err: Exception) -> str:
-    """The one-line message recorded when torch.compile fails; a failure of any other implementation is a
-    bug and is raised again."""
-    if impl != "compile":
-        raise err
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Measuring
 # ----------------------------------------------------------------------------------------------------------
 
 @dataclass
-class Check:
-    """One implementation's first run of an op: its wall time (JIT / torch.compile included), its largest
-    deviation from the eager reference, the Triton launch configurations it used, or why it failed."""
+class OpBench:
+    """One op of one model and the kernel calls each scope replays."""
 
-    first_call_s: float | None = None
-    max_abs_diff: float | None = None
-    error: str = ""
-    launches: str = ""
+    model: str
+    dtype: str
+    op: MapOp
+    calls: dict[str, list[KernelCall]]
+
+    @classmethod
+    def of(cls, model: str, dtype: str, op: MapOp) -> OpBench:
+        whole = record_kernel_calls(op)
+        return cls(model, dtype, op, {"kernel_only": whole, "end_to_end": whole,
+                                      "shape_group": largest_shape_group(whole)})
+
+    def runner(self, scope: str, impl: str, compiled: Callable) -> Callable[[], None]:
+        """The callable timed for one (scope, implementation)."""
+        if scope != "end_to_end":
+            launch, calls = launchers(compiled)[impl], self.calls[scope]
+            return lambda: run_calls(calls, launch)
+
+        def end_to_end() -> None:
+            with routed_to(impl, compiled):
+                self.op.run()
+        return end_to_end
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclass
+class FirstRun:
+    """An implementation's first run: its wall time (Triton JIT / torch.compile included), its largest
+    deviation from the eager reference run just before it, the Triton launches it made, the graphs it
+    compiled."""
+
+    seconds: float
+    max_abs_diff: float
+    launches: str
+    graphs: int
 
 
-def check_agreement(calls: list[KernelCall], launch_by_impl: dict[str, Callable]) -> dict[str, Check]:
-    """Run each implementation once from the same destination contents and compare it with the eager one
-    (which must come first); the destinations are restored afterwards."""
+def first_run(calls: list[KernelCall], run: Callable[[], None], device: torch.device) -> FirstRun:
+    """Run the eager reference, then ``run``, from the same destination contents, compare, and restore them.
+    (Measured ops write their destinations and read each other's, so the reference is recomputed right before
+    rather than kept from earlier.)"""
     dsts = [out for call in calls for out in call.dst]
-    device = dsts[0].device
     saved = [t.clone() for t in dsts]
-    expected, checks = None, {}
-    for impl, launch in launch_by_impl.items():
-        for t, s in zip(dsts, saved):
-            t.copy_(s)
-        _synchronize(device)
-        start = time.perf_counter()
-        try:
-            with launch_records() as records:
-                run_calls(calls, launch)
-            _synchronize(device)
-        except Exception as err:
-            checks[impl] = Check(error=compile_failure(impl, err))
-            continue
-        elapsed = time.perf_counter() - start
-        if expected is None:
-            expected = [t.clone() for t in dsts]
-        diff = max(((t.float() - e.float()).abs().max().item() for t, e in zip(dsts, expected) if t.numel()),
-                   default=0.0)
-        checks[impl] = Check(first_call_s=elapsed, max_abs_diff=diff, launches=summarize_launches(records))
+    run_calls(calls, growlib.reference.structured_map)
+    expected = [t.clone() for t in dsts]
     for t, s in zip(dsts, saved):
         t.copy_(s)
-    return checks
-
-
-def op_runner(scope: str, impl: str, op: MapOp, calls: list[KernelCall],
-              compiled: Callable) -> Callable[[], None]:
-    """The callable timed for one (scope, implementation) of ``op``."""
-    if scope == "kernel_only":
-        launch = launchers(compiled)[impl]
-        return lambda: run_calls(calls, launch)
-
-    def end_to_end() -> None:
-        with routed_to(impl, compiled):
-            op.run()
-    return end_to_end
-
-
-def bench_op(op: MapOp, compiled: Callable, copy_ceiling_gbps: float,
-             log: Callable[[str], None]) -> list[dict]:
-    """Rows for one op: every implementation at every scope, with traffic, bandwidth and speed-ups."""
-    calls = record_kernel_calls(op)
-    moved = bytes_moved(calls)
-    checks = check_agreement(calls, launchers(compiled))
-    timings: dict[tuple[str, str], tuple[float, float, float] | None] = {}
-    errors: dict[tuple[str, str], str] = {}
-    for scope in SCOPES:
-        for impl in IMPLS:
-            timings[scope, impl], errors[scope, impl] = None, checks[impl].error
-            if not checks[impl].error:
-                try:
-                    timings[scope, impl] = time_fn(op_runner(scope, impl, op, calls, compiled))
-                except Exception as err:
-                    errors[scope, impl] = compile_failure(impl, err)
-            timing = timings[scope, impl]
-            log(f"  {op.name} {scope} {impl}: " + (f"{timing[0]:.3f} ms" if timing else errors[scope, impl]))
-
-    rows = []
-    tasks, programs = sum(len(call.dst) for call in calls), triton_programs(calls)
-    for scope in SCOPES:
-        for impl in IMPLS:
-            median, p20, p80 = timings[scope, impl] or (None, None, None)
-            gbps = moved / (median * 1e6) if median else None
-            speedups = {}
-            for baseline in ("eager", "compile"):
-                other = timings[scope, baseline] if impl == "triton" and median else None
-                speedups[f"speedup_vs_{baseline}"] = other[0] / median if other else None
-            rows.append({"op": op.name, "impl": impl, "scope": scope, "median_ms": median, "p20_ms": p20,
-                         "p80_ms": p80, "bytes_moved": moved, "gbps": gbps,
-                         "frac_copy_ceiling": gbps / copy_ceiling_gbps if gbps else None, **speedups,
-                         "first_call_s": checks[impl].first_call_s,
-                         "max_abs_diff_vs_eager": checks[impl].max_abs_diff, "error": errors[scope, impl],
-                         "tasks": tasks, "triton_programs": programs, "triton_launches": checks[impl].launches})
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Output
-# ----------------------------------------------------------------------------------------------------------
-
-def plot(rows: list[dict], path: Path, copy_ceiling_gbps: float) -> None:
-    """Grouped bars of achieved GB/s per (model, op), one panel per scope, against the copy ceiling."""
+    graphs_before = graphs_compiled()
+    synchronize(device)
+    start = time.perf_counter()
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the chart (the CSV has every number)", file=sys.stderr)
-        return
-    groups = list(dict.fromkeys((r["model"], r["dtype"], r["op"]) for r in rows))
-    gbps = {(r["model"], r["dtype"], r["op"], r["impl"], r["scope"]): r["gbps"] for r in rows}
-    x = range(len(groups))
-    width = 0.8 / len(IMPLS)
-    fig, axes = plt.subplots(len(SCOPES), 1, figsize=(max(8.0, 0.6 * len(groups) + 2), 8), sharex=True)
-    for ax, scope in zip(axes, SCOPES):
-        for i, impl in enumerate(IMPLS):
-            values = [gbps.get((*g, impl, scope)) or float("nan") for g in groups]
-            ax.bar([p + (i - (len(IMPLS) - 1) / 2) * width for p in x], values, width, label=impl)
-        ax.axhline(copy_ceiling_gbps, color="black", linestyle="--", linewidth=1, label="copy ceiling")
-        ax.set_yscale("log")
-        ax.set_ylabel("GB/s (compulsory traffic)")
-        ax.set_title(scope)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize="small")
-    axes[-1].set_xticks(list(x), [" ".join(g) for g in groups], rotation=45, ha="right", fontsize="small")
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        with launch_records() as records:
+            run()
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        diff = max(((t.float() - e.float()).abs().max().item() for t, e in zip(dsts, expected) if t.numel()),
+                   default=0.0)
+    finally:
+        for t, s in zip(dsts, saved):
+            t.copy_(s)
+    return FirstRun(seconds, diff, summarize_launches(records), graphs_compiled() - graphs_before)
 
 
+class StructuredBench:
+    """Measures ops and writes one CSV row per measurement."""
 
-def main(argv: list[str] | None = None) -> None:
+    def __init__(self, start: BenchmarkStart):
+        self.start = start
+        self.compiled = compiled_reference(start.compile_backend)
+        self.compile_estimate = CompileEstimate(start.compile_backend)
+        self.compiled_signatures: set[tuple] = set()
+        self.rows: list[dict] = []
+
+    def write(self, ob: OpBench, scope: str, impl: str, timing=None, first: FirstRun | None = None,
+              error: str = "") -> None:
+        calls = ob.calls[scope]
+        moved = bytes_moved(calls)
+        median, p20, p80 = timing or (None, None, None)
+        gbps = moved / (median * 1e6) if median and not self.start.smoke else None
+        row = {"model": ob.model, "dtype": ob.dtype, "op": ob.op.name, "scope": scope, "impl": impl,
+               "tasks": sum(len(call.dst) for call in calls), "triton_programs": triton_programs(calls),
+               "bytes_moved": moved, "median_ms": median, "p20_ms": p20, "p80_ms": p80, "gbps": gbps,
+               "frac_copy_ceiling": fraction(gbps, self.start.ceilings["copy_ceiling_gbps"]),
+               "first_call_s": first.seconds if first else None,
+               "max_abs_diff_vs_eager": first.max_abs_diff if first else None,
+               "compile_graphs": first.graphs if first and impl == "compile" else None, "error": error,
+               "triton_launches": first.launches if first else "", **self.start.ceilings, **self.start.environment}
+        append_csv(self.start.csv_path, [row])
+        self.rows.append(row)
+        self.start.log(f"  {ob.model} {ob.op.name} {scope} {impl}: "
+                       + (f"{median:.3f} ms" if median is not None else error))
+
+    def measure_plain(self, ob: OpBench) -> None:
+        """eager and triton at every scope: one first run each (whole op) for agreement and JIT, then timings."""
+        device, deadline = self.start.device, self.start.deadline
+        for impl in ("eager", "triton"):
+            first = first_run(ob.calls["kernel_only"], ob.runner("kernel_only", impl, self.compiled), device)
+            for scope in SCOPES:
+                if not deadline.allows(MEASURE_S[device.type]):
+                    self.write(ob, scope, impl, first=first,
+                               error=deadline.refusal("a measurement", MEASURE_S[device.type]))
+                    continue
+                self.write(ob, scope, impl, time_fn(ob.runner(scope, impl, self.compiled), device), first)
+
+    def measure_compiled(self, ob: OpBench, scope: str) -> None:
+        """torch.compile at one scope, if the graphs it has not compiled yet fit the time left."""
+        device, deadline = self.start.device, self.start.deadline
+        new_graphs = signatures(ob.calls[scope], scope) - self.compiled_signatures
+        cost = self.compile_estimate.cost(len(new_graphs)) + MEASURE_S[device.type]
+        if not deadline.allows(cost):
+            self.write(ob, scope, "compile", error=deadline.refusal(f"compiling {len(new_graphs)} graph(s)", cost))
+            return
+        run = ob.runner(scope, "compile", self.compiled)
+        try:
+            first = first_run(ob.calls[scope], run, device)
+            self.compile_estimate.record(first.seconds, first.graphs)
+            self.compiled_signatures |= new_graphs
+            timing = time_fn(run, device)
+        except Exception as err:  # torch.compile failed: recorded, and the benchmark goes on
+            self.write(ob, scope, "compile", error=compile_failure("compile", err))
+            return
+        self.write(ob, scope, "compile", timing, first)
+
+    def measure_case(self, case: ModelCase) -> None:
+        """Every op of one model: eager and triton first (cheap), then torch.compile where it fits, the ops
+        whose graphs are fewest first."""
+        dtype = str(case.dtype).removeprefix("torch.")
+        self.start.log(f"{case.name} {dtype}: building")
+        fine = build_model(case, self.start.device)
+        benches = [OpBench.of(case.name, dtype, op) for op in build_ops(fine)]
+        for ob in benches:
+            self.measure_plain(ob)
+        for scope in COMPILE_SCOPES:
+            for ob in sorted(benches, key=lambda ob: len(signatures(ob.calls[scope], scope) - self.compiled_signatures)):
+                self.measure_compiled(ob, scope)
+
+
+def summary(rows: list[dict], smoke: bool) -> str:
+    """The key numbers: rows written, and on a GPU Triton's kernel-only speed-up over eager and its best
+    fraction of the copy ceiling."""
+    measured = [r for r in rows if r["median_ms"] is not None]
+    compiled = sum(1 for r in measured if r["impl"] == "compile")
+    text = f"{len(measured)}/{len(rows)} measured ({compiled} compile) on {len({r['model'] for r in rows})} model(s)"
+    if smoke:
+        return text + "; smoke: times are not kernel timings"
+    by_key = {(r["model"], r["dtype"], r["op"], r["scope"], r["impl"]): r["median_ms"] for r in measured}
+    speedups = [by_key[(*key[:4], "eager")] / ms for key, ms in by_key.items()
+                if key[3] == "kernel_only" and key[4] == "triton" and (*key[:4], "eager") in by_key]
+    fracs = [r["frac_copy_ceiling"] for r in measured if r["impl"] == "triton" and r["frac_copy_ceiling"]]
+    if speedups:
+        text += f"; triton/eager kernel_only {min(speedups):.1f}-{max(speedups):.1f}x"
+    if fracs:
+        text += f"; triton best {100 * max(fracs):.0f}% of copy"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="BERT-Base bf16 only")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results",
-                        help="directory for structured.csv (appended) and structured.png")
+    add_benchmark_arguments(parser, "structured.csv")
     args = parser.parse_args(argv)
-    log, csv_path, environment, ceilings = start_benchmark(args.out, "structured.csv")
-    device = torch.device("cuda")
-    compiled = compiled_reference()
-    all_rows = []
-    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
-        for case in QUICK_CASES if args.quick else CASES:
-            dtype = str(case.dtype).removeprefix("torch.")
-            log(f"{case.name} {dtype}: building")
-            fine = build_model(case, device)
-            ops = build_ops(fine)
-            rows = [{"model": case.name, "dtype": dtype, **row, **ceilings, **environment}
-                    for op in ops for row in bench_op(op, compiled, ceilings["copy_ceiling_gbps"], log)]
-            append_csv(csv_path, rows)  # per model, so a late failure keeps the earlier results
-            all_rows += rows
-            del fine, ops
-            torch.cuda.empty_cache()
+    start = start_benchmark(args, "structured.csv")
+    bench = StructuredBench(start)
+    failed = False
+    # A graph per task shape, and the time limit decides how many: dynamo's own limits must never quietly
+    # fall back to eager instead.
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096,
+                                                     fail_on_recompile_limit_hit=True):
+        for case in SMOKE_CASES if start.smoke else CASES:
+            if not start.deadline.allows(BUILD_S[start.device.type] + 4 * MEASURE_S[start.device.type]):
+                start.log(f"{case.name} {case.dtype}: not started, "
+                          + start.deadline.refusal("a model", BUILD_S[start.device.type]))
+                continue
+            try:
+                bench.measure_case(case)
+            except Exception:  # a bug in one case: logged, the other cases still run, the exit status says so
+                traceback.print_exc()
+                failed = True
+            if start.device.type == "cuda":
+                torch.cuda.empty_cache()
 
-    columns = ("model", "dtype", "op", "scope", "impl", "median_ms", "gbps", "frac_copy_ceiling",
-               "speedup_vs_eager", "speedup_vs_compile", "max_abs_diff_vs_eager")
-    print_table(all_rows, list(columns))
-    plot(all_rows, args.out / "structured.png", ceilings["copy_ceiling_gbps"])
-    log(f"wrote {csv_path}")
+    if not start.smoke:
+        columns = ("model", "dtype", "op", "scope", "impl", "median_ms", "gbps", "frac_copy_ceiling",
+                   "max_abs_diff_vs_eager", "error")
+        print_table(bench.rows, list(columns))
+    start.log(f"wrote {start.csv_path}")
+    print_key(summary(bench.rows, start.smoke))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,12 +1,17 @@
-"""Helpers shared by the GPU benchmarks: the no-GPU exit, timing, hardware ceilings, run metadata, CSV output.
+"""Helpers shared by the kernel benchmarks: the device gate, timing, hardware ceilings, time budgets, run
+metadata, CSV output.
 
-Every number a benchmark reports is measured on a CUDA GPU with ``triton.testing.do_bench`` (L2 flushed
-before each run) and put next to what the same GPU can do at best, so a row reads as a fraction of a ceiling
-rather than as a bare time."""
+On a CUDA GPU every number is measured with ``triton.testing.do_bench`` (L2 flushed before each run) and put
+next to what the same GPU can do at best, so a row reads as a fraction of a ceiling rather than as a bare time.
+``--smoke`` runs the same code on the CPU through Triton's interpreter at tiny shapes, so that the benchmarks
+(and perf/gpu_run.sh) are rehearsed where there is no GPU; every smoke row says so in its ``mode`` column,
+and its times say nothing about the kernels."""
 
 from __future__ import annotations
 
+import argparse
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -20,6 +25,14 @@ import triton
 import triton.testing
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+GPU, SMOKE = "gpu", "smoke-cpu-interpreter"  # the ``mode`` column
+# Seconds one torch.compile graph is assumed to take until this process has compiled one: 20-60 s were seen on
+# the H200 machine for a cold inductor (the first graph pays its warm-up); aot_eager only traces.
+COMPILE_PRIOR_S = {"inductor": 30.0, "aot_eager": 2.0}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def require_cuda() -> None:
@@ -27,21 +40,46 @@ def require_cuda() -> None:
 
     Times taken on the CPU, or under Triton's interpreter, say nothing about the kernels and must never end up
     next to real measurements."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("kernel timings cannot be taken under TRITON_INTERPRET (Triton's CPU interpreter); unset it",
-              file=sys.stderr)
+    if interpreting():
+        print("kernel timings cannot be taken under TRITON_INTERPRET (Triton's CPU interpreter); unset it, or "
+              "pass --smoke for a rehearsal that times nothing worth reading", file=sys.stderr)
         sys.exit(2)
     if not torch.cuda.is_available():
-        print("kernel timings need a CUDA GPU; this machine has none", file=sys.stderr)
+        print("kernel timings need a CUDA GPU; this machine has none (--smoke rehearses the benchmark on the "
+              "CPU)", file=sys.stderr)
         sys.exit(2)
 
 
-def time_fn(fn: Callable[[], object], min_runs: int = 5) -> tuple[float, float, float]:
+def require_device(smoke: bool) -> torch.device:
+    """CUDA for a real run (exit 2 without one); the CPU for ``--smoke``, which needs TRITON_INTERPRET=1 in the
+    environment before Python starts (Triton decides at import time whether its functions are interpreted)."""
+    if not smoke:
+        require_cuda()
+        return torch.device("cuda")
+    if not interpreting():
+        print("--smoke runs the Triton kernels through Triton's interpreter: start Python with TRITON_INTERPRET=1 "
+              "in the environment (perf/gpu_run.sh --smoke does)", file=sys.stderr)
+        sys.exit(2)
+    return torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, min_runs: int = 5) -> tuple[float, float, float]:
     """(median, p20, p80) milliseconds of ``fn`` over at least ``min_runs`` timed runs.
 
-    ``do_bench`` sizes its run count from a 100 ms budget, which gives a single sample for a slow eager
-    baseline; the budget is stretched so every quantile rests on several runs.  The first call (JIT
-    compilation, torch.compile tracing) is a warm-up and never timed."""
+    On CUDA, ``do_bench``'s 100 ms budget is stretched so that a slow baseline still gets several runs, and
+    the first call (JIT compilation, torch.compile tracing) is a warm-up, never timed.  On the CPU (smoke
+    runs, where the benchmarks have already made that first call) one ``perf_counter`` run: only the code
+    path is rehearsed there."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        once_ms = (time.perf_counter() - start) * 1e3
+        return once_ms, once_ms, once_ms
     fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -52,22 +90,86 @@ def time_fn(fn: Callable[[], object], min_runs: int = 5) -> tuple[float, float, 
     return median, p20, p80
 
 
-def measure_ceilings(device: torch.device) -> dict[str, float]:
+def measure_ceilings(device: torch.device) -> dict[str, float | None]:
     """What this GPU does at best: device-to-device copy bandwidth (GB/s, read + write bytes of a 1 GiB copy)
-    and dense bf16 matmul throughput (TFLOP/s, 8192^3)."""
-    src = torch.empty(2 ** 28, dtype=torch.float32, device=device)  # 1 GiB
+    and dense bf16 matmul throughput (TFLOP/s, 8192^3).  Not measured on the CPU (None: n/a)."""
+    if device.type != "cuda":
+        return {"copy_ceiling_gbps": None, "matmul_ceiling_tflops": None}
+    src = torch.randn(2 ** 28, dtype=torch.float32, device=device)  # 1 GiB
     dst = torch.empty_like(src)
-    copy_ms, _, _ = time_fn(lambda: dst.copy_(src))
+    copy_ms, _, _ = time_fn(lambda: dst.copy_(src), device)
     copy_bytes = 2 * src.numel() * src.element_size()
+    del src, dst
 
     n = 8192
     a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     c = torch.empty(n, n, dtype=torch.bfloat16, device=device)
-    matmul_ms, _, _ = time_fn(lambda: torch.mm(a, b, out=c))
+    matmul_ms, _, _ = time_fn(lambda: torch.mm(a, b, out=c), device)
     return {"copy_ceiling_gbps": copy_bytes / (copy_ms * 1e6),
             "matmul_ceiling_tflops": 2 * n ** 3 / (matmul_ms * 1e9)}
 
+
+def fraction(value: float | None, ceiling: float | None) -> float | None:
+    return value / ceiling if value is not None and ceiling else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Time budgets
+# ----------------------------------------------------------------------------------------------------------
+
+class Deadline:
+    """What is left of a benchmark's ``--time-limit``.  A benchmark starts a measurement only when its
+    estimated cost fits, so it stops in time with everything measured so far already written."""
+
+    def __init__(self, seconds: float | None):
+        self._end = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float:
+        return math.inf if self._end is None else self._end - time.monotonic()
+
+    def allows(self, estimate_s: float) -> bool:
+        return self.left() >= estimate_s
+
+    def refusal(self, what: str, estimate_s: float) -> str:
+        """The ``error`` cell of a measurement the time limit left out."""
+        return f"skipped: {what} needs ~{estimate_s:.0f} s, {max(self.left(), 0):.0f} s of --time-limit left"
+
+
+class CompileEstimate:
+    """Seconds per torch.compile graph on this machine: a prior (``COMPILE_PRIOR_S``) until this process has
+    compiled something, then the latest measured time per graph (the first one includes the compiler's
+    warm-up, so the estimate starts pessimistic)."""
+
+    def __init__(self, backend: str):
+        self.per_graph_s = COMPILE_PRIOR_S[backend]
+
+    def cost(self, graphs: int) -> float:
+        return graphs * self.per_graph_s
+
+    def record(self, seconds: float, graphs: int) -> None:
+        if graphs > 0:
+            self.per_graph_s = seconds / graphs
+
+
+def graphs_compiled() -> int:
+    """How many graphs torch.compile has compiled in this process so far (dynamo's own counter)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+def compile_failure(impl: str, err: Exception) -> str:
+    """The one-line message recorded when torch.compile fails; a failure of any other implementation is a
+    bug and is raised again."""
+    if impl != "compile":
+        raise err
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run metadata and output
+# ----------------------------------------------------------------------------------------------------------
 
 def _command_output(args: list[str]) -> str:
     """First line of a command's output, or "" when the command is missing or fails."""
@@ -79,19 +181,21 @@ def _command_output(args: list[str]) -> str:
     return lines[0].strip() if lines else ""
 
 
-def environment_row() -> dict[str, str]:
-    """The facts a timing depends on (GPU, driver, library versions, commit and whether the working tree had
-    uncommitted changes, time), one value each, for every CSV row; anything that cannot be found is left
-    empty.  Each benchmark adds the Triton launch configurations that ran (``triton_launches``)."""
-    on_gpu = torch.cuda.is_available()
+def environment_row(device: torch.device, compile_backend: str) -> dict[str, str]:
+    """The facts a timing depends on (mode, GPU, driver, library versions, compile backend, commit and whether
+    the working tree had uncommitted changes, time), one value each, for every CSV row; anything that cannot
+    be found is left empty.  Each benchmark adds the Triton launch configurations that ran."""
+    on_gpu = device.type == "cuda"
     commit = _command_output(["git", "rev-parse", "--short", "HEAD"])
     return {
-        "device_name": torch.cuda.get_device_name() if on_gpu else "",
-        "compute_capability": "%d.%d" % torch.cuda.get_device_capability() if on_gpu else "",
+        "mode": GPU if on_gpu else SMOKE,
+        "device_name": torch.cuda.get_device_name(device) if on_gpu else "",
+        "compute_capability": "%d.%d" % torch.cuda.get_device_capability(device) if on_gpu else "",
         "cuda_runtime": torch.version.cuda or "",
         "driver": _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
         "torch": torch.__version__,
         "triton": triton.__version__,
+        "compile_backend": compile_backend,
         "git_commit": commit,
         "git_dirty": ("yes" if _command_output(["git", "status", "--porcelain", "--untracked-files=no"]) else "no")
         if commit else "",
@@ -100,7 +204,8 @@ def environment_row() -> dict[str, str]:
 
 
 def append_csv(path: str | Path, rows: Iterable[dict]) -> None:
-    """Append dict rows to a CSV file, writing the header first when the file is new.
+    """Append dict rows to a CSV file, writing the header first when the file is new.  Benchmarks call it
+    once per measurement, so a run cut short keeps every row it finished.
 
     Refuses a file whose header differs from the rows' keys: rows of differently shaped runs never mix in one
     table (write to another --out directory instead)."""
@@ -123,12 +228,6 @@ def append_csv(path: str | Path, rows: Iterable[dict]) -> None:
         writer.writerows(rows)
 
 
-if __name__ == "__main__":
-    # ``python perf/common.py``: the gate ``make bench`` passes before anything is timed.
-    require_cuda()
-    print(f"kernel timings can be taken here: {torch.cuda.get_device_name()}")
-
-
 def elapsed_logger() -> Callable[[str], None]:
     """A progress log to stderr, each line stamped with the seconds since the logger was made (numbers a
     benchmark reports go to stdout and its CSV, never here)."""
@@ -140,24 +239,51 @@ def elapsed_logger() -> Callable[[str], None]:
     return log
 
 
+def add_benchmark_arguments(parser: argparse.ArgumentParser, csv_name: str) -> None:
+    """The options every benchmark takes."""
+    parser.add_argument("--out", type=Path, required=True,
+                        help=f"directory for {csv_name} (appended, one row per measurement)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes on the CPU through Triton's interpreter (needs TRITON_INTERPRET=1): "
+                             "rehearses the code, times nothing worth reading")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="start no measurement that would not finish within SECONDS of the start; "
+                             "cases left out are logged and written as skipped (default: no limit)")
+
+
 class BenchmarkStart(NamedTuple):
     log: Callable[[str], None]
     csv_path: Path
+    device: torch.device
     environment: dict[str, str]
-    ceilings: dict[str, float]
+    ceilings: dict[str, float | None]
+    deadline: Deadline
+    compile_backend: str
+
+    @property
+    def smoke(self) -> bool:
+        return self.device.type != "cuda"
 
 
-def start_benchmark(out_dir: Path, csv_name: str) -> BenchmarkStart:
-    """What every benchmark does before it times anything: exit unless on a CUDA GPU, make ``out_dir``, record
-    the environment, measure this GPU's copy and matmul ceilings and log them."""
-    require_cuda()
+def start_benchmark(args: argparse.Namespace, csv_name: str) -> BenchmarkStart:
+    """What every benchmark does before it times anything: check the device (exit 2 without a CUDA GPU unless
+    ``--smoke``), start the time budget, make the output folder, record the environment, measure this GPU's
+    copy and matmul ceilings and log them.  Smoke runs compile with ``aot_eager``: a cold inductor spends
+    40-60 s building its C++ kernels on a 2-core CPU, which the rehearsal cannot afford."""
+    device = require_device(args.smoke)
+    deadline = Deadline(args.time_limit)
     log = elapsed_logger()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    environment = environment_row()
-    ceilings = measure_ceilings(torch.device("cuda"))
-    log(f"{environment['device_name']}: copy {ceilings['copy_ceiling_gbps']:.0f} GB/s, "
-        f"bf16 matmul {ceilings['matmul_ceiling_tflops']:.0f} TFLOP/s")
-    return BenchmarkStart(log, out_dir / csv_name, environment, ceilings)
+    args.out.mkdir(parents=True, exist_ok=True)
+    compile_backend = "aot_eager" if args.smoke else "inductor"
+    environment = environment_row(device, compile_backend)
+    ceilings = measure_ceilings(device)
+    if args.smoke:
+        log("smoke run on the CPU through Triton's interpreter: rows are marked mode=smoke-cpu-interpreter and "
+            "their times are not kernel timings")
+    else:
+        log(f"{environment['device_name']}: copy {ceilings['copy_ceiling_gbps']:.0f} GB/s, "
+            f"bf16 matmul {ceilings['matmul_ceiling_tflops']:.0f} TFLOP/s")
+    return BenchmarkStart(log, args.out / csv_name, device, environment, ceilings, deadline, compile_backend)
 
 
 def print_table(rows: list[dict], columns: list[str], number_format: str = ".3f") -> None:
@@ -167,4 +293,15 @@ def print_table(rows: list[dict], columns: list[str], number_format: str = ".3f"
 
     print("\t".join(columns))
     for row in rows:
-        print("\t".join(cell(row[c]) for c in columns))
+        print("\t".join(cell(row.get(c)) for c in columns))
+
+
+def print_key(text: str) -> None:
+    """The benchmark's one-line result, last on stdout: perf/gpu_run.sh puts it in its summary table."""
+    print(f"key: {text}", flush=True)
+
+
+if __name__ == "__main__":
+    # ``python perf/common.py``: the gate ``make bench`` passes before anything is timed.
+    require_cuda()
+    print(f"kernel timings can be taken here: {torch.cuda.get_device_name()}")
