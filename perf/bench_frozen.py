@@ -340,8 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     device, deadline = start.device, start.deadline
     to_compile, failed = [], False
     for index, case in enumerate(SMOKE_CASES if start.smoke else CASES):
-        if not deadline.allows(BUILD_S[device.type] + 5 * MEASURE_S[device.type]):
-            start.log(f"{case.name}: not started, " + deadline.refusal("a model", BUILD_S[device.type]))
+        needed = BUILD_S[device.type] + 5 * MEASURE_S[device.type]  # a model and some rows
+        if not deadline.allows(needed):
+            start.log(f"{case.name}: not started, " + deadline.refusal("a model", needed))
             continue
         start.log(f"{case.name}: {case.layers} layers, batch {case.batch} x seq {case.seq}")
         try:

@@ -327,24 +327,38 @@ def routed_to(impl: str, compiled: Callable) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------------------
 
 @dataclass
+class ScopeFacts:
+    """What one scope of an op replays and moves, worked out once (the tables live on the GPU)."""
+
+    calls: list[KernelCall]
+    tasks: int
+    bytes_moved: int
+    triton_programs: int
+    graphs: set[tuple]
+
+
+@dataclass
 class OpBench:
-    """One op of one model and the kernel calls each scope replays."""
+    """One op of one model and, per scope, the kernel calls it replays."""
 
     model: str
     dtype: str
     op: MapOp
-    calls: dict[str, list[KernelCall]]
+    scopes: dict[str, ScopeFacts]
 
     @classmethod
     def of(cls, model: str, dtype: str, op: MapOp) -> OpBench:
         whole = record_kernel_calls(op)
-        return cls(model, dtype, op, {"kernel_only": whole, "end_to_end": whole,
-                                      "shape_group": largest_shape_group(whole)})
+        scopes = {}
+        for scope, calls in (("kernel_only", whole), ("end_to_end", whole), ("shape_group", largest_shape_group(whole))):
+            scopes[scope] = ScopeFacts(calls, sum(len(call.dst) for call in calls), bytes_moved(calls),
+                                       triton_programs(calls), signatures(calls, scope))
+        return cls(model, dtype, op, scopes)
 
     def runner(self, scope: str, impl: str, compiled: Callable) -> Callable[[], None]:
         """The callable timed for one (scope, implementation)."""
         if scope != "end_to_end":
-            launch, calls = launchers(compiled)[impl], self.calls[scope]
+            launch, calls = launchers(compiled)[impl], self.scopes[scope].calls
             return lambda: run_calls(calls, launch)
 
         def end_to_end() -> None:
@@ -403,13 +417,12 @@ class StructuredBench:
 
     def write(self, ob: OpBench, scope: str, impl: str, timing=None, first: FirstRun | None = None,
               error: str = "") -> None:
-        calls = ob.calls[scope]
-        moved = bytes_moved(calls)
+        facts = ob.scopes[scope]
         median, p20, p80 = timing or (None, None, None)
-        gbps = moved / (median * 1e6) if median and not self.start.smoke else None
+        gbps = facts.bytes_moved / (median * 1e6) if median and not self.start.smoke else None
         row = {"model": ob.model, "dtype": ob.dtype, "op": ob.op.name, "scope": scope, "impl": impl,
-               "tasks": sum(len(call.dst) for call in calls), "triton_programs": triton_programs(calls),
-               "bytes_moved": moved, "median_ms": median, "p20_ms": p20, "p80_ms": p80, "gbps": gbps,
+               "tasks": facts.tasks, "triton_programs": facts.triton_programs,
+               "bytes_moved": facts.bytes_moved, "median_ms": median, "p20_ms": p20, "p80_ms": p80, "gbps": gbps,
                "frac_copy_ceiling": fraction(gbps, self.start.ceilings["copy_ceiling_gbps"]),
                "first_call_s": first.seconds if first else None,
                "max_abs_diff_vs_eager": first.max_abs_diff if first else None,
@@ -424,7 +437,7 @@ class StructuredBench:
         """eager and triton at every scope: one first run each (whole op) for agreement and JIT, then timings."""
         device, deadline = self.start.device, self.start.deadline
         for impl in ("eager", "triton"):
-            first = first_run(ob.calls["kernel_only"], ob.runner("kernel_only", impl, self.compiled), device)
+            first = first_run(ob.scopes["kernel_only"].calls, ob.runner("kernel_only", impl, self.compiled), device)
             for scope in SCOPES:
                 if not deadline.allows(MEASURE_S[device.type]):
                     self.write(ob, scope, impl, first=first,
@@ -435,14 +448,14 @@ class StructuredBench:
     def measure_compiled(self, ob: OpBench, scope: str) -> None:
         """torch.compile at one scope, if the graphs it has not compiled yet fit the time left."""
         device, deadline = self.start.device, self.start.deadline
-        new_graphs = signatures(ob.calls[scope], scope) - self.compiled_signatures
+        new_graphs = ob.scopes[scope].graphs - self.compiled_signatures
         cost = self.compile_estimate.cost(len(new_graphs)) + MEASURE_S[device.type]
         if not deadline.allows(cost):
             self.write(ob, scope, "compile", error=deadline.refusal(f"compiling {len(new_graphs)} graph(s)", cost))
             return
         run = ob.runner(scope, "compile", self.compiled)
         try:
-            first = first_run(ob.calls[scope], run, device)
+            first = first_run(ob.scopes[scope].calls, run, device)
             self.compile_estimate.record(first.seconds, first.graphs)
             self.compiled_signatures |= new_graphs
             timing = time_fn(run, device)
@@ -461,7 +474,7 @@ class StructuredBench:
         for ob in benches:
             self.measure_plain(ob)
         for scope in COMPILE_SCOPES:
-            for ob in sorted(benches, key=lambda ob: len(signatures(ob.calls[scope], scope) - self.compiled_signatures)):
+            for ob in sorted(benches, key=lambda ob: len(ob.scopes[scope].graphs - self.compiled_signatures)):
                 self.measure_compiled(ob, scope)
 
 
@@ -496,9 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096,
                                                      fail_on_recompile_limit_hit=True):
         for case in SMOKE_CASES if start.smoke else CASES:
-            if not start.deadline.allows(BUILD_S[start.device.type] + 4 * MEASURE_S[start.device.type]):
-                start.log(f"{case.name} {case.dtype}: not started, "
-                          + start.deadline.refusal("a model", BUILD_S[start.device.type]))
+            needed = BUILD_S[start.device.type] + 4 * MEASURE_S[start.device.type]  # a model and some rows
+            if not start.deadline.allows(needed):
+                start.log(f"{case.name} {case.dtype}: not started, " + start.deadline.refusal("a model", needed))
                 continue
             try:
                 bench.measure_case(case)

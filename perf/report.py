@@ -1,16 +1,19 @@
 """Regenerate perf/results/PERFORMANCE.md from the latest run recorded in each benchmark's CSV.
 
-Usage (from the repository root; ``make bench`` runs it after the benchmarks)::
+Usage (from the repository root)::
 
     python perf/report.py                       # read perf/results/*.csv, write perf/results/PERFORMANCE.md
+    python perf/report.py --results DIR         # the CSVs of a perf/gpu_run.sh run, DIR/PERFORMANCE.md
     python perf/report.py --results DIR --out FILE
 
-Per benchmark, one table of growlib's kernel against the eager PyTorch reference and torch.compile (speed-up =
-baseline time / kernel time, so above 1 means the kernel is faster) and the kernel's fraction of the ceiling
-that bounds it (copy bandwidth or bf16 matmul throughput, measured on the same GPU in the same run), with the
-run's device, versions, commit and the Triton launch configurations that ran.  Only rows that name a GPU are
-read (the benchmarks refuse to time anything without one); a benchmark with none is reported as not yet
-measured on a GPU, and the script still exits 0.  It computes nothing but ratios of the recorded numbers.
+Per kernel benchmark, one table of growlib's kernel against the eager PyTorch reference and torch.compile
+(speed-up = baseline time / kernel time, so above 1 means the kernel is faster) and the kernel's fraction of
+the ceiling that bounds it (copy bandwidth or bf16 matmul throughput, measured on the same GPU in the same
+run), with the run's device, versions, commit and the Triton launch configurations that ran; then the
+end-to-end rows (every schedule's stages and transitions) as measured.  Only rows measured on a GPU are read:
+rows that name no device, and smoke rehearsals (``mode`` smoke-cpu-interpreter), are ignored; a benchmark
+with none is reported as not yet measured on a GPU, and the script still exits 0.  It computes nothing but
+ratios of the recorded numbers.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 NOT_MEASURED = "not yet measured on a GPU"
 RUN_KEYS = ("timestamp_utc", "git_commit", "device_name")  # one benchmark run (its rows share one environment)
+GPU_MODE = "gpu"  # perf/common.py's ``mode`` of a real measurement (CSVs from before that column have none)
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,9 @@ class Table:
 TABLES = (
     Table("Structured growth maps", "structured.csv", ("model", "dtype", "op", "scope"), "triton",
           ("eager", "compile"), "frac_copy_ceiling", "copy bandwidth"),
-    Table("Kronecker-factored expansion (LiGO), bf16", "kron.csv", ("growth", "tensor", "phase"), "triton",
-          ("eager", "eager_bf16", "compile"), "frac_matmul_ceiling", "bf16 matmul"),
+    Table("LiGO expansion (Kronecker-factored maps) of a bf16 model", "kron.csv",
+          ("growth", "tie", "map_dtype", "phase"), "triton", ("eager", "compile"), "frac_matmul_ceiling",
+          "bf16 matmul"),
     Table("Frozen stack forward (freeze_forward)", "frozen.csv", ("model", "layers", "tokens"), "freeze_forward",
           ("eager", "compile"), "frac_matmul_ceiling", "bf16 matmul", {"bench": "stack_forward"}),
     Table("MSLT training step with a frozen bottom", "frozen.csv", ("model", "layers", "tokens"),
@@ -61,9 +66,15 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+END_TO_END = "end_to_end.csv"
+END_TO_END_COLUMNS = ("measurement", "schedule", "name", "detail", "median_ms", "tokens_per_s", "tflops",
+                      "frac_matmul_ceiling")
+
+
 def latest_run(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The rows of the most recent run that was measured on a GPU (rows naming no device are ignored)."""
-    measured = [row for row in rows if row.get("device_name")]
+    """The rows of the most recent run that was measured on a GPU (rows naming no device, and smoke
+    rehearsals, are ignored)."""
+    measured = [row for row in rows if row.get("device_name") and row.get("mode", GPU_MODE) == GPU_MODE]
     if not measured:
         return []
     newest = max(tuple(row.get(key, "") for key in RUN_KEYS) for row in measured)
@@ -97,6 +108,8 @@ def environment(row: dict[str, str]) -> str:
              f"driver {row.get('driver') or '?'}", f"CUDA {row.get('cuda_runtime') or '?'}",
              f"torch {row.get('torch') or '?'}", f"triton {row.get('triton') or '?'}",
              f"commit {row.get('git_commit') or '?'}{dirty}"]
+    if row.get("compile_backend"):
+        parts.append(f"torch.compile backend {row['compile_backend']}")
     ceilings = []
     if number(row.get("copy_ceiling_gbps")) is not None:
         ceilings.append(f"copy {number(row['copy_ceiling_gbps']):.0f} GB/s")
@@ -135,23 +148,43 @@ def section(table: Table, rows: list[dict[str, str]]) -> list[str]:
         if kernel.get("triton_launches"):
             launches.append(kernel["triton_launches"])
     if failures:
-        lines += ["", "Failed measurements (shown as -):", "", *failures]
+        lines += ["", "Failed or skipped measurements (shown as -):", "", *failures]
     if launches:
         lines += ["", "Triton launch configurations that ran:", "", *(f"- `{text}`" for text in dict.fromkeys(launches))]
     return lines + [""]
 
 
-def render(results: Path) -> tuple[str, bool]:
-    """The whole document, and whether any benchmark had GPU rows."""
+def end_to_end_section(rows: list[dict[str, str]]) -> list[str]:
+    """The end-to-end rows of the latest GPU run as recorded (perf/bench_end_to_end.py): one line each."""
+    lines = ["## End to end: schedules' stages and transitions", "", f"Source: `{END_TO_END}`", ""]
+    rows = latest_run(rows)
+    if not rows:
+        return lines + [f"Status: {NOT_MEASURED}.", ""]
+    lines += [environment(rows[0]), "", "| " + " | ".join(END_TO_END_COLUMNS) + " | error |",
+              "|" + "|".join("---" for _ in range(len(END_TO_END_COLUMNS) + 1)) + "|"]
+    for row in rows:
+        cells = [row.get(column, "") or "-" for column in END_TO_END_COLUMNS[:4]]
+        cells += [_ms(number(row.get("median_ms"))), _ms(number(row.get("tokens_per_s"))),
+                  _ms(number(row.get("tflops"))), _percent(number(row.get("frac_matmul_ceiling")))]
+        lines.append("| " + " | ".join(cells) + f" | {row.get('error') or ''} |")
+    return lines + [""]
+
+
+def render(results: Path) -> tuple[str, int, int]:
+    """The whole document, how many of its sections have GPU rows, and how many sections there are."""
     lines = ["# Performance", "",
-             "Generated by `python perf/report.py` from the latest run in each CSV under `perf/results/`; "
-             "rerun `make bench` on a GPU machine to refresh it.  Speed-up = baseline time / kernel time.", ""]
-    measured = False
+             "Generated by `python perf/report.py` from the latest GPU run in each benchmark's CSV; "
+             "`bash perf/gpu_run.sh DIR` on a GPU machine measures a new run.  "
+             "Speed-up = baseline time / kernel time.", ""]
+    measured = 0
     for table in TABLES:
         rows = read_rows(results / table.csv)
-        measured |= bool(latest_run(rows))
+        measured += any(all(row.get(k) == v for k, v in table.where.items()) for row in latest_run(rows))
         lines += section(table, rows)
-    return "\n".join(lines), measured
+    end_to_end = read_rows(results / END_TO_END)
+    measured += bool(latest_run(end_to_end))
+    lines += end_to_end_section(end_to_end)
+    return "\n".join(lines), measured, len(TABLES) + 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,13 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="Markdown file to write (default RESULTS/PERFORMANCE.md)")
     args = parser.parse_args(argv)
     out = args.out or args.results / "PERFORMANCE.md"
-    text, measured = render(args.results)
+    text, measured, sections = render(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     if not measured:
         print(f"{NOT_MEASURED}: no benchmark CSV under {args.results} has rows from a GPU run "
-              "(run `make bench` on a machine with a CUDA GPU)")
+              "(run `bash perf/gpu_run.sh DIR` on a machine with a CUDA GPU)")
     print(f"wrote {out}")
+    print(f"key: {measured} of {sections} sections have GPU rows (smoke rows are never reported)")  # gpu_run.sh
     return 0
 
 

@@ -70,7 +70,7 @@ def test_report_uses_the_latest_run_and_computes_ratios(report, tmp_path):
     assert "compile: TorchDynamo: failed" in structured
     assert "`structured_map(BLOCK_R=64,BLOCK_C=64,num_warps=4) x1`" in structured
     # the benchmarks with no CSV say so rather than showing anything
-    for title in ("Kronecker-factored expansion", "Frozen stack forward", "MSLT training step"):
+    for title in ("LiGO expansion", "Frozen stack forward", "MSLT training step", "End to end"):
         assert "not yet measured on a GPU" in text.split(f"## {title}")[1].split("## ")[0]
 
 
@@ -79,8 +79,38 @@ def test_report_without_any_csv_says_not_yet_measured_and_succeeds(report, tmp_p
     assert report.main(["--results", str(tmp_path / "missing"), "--out", str(out)]) == 0
     assert "not yet measured on a GPU" in capsys.readouterr().out
     text = out.read_text()
-    assert text.count("not yet measured on a GPU") == len(report.TABLES)
+    assert text.count("not yet measured on a GPU") == len(report.TABLES) + 1  # and the end-to-end section
     assert "|" not in text  # no table, no number
+
+
+def test_report_ignores_smoke_rows_and_reads_the_kron_and_end_to_end_csvs(report, tmp_path):
+    """A smoke rehearsal's rows never reach the report, even with a device name; the LiGO table is keyed by
+    growth, tie, map dtype and phase; end-to-end rows are listed as recorded."""
+    gpu = {**ENVIRONMENT, "mode": "gpu", "timestamp_utc": "2030-03-01T00:00:00+00:00"}
+    smoke = {**gpu, "mode": "smoke-cpu-interpreter", "timestamp_utc": "2031-01-01T00:00:00+00:00"}
+    kron_case = {"growth": "bert-base->bert-large", "tie": "paper", "map_dtype": "float32", "phase": "fwd+bwd",
+                 "error": "", "triton_launches": ""}
+    kron = [{**kron_case, "impl": impl, "median_ms": ms, "frac_matmul_ceiling": frac, **env}
+            for env in (gpu, smoke)
+            for impl, ms, frac in (("eager", "8.0", ""), ("compile", "", ""), ("triton", "2.0", "0.25"))]
+    kron[1]["error"] = "skipped: compiling needs ~32 s, 10 s of --time-limit left"
+    write_csv(tmp_path / "kron.csv", kron)
+    write_csv(tmp_path / "structured.csv", structured_rows("2031-01-01T00:00:00+00:00", "1", "1", "1", "0.9",
+                                                           mode="smoke-cpu-interpreter"))
+    end_to_end = {"measurement": "stage", "schedule": "vcycle", "name": "coarse", "detail": "6x384",
+                  "median_ms": "12.5", "tokens_per_s": "327680", "tflops": "", "frac_matmul_ceiling": "0.125",
+                  "error": ""}
+    write_csv(tmp_path / "end_to_end.csv", [{**end_to_end, **gpu}, {**end_to_end, "schedule": "smoke-only", **smoke}])
+    out = tmp_path / "PERFORMANCE.md"
+    assert report.main(["--results", str(tmp_path), "--out", str(out)]) == 0
+    text = out.read_text()
+    kron_text = text.split("## LiGO expansion")[1].split("## ")[0]
+    assert "| bert-base->bert-large | paper | float32 | fwd+bwd | 2 | 8 | - | 4.00x | - | 25% |" in kron_text
+    assert "2031" not in text and "smoke-only" not in text
+    assert "compile: skipped: compiling needs ~32 s" in kron_text
+    assert "not yet measured on a GPU" in text.split("## Structured growth maps")[1].split("## ")[0]
+    end_to_end_text = text.split("## End to end")[1]
+    assert "| stage | vcycle | coarse | 6x384 | 12.5 | 3.28e+05 | - | 12% |  |" in end_to_end_text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")

@@ -1,0 +1,266 @@
+#!/usr/bin/env bash
+# growlib's whole GPU check in one command: kernels checked on the GPU, each kernel family timed against eager
+# PyTorch, torch.compile and the GPU's own ceilings, and the end-to-end row, in at most 7 minutes of wall time
+# on one H100/H200 (Triton and torch.compile compilation included).
+#
+#   bash perf/gpu_run.sh OUTDIR            # on the GPU machine
+#   bash perf/gpu_run.sh --smoke OUTDIR    # rehearsal on a CPU: same steps, Triton's interpreter, tiny shapes,
+#                                          # at most 3 minutes; its rows say mode=smoke-cpu-interpreter and its
+#                                          # times are not kernel timings
+#
+# $PYTHON is the interpreter (default python3: on the GPU machine, its own Python, a virtualenv holding torch,
+# triton and transformers; growlib is installed into it editable, without dependencies, if it is not yet).
+# OUTDIR must be empty or new; the run writes at most 8 flat files there, each as soon as it has something:
+#   environment.txt  check_kernels.txt  kernel_tests.txt  structured.csv  kron.csv  frozen.csv  end_to_end.csv
+#   gpu_run.log (every step's stderr and stdout, the report, the summary)
+# and prints one line per step, then the summary table (step, status, seconds, key numbers) last.
+# Every step has its own time limit; a failed or timed-out step is logged and the next one runs.  The exit
+# status is 0 when no step failed or timed out, 1 otherwise, 2 on bad arguments or (GPU mode) no CUDA GPU.
+
+set -uo pipefail
+
+usage() {
+    echo "usage: bash perf/gpu_run.sh [--smoke] OUTDIR  (OUTDIR empty or new)" >&2
+    exit 2
+}
+
+SMOKE=0
+if [[ ${1:-} == --smoke ]]; then
+    SMOKE=1
+    shift
+fi
+[[ $# -eq 1 && -n $1 && $1 != -* ]] || usage
+mkdir -p "$1" || usage
+OUT=$(cd "$1" && pwd)
+[[ -z $(ls -A "$OUT") ]] || { echo "gpu_run.sh: $OUT is not empty: give a new or empty folder" >&2; exit 2; }
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO" || exit 2
+PY=${PYTHON:-python3}
+LOG=$OUT/gpu_run.log
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+export PYTHONUNBUFFERED=1
+
+# Time limits of the steps, in seconds; they sum to at most 7 minutes (GPU) or 3 minutes (smoke).  A benchmark
+# gets --time-limit = its step's limit minus an allowance for its imports, CUDA start and exit (BENCH_SETUP),
+# so it stops starting measurements in time and writes what it has.  GPU estimates (H200 machine, cold Triton
+# and inductor caches; Triton JIT about 0.2-1.3 s a kernel configuration, measured by compiling check-kernels'
+# 228 sm_90 configurations on a CPU: 93 s in all; torch.compile 20-60 s a graph there):
+#   install       pip install -e, no deps, no index                               ~10 s
+#   environment   nvidia-smi, versions                                            ~5 s
+#   correctness   check-kernels (206 cases, one job per op) and tests/kernels (one job per file), all in
+#                 parallel on the 16 cores: the slowest job, the kron cases, ~96 configurations   ~40-70 s
+#   structured    BERT-Large (then GPT-2 medium) bf16, eager and Triton, compile as far as it fits   75 s
+#   kron          LiGO BERT-Base->Large, GPT-2 small->medium, tie paper then shared, compile of the first   75 s
+#   frozen        BERT-Base, GPT-2 small, Llama-1B stacks and MSLT steps, compile of the first   60 s
+#   end-to-end    perf/bench_end_to_end.py (GPT-2 small: every schedule's stages and transitions)   70 s
+#   report        perf/report.py over this run's CSVs                              ~3 s
+if ((SMOKE)); then
+    MODE="smoke (CPU, Triton interpreter: no timing below is a kernel timing)"
+    export TRITON_INTERPRET=1
+    unset GROWLIB_TEST_DEVICE
+    LIMIT_INSTALL=12 LIMIT_ENVIRONMENT=10 LIMIT_CORRECTNESS=40 LIMIT_STRUCTURED=30 LIMIT_KRON=28 \
+        LIMIT_FROZEN=25 LIMIT_END_TO_END=25 LIMIT_REPORT=10 BENCH_SETUP=8
+    BENCH_FLAGS=(--smoke)
+else
+    MODE="gpu"
+    unset TRITON_INTERPRET
+    LIMIT_INSTALL=25 LIMIT_ENVIRONMENT=10 LIMIT_CORRECTNESS=90 LIMIT_STRUCTURED=75 LIMIT_KRON=75 \
+        LIMIT_FROZEN=60 LIMIT_END_TO_END=70 LIMIT_REPORT=10 BENCH_SETUP=13
+    BENCH_FLAGS=()
+fi
+
+STEPS=() STATUS=() SECONDS_TAKEN=() KEYS=()
+
+log() {
+    echo "$*" >>"$LOG"
+}
+
+# record STEP STATUS SECONDS KEY: one row of the summary, and a progress line on stdout.
+record() {
+    STEPS+=("$1") STATUS+=("$2") SECONDS_TAKEN+=("$3") KEYS+=("$4")
+    local line
+    line=$(printf '[%4ds] %-13s %-10s %4ss  %s' "$SECONDS" "$1" "$2" "$3" "$4")
+    echo "$line"
+    log "$line"
+}
+
+# status_of EXIT_CODE: how a step ended.
+status_of() {
+    case $1 in
+        0) echo ok ;;
+        124 | 137) echo timeout ;;
+        *) echo "failed($1)" ;;
+    esac
+}
+
+# run_step STEP LIMIT CMD...: CMD under its time limit, stderr into the log as it comes, stdout into the
+# log when it ends; the key numbers are its last "key: " line.
+run_step() {
+    local step=$1 limit=$2 started=$SECONDS rc
+    shift 2
+    log "=== $step (limit ${limit}s): $*"
+    timeout -k 5 "$limit" "$@" >"$WORK/$step.out" 2>>"$LOG"
+    rc=$?
+    cat "$WORK/$step.out" >>"$LOG"
+    record "$step" "$(status_of $rc)" $((SECONDS - started)) "$(grep -a '^key: ' "$WORK/$step.out" | tail -n 1 | cut -c6-)"
+}
+
+# ---------------------------------------------------------------------------------------------------------
+# install, environment
+# ---------------------------------------------------------------------------------------------------------
+
+log "growlib GPU run, mode $MODE, $(date -u +%Y-%m-%dT%H:%M:%SZ), python $PY, checkout $REPO"
+
+INSTALLED_HERE='import os, sys
+import growlib, growlib.kernels, growlib.models
+here = all(os.path.realpath(m.__path__[0]) == os.path.realpath(d)
+           for m, d in ((growlib, "growlib"), (growlib.kernels, "kernels"), (growlib.models, "models")))
+sys.exit(0 if here else 1)'
+# shellcheck disable=SC2016  # $0 and $1 are the inner shell's
+run_step install "$LIMIT_INSTALL" bash -c '
+    if "$0" -c "$1" 2>/dev/null; then echo "key: growlib already imports from this checkout"
+    else "$0" -m pip install --no-deps --no-build-isolation --no-index -e . && "$0" -c "$1" &&
+         echo "key: growlib installed (editable, no dependencies)"; fi' "$PY" "$INSTALLED_HERE"
+
+ENVIRONMENT_PY='import os, platform, sys
+import numpy, torch, transformers, triton
+import growlib
+print("python", sys.version.split()[0], sys.executable)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "| triton", triton.__version__,
+      "| transformers", transformers.__version__, "| numpy", numpy.__version__)
+print("growlib", os.path.dirname(growlib.__file__), "| TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset"))
+print("cpus", os.cpu_count(), platform.platform())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"cuda device 0: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB")
+    print(f"key: {p.name} sm_{p.major}{p.minor} ({p.multi_processor_count} SMs), torch {torch.__version__}, triton {triton.__version__}")
+else:
+    print("cuda: not available")
+    print(f"key: no CUDA device; torch {torch.__version__}, triton {triton.__version__}")
+    sys.exit(3 if sys.argv[1] == "gpu" else 0)'
+{
+    echo "# growlib GPU run: environment ($MODE)"
+    date -u
+    echo "checkout $REPO, commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    git status --short --untracked-files=no 2>/dev/null | head -n 20
+    echo
+    if command -v nvidia-smi >/dev/null; then
+        timeout 10 nvidia-smi 2>&1
+        timeout 10 nvidia-smi --format=csv \
+            --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit 2>&1
+    else
+        echo "nvidia-smi: not on this machine"
+    fi
+    echo
+} >"$OUT/environment.txt"
+run_step environment "$LIMIT_ENVIRONMENT" "$PY" -c "$ENVIRONMENT_PY" "$( ((SMOKE)) && echo smoke || echo gpu)"
+cat "$WORK/environment.out" >>"$OUT/environment.txt"
+if [[ ${STATUS[-1]} == "failed(3)" ]]; then
+    echo "gpu_run.sh: torch sees no CUDA GPU: kernel timings need one (bash perf/gpu_run.sh --smoke OUTDIR rehearses the run on a CPU)" | tee -a "$LOG" >&2
+    exit 2
+fi
+
+# ---------------------------------------------------------------------------------------------------------
+# correctness: check-kernels and the kernel tests, as parallel jobs
+# ---------------------------------------------------------------------------------------------------------
+
+# start_job NAME DEST CMD...: CMD in the background under the correctness limit; when it ends, its output is
+# appended to DEST in one piece (headed by its command, exit status and seconds) and its status kept.
+start_job() {
+    local name=$1 dest=$2
+    shift 2
+    (
+        started=$SECONDS
+        timeout -k 5 "$LIMIT_CORRECTNESS" "$@" >"$WORK/job.$name.out" 2>&1
+        rc=$?
+        { echo "### $*: exit $rc, $((SECONDS - started)) s"; cat "$WORK/job.$name.out"; echo; } >"$WORK/job.$name.block"
+        cat "$WORK/job.$name.block" >>"$dest"
+        echo "$rc $((SECONDS - started))" >"$WORK/job.$name.rc"
+    ) &
+}
+
+# finish_jobs STEP PREFIX KEY: one summary row for the jobs named PREFIX*: ok only if all exited 0.
+finish_jobs() {
+    local step=$1 prefix=$2 key=$3 status=ok slowest=0 jobs=0 rc took
+    for rc_file in "$WORK"/job."$prefix"*.rc; do
+        read -r rc took <"$rc_file"
+        jobs=$((jobs + 1))
+        ((took > slowest)) && slowest=$took
+        case $rc in
+            0) ;;
+            124 | 137) status=timeout ;;
+            *) [[ $status == ok ]] && status=failed ;;
+        esac
+    done
+    record "$step" "$status" "$slowest" "$key ($jobs job(s), the slowest shown)"
+}
+
+log "=== correctness: check-kernels and tests/kernels in parallel jobs (limit ${LIMIT_CORRECTNESS}s each)"
+if ((SMOKE)); then
+    # Two cores: one job each, check-kernels' quick subset and a -k subset of the kernel tests touching every
+    # kernel family and the check machinery (the full suite runs in CI; this rehearses the step).
+    start_job ck-quick "$OUT/check_kernels.txt" "$PY" -m growlib.cli check-kernels --quick
+    start_job kt-subset "$OUT/kernel_tests.txt" "$PY" -m pytest -q -p no:cacheprovider tests/kernels \
+        -k "untouched or frozen_inputs or strided_rows or well_formed or three_way or hopper_keeps"
+    CK_SCOPE="quick subset" KT_SCOPE="-k subset"
+else
+    # Every case of every op and every kernel test file, compiled for this GPU: one job per op and per file,
+    # so that Triton's compilations (single-threaded each) spread over the cores.
+    for op in $("$PY" -c 'from growlib.kernel_cases import OPS; print(*OPS)' 2>>"$LOG"); do
+        start_job "ck-$op" "$OUT/check_kernels.txt" "$PY" -m growlib.cli check-kernels --kernel "$op"
+    done
+    for test_file in tests/kernels/test_*.py; do
+        start_job "kt-$(basename "$test_file" .py)" "$OUT/kernel_tests.txt" env GROWLIB_TEST_DEVICE=cuda \
+            "$PY" -m pytest -q -p no:cacheprovider "$test_file"
+    done
+    CK_SCOPE="all cases" KT_SCOPE="all files"
+fi
+wait
+cat "$OUT/check_kernels.txt" "$OUT/kernel_tests.txt" >>"$LOG" 2>/dev/null
+CK_KEY=$(grep -aho '^[0-9]* of [0-9]* cases passed' "$OUT/check_kernels.txt" 2>/dev/null |
+    awk '{p += $1; n += $3} END {printf "%d of %d cases passed", p, n}')
+finish_jobs check-kernels ck- "$CK_KEY, $CK_SCOPE"
+KT_KEY=$(grep -aE '^(=+ )?[0-9]+ (passed|failed|error|errors|skipped|deselected)' "$OUT/kernel_tests.txt" 2>/dev/null |
+    grep -aoE '[0-9]+ (passed|failed|errors?|skipped|deselected|xfailed|xpassed)' |
+    awk '{sub(/errors/, "error", $2); n[$2] += $1}
+         END {split("passed failed error skipped xfailed xpassed deselected", order, " ")
+              for (i = 1; i <= 7; i++) if (n[order[i]]) printf "%s%d %s", (out++ ? ", " : ""), n[order[i]], order[i]}')
+finish_jobs kernel-tests kt- "${KT_KEY:-no pytest summary}, $KT_SCOPE"
+
+# ---------------------------------------------------------------------------------------------------------
+# benchmarks, then the end-to-end row, then the report
+# ---------------------------------------------------------------------------------------------------------
+
+for bench in structured kron frozen; do
+    limit_var="LIMIT_${bench^^}"
+    run_step "$bench" "${!limit_var}" "$PY" "perf/bench_$bench.py" --out "$OUT" \
+        --time-limit $((${!limit_var} - BENCH_SETUP)) "${BENCH_FLAGS[@]}"
+done
+
+if [[ -f perf/bench_end_to_end.py ]]; then
+    run_step end-to-end "$LIMIT_END_TO_END" "$PY" perf/bench_end_to_end.py --out "$OUT" \
+        --time-limit $((LIMIT_END_TO_END - BENCH_SETUP - 5)) "${BENCH_FLAGS[@]}"
+else
+    record end-to-end missing 0 "perf/bench_end_to_end.py is not in this checkout"
+fi
+
+run_step report "$LIMIT_REPORT" "$PY" perf/report.py --results "$OUT" --out "$WORK/PERFORMANCE.md"
+[[ -f $WORK/PERFORMANCE.md ]] && cat "$WORK/PERFORMANCE.md" >>"$LOG"
+
+# ---------------------------------------------------------------------------------------------------------
+# summary
+# ---------------------------------------------------------------------------------------------------------
+
+{
+    echo
+    echo "growlib GPU run ($MODE): $OUT, $SECONDS s in all"
+    printf '%-13s %-10s %7s  %s\n' step status seconds key
+    for i in "${!STEPS[@]}"; do
+        printf '%-13s %-10s %7s  %s\n' "${STEPS[$i]}" "${STATUS[$i]}" "${SECONDS_TAKEN[$i]}" "${KEYS[$i]}"
+    done
+} | tee -a "$LOG"
+for i in "${!STEPS[@]}"; do
+    [[ ${STATUS[$i]} == ok || ${STATUS[$i]} == missing ]] || exit 1
+done
+exit 0
