@@ -17,8 +17,9 @@ at three scopes: ``end_to_end`` is ``growlib.apply_map`` as users call it (task 
 inputs validated, the map run); ``kernel_only`` replays the arguments apply_map passed to
 ``growlib.ops.structured_map_`` straight into each implementation's launcher; ``shape_group`` replays only the
 op's largest group of tasks that share one shape (e.g. every layer's FFN weight), which torch.compile covers
-with a single static graph.  torch.compile needs one graph per task shape (8 to 18 per op), so within a time
-limit it is measured on ``shape_group`` first and on the whole op only where its remaining graphs fit.
+with a single static graph.  torch.compile needs one graph per task shape (8 to 18 per op), so it is measured
+on each model's ``shape_group`` right after that model's other rows, and on whole ops only after every model,
+where their remaining graphs fit the time limit.
 Times are compared with the op's compulsory memory traffic and the GPU's copy bandwidth, since the map is a
 gather with a few flops per element and can at best stream at copy speed.  One CSV row is written per
 measurement.  Without a CUDA GPU (and without --smoke) it exits with status 2 and times nothing.
@@ -56,7 +57,6 @@ from common import (BenchmarkStart, CompileEstimate, add_benchmark_arguments, ap
 WIDTH, DEPTH = 2, 2  # coalescing factors
 ALPHA = 0.25  # interpolation weight
 SCOPES = ("kernel_only", "end_to_end", "shape_group")
-COMPILE_SCOPES = ("shape_group", "kernel_only", "end_to_end")  # cheapest to compile first
 # Seconds assumed for one timed measurement and for building a model with its ops (GPU / smoke): a case
 # is started only when its build and a few measurements fit the time limit.
 MEASURE_S = {"cuda": 3.0, "cpu": 2.0}
@@ -464,16 +464,22 @@ class StructuredBench:
             return
         self.write(ob, scope, "compile", timing, first)
 
-    def measure_case(self, case: ModelCase) -> None:
-        """Every op of one model: eager and triton first (cheap), then torch.compile where it fits, the ops
-        whose graphs are fewest first."""
+    def measure_case(self, case: ModelCase) -> list[OpBench]:
+        """Every op of one model: eager and triton (cheap), then torch.compile of each op's shape group (one
+        graph each); the model's ops are returned for ``measure_whole_ops_compiled``."""
         dtype = str(case.dtype).removeprefix("torch.")
         self.start.log(f"{case.name} {dtype}: building")
         fine = build_model(case, self.start.device)
         benches = [OpBench.of(case.name, dtype, op) for op in build_ops(fine)]
         for ob in benches:
             self.measure_plain(ob)
-        for scope in COMPILE_SCOPES:
+        for ob in benches:
+            self.measure_compiled(ob, "shape_group")
+        return benches
+
+    def measure_whole_ops_compiled(self, benches: list[OpBench]) -> None:
+        """torch.compile of whole ops (a graph per task shape), the ops needing fewest new graphs first."""
+        for scope in ("kernel_only", "end_to_end"):
             for ob in sorted(benches, key=lambda ob: len(ob.scopes[scope].graphs - self.compiled_signatures)):
                 self.measure_compiled(ob, scope)
 
@@ -503,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = start_benchmark(args, "structured.csv")
     bench = StructuredBench(start)
-    failed = False
+    measured_ops, failed = [], False
     # A graph per task shape, and the time limit decides how many: dynamo's own limits must never quietly
     # fall back to eager instead.
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096,
@@ -514,12 +520,17 @@ def main(argv: list[str] | None = None) -> int:
                 start.log(f"{case.name} {case.dtype}: not started, " + start.deadline.refusal("a model", needed))
                 continue
             try:
-                bench.measure_case(case)
+                measured_ops.append(bench.measure_case(case))
             except Exception:  # a bug in one case: logged, the other cases still run, the exit status says so
                 traceback.print_exc()
                 failed = True
-            if start.device.type == "cuda":
-                torch.cuda.empty_cache()
+        # Whole ops compile a graph per task shape (8 to 18): they get what every model's cheaper rows leave.
+        for benches in measured_ops:
+            try:
+                bench.measure_whole_ops_compiled(benches)
+            except Exception:
+                traceback.print_exc()
+                failed = True
 
     if not start.smoke:
         columns = ("model", "dtype", "op", "scope", "impl", "median_ms", "gbps", "frac_copy_ceiling",

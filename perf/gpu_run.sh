@@ -41,20 +41,26 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 export PYTHONUNBUFFERED=1
 
-# Time limits of the steps, in seconds; they sum to at most 7 minutes (GPU) or 3 minutes (smoke).  A benchmark
-# gets --time-limit = its step's limit minus an allowance for its imports, CUDA start and exit (BENCH_SETUP),
-# so it stops starting measurements in time and writes what it has.  GPU estimates (H200 machine, cold Triton
-# and inductor caches; Triton JIT about 0.2-1.3 s a kernel configuration, measured by compiling check-kernels'
-# 228 sm_90 configurations on a CPU: 93 s in all; torch.compile 20-60 s a graph there):
-#   install       pip install -e, no deps, no index                               ~10 s
-#   environment   nvidia-smi, versions                                            ~5 s
-#   correctness   check-kernels (206 cases, one job per op) and tests/kernels (one job per file), all in
-#                 parallel on the 16 cores: the slowest job, the kron cases, ~96 configurations   ~40-70 s
-#   structured    BERT-Large (then GPT-2 medium) bf16, eager and Triton, compile as far as it fits   75 s
-#   kron          LiGO BERT-Base->Large, GPT-2 small->medium, tie paper then shared, compile of the first   75 s
-#   frozen        BERT-Base, GPT-2 small, Llama-1B stacks and MSLT steps, compile of the first   60 s
-#   end-to-end    perf/bench_end_to_end.py (GPT-2 small: every schedule's stages and transitions)   70 s
-#   report        perf/report.py over this run's CSVs                              ~3 s
+# Time limits of the steps, in seconds: they sum to 408 s on a GPU (7 minutes less bash's own seconds) and to
+# 180 s with --smoke.  A benchmark gets --time-limit = its step's limit minus an allowance for its imports,
+# CUDA start and exit (BENCH_SETUP): it starts no measurement whose estimate does not fit and writes each row
+# as it is measured, so the step's own limit is a backstop.  Expected on the H200 machine, caches cold (not
+# measured there: no session has had a GPU.  Triton JIT: compiling check-kernels' sm_90 configurations with
+# triton 3.6 on a shared CPU took 93 s for 228 of them, 0.2-1.3 s each by kernel; there are 280 now.
+# torch.compile: 20-60 s a graph was seen there):
+#   install      20   pip install -e, no dependencies, no index: ~10 s
+#   environment   8   nvidia-smi, versions: ~5 s
+#   correctness 100   check-kernels (all 218 cases, one job per op) and tests/kernels (one job per file), all
+#                     parallel on the 16 cores: the slowest job, kron_expand's 112 configurations (~45 s of JIT)
+#                     or its test file (~150-180 configurations), ~60-85 s
+#   structured   72   BERT-Large bf16: eager and Triton at 3 scopes (~20 s), torch.compile of each op's shape
+#                     group; then GPT-2 medium; then whole-op compiles, as far as the time limit goes
+#   kron         72   LiGO BERT-Base->Large and GPT-2 small->medium, tie paper then shared, eager and Triton
+#                     (~10-15 s a case with its JIT); torch.compile of the first case if ~46 s remain
+#   frozen       58   BERT-Base, GPT-2 small, Llama-1B: 8-layer stacks and MSLT steps (~5-10 s a model);
+#                     torch.compile of the first stack if ~23 s remain
+#   end-to-end   70   perf/bench_end_to_end.py (GPT-2 small: every schedule's stages and transitions, 40-70 s)
+#   report        8   perf/report.py over this run's CSVs: ~3 s
 if ((SMOKE)); then
     MODE="smoke (CPU, Triton interpreter: no timing below is a kernel timing)"
     export TRITON_INTERPRET=1
@@ -65,8 +71,8 @@ if ((SMOKE)); then
 else
     MODE="gpu"
     unset TRITON_INTERPRET
-    LIMIT_INSTALL=25 LIMIT_ENVIRONMENT=10 LIMIT_CORRECTNESS=90 LIMIT_STRUCTURED=75 LIMIT_KRON=75 \
-        LIMIT_FROZEN=60 LIMIT_END_TO_END=70 LIMIT_REPORT=10 BENCH_SETUP=13
+    LIMIT_INSTALL=20 LIMIT_ENVIRONMENT=8 LIMIT_CORRECTNESS=100 LIMIT_STRUCTURED=72 LIMIT_KRON=72 \
+        LIMIT_FROZEN=58 LIMIT_END_TO_END=70 LIMIT_REPORT=8 BENCH_SETUP=13
     BENCH_FLAGS=()
 fi
 
