@@ -490,7 +490,7 @@ class LiGO(nn.Module):
         def factor(step: int) -> float:
             if step < warmup_steps:
                 return (step + 1) / warmup_steps
-            return (steps - step) / (steps - warmup_steps)
+            return (steps - step) / max(1, steps - warmup_steps)  # warmup_steps == steps: no decay phase
 
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         losses = []

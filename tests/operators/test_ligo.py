@@ -298,6 +298,17 @@ def test_fit_with_sgd_and_a_list_of_batches():
     assert sum(eval_loss(ligo.materialize(), b) for b in batches) < before
 
 
+def test_fit_of_one_step_warms_up_and_stops():
+    """One step means a warmup of one step (10% of 1, rounded up) and no decay phase: the schedule must not divide
+    by the length of that empty phase (it did: ZeroDivisionError, so the ligo schedule failed on short runs)."""
+    small = small_model("gpt2", {})
+    ligo = growlib.LiGO(small, target_config("gpt2", {}))
+    before = {name: p.detach().clone() for name, p in ligo.named_parameters()}
+    losses = ligo.fit(loss_batch(small), steps=1)
+    assert len(losses) == 1
+    assert any(not torch.equal(before[name], p) for name, p in ligo.named_parameters())
+
+
 def test_gradient_accumulation_expands_once_per_step(monkeypatch):
     small = small_model("gpt2", {})
     ligo = growlib.LiGO(small, target_config("gpt2", {}))
