@@ -50,15 +50,11 @@ test: $(STAMP)
 check-kernels: $(STAMP)
 	$(PY) -m growlib.cli check-kernels
 
-# Every GPU benchmark (each appends to perf/results/*.csv), then perf/results/PERFORMANCE.md from those CSVs.
-# Without a CUDA GPU the first step says that kernel timings need one and exits 2: no number is printed.
+# The whole GPU check (perf/gpu_run.sh: check-kernels and the kernel tests on CUDA, every benchmark, the end-to-end
+# row, a summary table) into a new timestamped folder under out/; without a CUDA GPU it says so and exits 2.
+# `python perf/report.py --results FOLDER` then writes PERFORMANCE.md from that run's CSVs.
 bench: $(STAMP)
-	$(PY) perf/common.py
-	$(PY) -m growlib.cli check-kernels --quick
-	$(PY) perf/bench_structured.py
-	$(PY) perf/bench_kron.py
-	$(PY) perf/bench_frozen.py
-	$(PY) perf/report.py
+	PYTHON=$(PY) bash perf/gpu_run.sh out/gpu-run-$$(date -u +%Y%m%dT%H%M%SZ)
 
 $(IMAGE_VENV)/.installed: pyproject.toml constraints-gpu-image.txt
 	$(IMAGE_PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12) and "IMAGE_PYTHON must be a Python 3.12")'

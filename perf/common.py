@@ -314,9 +314,3 @@ def print_table(rows: list[dict], columns: list[str], number_format: str = ".3f"
 def print_key(text: str) -> None:
     """The benchmark's one-line result, last on stdout: perf/gpu_run.sh puts it in its summary table."""
     print(f"key: {text}", flush=True)
-
-
-if __name__ == "__main__":
-    # ``python perf/common.py``: the gate ``make bench`` passes before anything is timed.
-    require_cuda()
-    print(f"kernel timings can be taken here: {torch.cuda.get_device_name()}")

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPORT = Path(__file__).resolve().parent.parent / "perf" / "report.py"
 
@@ -113,20 +111,10 @@ def test_report_ignores_smoke_rows_and_reads_the_kron_and_end_to_end_csvs(report
     assert "| stage | vcycle | coarse | 6x384 | 12.5 | 3.28e+05 | - | 12% |  |" in end_to_end_text
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
-def test_bench_gate_refuses_without_a_gpu_and_prints_no_number():
-    """``make bench`` starts with ``python perf/common.py``: on a machine without a GPU it must stop there."""
-    result = subprocess.run([sys.executable, str(REPORT.parent / "common.py")], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 2
-    assert "kernel timings" in result.stderr and result.stdout == ""
-
-
-def test_make_bench_gates_then_runs_every_benchmark_and_the_report():
+def test_make_bench_runs_the_one_gpu_script_into_a_new_folder():
+    """``make bench`` is perf/gpu_run.sh (which refuses without a GPU: tests/test_gpu_run.py), never into a folder
+    an earlier run filled: the script refuses a non-empty one, so the target names a new one each time."""
     makefile = (REPORT.parent.parent / "Makefile").read_text()
     recipe = makefile.split("\nbench:")[1].split("\n\n")[0]
     commands = [line.strip() for line in recipe.splitlines()[1:] if line.startswith("\t")]
-    assert commands[0] == "$(PY) perf/common.py"
-    scripts = [c.split()[1] for c in commands if c.startswith("$(PY) perf/")]
-    assert scripts == ["perf/common.py", "perf/bench_structured.py", "perf/bench_kron.py", "perf/bench_frozen.py",
-                       "perf/report.py"]
+    assert commands == ["PYTHON=$(PY) bash perf/gpu_run.sh out/gpu-run-$$(date -u +%Y%m%dT%H%M%SZ)"]
