@@ -17,8 +17,9 @@ to the maps, run three ways:
 * ``compile`` ``torch.compile(dynamic=False)`` of ``expanded`` under the torch backend;
 
 in two phases: ``forward`` and ``fwd+bwd`` (the gradients of every map from a random output gradient).  LiGO
-keeps its maps and frozen weights in fp32 whatever the model's dtype (``map_dtype``), and casts the large
-parameters to the model's dtype.  FLOP/s count ``LiGO.flops_per_expansion`` (the torch path's contraction
+keeps its maps and frozen weights in fp32 whatever the model's dtype, and casts the large parameters to the
+model's dtype; that fp32 path (exact, non-tensor-core dots) is timed, and so is the same operator cast to bf16
+(``ligo.to(torch.bfloat16)``), which runs the kernels' bf16 tensor-core path (``map_dtype`` says which).  FLOP/s count ``LiGO.flops_per_expansion`` (the torch path's contraction
 order, the same count for every implementation) against the GPU's measured bf16 matmul ceiling; peak memory
 is what the phase allocates above what was live before it.  One CSV row is written per measurement; the
 torch.compile rows come after every case's eager and Triton rows, as far as the time limit leaves room.
@@ -78,15 +79,20 @@ GPT2_TINY = Growth("gpt2-tiny->gpt2-tiny-grown", GPT2LMHeadModel,
                    functools.partial(GPT2Config, vocab_size=32, n_positions=16, n_embd=16, n_layer=2, n_head=2),
                    functools.partial(GPT2Config, vocab_size=32, n_positions=16, n_embd=24, n_layer=3, n_head=3))
 
-CASES = ((BERT, "paper"), (GPT2, "paper"), (BERT, "shared"), (GPT2, "shared"))  # in order of value
-SMOKE_CASES = ((BERT_TINY, "paper"), (GPT2_TINY, "shared"))
+BF16, FP32 = torch.bfloat16, torch.float32
+# (growth, tie, map dtype), in order of value: the default tying on the tensor cores first, then LiGO as it fits
+# by default (fp32 maps), then the other shapes and the shared tying.
+CASES = ((BERT, "paper", BF16), (BERT, "paper", FP32), (GPT2, "paper", BF16), (BERT, "shared", BF16),
+         (GPT2, "shared", BF16), (GPT2, "paper", FP32))
+SMOKE_CASES = ((BERT_TINY, "paper", BF16), (GPT2_TINY, "shared", FP32))
 
 
-def build_ligo(growth: Growth, tie: str, device: torch.device) -> growlib.LiGO:
-    """LiGO from a randomly initialised small model (the values do not matter for timing)."""
+def build_ligo(growth: Growth, tie: str, map_dtype: torch.dtype, device: torch.device) -> growlib.LiGO:
+    """LiGO from a randomly initialised small model (the values do not matter for timing), its maps and frozen
+    weights in ``map_dtype``."""
     with torch.device(device):
         small = growth.model_class(growth.small()).to(MODEL_DTYPE)
-    return growlib.LiGO(small, growth.large(), tie=tie)
+    return growlib.LiGO(small, growth.large(), tie=tie).to(map_dtype)
 
 
 def expansion(ligo: growlib.LiGO, impl: str, compiled: Callable | None) -> Callable[[], dict[str, torch.Tensor]]:
@@ -111,8 +117,8 @@ class Case:
     expected: dict[str, list[torch.Tensor]]
 
     @classmethod
-    def build(cls, growth: Growth, tie: str, device: torch.device) -> Case:
-        ligo = build_ligo(growth, tie, device)
+    def build(cls, growth: Growth, tie: str, map_dtype: torch.dtype, device: torch.device) -> Case:
+        ligo = build_ligo(growth, tie, map_dtype, device)
         with growlib.use_backend("torch"):
             out = ligo.expanded()
         grads = {name: torch.randn_like(t) for name, t in out.items() if t.requires_grad}
@@ -181,7 +187,7 @@ class KronBench:
                **self.start.ceilings, **self.start.environment}
         append_csv(self.start.csv_path, [row])
         self.rows.append(row)
-        self.start.log(f"  {case.growth.name} tie={case.tie} {impl} {phase}: "
+        self.start.log(f"  {case.growth.name} tie={case.tie} maps {row['map_dtype']} {impl} {phase}: "
                        + (f"{median:.3f} ms" if median is not None else row["error"]))
 
     def measure(self, case: Case, impl: str) -> None:
@@ -236,14 +242,15 @@ def summary(rows: list[dict], smoke: bool) -> str:
     text = f"{len(measured)}/{len(rows)} measured ({compiled} compile)"
     if smoke:
         return text + "; smoke: times are not kernel timings"
-    ms = {(r["growth"], r["tie"], r["phase"], r["impl"]): r["median_ms"] for r in measured}
-    speedups = [ms[(*key[:3], "eager")] / value for key, value in ms.items()
-                if key[3] == "triton" and key[2] == "fwd+bwd" and (*key[:3], "eager") in ms]
-    fracs = [r["frac_matmul_ceiling"] for r in measured if r["impl"] == "triton" and r["frac_matmul_ceiling"]]
+    ms = {(r["growth"], r["tie"], r["map_dtype"], r["phase"], r["impl"]): r["median_ms"] for r in measured}
+    speedups = [ms[(*key[:4], "eager")] / value for key, value in ms.items()
+                if key[4] == "triton" and key[3] == "fwd+bwd" and (*key[:4], "eager") in ms]
+    fracs = [r["frac_matmul_ceiling"] for r in measured
+             if r["impl"] == "triton" and r["map_dtype"] == "bfloat16" and r["frac_matmul_ceiling"]]
     if speedups:
         text += f"; triton/eager fwd+bwd {min(speedups):.2f}-{max(speedups):.2f}x"
     if fracs:
-        text += f"; triton best {100 * max(fracs):.0f}% of bf16 matmul"
+        text += f"; triton bf16 maps best {100 * max(fracs):.0f}% of bf16 matmul"
     return text
 
 
@@ -255,14 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     bench = KronBench(start)
     device, deadline = start.device, start.deadline
     built, failed = [], False
-    for growth, tie in SMOKE_CASES if start.smoke else CASES:
+    for growth, tie, map_dtype in SMOKE_CASES if start.smoke else CASES:
+        label = f"{growth.name} tie={tie} maps {str(map_dtype).removeprefix('torch.')}"
         needed = BUILD_S[device.type] + 2 * MEASURE_S[device.type]  # a case and some rows
         if not deadline.allows(needed):
-            start.log(f"{growth.name} tie={tie}: not started, " + deadline.refusal("a case", needed))
+            start.log(f"{label}: not started, " + deadline.refusal("a case", needed))
             continue
         try:
-            start.log(f"{growth.name} tie={tie}: building")
-            case = Case.build(growth, tie, device)
+            start.log(f"{label}: building")
+            case = Case.build(growth, tie, map_dtype, device)
             bench.measure_plain(case)
             built.append(case)
         except Exception:  # a bug in one case: logged, the other cases still run, the exit status says so
@@ -278,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             failed = True
 
     if not start.smoke:
-        columns = ("growth", "tie", "phase", "impl", "median_ms", "tflops", "frac_matmul_ceiling", "peak_mem_mib",
+        columns = ("growth", "tie", "map_dtype", "phase", "impl", "median_ms", "tflops", "frac_matmul_ceiling", "peak_mem_mib",
                    "max_rel_diff_vs_eager", "error")
         print_table(bench.rows, list(columns))
     start.log(f"wrote {start.csv_path}")
