@@ -36,8 +36,8 @@ Precision, as growlib's trainer runs on a GPU: fp32 weights with bf16 autocast a
 LiGO's fit runs in fp32 without autocast (its Kronecker kernels with exact fp32 dots), as ``LiGO.fit`` does.
 ``frac_matmul_ceiling`` puts a stage's model FLOP/s against the GPU's bf16 matmul ceiling.
 
-``--time-limit``: the seconds from the start of the benchmark (``common.start_benchmark``, after the imports)
-that its measurements may take.  A measurement starts only when the longest one of its kind so far (a
+``--time-limit``: the seconds from the start of the process (imports included: ``common.Deadline``) that the
+benchmark may take.  A measurement starts only when the longest one of its kind so far (a
 schedule's run, a transition) fits in what is left, else it is written as skipped; a schedule still training
 past the limit stops at its next step (its finished stages keep their rows), and LiGO's fit at its next fit
 step.  What cannot be cut is one map transition, or LiGO's operator construction and first (JIT) fit step:
@@ -480,7 +480,7 @@ def summary(bench: Bench) -> str:
     measured = [row for row in bench.rows if not row["error"]]
     text = f"GPT-2 {bench.layers}x{parse_size(bench.setup.size)['hidden']}"
     baseline = next((row for row in measured if row["schedule"] == "baseline"), None)
-    if baseline is not None:
+    if baseline is not None and bench.setup is not SMOKE_SETUP:  # smoke times are no speed claims
         text += f" baseline {baseline['tokens_per_s']:,.0f} tokens/s"
         if baseline["frac_matmul_ceiling"] is not None:
             text += f" ({baseline['frac_matmul_ceiling']:.0%} of the bf16 matmul ceiling)"
