@@ -32,6 +32,18 @@ SUPPORTED_DTYPES = tuple(_TORCH_TO_TRITON)
 
 
 @triton.jit
+def _table_rows(tab_index, tab_weight, table_row, ok, K: tl.constexpr, RMS: tl.constexpr):
+    """(indices, weights): K-tuples of the table's columns at rows ``table_row``; absolute weights for RMS."""
+    indices = ()
+    weights = ()
+    for k in tl.static_range(K):
+        indices = indices + (tl.load(tab_index + table_row * K + k, mask=ok, other=0).to(tl.int64),)
+        weight = tl.load(tab_weight + table_row * K + k, mask=ok, other=0.0)
+        weights = weights + (tl.abs(weight) if RMS else weight,)
+    return indices, weights
+
+
+@triton.jit
 def _structured_map_kernel(
     prog_task, prog_tile,                      # (P,) int32: which task and which tile each program does
     dst_ptr, dst_meta,                         # (T,) int64 addresses; (T, 4) int64 rows, cols, stride_r, stride_c
@@ -46,19 +58,22 @@ def _structured_map_kernel(
 ):
     pid = tl.program_id(0)
     task = tl.load(prog_task + pid).to(tl.int64)
-    tile = tl.load(prog_tile + pid).to(tl.int64)
+    tile = tl.load(prog_tile + pid)
     n_rows = tl.load(dst_meta + task * 4 + 0)
     n_cols = tl.load(dst_meta + task * 4 + 1)
     d_stride_r = tl.load(dst_meta + task * 4 + 2)
     d_stride_c = tl.load(dst_meta + task * 4 + 3)
-    n_col_tiles = tl.cdiv(n_cols, BLOCK_C)
-    rows = (tile // n_col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    cols = (tile % n_col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    # Tile counts fit int32 (the schedule is int32), and an int32 division is a few instructions where an
+    # int64 one is a subroutine call.
+    n_col_tiles = tl.cdiv(n_cols, BLOCK_C).to(tl.int32)
+    rows = (tile // n_col_tiles).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    cols = (tile % n_col_tiles).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     row_ok = rows < n_rows
     col_ok = cols < n_cols
     tile_ok = row_ok[:, None] & col_ok[None, :]
-    r_tab = tl.load(row_start + task) + rows
-    c_tab = tl.load(col_start + task) + cols
+    # The tile's rows of the (index, weight) table, K of each, loaded once: they do not depend on the layer d.
+    r_idx, r_w = _table_rows(tab_index, tab_weight, tl.load(row_start + task) + rows, row_ok, K, RMS)
+    c_idx, c_w = _table_rows(tab_index, tab_weight, tl.load(col_start + task) + cols, col_ok, K, RMS)
 
     # Nested sums D (E (W F^T)): each level adds only K (or KD) terms, so averaging copies that de-coalescing
     # made (two equal terms a level) is exact and coalesce(decoalesce(x)) == x holds bit for bit.
@@ -72,23 +87,19 @@ def _structured_map_kernel(
         s_stride_c = tl.load(src_strides + (task * KD + d) * 2 + 1)
         layer_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         for k in tl.static_range(K):
-            r_idx = tl.load(tab_index + r_tab * K + k, mask=row_ok, other=0).to(tl.int64)
-            r_w = tl.load(tab_weight + r_tab * K + k, mask=row_ok, other=0.0)
-            if RMS:
-                r_w = tl.abs(r_w)
+            # Only terms of nonzero weight are read: padded table entries and sources have weight 0, and so do
+            # rows and columns outside the tile (masked table loads).
+            row_live = r_w[k] * w_d != 0.0
+            row_src = src + r_idx[k] * s_stride_r
             row_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
             for m in tl.static_range(K):
-                c_idx = tl.load(tab_index + c_tab * K + m, mask=col_ok, other=0).to(tl.int64)
-                c_w = tl.load(tab_weight + c_tab * K + m, mask=col_ok, other=0.0)
-                if RMS:
-                    c_w = tl.abs(c_w)
-                live = tile_ok & ((r_w[:, None] * c_w[None, :]) * w_d != 0.0)
-                x = tl.load(src + r_idx[:, None] * s_stride_r + c_idx[None, :] * s_stride_c,
-                            mask=live, other=0.0).to(tl.float32)
+                col_live = c_w[m] != 0.0
+                x = tl.load(row_src[:, None] + (c_idx[m] * s_stride_c)[None, :],
+                            mask=row_live[:, None] & col_live[None, :], other=0.0).to(tl.float32)
                 if RMS:
                     x = tl.sqrt(tl.maximum(x, 0.0))
-                row_acc += c_w[None, :] * x
-            layer_acc += r_w[:, None] * row_acc
+                row_acc += c_w[m][None, :] * x
+            layer_acc += r_w[k][:, None] * row_acc
         acc += w_d * layer_acc
 
     dst = tl.load(dst_ptr + task).to(tl.pointer_type(DST_DTYPE))
@@ -104,11 +115,18 @@ def _structured_map_kernel(
 
 
 def launch_config() -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_C, num_warps): 64 x 64 tiles, large enough to stream at copy bandwidth on the GPU, few
-    programs under the interpreter.  The kernel has no pipelined loop and no dot, so it needs almost no shared
-    memory and one configuration suits every GPU (tests/kernels/test_launch_configs.py compiles it for sm_80
-    and sm_90)."""
-    return 64, 64, 4
+    """(BLOCK_R, BLOCK_C, num_warps): 16 x 64 tiles over 8 warps, 4 elements a thread.
+
+    The kernel is a gather, and ptxas issues all KD * K * K loads of an element before it adds any, so its
+    registers grow with the elements a thread holds times KD * K * K, plus a 64-bit address per load and the
+    hoisted table entries of the thread's rows and columns.  At 64 x 64 over 4 warps (32 elements a thread) the
+    coalescing maps (KD = K = 2) took all 255 registers and spilled ~900 bytes a thread; at 4 elements a thread
+    every variant stays at or under 80 without spilling on sm_80 and sm_90 (tests/kernels/test_launch_configs.py
+    checks <= 128), three blocks fit an SM, and each thread still has up to KD * K * K * 4 loads in flight.
+    1024 elements a program is the block of Triton's vector-add tutorial; perf/bench_structured.py measures
+    the bandwidth on a GPU.  No dot and no pipelined loads: almost no shared memory, so one configuration
+    suits every GPU."""
+    return 16, 64, 8
 
 
 def structured_map(
