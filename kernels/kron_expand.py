@@ -47,6 +47,45 @@ DOT_INPUT_PRECISION = "ieee"
 
 
 @triton.jit
+def _dot_k_block(acc, a_batch, b_batch, offs_m, offs_n, m_ok, n_ok, k0, k_end,
+                 stride_am, stride_ak, stride_bk, stride_bn,
+                 INTERPRETER: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + A[offs_m, k0:k0 + BLOCK_K] @ B[k0:k0 + BLOCK_K, offs_n] for one batch entry, K masked at k_end."""
+    offs_k = tl.cast(k0, tl.int64) + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < k_end
+    a = tl.load(a_batch + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    b = tl.load(b_batch + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    if INTERPRETER:  # Triton's interpreter multiplies bf16 bit patterns in tl.dot (TRITON_NOTES.md)
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc=acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _dot_k_range(acc, a_ptr, b_ptr, z, stride_ab, stride_bb, offs_m, offs_n, m_ok, n_ok, k_start, k_end,
+                 stride_am, stride_ak, stride_bk, stride_bn,
+                 INTERPRETER: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + A[z][offs_m, k_start:k_end] @ B[z][k_start:k_end, offs_n]."""
+    a_batch = a_ptr + tl.cast(z, tl.int64) * stride_ab
+    b_batch = b_ptr + tl.cast(z, tl.int64) * stride_bb
+    if INTERPRETER:
+        # Triton 3.6's interpreter cannot iterate a range whose bounds are tensors (numpy 2.5 refuses int() of
+        # its 1-element arrays); a while loop only compares them.
+        k0 = k_start
+        while k0 < k_end:
+            acc = _dot_k_block(acc, a_batch, b_batch, offs_m, offs_n, m_ok, n_ok, k0, k_end,
+                               stride_am, stride_ak, stride_bk, stride_bn, INTERPRETER, INPUT_PRECISION, BLOCK_K)
+            k0 += BLOCK_K
+    else:
+        for k0 in range(k_start, k_end, BLOCK_K):  # a for loop, whose loads Triton pipelines
+            acc = _dot_k_block(acc, a_batch, b_batch, offs_m, offs_n, m_ok, n_ok, k0, k_end,
+                               stride_am, stride_ak, stride_bk, stride_bn, INTERPRETER, INPUT_PRECISION, BLOCK_K)
+    return acc
+
+
+@triton.jit
 def _batched_matmul_kernel(
     a_ptr, b_ptr, c_ptr,
     M, N, K, batch, k_per_split,
@@ -64,14 +103,10 @@ def _batched_matmul_kernel(
     tiles_n = tl.cdiv(N, BLOCK_N)
     if SUM_BATCH:
         tile = pid
-        first_batch = 0
-        end_batch = batch
         c_slot = tl.cast(split, tl.int64)
     else:
         tile = pid % (tiles_m * tiles_n)
-        first_batch = pid // (tiles_m * tiles_n)
-        end_batch = first_batch + 1
-        c_slot = tl.cast(first_batch, tl.int64)
+        c_slot = tl.cast(pid // (tiles_m * tiles_n), tl.int64)  # this program's batch entry
     # GROUP_M row tiles side by side share their B columns while those are still in L2.
     group_size = GROUP_M * tiles_n
     first_m = (tile // group_size) * GROUP_M
@@ -86,20 +121,21 @@ def _batched_matmul_kernel(
     k_start = split * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for z in range(first_batch, end_batch):
-        a_batch = a_ptr + tl.cast(z, tl.int64) * stride_ab  # tl.cast: the interpreter's loop indices are ints
-        b_batch = b_ptr + tl.cast(z, tl.int64) * stride_bb
-        for k0 in range(k_start, k_end, BLOCK_K):
-            offs_k = tl.cast(k0, tl.int64) + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < k_end
-            a = tl.load(a_batch + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_batch + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if INTERPRETER:  # Triton's interpreter multiplies bf16 bit patterns in tl.dot (TRITON_NOTES.md)
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc=acc, input_precision=INPUT_PRECISION)
+    if not SUM_BATCH:
+        acc = _dot_k_range(acc, a_ptr, b_ptr, c_slot, stride_ab, stride_bb, offs_m, offs_n, m_ok, n_ok, k_start, k_end,
+                           stride_am, stride_ak, stride_bk, stride_bn, INTERPRETER, INPUT_PRECISION, BLOCK_K)
+    elif INTERPRETER:  # a while loop, not range(batch): see _dot_k_range
+        z = 0
+        while z < batch:
+            acc = _dot_k_range(acc, a_ptr, b_ptr, z, stride_ab, stride_bb, offs_m, offs_n, m_ok, n_ok, k_start,
+                               k_end, stride_am, stride_ak, stride_bk, stride_bn, INTERPRETER, INPUT_PRECISION,
+                               BLOCK_K)
+            z += 1
+    else:
+        for z in range(0, batch):
+            acc = _dot_k_range(acc, a_ptr, b_ptr, z, stride_ab, stride_bb, offs_m, offs_n, m_ok, n_ok, k_start,
+                               k_end, stride_am, stride_ak, stride_bk, stride_bn, INTERPRETER, INPUT_PRECISION,
+                               BLOCK_K)
     if INTERPRETER:
         if c_ptr.dtype.element_ty == tl.bfloat16:
             # The interpreter's fp32 -> bf16 cast truncates; round to nearest even first, as the GPU's cast does.
@@ -112,33 +148,42 @@ def _batched_matmul_kernel(
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """One launch of ``_batched_matmul_kernel``: its tiles, warps and pipeline stages, and how a summed (batch
-    reduction) GEMM's K range is split over programs."""
+    """One launch of ``_batched_matmul_kernel``: its tiles, warps, pipeline stages and register budget (None:
+    ptxas's choice), and how a summed (batch reduction) GEMM's K range is split over programs."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    max_registers: int | None
     splits: int
     k_per_split: int
 
     def shared_bytes(self, element_size: int) -> int:
-        """An upper bound on the shared memory the compiled kernel uses: one A and one B tile per stage (the
-        compiled kernels use at most this for every tile shape here; tests/kernels/test_launch_configs.py
-        compiles them for sm_80 and sm_90 and checks)."""
-        return self.num_stages * (self.block_m * self.block_k + self.block_k * self.block_n) * element_size
+        """An upper bound on the shared memory the compiled kernel uses: one A and one B tile per stage, or the
+        output tile (at most fp32) passing through shared memory to change layout before the store, whichever
+        is larger (a 128 x 128 x 16 bf16 GEMM needs 24 KB of stages but 32 KB for its output);
+        tests/kernels/test_launch_configs.py compiles every configuration for sm_80 and sm_90 and checks."""
+        stages = self.num_stages * (self.block_m * self.block_k + self.block_k * self.block_n) * element_size
+        return max(stages, self.block_m * self.block_n * 4)
 
 
-def _largest_tiles(dtype: torch.dtype, capability: tuple[int, int] | None) -> tuple[int, int, int, int, int]:
-    """(largest BLOCK_M, BLOCK_N, BLOCK_K, num_warps, preferred num_stages).  bf16 uses 128 x 128 tensor-core
-    tiles; fp32 runs exact (non-TF32) dots, so smaller ones; the interpreter (capability None) gets 64-wide
-    tiles, few programs, and no pipelining."""
+def _largest_tiles(dtype: torch.dtype,
+                   capability: tuple[int, int] | None) -> tuple[int, int, int, int, int, int | None]:
+    """(largest BLOCK_M, BLOCK_N, BLOCK_K, num_warps, preferred num_stages, register budget).
+
+    bf16 uses 128 x 128 tensor-core tiles.  fp32 runs exact (non-TF32) dots as FMAs, each thread holding its
+    share of the A and B tiles in registers: 64 x 64 x 16 tiles over 8 warps, double-buffered, with the budget
+    pinned at 128 registers (two blocks an SM).  Left to choose, ptxas gave some specialisations 80 registers
+    (three blocks an SM) and spilled 4-40 bytes of loop state, as it did at the former 64 x 64 x 32 over 4
+    warps; tests/kernels/test_launch_configs.py compiles every configuration for sm_80 and sm_90 and checks.
+    The interpreter (capability None) gets 64-wide tiles, few programs, and no pipelining."""
     if capability is None:
-        return 64, 64, 64, 4, 1
+        return 64, 64, 64, 4, 1, None
     if dtype == torch.bfloat16:
-        return 128, 128, 64, 8, 3
-    return 64, 64, 32, 4, 3
+        return 128, 128, 64, 8, 3, None
+    return 64, 64, 16, 8, 2, 128
 
 
 def _block(size: int, largest: int) -> int:
@@ -155,7 +200,7 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, capability: tuple[in
     capability's shared memory (``launch.max_shared_bytes``: 163 KB on sm_80, 227 KB on sm_90, 99 KB on
     sm_86/89), so a tile choice that suits one GPU cannot fail to launch on another.  With ``sum_batch`` the
     K range is split until about ``target_programs`` programs run."""
-    largest_m, largest_n, largest_k, num_warps, num_stages = _largest_tiles(dtype, capability)
+    largest_m, largest_n, largest_k, num_warps, num_stages, max_registers = _largest_tiles(dtype, capability)
     block_m = _block(m, largest_m)
     # A short M (the depth mix has M = L2) widens the tile to the same area, and K blocks grow or shrink so
     # that neither operand tile outgrows its usual size: fewer, fuller programs at the same shared memory.
@@ -167,7 +212,7 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, capability: tuple[in
         splits = max(1, min(triton.cdiv(target_programs, tiles), triton.cdiv(k, block_k)))
     k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, k_per_split)
-    config = GemmConfig(block_m, block_n, block_k, num_warps, num_stages, splits, k_per_split)
+    config = GemmConfig(block_m, block_n, block_k, num_warps, num_stages, max_registers, splits, k_per_split)
     if capability is not None:
         element_size = dtype.itemsize
         limit = launch.max_shared_bytes(capability)
@@ -208,7 +253,8 @@ def batched_matmul(a: torch.Tensor, b: torch.Tensor, *, sum_batch: bool = False)
     grid = (tiles if sum_batch else batch * tiles, config.splits)
     launch.note("kron_gemm", dtype=str(a.dtype).removeprefix("torch."), SUM_BATCH=sum_batch,
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                num_warps=config.num_warps, num_stages=config.num_stages, splits=config.splits)
+                num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers,
+                splits=config.splits)
     # Triton launches on the current CUDA device: make it the tensors' device.
     with torch.cuda.device(a.device) if a.device.type == "cuda" else contextlib.nullcontext():
         _batched_matmul_kernel[grid](
@@ -217,7 +263,7 @@ def batched_matmul(a: torch.Tensor, b: torch.Tensor, *, sum_batch: bool = False)
             *a.stride(), *b.stride(), *target.stride(),
             SUM_BATCH=sum_batch, INTERPRETER=capability is None, INPUT_PRECISION=DOT_INPUT_PRECISION,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=8,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers,
         )
     if config.splits > 1:
         out.copy_(target.sum(0))
