@@ -34,8 +34,11 @@ def test_a_failing_rank_makes_torchrun_exit_nonzero_quickly(tmp_path, fault, ran
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    # torchrun polls its workers every 0.1 s by default and stops the others as soon as one has failed: on a busy
+    # machine that could kill rank 0 before it met the dead peer in a collective and said so.  Polling every 2 s
+    # leaves rank 0 that time, still well inside the 60 s asserted below.
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               "-m", "growlib.cli", "train", "--size", str(size), "--data", str(corpus), "--vocab-size", "300",
+               "--monitor-interval", "2", "-m", "growlib.cli", "train", "--size", str(size), "--data", str(corpus), "--vocab-size", "300",
                "--steps", "20", "--batch-size", "4", "--seq-len", "32", "--eval-every", "10", "--eval-batches", "2",
                "--schedule", "vcycle", "--out", str(tmp_path / "out")]
     env = {**os.environ, "GROWLIB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
