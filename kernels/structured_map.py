@@ -10,7 +10,9 @@ and F given as a few nonzeros per row.  Epilogues, all in fp32:
 
 * ``blend``: ``dst = (1 - alpha) * dst + alpha * mapped`` (fused interpolation);
 * ``rms``: inputs are non-negative second moments; the map runs on their square roots with absolute
-  weights and the result is squared, so the output stays non-negative and copies/averages invert exactly.
+  weights and the result is squared, so the output stays non-negative and copies/averages invert exactly
+  (``tl.sqrt_rn``, correctly rounded as torch's: ``tl.sqrt`` compiles to an approximation that flushes
+  denormal moments to zero).
 
 One program handles one (task, tile) pair from a host-built schedule, so a whole model (all tensors, all
 layers) is one launch per dtype.  Tensors are addressed through int64 pointer tables.
@@ -97,7 +99,7 @@ def _structured_map_kernel(
                 x = tl.load(row_src[:, None] + (c_idx[m] * s_stride_c)[None, :],
                             mask=row_live[:, None] & col_live[None, :], other=0.0).to(tl.float32)
                 if RMS:
-                    x = tl.sqrt(tl.maximum(x, 0.0))
+                    x = tl.sqrt_rn(tl.maximum(x, 0.0))
                 row_acc += c_w[m][None, :] * x
             layer_acc += r_w[k][:, None] * row_acc
         acc += w_d * layer_acc
@@ -107,15 +109,17 @@ def _structured_map_kernel(
     if BLEND:
         old = tl.load(dst + d_offs, mask=tile_ok, other=0.0).to(tl.float32)
         if RMS:
-            old = tl.sqrt(tl.maximum(old, 0.0))
+            old = tl.sqrt_rn(tl.maximum(old, 0.0))
         acc = (1.0 - alpha) * old + alpha * acc
     if RMS:
         acc = acc * acc
     tl.store(dst + d_offs, acc.to(DST_DTYPE), mask=tile_ok)
 
 
-def launch_config() -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_C, num_warps): 16 x 64 tiles over 8 warps, 4 elements a thread.
+def launch_config(capability: tuple[int, int] | None) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps) on a GPU of compute ``capability``: 16 x 64 tiles over 8 warps, 4 elements
+    a thread.  Under Triton's interpreter (capability None), 64 x 64 tiles: a quarter of the programs, each
+    simulated one at a time, for the same result (a tile only decides which program writes which elements).
 
     The kernel is a gather, and ptxas issues all KD * K * K loads of an element before it adds any, so its
     registers grow with the elements a thread holds times KD * K * K, plus a 64-bit address per load and the
@@ -126,6 +130,8 @@ def launch_config() -> tuple[int, int, int]:
     1024 elements a program is the block of Triton's vector-add tutorial; perf/bench_structured.py measures
     the bandwidth on a GPU.  No dot and no pipelined loads: almost no shared memory, so one configuration
     suits every GPU."""
+    if capability is None:
+        return 64, 64, 4
     return 16, 64, 8
 
 
@@ -152,7 +158,7 @@ def structured_map(
     kd = depth_weight.shape[1]
     k = table_index.shape[1]
     device = dst[0].device
-    block_r, block_c, num_warps = launch_config()
+    block_r, block_c, num_warps = launch_config(launch.device_capability(device))
 
     dst_meta = torch.tensor([[t.shape[0], t.shape[1], t.stride(0), t.stride(1)] for t in dst], dtype=torch.int64)
     dst_ptr = torch.tensor([t.data_ptr() for t in dst], dtype=torch.int64)

@@ -46,6 +46,7 @@ import growlib
 import growlib.ops
 import growlib.reference
 from growlib.kernels import structured_map as kernel
+from growlib.kernels.launch import device_capability
 from growlib.kernels.launch import recorded as launch_records
 from growlib.kernels.launch import summarize as summarize_launches
 from growlib.models import adapter_for
@@ -284,9 +285,11 @@ def bytes_moved(calls: list[KernelCall]) -> int:
 
 def triton_programs(calls: list[KernelCall]) -> int:
     """Programs the Triton launches start: one per (task, BLOCK_R x BLOCK_C tile)."""
-    block_r, block_c, _ = kernel.launch_config()
-    return sum(triton.cdiv(out.shape[0], block_r) * triton.cdiv(out.shape[1], block_c)
-               for call in calls for out in call.dst)
+    def programs(out: torch.Tensor) -> int:
+        block_r, block_c, _ = kernel.launch_config(device_capability(out.device))
+        return triton.cdiv(out.shape[0], block_r) * triton.cdiv(out.shape[1], block_c)
+
+    return sum(programs(out) for call in calls for out in call.dst)
 
 
 # ----------------------------------------------------------------------------------------------------------
