@@ -65,6 +65,7 @@ $(IMAGE_VENV)/.installed: pyproject.toml constraints-gpu-image.txt
 
 rehearse-gpu-image: $(IMAGE_VENV)/.installed
 	$(IMAGE_PY) -m pytest -q tests/kernels
+	rm -rf out/gpu-image-smoke  # the rehearsal's own scratch folder: gpu_run.sh refuses a non-empty one
 	PYTHON=$(abspath $(IMAGE_PY)) bash perf/gpu_run.sh --smoke out/gpu-image-smoke
 	$(IMAGE_PY) -m pytest -q
 
