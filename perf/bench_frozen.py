@@ -28,7 +28,6 @@ import argparse
 import functools
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,7 +39,8 @@ from growlib.kernels.launch import recorded as launch_records
 from growlib.kernels.launch import summarize as summarize_launches
 
 from common import (BenchmarkStart, CompileEstimate, add_benchmark_arguments, append_csv, compile_failure,
-                    fraction, graphs_compiled, print_key, print_table, start_benchmark, synchronize, time_fn)
+                    fraction, graphs_compiled, measured_count, print_key, print_table, run_cases, speedups,
+                    start_benchmark, synchronize, time_fn)
 
 STEP_IMPLS = ("full_backprop", "mslt_no_grad", "mslt_freeze_forward")
 FROZEN_FRACTION = 0.75
@@ -315,16 +315,12 @@ class FrozenBench:
 
 
 def summary(rows: list[dict], smoke: bool) -> str:
-    measured = [r for r in rows if r["median_ms"] is not None]
-    compiled = sum(1 for r in measured if r["impl"] == "compile")
-    text = f"{len(measured)}/{len(rows)} measured ({compiled} compile) on {len({r['model'] for r in rows})} model(s)"
+    text = f"{measured_count(rows)} on {len({r['model'] for r in rows})} model(s)"
     if smoke:
         return text + "; smoke: times are not kernel timings"
-    ms = {(r["model"], r["bench"], r["impl"]): r["median_ms"] for r in measured}
     for bench, kernel, baseline in (("stack_forward", "freeze_forward", "eager"),
                                     ("mslt_step", "mslt_freeze_forward", "mslt_no_grad")):
-        ratios = [ms[(model, bench, baseline)] / value for (model, b, impl), value in ms.items()
-                  if b == bench and impl == kernel and (model, bench, baseline) in ms]
+        ratios = speedups([r for r in rows if r["bench"] == bench], ("model",), kernel, baseline)
         if ratios:
             text += f"; {kernel}/{baseline} {min(ratios):.2f}-{max(ratios):.2f}x"
     return text
@@ -336,31 +332,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = start_benchmark(args, "frozen.csv")
     bench = FrozenBench(start)
-    device, deadline = start.device, start.deadline
-    to_compile, failed = [], False
-    for case in SMOKE_CASES if start.smoke else CASES:
-        needed = BUILD_S[device.type] + 5 * MEASURE_S[device.type]  # a model and some rows
-        if not deadline.allows(needed):
-            start.log(f"{case.name}: not started, " + deadline.refusal("a model", needed))
-            continue
+
+    def measure_plain(case: StackCase):
         start.log(f"{case.name}: {case.layers} layers, batch {case.batch} x seq {case.seq}")
-        try:
-            stack = bench.build_stack(case)
-            for impl in ("eager", "freeze_forward"):
-                bench.measure_stack(stack, impl)
-            bench.measure_steps(case)
-            to_compile.append(stack)
-        except Exception:  # a bug in one case: logged, the other cases still run, the exit status says so
-            traceback.print_exc()
-            failed = True
-    # torch.compile last: a whole stack is a large graph of uncertain compile time, so it gets what the other
-    # rows of every model leave.
-    for stack in to_compile:
-        try:
-            bench.measure_stack(stack, "compile")
-        except Exception:
-            traceback.print_exc()
-            failed = True
+        stack = bench.build_stack(case)
+        for impl in ("eager", "freeze_forward"):
+            bench.measure_stack(stack, impl)
+        bench.measure_steps(case)
+        return stack
+
+    needed = BUILD_S[start.device.type] + 5 * MEASURE_S[start.device.type]  # a model and some rows
+    failed = run_cases(start, SMOKE_CASES if start.smoke else CASES, needed, lambda case: case.name, measure_plain,
+                       lambda stack: bench.measure_stack(stack, "compile"))
 
     if not start.smoke:
         columns = ("model", "bench", "impl", "frozen_layers", "tokens", "median_ms", "tokens_per_s", "tflops",

@@ -32,7 +32,6 @@ import argparse
 import functools
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,7 +43,8 @@ from growlib.kernels.launch import recorded as launch_records
 from growlib.kernels.launch import summarize as summarize_launches
 
 from common import (BenchmarkStart, CompileEstimate, add_benchmark_arguments, append_csv, compile_failure,
-                    fraction, graphs_compiled, print_key, print_table, start_benchmark, synchronize, time_fn)
+                    fraction, graphs_compiled, measured_count, print_key, print_table, run_cases, speedups,
+                    start_benchmark, synchronize, time_fn)
 
 MODEL_DTYPE = torch.bfloat16
 PHASES = ("forward", "fwd+bwd")
@@ -237,18 +237,14 @@ class KronBench:
 
 
 def summary(rows: list[dict], smoke: bool) -> str:
-    measured = [r for r in rows if r["median_ms"] is not None]
-    compiled = sum(1 for r in measured if r["impl"] == "compile")
-    text = f"{len(measured)}/{len(rows)} measured ({compiled} compile)"
+    text = measured_count(rows)
     if smoke:
         return text + "; smoke: times are not kernel timings"
-    ms = {(r["growth"], r["tie"], r["map_dtype"], r["phase"], r["impl"]): r["median_ms"] for r in measured}
-    speedups = [ms[(*key[:4], "eager")] / value for key, value in ms.items()
-                if key[4] == "triton" and key[3] == "fwd+bwd" and (*key[:4], "eager") in ms]
-    fracs = [r["frac_matmul_ceiling"] for r in measured
+    ratios = speedups([r for r in rows if r["phase"] == "fwd+bwd"], ("growth", "tie", "map_dtype"), "triton", "eager")
+    fracs = [r["frac_matmul_ceiling"] for r in rows
              if r["impl"] == "triton" and r["map_dtype"] == "bfloat16" and r["frac_matmul_ceiling"]]
-    if speedups:
-        text += f"; triton/eager fwd+bwd {min(speedups):.2f}-{max(speedups):.2f}x"
+    if ratios:
+        text += f"; triton/eager fwd+bwd {min(ratios):.2f}-{max(ratios):.2f}x"
     if fracs:
         text += f"; triton bf16 maps best {100 * max(fracs):.0f}% of bf16 matmul"
     return text
@@ -260,34 +256,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = start_benchmark(args, "kron.csv")
     bench = KronBench(start)
-    device, deadline = start.device, start.deadline
-    built, failed = [], False
-    for growth, tie, map_dtype in SMOKE_CASES if start.smoke else CASES:
-        label = f"{growth.name} tie={tie} maps {str(map_dtype).removeprefix('torch.')}"
-        needed = BUILD_S[device.type] + 2 * MEASURE_S[device.type]  # a case and some rows
-        if not deadline.allows(needed):
-            start.log(f"{label}: not started, " + deadline.refusal("a case", needed))
-            continue
-        try:
-            start.log(f"{label}: building")
-            case = Case.build(growth, tie, map_dtype, device)
-            bench.measure_plain(case)
-            built.append(case)
-        except Exception:  # a bug in one case: logged, the other cases still run, the exit status says so
-            traceback.print_exc()
-            failed = True
-    # torch.compile last: a whole expansion and its backward are large graphs of uncertain compile time, so
-    # it gets what the eager and Triton rows of every case leave.
-    for case in built:
-        try:
-            bench.measure(case, "compile")
-        except Exception:
-            traceback.print_exc()
-            failed = True
+
+    def label(case: tuple) -> str:
+        growth, tie, map_dtype = case
+        return f"{growth.name} tie={tie} maps {str(map_dtype).removeprefix('torch.')}"
+
+    def measure_plain(case: tuple) -> Case:
+        start.log(f"{label(case)}: building")
+        built = Case.build(*case, start.device)
+        bench.measure_plain(built)
+        return built
+
+    needed = BUILD_S[start.device.type] + 2 * MEASURE_S[start.device.type]  # a case and some rows
+    failed = run_cases(start, SMOKE_CASES if start.smoke else CASES, needed, label, measure_plain,
+                       lambda built: bench.measure(built, "compile"))
 
     if not start.smoke:
-        columns = ("growth", "tie", "map_dtype", "phase", "impl", "median_ms", "tflops", "frac_matmul_ceiling", "peak_mem_mib",
-                   "max_rel_diff_vs_eager", "error")
+        columns = ("growth", "tie", "map_dtype", "phase", "impl", "median_ms", "tflops", "frac_matmul_ceiling",
+                   "peak_mem_mib", "max_rel_diff_vs_eager", "error")
         print_table(bench.rows, list(columns))
     start.log(f"wrote {start.csv_path}")
     print_key(summary(bench.rows, start.smoke))

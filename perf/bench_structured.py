@@ -32,7 +32,6 @@ import contextlib
 import functools
 import sys
 import time
-import traceback
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -53,7 +52,8 @@ from growlib.models import adapter_for
 from growlib.schema import GrowthMap, Schema
 
 from common import (BenchmarkStart, CompileEstimate, add_benchmark_arguments, append_csv, compile_failure,
-                    fraction, graphs_compiled, print_key, print_table, start_benchmark, synchronize, time_fn)
+                    fraction, graphs_compiled, measured_count, print_key, print_table, run_cases, speedups,
+                    start_benchmark, synchronize, time_fn)
 
 WIDTH, DEPTH = 2, 2  # coalescing factors
 ALPHA = 0.25  # interpolation weight
@@ -490,17 +490,13 @@ class StructuredBench:
 def summary(rows: list[dict], smoke: bool) -> str:
     """The key numbers: rows written, and on a GPU Triton's kernel-only speed-up over eager and its best
     fraction of the copy ceiling."""
-    measured = [r for r in rows if r["median_ms"] is not None]
-    compiled = sum(1 for r in measured if r["impl"] == "compile")
-    text = f"{len(measured)}/{len(rows)} measured ({compiled} compile) on {len({r['model'] for r in rows})} model(s)"
+    text = f"{measured_count(rows)} on {len({r['model'] for r in rows})} model(s)"
     if smoke:
         return text + "; smoke: times are not kernel timings"
-    by_key = {(r["model"], r["dtype"], r["op"], r["scope"], r["impl"]): r["median_ms"] for r in measured}
-    speedups = [by_key[(*key[:4], "eager")] / ms for key, ms in by_key.items()
-                if key[3] == "kernel_only" and key[4] == "triton" and (*key[:4], "eager") in by_key]
-    fracs = [r["frac_copy_ceiling"] for r in measured if r["impl"] == "triton" and r["frac_copy_ceiling"]]
-    if speedups:
-        text += f"; triton/eager kernel_only {min(speedups):.1f}-{max(speedups):.1f}x"
+    ratios = speedups([r for r in rows if r["scope"] == "kernel_only"], ("model", "dtype", "op"), "triton", "eager")
+    fracs = [r["frac_copy_ceiling"] for r in rows if r["impl"] == "triton" and r["frac_copy_ceiling"]]
+    if ratios:
+        text += f"; triton/eager kernel_only {min(ratios):.1f}-{max(ratios):.1f}x"
     if fracs:
         text += f"; triton best {100 * max(fracs):.0f}% of copy"
     return text
@@ -512,28 +508,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = start_benchmark(args, "structured.csv")
     bench = StructuredBench(start)
-    measured_ops, failed = [], False
     # A graph per task shape, and the time limit decides how many: dynamo's own limits must never quietly
     # fall back to eager instead.
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096,
                                                      fail_on_recompile_limit_hit=True):
-        for case in SMOKE_CASES if start.smoke else CASES:
-            needed = BUILD_S[start.device.type] + 4 * MEASURE_S[start.device.type]  # a model and some rows
-            if not start.deadline.allows(needed):
-                start.log(f"{case.name} {case.dtype}: not started, " + start.deadline.refusal("a model", needed))
-                continue
-            try:
-                measured_ops.append(bench.measure_case(case))
-            except Exception:  # a bug in one case: logged, the other cases still run, the exit status says so
-                traceback.print_exc()
-                failed = True
+        needed = BUILD_S[start.device.type] + 4 * MEASURE_S[start.device.type]  # a model and some rows
         # Whole ops compile a graph per task shape (8 to 18): they get what every model's cheaper rows leave.
-        for benches in measured_ops:
-            try:
-                bench.measure_whole_ops_compiled(benches)
-            except Exception:
-                traceback.print_exc()
-                failed = True
+        failed = run_cases(start, SMOKE_CASES if start.smoke else CASES, needed,
+                           lambda case: f"{case.name} {case.dtype}", bench.measure_case,
+                           bench.measure_whole_ops_compiled)
 
     if not start.smoke:
         columns = ("model", "dtype", "op", "scope", "impl", "median_ms", "gbps", "frac_copy_ceiling",

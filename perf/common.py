@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
@@ -314,3 +315,44 @@ def print_table(rows: list[dict], columns: list[str], number_format: str = ".3f"
 def print_key(text: str) -> None:
     """The benchmark's one-line result, last on stdout: perf/gpu_run.sh puts it in its summary table."""
     print(f"key: {text}", flush=True)
+
+
+def run_cases(start: BenchmarkStart, cases: Iterable, needed_s: float, label: Callable[[object], str],
+              measure_plain: Callable[[object], object], measure_compiled: Callable[[object], None]) -> bool:
+    """Every case's eager and Triton rows first, in the cases' order of value, then the torch.compile rows of the
+    cases that were measured: compiled graphs are large and of uncertain compile time, so they get what the
+    cheaper rows leave.  A case is started only when ``needed_s`` fits the time limit; ``measure_plain(case)``
+    returns what ``measure_compiled`` takes.  A case that raises is logged and the others still run; returns
+    whether any raised (the benchmark's exit status says so)."""
+    measured, failed = [], False
+    for case in cases:
+        if not start.deadline.allows(needed_s):
+            start.log(f"{label(case)}: not started, " + start.deadline.refusal("a case", needed_s))
+            continue
+        try:
+            measured.append(measure_plain(case))
+        except Exception:
+            traceback.print_exc()
+            failed = True
+    for item in measured:
+        try:
+            measure_compiled(item)
+        except Exception:
+            traceback.print_exc()
+            failed = True
+    return failed
+
+
+def measured_count(rows: list[dict]) -> str:
+    """'M/N measured (C compile)': the start of every benchmark's key line."""
+    measured = [r for r in rows if r["median_ms"] is not None]
+    compiled = sum(1 for r in measured if r["impl"] == "compile")
+    return f"{len(measured)}/{len(rows)} measured ({compiled} compile)"
+
+
+def speedups(rows: list[dict], case_columns: tuple[str, ...], faster: str, baseline: str) -> list[float]:
+    """``baseline``'s median time over ``faster``'s, for every case (rows equal in ``case_columns``) where both
+    were measured."""
+    ms = {(tuple(r[c] for c in case_columns), r["impl"]): r["median_ms"] for r in rows if r["median_ms"] is not None}
+    return [ms[(case, baseline)] / value for (case, impl), value in ms.items()
+            if impl == faster and (case, baseline) in ms]

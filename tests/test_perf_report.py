@@ -118,3 +118,39 @@ def test_make_bench_runs_the_one_gpu_script_into_a_new_folder():
     recipe = makefile.split("\nbench:")[1].split("\n\n")[0]
     commands = [line.strip() for line in recipe.splitlines()[1:] if line.startswith("\t")]
     assert commands == ["PYTHON=$(PY) bash perf/gpu_run.sh out/gpu-run-$$(date -u +%Y%m%dT%H%M%SZ)"]
+
+
+@pytest.fixture(scope="module")
+def common():
+    """perf/common.py as a module, under its own name (the benchmarks import it as ``common``)."""
+    spec = importlib.util.spec_from_file_location("perf_common", REPORT.parent / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speedups_pair_each_case_with_its_own_baseline(common):
+    rows = [{"model": m, "impl": impl, "median_ms": ms} for m, impl, ms in
+            (("a", "eager", 8.0), ("a", "triton", 2.0), ("b", "eager", 3.0), ("b", "triton", None),
+             ("c", "triton", 1.0), ("d", "eager", 6.0), ("d", "triton", 3.0))]
+    assert sorted(common.speedups(rows, ("model",), "triton", "eager")) == [2.0, 4.0]  # b unmeasured, c alone
+    assert common.measured_count(rows) == "6/7 measured (0 compile)"
+
+
+def test_run_cases_measures_compiled_rows_last_and_survives_a_failing_case(common, capsys):
+    order, logged = [], []
+    start = type("Start", (), {"deadline": common.Deadline(None), "log": logged.append})()
+
+    def plain(case):
+        order.append(("plain", case))
+        if case == "broken":
+            raise RuntimeError("a bug in one case")
+        return case
+
+    failed = common.run_cases(start, ["x", "broken", "y"], 1.0, str, plain,
+                              lambda case: order.append(("compile", case)))
+    assert failed and "a bug in one case" in capsys.readouterr().err
+    assert order == [("plain", "x"), ("plain", "broken"), ("plain", "y"), ("compile", "x"), ("compile", "y")]
+    start.deadline = common.Deadline(0)
+    assert not common.run_cases(start, ["z"], 1.0, str, plain, plain)
+    assert logged[-1].startswith("z: not started, skipped: a case needs ~1 s")
