@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,12 +34,10 @@ import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
 import growlib
-from growlib.kernels.launch import recorded as launch_records
-from growlib.kernels.launch import summarize as summarize_launches
 
 from common import (BenchmarkStart, CompileEstimate, add_benchmark_arguments, append_csv, compile_failure,
-                    fraction, graphs_compiled, measured_count, print_key, print_table, run_cases, speedups,
-                    start_benchmark, synchronize, time_fn)
+                    first_call, fraction, measured_count, print_key, print_table, run_cases, speedups,
+                    start_benchmark, time_fn)
 
 STEP_IMPLS = ("full_backprop", "mslt_no_grad", "mslt_freeze_forward")
 FROZEN_FRACTION = 0.75
@@ -258,31 +255,25 @@ class FrozenBench:
             with torch.no_grad(), growlib.use_backend("triton"):  # the Triton kernels, on the CPU too (smoke)
                 return runner(stack.hidden)
 
-        measured = {}
-        graphs_before = graphs_compiled()
         try:
-            synchronize(device)
-            start = time.perf_counter()
-            with launch_records() as records:
-                out = fn()
-            synchronize(device)
-            measured["first_call_s"] = time.perf_counter() - start
+            first = first_call(fn, device)
         except Exception as err:  # torch.compile may fail on some HF layers; record it and go on
             self.write(case, "stack_forward", impl, "bfloat16", case.layers, stack.flops,
                        error=compile_failure(impl, err))
             return
+        measured = {"first_call_s": first.seconds}
         if impl == "compile":
-            measured["compile_graphs"] = graphs_compiled() - graphs_before
-            self.compile_estimate.record(measured["first_call_s"], measured["compile_graphs"])
+            measured["compile_graphs"] = first.compile_graphs
+            self.compile_estimate.record(first.seconds, first.compile_graphs)
         if stack.expected is None:
-            stack.expected = out.float()
+            stack.expected = first.result.float()
         scale = stack.expected.abs().max().clamp_min(1e-30)
-        measured["rel_diff"] = float((out.float() - stack.expected).abs().max() / scale)
-        del out
+        measured["rel_diff"] = float((first.result.float() - stack.expected).abs().max() / scale)
+        first = first._replace(result=None)  # its output is not kept alive while timing
         measured["peak_mem_gib"], measured["peak_mem_above_start_gib"] = peak_memory(fn, device)
         measured["median_ms"], measured["p20_ms"], measured["p80_ms"] = time_fn(fn, device)
         self.write(case, "stack_forward", impl, "bfloat16", case.layers, stack.flops,
-                   triton_launches=summarize_launches(records), **measured)
+                   triton_launches=first.triton_launches, **measured)
 
     def measure_steps(self, case: StackCase) -> None:
         """One training step at MSLT's stage shape, each way, against full backprop through the same depth."""
@@ -299,13 +290,9 @@ class FrozenBench:
                            error=deadline.refusal("a measurement", MEASURE_S[device.type]))
                 continue
             fn = functools.partial(step_runner(impl, model, case.family, split, torch.randn_like(hidden)), hidden)
-            synchronize(device)
-            start = time.perf_counter()
-            with launch_records() as records, growlib.use_backend("triton"):
-                fn()  # creates the optimizer state, so the peak below is a steady-state step's
-            synchronize(device)
-            measured = {"first_call_s": time.perf_counter() - start, "triton_launches": summarize_launches(records)}
             with growlib.use_backend("triton"):
+                first = first_call(fn, device)  # creates the optimizer state, so the peak below is a steady step's
+                measured = {"first_call_s": first.seconds, "triton_launches": first.triton_launches}
                 measured["peak_mem_gib"], measured["peak_mem_above_start_gib"] = peak_memory(fn, device)
                 measured["median_ms"], measured["p20_ms"], measured["p80_ms"] = time_fn(fn, device)
             self.write(case, "mslt_step", impl, "float32+autocast_bf16", split, flops, **measured)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,12 +38,10 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
 import growlib
-from growlib.kernels.launch import recorded as launch_records
-from growlib.kernels.launch import summarize as summarize_launches
 
 from common import (BenchmarkStart, CompileEstimate, add_benchmark_arguments, append_csv, compile_failure,
-                    fraction, graphs_compiled, measured_count, print_key, print_table, run_cases, speedups,
-                    start_benchmark, synchronize, time_fn)
+                    first_call, fraction, measured_count, print_key, print_table, run_cases, speedups,
+                    start_benchmark, time_fn)
 
 MODEL_DTYPE = torch.bfloat16
 PHASES = ("forward", "fwd+bwd")
@@ -207,29 +204,22 @@ class KronBench:
             if not deadline.allows(MEASURE_S[device.type]):
                 self.write(case, impl, phase, error=deadline.refusal("a measurement", MEASURE_S[device.type]))
                 continue
-            graphs_before = graphs_compiled()
             try:
-                synchronize(device)
-                start = time.perf_counter()
-                with launch_records() as records:
-                    result = run()
-                synchronize(device)
-                first_call_s = time.perf_counter() - start
+                first = first_call(run, device)
             except Exception as err:  # torch.compile only: compile_failure raises anything else
                 self.write(case, impl, phase, error=compile_failure(impl, err))
                 continue
-            graphs = graphs_compiled() - graphs_before
             if impl == "compile":
-                self.compile_estimate.record(first_call_s, graphs)
+                self.compile_estimate.record(first.seconds, first.compile_graphs)
             if impl == "eager":
-                case.expected[phase] = result
-            diff = max_rel_diff(result, case.expected[phase])
-            del result
+                case.expected[phase] = first.result
+            diff = max_rel_diff(first.result, case.expected[phase])
+            first = first._replace(result=None)  # its outputs are not kept alive while timing
             median, p20, p80 = time_fn(run, device)
             self.write(case, impl, phase, median_ms=median, p20_ms=p20, p80_ms=p80,
-                       peak_mem_mib=peak_memory_mib(run, device), max_rel_diff=diff, first_call_s=first_call_s,
-                       compile_graphs=graphs if impl == "compile" else None,
-                       triton_launches=summarize_launches(records))
+                       peak_mem_mib=peak_memory_mib(run, device), max_rel_diff=diff, first_call_s=first.seconds,
+                       compile_graphs=first.compile_graphs if impl == "compile" else None,
+                       triton_launches=first.triton_launches)
 
     def measure_plain(self, case: Case) -> None:
         for impl in ("eager", "triton"):

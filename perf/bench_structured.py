@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import functools
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -46,14 +45,12 @@ import growlib.ops
 import growlib.reference
 from growlib.kernels import structured_map as kernel
 from growlib.kernels.launch import device_capability
-from growlib.kernels.launch import recorded as launch_records
-from growlib.kernels.launch import summarize as summarize_launches
 from growlib.models import adapter_for
 from growlib.schema import GrowthMap, Schema
 
 from common import (BenchmarkStart, CompileEstimate, add_benchmark_arguments, append_csv, compile_failure,
-                    fraction, graphs_compiled, measured_count, print_key, print_table, run_cases, speedups,
-                    start_benchmark, synchronize, time_fn)
+                    first_call, fraction, measured_count, print_key, print_table, run_cases, speedups,
+                    start_benchmark, time_fn)
 
 WIDTH, DEPTH = 2, 2  # coalescing factors
 ALPHA = 0.25  # interpolation weight
@@ -392,20 +389,14 @@ def first_run(calls: list[KernelCall], run: Callable[[], None], device: torch.de
     expected = [t.clone() for t in dsts]
     for t, s in zip(dsts, saved):
         t.copy_(s)
-    graphs_before = graphs_compiled()
-    synchronize(device)
-    start = time.perf_counter()
     try:
-        with launch_records() as records:
-            run()
-        synchronize(device)
-        seconds = time.perf_counter() - start
+        first = first_call(run, device)
         diff = max(((t.float() - e.float()).abs().max().item() for t, e in zip(dsts, expected) if t.numel()),
                    default=0.0)
     finally:
         for t, s in zip(dsts, saved):
             t.copy_(s)
-    return FirstRun(seconds, diff, summarize_launches(records), graphs_compiled() - graphs_before)
+    return FirstRun(first.seconds, diff, first.triton_launches, first.compile_graphs)
 
 
 class StructuredBench:

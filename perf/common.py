@@ -173,6 +173,27 @@ def graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+class FirstCall(NamedTuple):
+    result: object
+    seconds: float
+    triton_launches: str  # the Triton launch configurations it used (growlib.kernels.launch.summarize)
+    compile_graphs: int   # graphs torch.compile built during it
+
+
+def first_call(fn: Callable[[], object], device: torch.device) -> FirstCall:
+    """The first, untimed-by-do_bench run of ``fn``, where Triton's JIT and torch.compile do their work: its
+    result and wall seconds, what it launched and how many graphs it compiled.  Exceptions propagate (the
+    caller decides whether it is a compile failure or a bug)."""
+    from growlib.kernels.launch import recorded, summarize
+    graphs_before = graphs_compiled()
+    synchronize(device)
+    started = time.perf_counter()
+    with recorded() as records:
+        result = fn()
+    synchronize(device)
+    return FirstCall(result, time.perf_counter() - started, summarize(records), graphs_compiled() - graphs_before)
+
+
 def compile_failure(impl: str, err: Exception) -> str:
     """The one-line message recorded when torch.compile fails; a failure of any other implementation is a
     bug and is raised again."""
