@@ -22,6 +22,7 @@ from growlib.train.experiment import Experiment, compare
 from growlib.train.experiment import run as run_experiment
 from growlib.train.loop import RankDivergenceError, TrainConfig
 from growlib.train.sizes import FAMILIES
+from growlib.train.tuning import DEFAULT_LR_GRID, DEFAULT_TUNE_SEEDS, Tuning
 
 DEMO_CONFIGS = {
     # GPT-2 small's real shape (124M parameters), randomly initialised: no download needed.
@@ -137,6 +138,28 @@ def _experiment(args) -> Experiment:
                          on_nonfinite=args.on_nonfinite)
     return Experiment(family=args.model, size=args.size, total_steps=_budget_steps(args), config=config, data=args.data,
                       vocab_size=args.vocab_size)
+
+
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"{flag} expects comma-separated integers, got {text!r}") from None
+
+
+def _tuning(args, seeds: list[int]) -> Tuning:
+    """The compare command's tuning protocol, checked before any data is prepared."""
+    try:
+        grid = [float(item) for item in args.lr_grid.split(",")]
+    except ValueError:
+        raise SystemExit(f"--lr-grid expects comma-separated numbers, got {args.lr_grid!r}") from None
+    tune_seeds = _int_list("--tune-seeds", args.tune_seeds)
+    try:
+        tuning = Tuning(lr_grid=tuple(grid), seeds=tuple(tune_seeds), fraction=args.tune_fraction)
+        tuning.check_disjoint(seeds)
+    except ValueError as error:
+        raise SystemExit(f"--lr-grid / --tune-seeds / --tune-fraction: {error}") from None
+    return tuning
 
 
 def _options(pairs: list[str]) -> dict:
@@ -255,9 +278,19 @@ def main(argv: list[str] | None = None) -> int:
     compare_parser = commands.add_parser("compare", help="every schedule against the baseline, same budget")
     _experiment_arguments(compare_parser)
     compare_parser.add_argument("--schedules", default="baseline,vcycle,ode_multilevel,mslt,stack,msg,ligo")
-    compare_parser.add_argument("--seeds", default="0")
+    compare_parser.add_argument("--seeds", default="0,1,2", help="the reported seeds (default 0,1,2)")
     compare_parser.add_argument("--budget", choices=("flops", "steps"), default="flops",
                                 help="give every schedule the baseline's FLOPs (default) or its steps")
+    compare_parser.add_argument("--lr-grid", default=",".join(f"{m:g}" for m in DEFAULT_LR_GRID),
+                                help="multipliers of --lr every schedule (the baseline too) is tuned over, the "
+                                     "same for each; each is then compared at its best (default %(default)s)")
+    compare_parser.add_argument("--tune-seeds", default=",".join(map(str, DEFAULT_TUNE_SEEDS)),
+                                help="seeds the tuning runs train on; never one of --seeds (default %(default)s)")
+    compare_parser.add_argument("--tune-fraction", type=float, default=1.0,
+                                help="share of each schedule's budget a tuning run trains, its warmup scaled "
+                                     "alike (default 1: the full budget)")
+    compare_parser.add_argument("--no-tune", action="store_true",
+                                help="every schedule at --lr, untuned (the tables say so)")
     check_parser = commands.add_parser("check-kernels", help="every Triton kernel against its PyTorch reference "
                                        "on this machine (CUDA, else the CPU through Triton's interpreter)")
     kernel_check.add_arguments(check_parser)
@@ -285,9 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         return 0
+    seeds = _int_list("--seeds", args.seeds)
+    tuning = None if args.no_tune else _tuning(args, seeds)
     with _exit_on_fault("compare"):
-        table = compare(_experiment(args), args.schedules.split(","), [int(s) for s in args.seeds.split(",")],
-                        args.out, budget=args.budget)
+        table = compare(_experiment(args), args.schedules.split(","), seeds, args.out, budget=args.budget,
+                        tuning=tuning)
     print(table)
     return 0
 

@@ -23,7 +23,18 @@ PAPER_CLAIMS = {
 
 def _ratio(row: dict, key: str) -> str:
     value = row[key]
-    return "not reached" if value == "" else f"{float(value):.2f}x"
+    return f"not reached ({row['reached']}/{row['seeds']} seeds)" if value == "" else f"{float(value):.2f}x"
+
+
+def _flops_ratio(row: dict) -> str:
+    if row["flops_ratio"] == "":
+        return _ratio(row, "flops_ratio")
+    return f"{float(row['flops_ratio']):.2f}x ({float(row['flops_ratio_min']):.2f}-{float(row['flops_ratio_max']):.2f})"
+
+
+def _loss_diff(row: dict) -> str:
+    return (f"{float(row['loss_diff']):+.3f} ({float(row['loss_diff_min']):+.3f} to "
+            f"{float(row['loss_diff_max']):+.3f})")
 
 
 def configuration_section(folder: Path) -> list[str]:
@@ -32,12 +43,18 @@ def configuration_section(folder: Path) -> list[str]:
     with open(folder / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     lines = [f"### {folder.name}", "", header, "",
-             "| schedule | final val loss (mean, min-max) | FLOPs to baseline's final loss | wall time to it | "
-             "seeds reaching it |", "|---|---|---|---|---|"]
+             "| schedule | lr | final val loss (mean, min-max) | loss - baseline at equal FLOPs (mean, min to max) | "
+             "FLOPs to baseline's final loss (mean, min-max) | wall time to it | seeds reaching it |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['schedule']} | {float(row['final_val_loss']):.3f} "
+        lr = f"{float(row['lr']):g}" if row["lr"] else "-"
+        lines.append(f"| {row['schedule']} | {lr} | {float(row['final_val_loss']):.3f} "
                      f"({float(row['final_val_loss_min']):.3f}-{float(row['final_val_loss_max']):.3f}) | "
-                     f"{_ratio(row, 'flops_ratio')} | {_ratio(row, 'wall_ratio')} | {row['reached']}/{row['seeds']} |")
+                     f"{_loss_diff(row)} | {_flops_ratio(row)} | {_ratio(row, 'wall_ratio')} | "
+                     f"{row['reached']}/{row['seeds']} |")
+    if (folder / "tuning.md").exists():
+        lines += ["", "Learning-rate sweep (mean final validation loss on the tuning seeds; the chosen one in bold):",
+                  ""] + (folder / "tuning.md").read_text().splitlines()[2:]
     lines += ["", f"![loss against FLOPs]({folder.name}/loss_vs_flops.png)", ""]
     return lines
 
@@ -51,9 +68,12 @@ def claims_section(folders: list[Path]) -> list[str]:
         with open(folder / "summary.csv") as f:
             for row in csv.DictReader(f):
                 if row["flops_ratio"] == "":
-                    cell = f"baseline loss not reached (final {float(row['final_val_loss']):.3f})"
+                    cell = (f"baseline loss not reached on every seed ({row['reached']}/{row['seeds']}); "
+                            f"loss {_loss_diff(row)}")
                 else:
-                    cell = f"{(float(row['flops_ratio']) - 1) * 100:+.0f}% FLOPs, {row['reached']}/{row['seeds']} seeds"
+                    low, high = (float(row[k]) - 1 for k in ("flops_ratio_min", "flops_ratio_max"))
+                    cell = (f"{(float(row['flops_ratio']) - 1) * 100:+.0f}% FLOPs ({low * 100:+.0f}% to "
+                            f"{high * 100:+.0f}%), {row['reached']}/{row['seeds']} seeds; loss {_loss_diff(row)}")
                 measured.setdefault(row["schedule"], []).append(cell)
     others = [name for name in measured if name not in PAPER_CLAIMS and name != "baseline"]
     for schedule in list(PAPER_CLAIMS) + others:
@@ -74,10 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     lines = ["# Evidence: compute saved against training from scratch", "",
              "Every schedule on the same FLOPs as the baseline (cheaper schedules get more steps), on the embedded "
-             "Python-stdlib corpus; ratios are the FLOPs and wall time a method needs to reach the baseline's final "
+             "Python-stdlib corpus, each arm (the baseline too) at its own learning rate, chosen by the same sweep "
+             "on a seed that is not reported (`growlib compare`'s default protocol; each configuration's header and "
+             "sweep table say how). Ratios are the FLOPs and wall time a method needs to reach the baseline's final "
              "validation loss (same seed) with a model of the final size (a coarse level or shallow stage passing "
-             "it does not count), averaged over the seeds that reach it. Produced by "
-             "`perf/experiments/evidence_cpu.sh` and this script.", ""]
+             "it does not count); a method reaches it only if it does on every seed, and its loss difference at "
+             "equal FLOPs is given either way. The eval noise in each header is the spread of one evaluation over "
+             "disjoint validation subsets. Produced by `perf/experiments/evidence_cpu.sh` and this script.", ""]
     lines += claims_section(folders)
     lines += ["## Per configuration", ""]
     for folder in folders:

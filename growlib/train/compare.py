@@ -9,6 +9,7 @@ import statistics
 from dataclasses import dataclass
 
 from growlib.train.loop import RunResult
+from growlib.train.tuning import best_multiplier
 
 
 def cost_to_reach(result: RunResult, target: float) -> tuple[float, float] | None:
@@ -35,12 +36,17 @@ def cost_to_reach(result: RunResult, target: float) -> tuple[float, float] | Non
 
 @dataclass
 class MethodSummary:
-    """One row of the comparison: means over seeds, and (min, max) spreads."""
+    """One row of the comparison: means over seeds, and (min, max) spreads.  A method reaches the baseline's
+    final loss only if it does on every seed: ``flops_ratio`` / ``wall_ratio`` are None otherwise (``reached``
+    still counts the seeds that did)."""
 
     schedule: str
     seeds: int
+    lr: float | None                   # the learning rate the arm ran at (None: not recorded)
     final_val_loss: float
     final_val_loss_spread: tuple[float, float]
+    loss_diff: float                   # final loss - the baseline's of the same seed, on the same FLOPs
+    loss_diff_spread: tuple[float, float]
     flops_ratio: float | None          # FLOPs to the baseline's final loss / baseline FLOPs
     flops_ratio_spread: tuple[float, float] | None
     wall_ratio: float | None
@@ -53,9 +59,11 @@ def _spread(values: list[float]) -> tuple[float, float]:
     return (min(values), max(values))
 
 
-def summarize(results: dict[str, list[RunResult]], baseline: str = "baseline") -> list[MethodSummary]:
+def summarize(results: dict[str, list[RunResult]], baseline: str = "baseline",
+              lrs: dict[str, float] | None = None) -> list[MethodSummary]:
     """``results[schedule][i]`` is the run with the i-th seed; the baseline's run with the same seed sets the
-    target loss and the reference cost for that seed."""
+    target loss, the reference cost and the loss the difference is taken from for that seed.  ``lrs`` gives
+    each schedule's learning rate, for the table."""
     if baseline not in results:
         raise ValueError(f"results must include the {baseline!r} schedule to compare against")
     base_runs = results[baseline]
@@ -69,33 +77,40 @@ def summarize(results: dict[str, list[RunResult]], baseline: str = "baseline") -
             if reached is not None:
                 flops_ratios.append(reached[0] / base.flops)
                 wall_ratios.append(reached[1] / base.wall_seconds)
+        every_seed = len(flops_ratios) == len(runs)
         finals = [r.final_val_loss for r in runs]
+        diffs = [r.final_val_loss - b.final_val_loss for r, b in zip(runs, base_runs)]
         rows.append(MethodSummary(
-            schedule=name, seeds=len(runs), final_val_loss=statistics.mean(finals),
-            final_val_loss_spread=_spread(finals),
-            flops_ratio=statistics.mean(flops_ratios) if flops_ratios else None,
-            flops_ratio_spread=_spread(flops_ratios) if flops_ratios else None,
-            wall_ratio=statistics.mean(wall_ratios) if wall_ratios else None,
-            wall_ratio_spread=_spread(wall_ratios) if wall_ratios else None,
+            schedule=name, seeds=len(runs), lr=(lrs or {}).get(name), final_val_loss=statistics.mean(finals),
+            final_val_loss_spread=_spread(finals), loss_diff=statistics.mean(diffs), loss_diff_spread=_spread(diffs),
+            flops_ratio=statistics.mean(flops_ratios) if every_seed else None,
+            flops_ratio_spread=_spread(flops_ratios) if every_seed else None,
+            wall_ratio=statistics.mean(wall_ratios) if every_seed else None,
+            wall_ratio_spread=_spread(wall_ratios) if every_seed else None,
             reached=len(flops_ratios),
             total_flops_ratio=statistics.mean(r.flops / b.flops for r, b in zip(runs, base_runs))))
     return rows
 
 
-def _ratio(value: float | None, spread: tuple[float, float] | None) -> str:
+def _ratio(value: float | None, spread: tuple[float, float] | None, reached: int, seeds: int) -> str:
     if value is None:
-        return "not reached"
+        return f"not reached ({reached}/{seeds} seeds)"
     return f"{value:.2f} ({spread[0]:.2f}-{spread[1]:.2f})"
 
 
 def markdown_table(rows: list[MethodSummary]) -> str:
-    lines = ["| schedule | final val loss (min-max) | FLOPs to baseline loss (ratio) | wall time to baseline "
-             "loss (ratio) | seeds reaching it | schedule FLOPs / baseline |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| schedule | lr | final val loss (min-max) | loss - baseline, same FLOPs (min-max) | FLOPs to "
+             "baseline loss (ratio) | wall time to baseline loss (ratio) | seeds reaching it | schedule FLOPs / "
+             "baseline |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r.final_val_loss_spread
-        lines.append(f"| {r.schedule} | {r.final_val_loss:.3f} ({lo:.3f}-{hi:.3f}) | "
-                     f"{_ratio(r.flops_ratio, r.flops_ratio_spread)} | {_ratio(r.wall_ratio, r.wall_ratio_spread)} | "
+        d_lo, d_hi = r.loss_diff_spread
+        lr = "-" if r.lr is None else f"{r.lr:g}"
+        lines.append(f"| {r.schedule} | {lr} | {r.final_val_loss:.3f} ({lo:.3f}-{hi:.3f}) | "
+                     f"{r.loss_diff:+.3f} ({d_lo:+.3f} to {d_hi:+.3f}) | "
+                     f"{_ratio(r.flops_ratio, r.flops_ratio_spread, r.reached, r.seeds)} | "
+                     f"{_ratio(r.wall_ratio, r.wall_ratio_spread, r.reached, r.seeds)} | "
                      f"{r.reached}/{r.seeds} | {r.total_flops_ratio:.2f} |")
     return "\n".join(lines)
 
@@ -108,17 +123,43 @@ def write_summary(rows: list[MethodSummary], out_dir: str, header: str = "") -> 
         f.write((header + "\n\n" if header else "") + table + "\n")
     with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["schedule", "seeds", "final_val_loss", "final_val_loss_min", "final_val_loss_max",
-                         "flops_ratio", "wall_ratio", "reached", "total_flops_ratio"])
+        writer.writerow(["schedule", "seeds", "lr", "final_val_loss", "final_val_loss_min", "final_val_loss_max",
+                         "loss_diff", "loss_diff_min", "loss_diff_max", "flops_ratio", "flops_ratio_min",
+                         "flops_ratio_max", "wall_ratio", "reached", "total_flops_ratio"])
         for r in rows:
-            writer.writerow([r.schedule, r.seeds, r.final_val_loss, *r.final_val_loss_spread,
-                             "" if r.flops_ratio is None else r.flops_ratio,
+            flops_spread = r.flops_ratio_spread or ("", "")
+            writer.writerow([r.schedule, r.seeds, "" if r.lr is None else r.lr, r.final_val_loss,
+                             *r.final_val_loss_spread, r.loss_diff, *r.loss_diff_spread,
+                             "" if r.flops_ratio is None else r.flops_ratio, *flops_spread,
                              "" if r.wall_ratio is None else r.wall_ratio, r.reached, r.total_flops_ratio])
     return table
 
 
-def plot_curves(results: dict[str, list[RunResult]], out_dir: str) -> list[str]:
-    """loss_vs_flops.png and loss_vs_time.png (first seed of each schedule); needs matplotlib."""
+def write_tuning_table(sweep: dict[str, dict[float, float]], base_lr: float, out_dir: str, protocol: str) -> str:
+    """tuning.md and tuning.csv: every arm's mean final validation loss at every multiplier of the sweep, its
+    choice marked, and a warning where the choice sits at the grid's edge (the optimum may lie beyond it)."""
+    multipliers = sorted({m for losses in sweep.values() for m in losses})
+    lines = [protocol, "", "| schedule | " + " | ".join(f"x{m:g} (lr {base_lr * m:g})" for m in multipliers)
+             + " | chosen |", "|---|" + "---|" * (len(multipliers) + 1)]
+    with open(os.path.join(out_dir, "tuning.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["schedule", "multiplier", "lr", "mean_final_val_loss", "chosen"])
+        for name, losses in sweep.items():
+            best = best_multiplier(losses)
+            cells = [f"**{losses[m]:.3f}**" if m == best else f"{losses[m]:.3f}" for m in multipliers]
+            edge = " (at the grid's edge)" if best in (multipliers[0], multipliers[-1]) else ""
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | x{best:g}{edge} |")
+            for m in multipliers:
+                writer.writerow([name, m, base_lr * m, losses[m], m == best])
+    table = "\n".join(lines)
+    with open(os.path.join(out_dir, "tuning.md"), "w") as f:
+        f.write(table + "\n")
+    return table
+
+
+def plot_curves(results: dict[str, list[RunResult]], out_dir: str, title: str = "") -> list[str]:
+    """loss_vs_flops.png and loss_vs_time.png (first seed of each schedule), titled ``title``; needs
+    matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,6 +173,8 @@ def plot_curves(results: dict[str, list[RunResult]], out_dir: str) -> list[str]:
             ax.plot([e[1 + index] for e in evals], [e.val_loss for e in evals], marker=".", label=name)
         ax.set_xlabel(label)
         ax.set_ylabel("validation loss")
+        if title:
+            ax.set_title(title)
         ax.legend()
         fig.tight_layout()
         path = os.path.join(out_dir, file_name)

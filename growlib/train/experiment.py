@@ -3,18 +3,23 @@ several schedules and seeds on the same budget and data and summarises them agai
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import statistics
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from growlib.apply import counting_map_flops
 from growlib.schedules import SCHEDULES, build_schedule
 from growlib.train import data as D
-from growlib.train.compare import plot_curves, summarize, write_summary
+import growlib
+from growlib.train import tuning as T
+from growlib.train.compare import plot_curves, summarize, write_summary, write_tuning_table
 from growlib.train.flops import step_flops
-from growlib.train.loop import MetricsLog, RunResult, RunState, TrainConfig, rank_and_world, run_schedule
+from growlib.train.loop import (MetricsLog, RunResult, RunState, TrainConfig, evaluate, rank_and_world,
+                                run_schedule)
 from growlib.train.sizes import FAMILIES, build_model, parse_size
 
 DEFAULT_CACHE = os.environ.get("GROWLIB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "growlib"))
@@ -86,10 +91,12 @@ def prepare_data(exp: Experiment) -> PreparedData:
                         tokenizer, tokenizer.vocab_size)
 
 
-def _batches(exp: Experiment, prepared: PreparedData, seed: int) -> tuple[Callable[[int], dict], list[dict]]:
+def _batches(exp: Experiment, prepared: PreparedData, seed: int,
+             eval_batches: int | None = None) -> tuple[Callable[[int], dict], list[dict]]:
     """Training batches by step (each rank of a distributed run draws its own: step * world + rank) and the
-    fixed validation batches."""
+    fixed validation batches (``eval_batches`` of them, default the config's), from the start of the split."""
     cfg, device = exp.config, torch.device(exp.device)
+    eval_batches = cfg.eval_batches if eval_batches is None else eval_batches
     rank, world = rank_and_world()
 
     def to_device(batch: dict) -> dict:
@@ -98,17 +105,17 @@ def _batches(exp: Experiment, prepared: PreparedData, seed: int) -> tuple[Callab
     if exp.family == "vit":
         def train_batch(step):
             return to_device(D.image_batch(*prepared.train, step * world + rank, cfg.batch_size, seed))
-        evals = D.image_validation_batches(*prepared.validation, cfg.batch_size, cfg.eval_batches)
+        evals = D.image_validation_batches(*prepared.validation, cfg.batch_size, eval_batches)
     elif exp.family == "bert":
         def train_batch(step):
             return to_device(D.mlm_batch(prepared.train, step * world + rank, cfg.batch_size, cfg.seq_len, seed,
                                          prepared.tokenizer))
-        evals = D.mlm_validation_batches(prepared.validation, cfg.batch_size, cfg.seq_len, cfg.eval_batches,
+        evals = D.mlm_validation_batches(prepared.validation, cfg.batch_size, cfg.seq_len, eval_batches,
                                          prepared.tokenizer)
     else:
         def train_batch(step):
             return to_device(D.causal_lm_batch(prepared.train, step * world + rank, cfg.batch_size, cfg.seq_len, seed))
-        evals = D.validation_batches(prepared.validation, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+        evals = D.validation_batches(prepared.validation, cfg.batch_size, cfg.seq_len, eval_batches)
     return train_batch, [to_device(b) for b in evals]
 
 
@@ -118,6 +125,14 @@ def run(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = No
         deepspeed: dict | None = None) -> RunResult:
     """Train ``schedule`` on the experiment; metrics and checkpoints go to ``out_dir`` when given;
     ``deepspeed`` (a DeepSpeed config dict) trains through DeepSpeed engines, without checkpoints."""
+    return train(exp, schedule, seed, options, prepared, out_dir, resume, checkpoint_every, progress, deepspeed)[0]
+
+
+def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = None,
+          prepared: PreparedData | None = None, out_dir: str | None = None, resume: bool = False,
+          checkpoint_every: int = 50, progress: Callable[[dict], None] | None = None,
+          deepspeed: dict | None = None) -> tuple[RunResult, torch.nn.Module]:
+    """``run``, returning the trained model too (``compare`` measures the evaluation's noise on it)."""
     prepared = prepared or prepare_data(exp)
     torch.manual_seed(seed)
     model = build_model(exp.family, exp.size, prepared.vocab_size, exp.config.seq_len).to(exp.device)
@@ -136,12 +151,15 @@ def run(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = No
             for stale in ("metrics.jsonl", "checkpoint.pt"):
                 if os.path.exists(os.path.join(run_dir, stale)):
                     os.remove(os.path.join(run_dir, stale))
-    return run_schedule(stages, RunState(model), exp.config, train_batch=train_batch, eval_batches=eval_batches,
-                        step_flops=flops, metrics=MetricsLog(os.path.join(run_dir, "metrics.jsonl") if run_dir else None),
-                        checkpoint_path=os.path.join(run_dir, "checkpoint.pt") if run_dir else None,
-                        checkpoint_every=checkpoint_every if run_dir else 0, resume=resume, schedule_name=schedule,
-                        progress=progress, deepspeed=deepspeed,
-                        tokens_per_sample=step_flops(model, 1, _seq_len(exp)).seq_len)
+    state = RunState(model)
+    result = run_schedule(stages, state, exp.config, train_batch=train_batch, eval_batches=eval_batches,
+                          step_flops=flops,
+                          metrics=MetricsLog(os.path.join(run_dir, "metrics.jsonl") if run_dir else None),
+                          checkpoint_path=os.path.join(run_dir, "checkpoint.pt") if run_dir else None,
+                          checkpoint_every=checkpoint_every if run_dir else 0, resume=resume, schedule_name=schedule,
+                          progress=progress, deepspeed=deepspeed,
+                          tokens_per_sample=step_flops(model, 1, _seq_len(exp)).seq_len)
+    return result, state.model
 
 
 def _seq_len(exp: Experiment) -> int | None:
@@ -177,15 +195,88 @@ def schedule_flops(exp: Experiment, schedule: str, total_steps: int, options: di
     return total
 
 
+class EvalNoise(NamedTuple):
+    """How much one evaluation's loss moves with the validation text it happens to see: the same model on
+    ``len(losses)`` disjoint validation subsets, each as large as the evaluation the runs use."""
+
+    std: float
+    losses: list[float]
+    tokens_per_subset: int
+
+    def describe(self) -> str:
+        return (f"eval noise: std {self.std:.3f} of one evaluation ({self.tokens_per_subset} tokens) over "
+                f"{len(self.losses)} disjoint validation subsets, the baseline's final model")
+
+
+NOISE_SUBSETS = 8
+
+
+def evaluation_noise(exp: Experiment, prepared: PreparedData, model: torch.nn.Module,
+                     subsets: int = NOISE_SUBSETS) -> EvalNoise | None:
+    """``EvalNoise`` of ``model`` over up to ``subsets`` disjoint validation subsets (as many whole ones as the
+    validation split holds; None with fewer than 2)."""
+    per_subset = exp.config.eval_batches
+    _, batches = _batches(exp, prepared, seed=0, eval_batches=subsets * per_subset)
+    batches = [b for b in batches if len(next(iter(b.values()))) == exp.config.batch_size]  # whole batches only
+    count = len(batches) // per_subset
+    if count < 2:
+        return None
+    losses = [evaluate(model, batches[k * per_subset:(k + 1) * per_subset]) for k in range(count)]
+    tokens = per_subset * exp.config.batch_size * (_seq_len(exp) or step_flops(model, 1, None).seq_len)
+    return EvalNoise(statistics.stdev(losses), losses, tokens)
+
+
+def _arm(exp: Experiment, steps: int, lr: float, warmup_steps: int | None = None) -> Experiment:
+    """The experiment as one arm trains it: its own step count (same FLOPs) and learning rate."""
+    config = dataclasses.replace(exp.config, lr=lr,
+                                 warmup_steps=exp.config.warmup_steps if warmup_steps is None else warmup_steps)
+    return dataclasses.replace(exp, total_steps=steps, config=config)
+
+
+def _tuning_settings(exp: Experiment, prepared: PreparedData, schedule: str, seed: int,
+                     options: dict | None) -> dict:
+    """Everything that decides a tuning run's result, for its cache name: the experiment (its data by path and
+    by the size of its token streams, so edited data is a new run), the schedule and its options, the seed."""
+    def stream_size(stream) -> int:
+        return len(stream[1]) if isinstance(stream, tuple) else len(stream)
+
+    return {"growlib": growlib.__version__, "family": exp.family, "size": exp.size, "steps": exp.total_steps,
+            "config": dataclasses.asdict(exp.config), "data": os.path.abspath(exp.data) if exp.data else None,
+            "tokens": [stream_size(prepared.train), stream_size(prepared.validation)],
+            "vocab_size": prepared.vocab_size, "device": torch.device(exp.device).type, "schedule": schedule,
+            "options": options or {}, "seed": seed}
+
+
+def _tuning_run(exp: Experiment, prepared: PreparedData, schedule: str, seed: int, options: dict | None,
+                cache_dir: str, log: Callable[[str], None]) -> RunResult:
+    """One run of the sweep, from the cache when it was run before with exactly these settings."""
+    settings = _tuning_settings(exp, prepared, schedule, seed, options)
+    path = os.path.join(cache_dir, schedule, f"lr{exp.config.lr:g}-seed{seed}-{T.fingerprint(settings)}.json")
+    cached = T.load_result(path, settings)
+    if cached is not None:
+        return cached
+    result = run(exp, schedule, seed, options, prepared)
+    T.save_result(path, result, settings)
+    log(f"{'tuning ' + schedule:>22} lr {exp.config.lr:g} seed {seed}: {result.steps} steps, "
+        f"val loss {result.final_val_loss:.3f}, {result.wall_seconds:.1f} s")
+    return result
+
+
 def compare(exp: Experiment, schedules: list[str], seeds: list[int], out_dir: str,
             options: dict[str, dict] | None = None, budget: str = "flops",
-            log: Callable[[str], None] = print) -> str:
-    """Run every schedule with every seed on the same data; write summary.md / summary.csv and the loss
-    curves; return the markdown table.
+            log: Callable[[str], None] = print, tuning: T.Tuning | None = T.Tuning()) -> str:
+    """Run every schedule with every seed on the same data, each at its own tuned learning rate; write
+    summary.md / summary.csv, tuning.md / tuning.csv and the loss curves; return the markdown table.
 
     ``budget='steps'`` gives every schedule the baseline's ``total_steps`` (the same tokens);
     ``budget='flops'`` stretches each schedule's steps so it spends the baseline's FLOPs, which is how
-    compute saved is measured: the FLOPs each method needs to reach the baseline's final loss."""
+    compute saved is measured: the FLOPs each method needs to reach the baseline's final loss.
+
+    ``tuning`` (``growlib.train.tuning.Tuning``) sweeps every arm's learning rate the same way on seeds that
+    are not reported, and each arm then runs at its best; its runs are cached under ``out_dir/tuning`` and
+    reused.  ``tuning=None`` runs every arm at ``exp.config.lr``, and every table says it is untuned.  The
+    baseline's final model (first seed) is also evaluated on disjoint validation subsets, so the table states
+    how much one evaluation moves with the text it sees."""
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
     unknown = [name for name in schedules if name not in SCHEDULES]
@@ -193,27 +284,56 @@ def compare(exp: Experiment, schedules: list[str], seeds: list[int], out_dir: st
         raise ValueError(f"schedules must be a non-empty list of {sorted(SCHEDULES)}, got {list(schedules)!r}")
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
         raise ValueError(f"seeds must be a non-empty list of ints, got {seeds!r}")
+    if tuning is not None:
+        if not isinstance(tuning, T.Tuning):
+            raise TypeError(f"tuning must be a growlib.train.tuning.Tuning or None, got {type(tuning).__name__}")
+        tuning.check_disjoint(list(seeds))
     if "baseline" not in schedules:
         schedules = ["baseline"] + list(schedules)
+    options = options or {}
     prepared = prepare_data(exp)
     baseline_flops = schedule_flops(exp, "baseline", exp.total_steps, None, prepared.vocab_size)
-    results: dict[str, list[RunResult]] = {}
+    steps = {}
     for name in schedules:
-        steps = exp.total_steps
+        steps[name] = exp.total_steps
         if budget == "flops" and name != "baseline":
-            own = schedule_flops(exp, name, exp.total_steps, (options or {}).get(name), prepared.vocab_size)
-            steps = round(exp.total_steps * baseline_flops / own)
+            own = schedule_flops(exp, name, exp.total_steps, options.get(name), prepared.vocab_size)
+            steps[name] = round(exp.total_steps * baseline_flops / own)
+
+    lrs, sweep = {name: exp.config.lr for name in schedules}, {}
+    if tuning is not None:
+        for name in schedules:
+            tune_steps, tune_warmup = tuning.scaled(steps[name], exp.config.warmup_steps)
+            sweep[name] = {}
+            for multiplier in tuning.lr_grid:
+                arm = _arm(exp, tune_steps, exp.config.lr * multiplier, tune_warmup)
+                runs = [_tuning_run(arm, prepared, name, seed, options.get(name), os.path.join(out_dir, "tuning"), log)
+                        for seed in tuning.seeds]
+                sweep[name][multiplier] = T.mean_final_loss(runs)
+            best = T.best_multiplier(sweep[name])
+            lrs[name] = exp.config.lr * best
+            log(f"{name:>15}: best lr {lrs[name]:g} (x{best:g})")
+
+    results: dict[str, list[RunResult]] = {}
+    noise = None
+    for name in schedules:
         for seed in seeds:
-            stretched = Experiment(**{**exp.__dict__, "total_steps": steps})
-            result = run(stretched, name, seed, (options or {}).get(name), prepared, out_dir)
-            log(f"{name:>15} seed {seed}: {result.steps} steps, val loss {result.final_val_loss:.3f}, {result.flops:.3g} FLOPs, "
-                f"{result.wall_seconds:.1f} s")
+            arm = _arm(exp, steps[name], lrs[name])
+            result, model = train(arm, name, seed, options.get(name), prepared, out_dir)
+            if name == "baseline" and noise is None:
+                noise = evaluation_noise(arm, prepared, model)
+            log(f"{name:>15} seed {seed}: {result.steps} steps, lr {lrs[name]:g}, val loss {result.final_val_loss:.3f}, "
+                f"{result.flops:.3g} FLOPs, {result.wall_seconds:.1f} s")
             results.setdefault(name, []).append(result)
+    protocol = tuning.describe(exp.config.lr) if tuning is not None else T.untuned_label(exp.config.lr)
     header = (f"{exp.family} {exp.size}, baseline {exp.total_steps} steps x {exp.config.batch_size} x "
-              f"{exp.config.seq_len} tokens, budget: same {budget}, seeds {seeds}, data {exp.data or 'python stdlib'}")
-    table = write_summary(summarize(results), out_dir, header)
+              f"{exp.config.seq_len} tokens, budget: same {budget}, seeds {seeds}, data {exp.data or 'python stdlib'}; "
+              f"{protocol}; {noise.describe() if noise else 'eval noise: not measured (validation split too small)'}")
+    table = write_summary(summarize(results, lrs=lrs), out_dir, header)
+    if tuning is not None:
+        write_tuning_table(sweep, exp.config.lr, out_dir, protocol)
     try:
-        plot_curves(results, out_dir)
+        plot_curves(results, out_dir, title="tuned LR per arm" if tuning is not None else "UNTUNED")
     except ImportError:
         log("matplotlib is not installed: skipping loss_vs_flops.png / loss_vs_time.png (pip install matplotlib)")
     return table

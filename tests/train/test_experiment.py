@@ -23,7 +23,8 @@ def experiment(tmp_path):
 
 
 def test_cheaper_schedules_get_more_steps_for_the_same_flops(experiment, tmp_path):
-    table = compare(experiment, ["vcycle", "stack"], [0], str(tmp_path / "out"), log=lambda message: None)
+    table = compare(experiment, ["vcycle", "stack"], [0], str(tmp_path / "out"), log=lambda message: None,
+                    tuning=None)
     rows = {r["schedule"]: r for r in csv.DictReader(open(tmp_path / "out" / "summary.csv"))}
     assert set(rows) == {"baseline", "vcycle", "stack"}
     for name in ("vcycle", "stack"):

@@ -1,0 +1,125 @@
+"""Equal tuning for every arm of a comparison: each schedule, the baseline included, gets the same learning-rate
+sweep on seeds that are never reported, and is then compared at its own best learning rate.
+
+Without it a comparison measures the recipes' tuning as much as the methods: at GPT-2 4x128 the baseline at
+twice the default learning rate ended below four of the six tuned methods.  Tuning runs are cached as JSON
+files named by a fingerprint of everything that decides their result, so re-running ``compare`` reuses them
+and a changed setting can never pick up a stale one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass
+
+from growlib.train.loop import Evaluation, RunResult
+
+DEFAULT_LR_GRID = (0.5, 1.0, 2.0, 4.0)
+#: Far from the seeds people report (0, 1, 2, ...), so that ``--seeds`` rarely has to avoid it.
+DEFAULT_TUNE_SEEDS = (1000,)
+#: Bumped whenever what a cached tuning run holds, or what its fingerprint covers, changes.
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How every arm's learning rate is chosen, the same way for each: each multiplier in ``lr_grid`` of the
+    base learning rate, trained on each of ``seeds`` for ``fraction`` of the arm's own budget (its steps and
+    the warmup scaled alike, so every arm's warmup stays the same share of its run); the multiplier with the
+    lowest mean final validation loss wins."""
+
+    lr_grid: tuple[float, ...] = DEFAULT_LR_GRID
+    seeds: tuple[int, ...] = DEFAULT_TUNE_SEEDS
+    fraction: float = 1.0
+
+    def __post_init__(self):
+        grid, seeds = tuple(self.lr_grid), tuple(self.seeds)
+        if not grid or any(isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m <= 0
+                           for m in grid):
+            raise ValueError(f"lr_grid must be a non-empty list of positive learning-rate multipliers, got "
+                             f"{list(self.lr_grid)!r}")
+        if len(set(grid)) != len(grid):
+            raise ValueError(f"lr_grid must not repeat a multiplier, got {list(grid)!r}")
+        if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+            raise ValueError(f"tuning seeds must be a non-empty list of ints >= 0, got {list(self.seeds)!r}")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"tuning seeds must not repeat, got {list(seeds)!r}")
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or \
+                not 0 < self.fraction <= 1:
+            raise ValueError(f"tuning fraction must be in (0, 1] (the share of each arm's budget a tuning run "
+                             f"trains), got {self.fraction!r}")
+        object.__setattr__(self, "lr_grid", tuple(float(m) for m in grid))
+        object.__setattr__(self, "seeds", seeds)
+        object.__setattr__(self, "fraction", float(self.fraction))
+
+    def check_disjoint(self, reported_seeds: list[int]) -> None:
+        """Choosing on the seeds that are reported would flatter every arm by its luckiest seed."""
+        shared = sorted(set(self.seeds) & set(reported_seeds))
+        if shared:
+            raise ValueError(f"the tuning seeds {list(self.seeds)} must not include a reported seed "
+                             f"({reported_seeds}); both hold {shared}: choose other tuning seeds")
+
+    def scaled(self, steps: int, warmup_steps: int) -> tuple[int, int]:
+        """(steps, warmup steps) of a tuning run for an arm of ``steps`` steps."""
+        return max(1, round(steps * self.fraction)), round(warmup_steps * self.fraction)
+
+    def describe(self, base_lr: float) -> str:
+        grid = ", ".join(f"{m:g}" for m in self.lr_grid)
+        budget = "the full budget" if self.fraction == 1 else f"{self.fraction:.0%} of each arm's budget"
+        return (f"LR tuned per arm, the same way for each: x{{{grid}}} of {base_lr:g} on seed(s) "
+                f"{list(self.seeds)}, {budget}")
+
+
+def untuned_label(base_lr: float) -> str:
+    return f"UNTUNED: every arm at lr {base_lr:g} (--no-tune)"
+
+
+def best_multiplier(mean_losses: dict[float, float]) -> float:
+    """The multiplier of lowest mean final loss (NaN losses never win); ties go to the smaller learning rate."""
+    finite = {m: loss for m, loss in mean_losses.items() if math.isfinite(loss)}
+    if not finite:
+        raise ValueError("every learning rate of the grid diverged (non-finite final loss): lower --lr or "
+                         "change --lr-grid")
+    return min(sorted(finite), key=lambda m: finite[m])
+
+
+def mean_final_loss(results: list[RunResult]) -> float:
+    return statistics.mean(r.final_val_loss for r in results)
+
+
+def fingerprint(settings: dict) -> str:
+    """A short hash of ``settings`` (JSON-able): the name of a cached result."""
+    text = json.dumps({"format": CACHE_FORMAT, **settings}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def save_result(path: str, result: RunResult, settings: dict) -> None:
+    """Write atomically (a temporary file renamed), so an interrupted write leaves nothing that looks done."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    payload = {"format": CACHE_FORMAT, "settings": settings, "steps": result.steps, "flops": result.flops,
+               "wall_seconds": result.wall_seconds, "final_val_loss": result.final_val_loss,
+               "evals": [list(e) for e in result.evals]}
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w") as f:
+        json.dump(payload, f, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def load_result(path: str, settings: dict) -> RunResult | None:
+    """The cached result at ``path``, or None if there is none.  A file whose recorded settings differ from
+    ``settings`` (a hash collision, or a hand-edited file) is refused rather than used."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        payload = json.load(f)
+    expected = json.loads(json.dumps(settings, default=str))
+    if payload.get("format") != CACHE_FORMAT or payload.get("settings") != expected:
+        raise ValueError(f"{path} holds a tuning run of other settings than its name says: delete it, or give "
+                         "compare another --out")
+    return RunResult(steps=payload["steps"], flops=payload["flops"], wall_seconds=payload["wall_seconds"],
+                     final_val_loss=payload["final_val_loss"], evals=[Evaluation(*e) for e in payload["evals"]])
