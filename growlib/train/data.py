@@ -445,29 +445,46 @@ def mlm_batch(data: TokenData, step: int, batch_size: int, seq_len: int, seed: i
     return _bert_mask(_random_windows(data, batch_size, seq_len, generator), tokenizer, mask_prob, generator)
 
 
-def _validation_windows(data: TokenData, batch_size: int, seq_len: int, max_batches: int) -> list[torch.Tensor]:
+def _spread_indices(available: int, wanted: int, subset: int, subsets: int) -> torch.Tensor:
+    """Indices of up to ``wanted`` items spread evenly over ``available`` ones, for subset ``subset`` of
+    ``subsets`` disjoint ones: item ``i * stride + subset``.  Spread rather than the first ones, so that a fixed
+    evaluation samples the whole split (the stdlib's validation files differ by a whole nat in loss from one to
+    the next) and disjoint subsets of the same size measure how much an evaluation moves with its sample."""
+    subsets = _require_int("subsets", subsets)
+    if isinstance(subset, bool) or not isinstance(subset, int) or not 0 <= subset < subsets:
+        raise ValueError(f"subset must be an int in [0, {subsets}), got {subset!r}")
+    count = min(available // subsets, wanted)
+    if count == 0:
+        raise ValueError(f"the validation split holds {available} windows or images, too few for {subsets} "
+                         "disjoint subsets")
+    return torch.arange(count) * (available // count) + subset
+
+
+def _validation_windows(data: TokenData, batch_size: int, seq_len: int, max_batches: int, subset: int = 0,
+                        subsets: int = 1) -> list[torch.Tensor]:
     _check_windows(data, batch_size, seq_len)
     max_batches = _require_int("max_batches", max_batches)
-    count = min(len(data) // seq_len, batch_size * max_batches)
-    starts = torch.arange(count) * seq_len
+    starts = _spread_indices(len(data) // seq_len, batch_size * max_batches, subset, subsets) * seq_len
     return [data.windows(chunk, seq_len) for chunk in starts.split(batch_size)]
 
 
-def validation_batches(data: TokenData, batch_size: int, seq_len: int, max_batches: int
-                       ) -> list[dict[str, torch.Tensor]]:
-    """Causal-LM evaluation batches: consecutive non-overlapping windows from the start of the split, the same
-    on every call (the last batch may be smaller; at most ``max_batches``)."""
+def validation_batches(data: TokenData, batch_size: int, seq_len: int, max_batches: int, subset: int = 0,
+                       subsets: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Causal-LM evaluation batches: non-overlapping windows spread evenly over the split, the same on every
+    call (the last batch may be smaller; at most ``max_batches``).  ``subset`` of ``subsets``: one of that many
+    disjoint such sets (subset 0 of any number is the default set while the split holds enough windows)."""
     return [{"input_ids": ids, "labels": ids.clone()}
-            for ids in _validation_windows(data, batch_size, seq_len, max_batches)]
+            for ids in _validation_windows(data, batch_size, seq_len, max_batches, subset, subsets)]
 
 
 def mlm_validation_batches(data: TokenData, batch_size: int, seq_len: int, max_batches: int, tokenizer,
-                           mask_prob: float = 0.15, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+                           mask_prob: float = 0.15, seed: int = 0, subset: int = 0,
+                           subsets: int = 1) -> list[dict[str, torch.Tensor]]:
     """The windows of ``validation_batches``, BERT-masked with a fixed seed: the same on every call."""
     _require_tokenizer(tokenizer)
     mask_prob = _check_mask_prob(mask_prob)
     return [_bert_mask(ids, tokenizer, mask_prob, step_generator(seed, i))
-            for i, ids in enumerate(_validation_windows(data, batch_size, seq_len, max_batches))]
+            for i, ids in enumerate(_validation_windows(data, batch_size, seq_len, max_batches, subset, subsets))]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -510,11 +527,11 @@ def image_batch(images: torch.Tensor, labels: torch.Tensor, step: int, batch_siz
     return {"pixel_values": images[index], "labels": labels[index]}
 
 
-def image_validation_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, max_batches: int
-                             ) -> list[dict[str, torch.Tensor]]:
-    """The first ``batch_size * max_batches`` images in order, in batches (the last may be smaller)."""
+def image_validation_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, max_batches: int,
+                             subset: int = 0, subsets: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Up to ``batch_size * max_batches`` images spread evenly over the split (all of them, in order, when
+    they fit), in batches (the last may be smaller); ``subset`` / ``subsets`` as ``validation_batches``."""
     _check_images(images, labels)
     _require_int("batch_size", batch_size)
-    count = min(len(labels), batch_size * _require_int("max_batches", max_batches))
-    return [{"pixel_values": images[i:i + batch_size], "labels": labels[i:i + batch_size]}
-            for i in range(0, count, batch_size)]
+    chosen = _spread_indices(len(labels), batch_size * _require_int("max_batches", max_batches), subset, subsets)
+    return [{"pixel_values": images[chunk], "labels": labels[chunk]} for chunk in chosen.split(batch_size)]

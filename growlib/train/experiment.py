@@ -91,12 +91,12 @@ def prepare_data(exp: Experiment) -> PreparedData:
                         tokenizer, tokenizer.vocab_size)
 
 
-def _batches(exp: Experiment, prepared: PreparedData, seed: int,
-             eval_batches: int | None = None) -> tuple[Callable[[int], dict], list[dict]]:
+def _batches(exp: Experiment, prepared: PreparedData, seed: int, subset: int = 0,
+             subsets: int = 1) -> tuple[Callable[[int], dict], list[dict]]:
     """Training batches by step (each rank of a distributed run draws its own: step * world + rank) and the
-    fixed validation batches (``eval_batches`` of them, default the config's), from the start of the split."""
+    fixed validation batches (subset ``subset`` of ``subsets`` disjoint ones: see ``data.validation_batches``)."""
     cfg, device = exp.config, torch.device(exp.device)
-    eval_batches = cfg.eval_batches if eval_batches is None else eval_batches
+    spread = {"subset": subset, "subsets": subsets}
     rank, world = rank_and_world()
 
     def to_device(batch: dict) -> dict:
@@ -105,17 +105,17 @@ def _batches(exp: Experiment, prepared: PreparedData, seed: int,
     if exp.family == "vit":
         def train_batch(step):
             return to_device(D.image_batch(*prepared.train, step * world + rank, cfg.batch_size, seed))
-        evals = D.image_validation_batches(*prepared.validation, cfg.batch_size, eval_batches)
+        evals = D.image_validation_batches(*prepared.validation, cfg.batch_size, cfg.eval_batches, **spread)
     elif exp.family == "bert":
         def train_batch(step):
             return to_device(D.mlm_batch(prepared.train, step * world + rank, cfg.batch_size, cfg.seq_len, seed,
                                          prepared.tokenizer))
-        evals = D.mlm_validation_batches(prepared.validation, cfg.batch_size, cfg.seq_len, eval_batches,
-                                         prepared.tokenizer)
+        evals = D.mlm_validation_batches(prepared.validation, cfg.batch_size, cfg.seq_len, cfg.eval_batches,
+                                         prepared.tokenizer, **spread)
     else:
         def train_batch(step):
             return to_device(D.causal_lm_batch(prepared.train, step * world + rank, cfg.batch_size, cfg.seq_len, seed))
-        evals = D.validation_batches(prepared.validation, cfg.batch_size, cfg.seq_len, eval_batches)
+        evals = D.validation_batches(prepared.validation, cfg.batch_size, cfg.seq_len, cfg.eval_batches, **spread)
     return train_batch, [to_device(b) for b in evals]
 
 
@@ -213,16 +213,17 @@ NOISE_SUBSETS = 8
 
 def evaluation_noise(exp: Experiment, prepared: PreparedData, model: torch.nn.Module,
                      subsets: int = NOISE_SUBSETS) -> EvalNoise | None:
-    """``EvalNoise`` of ``model`` over up to ``subsets`` disjoint validation subsets (as many whole ones as the
-    validation split holds; None with fewer than 2)."""
-    per_subset = exp.config.eval_batches
-    _, batches = _batches(exp, prepared, seed=0, eval_batches=subsets * per_subset)
-    batches = [b for b in batches if len(next(iter(b.values()))) == exp.config.batch_size]  # whole batches only
-    count = len(batches) // per_subset
-    if count < 2:
+    """``EvalNoise`` of ``model`` over ``subsets`` disjoint validation subsets as large as the runs' evaluation
+    (fewer subsets where the split holds fewer; None below 2)."""
+    batch = exp.config.batch_size
+    wanted = batch * exp.config.eval_batches
+    available = (len(prepared.validation[1]) if isinstance(prepared.validation, tuple)
+                 else len(prepared.validation) // exp.config.seq_len)
+    subsets = min(subsets, available // wanted)
+    if subsets < 2:
         return None
-    losses = [evaluate(model, batches[k * per_subset:(k + 1) * per_subset]) for k in range(count)]
-    tokens = per_subset * exp.config.batch_size * (_seq_len(exp) or step_flops(model, 1, None).seq_len)
+    losses = [evaluate(model, _batches(exp, prepared, seed=0, subset=k, subsets=subsets)[1]) for k in range(subsets)]
+    tokens = wanted * (_seq_len(exp) or step_flops(model, 1, None).seq_len)
     return EvalNoise(statistics.stdev(losses), losses, tokens)
 
 

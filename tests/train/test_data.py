@@ -284,14 +284,33 @@ def test_mlm_always_masks_at_least_one_position():
     assert (D.mlm_batch(only_specials, 0, 2, 4, seed=0, tokenizer=tok)["labels"] != -100).sum() == 1
 
 
-def test_validation_batches_are_consecutive_windows_and_identical_across_calls(byte_val):
+def test_validation_batches_spread_over_the_split_and_are_identical_across_calls(byte_val):
     batches = D.validation_batches(byte_val, 3, 50, max_batches=4)
     assert [b["input_ids"].shape for b in batches] == [(3, 50)] * 4
-    assert torch.equal(torch.cat([b["input_ids"] for b in batches]).flatten(), byte_val.ids[:600].long())
+    stride = (len(byte_val) // 50) // 12
+    expected = torch.stack([byte_val.ids[w * stride * 50:(w * stride + 1) * 50] for w in range(12)]).long()
+    assert stride > 1 and torch.equal(torch.cat([b["input_ids"] for b in batches]), expected)
     again = D.validation_batches(byte_val, 3, 50, max_batches=4)
     assert all(torch.equal(x[k], y[k]) for x, y in zip(batches, again) for k in x)
-    short = D.TokenData(torch.arange(100))
+    short = D.TokenData(torch.arange(100))  # fewer windows than asked for: all of them, in order
     assert [b["input_ids"].shape[0] for b in D.validation_batches(short, 3, 20, max_batches=10)] == [3, 2]
+    assert torch.equal(torch.cat([b["input_ids"] for b in D.validation_batches(short, 3, 20, 10)]).flatten(),
+                       torch.arange(100))
+
+
+def test_validation_subsets_are_disjoint_and_the_first_is_the_default_set(byte_val):
+    windows = [torch.cat([b["input_ids"] for b in D.validation_batches(byte_val, 3, 50, 4, subset=k, subsets=5)])
+               for k in range(5)]
+    assert all(w.shape == (12, 50) for w in windows)
+    rows = {tuple(row.tolist()) for w in windows for row in w}
+    assert len(rows) == 60  # no window in two subsets
+    default = torch.cat([b["input_ids"] for b in D.validation_batches(byte_val, 3, 50, 4)])
+    assert torch.equal(windows[0], default)
+    too_many = len(byte_val) // 50 + 1
+    with pytest.raises(ValueError, match=f"too few for {too_many} disjoint subsets"):
+        D.validation_batches(byte_val, 3, 50, 4, subset=0, subsets=too_many)
+    with pytest.raises(ValueError, match=r"subset must be an int in \[0, 5\)"):
+        D.validation_batches(byte_val, 3, 50, 4, subset=5, subsets=5)
 
 
 def test_mlm_validation_batches_are_fixed(byte_val):
