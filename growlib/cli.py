@@ -18,9 +18,10 @@ import transformers as T
 import growlib
 from growlib import kernel_check
 from growlib.schedules import SCHEDULES
-from growlib.train.experiment import Experiment, compare
+from growlib.train.experiment import Experiment, ScheduleFailures, compare
 from growlib.train.experiment import run as run_experiment
-from growlib.train.loop import RankDivergenceError, TrainConfig
+from growlib.train.loop import CheckpointWriteError, RankDivergenceError, RunInterrupted, TrainConfig
+from growlib.train.runs import RunFolderError
 from growlib.train.sizes import FAMILIES
 from growlib.train.tuning import DEFAULT_LR_GRID, DEFAULT_TUNE_SEEDS, Tuning
 
@@ -101,6 +102,8 @@ def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", default="tiny", help="tiny | small | base | JSON (inline or a file) of layers/hidden/heads/intermediate")
     parser.add_argument("--data", default=None, help="text file or folder, or .bin token file (default: Python's stdlib)")
     parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--bin-dtype", choices=("uint16", "uint32"), default="uint16",
+                        help="how a .bin --data file stores each token id (little-endian; default uint16)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=None,
                         help="the budget: optimizer steps of the full model (default 300)")
@@ -137,7 +140,7 @@ def _experiment(args) -> Experiment:
                          eval_every=args.eval_every, eval_batches=args.eval_batches,
                          on_nonfinite=args.on_nonfinite)
     return Experiment(family=args.model, size=args.size, total_steps=_budget_steps(args), config=config, data=args.data,
-                      vocab_size=args.vocab_size)
+                      vocab_size=args.vocab_size, bin_dtype=args.bin_dtype)
 
 
 def _int_list(flag: str, text: str) -> list[int]:
@@ -240,14 +243,38 @@ def _deepspeed_config(path: str | None) -> dict | None:
         raise SystemExit(f"--deepspeed: cannot read a JSON config from {path!r}: {error}")
 
 
+#: Exit status of a run stopped by SIGINT / SIGTERM (128 + SIGINT, as shells report Ctrl-C).
+EXIT_INTERRUPTED = 130
+
+
 @contextlib.contextmanager
 def _exit_on_fault(command: str):
-    """A numerical fault, diverging ranks or a failed collective (another rank died, or stalled longer than the
-    process group's timeout) end the command with their message and exit status 1."""
+    """A numerical fault, diverging ranks, a run folder that cannot be used as asked, a checkpoint that cannot be
+    written (disk full), schedules of a comparison that failed, or a failed collective (another rank died, or
+    stalled longer than the process group's timeout) end the command with one line and exit status 1; SIGINT /
+    SIGTERM with one line saying where --resume continues, and status 130."""
     try:
         yield
     except (FloatingPointError, RankDivergenceError) as error:
         raise SystemExit(f"growlib {command}: {type(error).__name__}: {error}") from error
+    except RunFolderError as error:
+        raise SystemExit(f"growlib {command}: {error}") from error
+    except CheckpointWriteError as error:  # an OSError: its strerror is the message, without "[Errno 28]"
+        raise SystemExit(f"growlib {command}: {error.strerror}") from error
+    except ScheduleFailures as error:
+        if error.table:
+            print(error.table)
+        raise SystemExit(f"growlib {command}: {error}") from error
+    except RunInterrupted as error:
+        print(f"growlib {command}: interrupted by {error}"
+              + ("; the same compare command resumes the comparison" if command == "compare" else ""),
+              file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:
+        print(f"growlib {command}: interrupted; nothing after the last checkpoint was kept"
+              + (" (the same command resumes the comparison)" if command == "compare" else
+                 " (--resume continues from it)"), file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     except RuntimeError as error:
         dist = torch.distributed
         if not (dist.is_initialized() and dist.get_world_size() > 1
@@ -270,7 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     train_parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="baseline")
     train_parser.add_argument("--schedule-args", nargs="*", default=[], metavar="KEY=VALUE")
     train_parser.add_argument("--seed", type=int, default=0)
-    train_parser.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
+    train_parser.add_argument("--resume", action="store_true",
+                              help="continue the run in OUT/<schedule>-seed<seed> from its checkpoint; refused if "
+                                   "any setting differs from the run's")
+    train_parser.add_argument("--overwrite", action="store_true",
+                              help="delete the run already in OUT/<schedule>-seed<seed> and start over (without it, "
+                                   "starting where a run lies is refused)")
     train_parser.add_argument("--checkpoint-every", type=int, default=None,
                               help="optimizer steps between checkpoints (default 50; not with --deepspeed)")
     train_parser.add_argument("--deepspeed", default=None, metavar="CONFIG.json",
@@ -291,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
                                      "alike (default 1: the full budget)")
     compare_parser.add_argument("--no-tune", action="store_true",
                                 help="every schedule at --lr, untuned (the tables say so)")
+    compare_parser.add_argument("--overwrite", action="store_true",
+                                help="train every run again, deleting what OUT holds of earlier ones (without it, "
+                                     "the same command resumes: finished runs are kept, interrupted ones resume)")
+    compare_parser.add_argument("--checkpoint-every", type=int, default=50,
+                                help="optimizer steps between each run's checkpoints (default 50)")
     check_parser = commands.add_parser("check-kernels", help="every Triton kernel against its PyTorch reference "
                                        "on this machine (CUDA, else the CPU through Triton's interpreter)")
     kernel_check.add_arguments(check_parser)
@@ -300,7 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-kernels":
         return kernel_check.main((["--quick"] if args.quick else [])
                                  + [option for op in args.kernel or () for option in ("--kernel", op)])
+    if args.command in ("train", "compare") and args.checkpoint_every is not None and args.checkpoint_every < 0:
+        raise SystemExit(f"--checkpoint-every must be >= 0 (0: only the final checkpoint), got {args.checkpoint_every}")
     if args.command == "train":
+        if args.resume and args.overwrite:
+            raise SystemExit("--resume and --overwrite exclude each other: --resume continues the run in the "
+                             "folder, --overwrite deletes it and starts over")
         experiment = _experiment(args)
         deepspeed = _deepspeed_config(args.deepspeed)
         if deepspeed is not None and (args.resume or args.checkpoint_every):
@@ -311,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         with _exit_on_fault("train"):
             result = run_experiment(experiment, args.schedule, args.seed, _options(args.schedule_args),
                                     out_dir=args.out, resume=args.resume, checkpoint_every=checkpoint_every,
-                                    progress=ProgressBar(), deepspeed=deepspeed)
+                                    progress=ProgressBar(), deepspeed=deepspeed, overwrite=args.overwrite)
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             print(f"{args.schedule}: {result.steps} steps, {result.flops:.3g} FLOPs, {result.wall_seconds:.1f} s, "
                   f"final validation loss {result.final_val_loss:.4f}")
@@ -322,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     tuning = None if args.no_tune else _tuning(args, seeds)
     with _exit_on_fault("compare"):
         table = compare(_experiment(args), args.schedules.split(","), seeds, args.out, budget=args.budget,
-                        tuning=tuning)
+                        tuning=tuning, overwrite=args.overwrite, checkpoint_every=args.checkpoint_every)
     print(table)
     return 0
 

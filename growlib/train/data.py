@@ -328,10 +328,20 @@ class TokenData:
         if size == 0 or size % np_dtype.itemsize:
             raise ValueError(f"path: {str(path)!r} holds {size} bytes, not a positive multiple of the "
                              f"{np_dtype.itemsize}-byte dtype {dtype!r}")
-        return cls(np.memmap(path, dtype=np_dtype, mode="r"))
+        ids = np.memmap(path, dtype=np_dtype, mode="r")
+        if np_dtype.itemsize == 2 and _looks_like_uint32(ids):
+            raise ValueError(f"path: {str(path)!r} read as uint16 has 0 at nearly every odd position: it holds uint32 "
+                             "token ids (each id's high half is 0 below 65,536); read it with dtype='uint32'")
+        return cls(ids)
 
     def __len__(self) -> int:
         return int(self._array.shape[0])
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the ids (their dtype and length included), so a run can tell its data from other data
+        or another tokenizer's.  Streams over 64 MiB hash 256 evenly spaced 64 KiB chunks instead of every
+        byte, so a memmapped file of many GB is fingerprinted in milliseconds."""
+        return array_fingerprint(self._array)
 
     @property
     def ids(self) -> torch.Tensor:
@@ -351,6 +361,30 @@ class TokenData:
                              f"{len(self)}, got [{int(starts.min())}, {int(starts.max())}]")
         index = starts.numpy()[:, None].astype(np.int64) + np.arange(length, dtype=np.int64)
         return torch.from_numpy(self._array[index].astype(np.int64))
+
+
+_FULL_HASH_BYTES = 64 << 20
+_CHUNKS, _CHUNK_BYTES = 256, 64 << 10
+
+
+def array_fingerprint(array: np.ndarray) -> str:
+    """``TokenData.fingerprint`` of any array: its dtype, shape and (sampled above 64 MiB) bytes."""
+    digest = hashlib.sha256(f"{array.dtype.str} {array.shape}".encode())
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    if flat.size <= _FULL_HASH_BYTES:
+        digest.update(flat.tobytes())
+    else:
+        for start in np.linspace(0, flat.size - _CHUNK_BYTES, _CHUNKS).astype(np.int64):
+            digest.update(flat[start:start + _CHUNK_BYTES].tobytes())
+    return digest.hexdigest()
+
+
+def _looks_like_uint32(ids: np.ndarray, sample: int = 1 << 20) -> bool:
+    """uint32 ids read as uint16 interleave each id's low half with its high half, 0 for any id under 65,536."""
+    head = np.asarray(ids[:sample])
+    if len(head) < 64:
+        return False
+    return (head[1::2] == 0).mean() > 0.95 and (head[0::2] == 0).mean() < 0.5
 
 
 def _bin_dtype(dtype) -> np.dtype:

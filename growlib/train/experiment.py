@@ -3,7 +3,10 @@ several schedules and seeds on the same budget and data and summarises them agai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import statistics
 from dataclasses import dataclass, field
@@ -18,8 +21,9 @@ import growlib
 from growlib.train import tuning as T
 from growlib.train.compare import plot_curves, summarize, write_summary, write_tuning_table
 from growlib.train.flops import step_flops
-from growlib.train.loop import (MetricsLog, RunResult, RunState, TrainConfig, evaluate, rank_and_world,
-                                run_schedule)
+from growlib.train.loop import (CHECKPOINT_VERSION, MetricsLog, RunResult, RunState, TrainConfig,
+                                run_identity_config, evaluate, rank_and_world, run_schedule)
+from growlib.train.runs import IDENTITY_FILE, RunFolder, RunFolderError, identity_differences
 from growlib.train.sizes import FAMILIES, build_model, parse_size
 
 DEFAULT_CACHE = os.environ.get("GROWLIB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "growlib"))
@@ -37,6 +41,8 @@ class Experiment:
     config: TrainConfig = field(default_factory=TrainConfig)
     data: str | None = None
     vocab_size: int = 2048
+    #: How a ``.bin`` file stores each token id: "uint16" or "uint32" (little-endian).
+    bin_dtype: str = "uint16"
     cache_dir: str = DEFAULT_CACHE
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -48,6 +54,8 @@ class Experiment:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Experiment.{name} must be an int >= 1, got {value!r}")
         parse_size(self.size)
+        if self.bin_dtype not in D.BIN_DTYPES:
+            raise ValueError(f"Experiment.bin_dtype must be one of {tuple(D.BIN_DTYPES)}, got {self.bin_dtype!r}")
         if not isinstance(self.config, TrainConfig):
             raise TypeError(f"Experiment.config must be a growlib TrainConfig, got {type(self.config).__name__}")
         try:
@@ -67,6 +75,16 @@ class PreparedData:
     validation: D.TokenData | tuple[torch.Tensor, torch.Tensor]
     tokenizer: object
     vocab_size: int
+    #: SHA-256 over both splits as tokenized (growlib.train.data.array_fingerprint): other data, another
+    #: tokenizer or another vocabulary gives another fingerprint.
+    fingerprint: str = ""
+
+    def __post_init__(self):
+        if not self.fingerprint:
+            parts = [self.train, self.validation]
+            digests = [D.array_fingerprint(t.numpy()) for split in parts if isinstance(split, tuple) for t in split]
+            digests += [split.fingerprint() for split in parts if not isinstance(split, tuple)]
+            self.fingerprint = hashlib.sha256(" ".join(digests).encode()).hexdigest()
 
 
 def prepare_data(exp: Experiment) -> PreparedData:
@@ -79,7 +97,7 @@ def prepare_data(exp: Experiment) -> PreparedData:
     if exp.data is not None and exp.data.endswith(".bin"):
         if exp.family == "bert":
             raise ValueError("data: a pre-tokenized .bin file has no tokenizer to mask with; BERT needs text data")
-        ids = D.TokenData.from_bin(exp.data).ids
+        ids = D.TokenData.from_bin(exp.data, exp.bin_dtype).ids
         if int(ids.max()) >= exp.vocab_size:
             raise ValueError(f"vocab_size={exp.vocab_size} is too small for {exp.data}, whose largest token id is "
                              f"{int(ids.max())}")
@@ -122,44 +140,75 @@ def _batches(exp: Experiment, prepared: PreparedData, seed: int, subset: int = 0
 def run(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = None,
         prepared: PreparedData | None = None, out_dir: str | None = None, resume: bool = False,
         checkpoint_every: int = 50, progress: Callable[[dict], None] | None = None,
-        deepspeed: dict | None = None) -> RunResult:
+        deepspeed: dict | None = None, overwrite: bool = False) -> RunResult:
     """Train ``schedule`` on the experiment; metrics and checkpoints go to ``out_dir`` when given;
-    ``deepspeed`` (a DeepSpeed config dict) trains through DeepSpeed engines, without checkpoints."""
-    return train(exp, schedule, seed, options, prepared, out_dir, resume, checkpoint_every, progress, deepspeed)[0]
+    ``deepspeed`` (a DeepSpeed config dict) trains through DeepSpeed engines, without checkpoints.
+
+    The run's folder is ``out_dir/<schedule>-seed<seed>`` (growlib.train.runs): ``resume`` continues the run
+    it holds, which must be this very run (same identity) with a checkpoint; otherwise it must hold no run,
+    unless ``overwrite`` deletes it.  One process at a time trains in a folder."""
+    return train(exp, schedule, seed, options, prepared, out_dir, resume, checkpoint_every, progress, deepspeed,
+                 overwrite)[0]
+
+
+def run_identity(exp: Experiment, prepared: PreparedData, schedule: str, seed: int, options: dict | None,
+                 deepspeed: dict | None = None) -> dict:
+    """Every setting that changes what a run trains (see growlib.train.runs), as JSON-able values."""
+    return json.loads(json.dumps({
+        "growlib": growlib.__version__, "checkpoint_version": CHECKPOINT_VERSION, "model": exp.family,
+        "size": parse_size(exp.size), "vocab_size": prepared.vocab_size, "data_fingerprint": prepared.fingerprint,
+        "schedule": schedule, "schedule_args": options or {}, "steps": exp.total_steps, "seed": seed,
+        "training": run_identity_config(exp.config), "processes": rank_and_world()[1],
+        "device": torch.device(exp.device).type, "deepspeed": deepspeed}, sort_keys=True, default=str))
 
 
 def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = None,
           prepared: PreparedData | None = None, out_dir: str | None = None, resume: bool = False,
           checkpoint_every: int = 50, progress: Callable[[dict], None] | None = None,
-          deepspeed: dict | None = None) -> tuple[RunResult, torch.nn.Module]:
-    """``run``, returning the trained model too (``compare`` measures the evaluation's noise on it)."""
+          deepspeed: dict | None = None, overwrite: bool = False) -> tuple[RunResult, torch.nn.Module]:
+    """``run``, returning the trained model too (``compare`` measures the evaluation's noise on it).
+
+    The schedule and its options are checked first, then the data is prepared and the run folder checked
+    against the run's identity, and only then is a model built."""
+    stages = build_schedule(schedule, exp.total_steps, parse_size(exp.size)["layers"], **(options or {}))
     prepared = prepared or prepare_data(exp)
-    torch.manual_seed(seed)
-    model = build_model(exp.family, exp.size, prepared.vocab_size, exp.config.seq_len).to(exp.device)
-    final_layers = model.config.num_hidden_layers
-    stages = build_schedule(schedule, exp.total_steps, final_layers, **(options or {}))
-    train_batch, eval_batches = _batches(exp, prepared, seed)
-    tokens_per_step = exp.config.batch_size * exp.config.grad_accum
+    identity = run_identity(exp, prepared, schedule, seed, options, deepspeed)
+    folder = RunFolder(run_folder(out_dir, schedule, seed)) if out_dir else None
+    main_rank = rank_and_world()[0] == 0
+    with contextlib.ExitStack() as hold:
+        if folder is not None:
+            if main_rank:
+                hold.enter_context(folder.locked())
+            folder.start(identity, resume=resume, overwrite=overwrite, write=False)  # every rank, same verdict
+            _barrier()
+            if main_rank:
+                folder.start(identity, resume=resume, overwrite=overwrite)
+        torch.manual_seed(seed)
+        model = build_model(exp.family, exp.size, prepared.vocab_size, exp.config.seq_len).to(exp.device)
+        train_batch, eval_batches = _batches(exp, prepared, seed)
+        tokens_per_step = exp.config.batch_size * exp.config.grad_accum
 
-    def flops(m):
-        return step_flops(m, tokens_per_step, _seq_len(exp)).total
+        def flops(m):
+            return step_flops(m, tokens_per_step, _seq_len(exp)).total
 
-    run_dir = os.path.join(out_dir, f"{schedule}-seed{seed}") if out_dir else None
-    if run_dir:
-        os.makedirs(run_dir, exist_ok=True)
-        if not resume and rank_and_world()[0] == 0:  # a fresh run: nothing of an earlier one may be resumed
-            for stale in ("metrics.jsonl", "checkpoint.pt"):
-                if os.path.exists(os.path.join(run_dir, stale)):
-                    os.remove(os.path.join(run_dir, stale))
-    state = RunState(model)
-    result = run_schedule(stages, state, exp.config, train_batch=train_batch, eval_batches=eval_batches,
-                          step_flops=flops,
-                          metrics=MetricsLog(os.path.join(run_dir, "metrics.jsonl") if run_dir else None),
-                          checkpoint_path=os.path.join(run_dir, "checkpoint.pt") if run_dir else None,
-                          checkpoint_every=checkpoint_every if run_dir else 0, resume=resume, schedule_name=schedule,
-                          progress=progress, deepspeed=deepspeed,
-                          tokens_per_sample=step_flops(model, 1, _seq_len(exp)).seq_len)
+        state = RunState(model)
+        result = run_schedule(stages, state, exp.config, train_batch=train_batch, eval_batches=eval_batches,
+                              step_flops=flops, metrics=MetricsLog(folder.metrics if folder else None),
+                              checkpoint_path=folder.checkpoint if folder and deepspeed is None else None,
+                              checkpoint_every=checkpoint_every if folder else 0, resume=resume,
+                              schedule_name=schedule, progress=progress, deepspeed=deepspeed,
+                              tokens_per_sample=step_flops(model, 1, _seq_len(exp)).seq_len, identity=identity)
     return result, state.model
+
+
+def run_folder(out_dir: str, schedule: str, seed: int) -> str:
+    """Where a run of ``schedule`` with ``seed`` keeps its files under ``out_dir``."""
+    return os.path.join(out_dir, f"{schedule}-seed{seed}")
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def _seq_len(exp: Experiment) -> int | None:
@@ -237,35 +286,85 @@ def _arm(exp: Experiment, steps: int, lr: float, warmup_steps: int | None = None
 def _tuning_settings(exp: Experiment, prepared: PreparedData, schedule: str, seed: int,
                      options: dict | None) -> dict:
     """Everything that decides a tuning run's result, for its cache name: the experiment (its data by path and
-    by the size of its token streams, so edited data is a new run), the schedule and its options, the seed."""
-    def stream_size(stream) -> int:
-        return len(stream[1]) if isinstance(stream, tuple) else len(stream)
-
+    by the fingerprint of its tokens, so edited data is a new run), the schedule and its options, the seed."""
     return {"growlib": growlib.__version__, "family": exp.family, "size": exp.size, "steps": exp.total_steps,
             "config": dataclasses.asdict(exp.config), "data": os.path.abspath(exp.data) if exp.data else None,
-            "tokens": [stream_size(prepared.train), stream_size(prepared.validation)],
+            "data_fingerprint": prepared.fingerprint,
             "vocab_size": prepared.vocab_size, "device": torch.device(exp.device).type, "schedule": schedule,
             "options": options or {}, "seed": seed}
 
 
 def _tuning_run(exp: Experiment, prepared: PreparedData, schedule: str, seed: int, options: dict | None,
                 cache_dir: str, log: Callable[[str], None]) -> RunResult:
-    """One run of the sweep, from the cache when it was run before with exactly these settings."""
+    """One run of the sweep, from the cache when it was run before with exactly these settings.  A run whose
+    loss or gradients turn non-finite counts as diverged (final loss NaN, which never wins the sweep)."""
     settings = _tuning_settings(exp, prepared, schedule, seed, options)
     path = os.path.join(cache_dir, schedule, f"lr{exp.config.lr:g}-seed{seed}-{T.fingerprint(settings)}.json")
     cached = T.load_result(path, settings)
     if cached is not None:
         return cached
-    result = run(exp, schedule, seed, options, prepared)
+    try:
+        result = run(exp, schedule, seed, options, prepared)
+    except FloatingPointError:
+        result = RunResult(steps=0, flops=0.0, wall_seconds=0.0, final_val_loss=float("nan"), evals=[])
     T.save_result(path, result, settings)
     log(f"{'tuning ' + schedule:>22} lr {exp.config.lr:g} seed {seed}: {result.steps} steps, "
         f"val loss {result.final_val_loss:.3f}, {result.wall_seconds:.1f} s")
     return result
 
 
+class ScheduleFailures(RuntimeError):
+    """Some schedules of a comparison failed; the others were summarised (``table``) all the same."""
+
+    def __init__(self, message: str, table: str):
+        super().__init__(message)
+        self.table = table
+
+
+def _check_compare_arguments(schedules, seeds, budget, tuning) -> None:
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    unknown = [name for name in schedules if name not in SCHEDULES]
+    if not schedules or unknown:
+        raise ValueError(f"schedules must be a non-empty list of {sorted(SCHEDULES)}, got {list(schedules)!r}")
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise ValueError(f"seeds must be a non-empty list of ints, got {seeds!r}")
+    for what, items in (("schedules", schedules), ("seeds", seeds)):
+        repeated = sorted({item for item in items if list(items).count(item) > 1}, key=str)
+        if repeated:
+            raise ValueError(f"{what} lists {repeated} more than once (each run has one folder): {list(items)!r}")
+    if tuning is not None:
+        if not isinstance(tuning, T.Tuning):
+            raise TypeError(f"tuning must be a growlib.train.tuning.Tuning or None, got {type(tuning).__name__}")
+        tuning.check_disjoint(list(seeds))
+
+
+def _how_to_start(folder: RunFolder, identity: dict, overwrite: bool, ignore: tuple[str, ...] = ()) -> str:
+    """'fresh', 'resume' (this very run, checkpointed: a finished one resumes with nothing left to train) or
+    'restart' (this run, stopped before its first checkpoint); RunFolderError if the folder holds another run.
+    ``ignore``: identity fields not known yet (checked again when they are)."""
+    state = folder.state()
+    if overwrite or state.empty:
+        return "restart" if not state.empty else "fresh"
+    recorded, requested = dict(state.identity or {}), dict(identity)
+    for key in ignore:
+        section, _, field_name = key.partition(".")
+        for settings in (recorded, requested):
+            if isinstance(settings.get(section), dict):
+                settings[section] = {k: v for k, v in settings[section].items() if k != field_name}
+    differences = identity_differences(recorded, requested) if state.identity is not None else [
+        f"files of a run without {IDENTITY_FILE} (an earlier growlib's?)"]
+    if differences:
+        raise RunFolderError(f"{folder.path} holds another run than this comparison's: {'; '.join(differences)}. "
+                             "Re-run with the settings it was made with, choose another --out, or pass --overwrite "
+                             "to train every run again (tuning runs stay cached)")
+    return "resume" if state.has_checkpoint else "restart"
+
+
 def compare(exp: Experiment, schedules: list[str], seeds: list[int], out_dir: str,
             options: dict[str, dict] | None = None, budget: str = "flops",
-            log: Callable[[str], None] = print, tuning: T.Tuning | None = T.Tuning()) -> str:
+            log: Callable[[str], None] = print, tuning: T.Tuning | None = T.Tuning(),
+            overwrite: bool = False, checkpoint_every: int = 50) -> str:
     """Run every schedule with every seed on the same data, each at its own tuned learning rate; write
     summary.md / summary.csv, tuning.md / tuning.csv and the loss curves; return the markdown table.
 
@@ -277,64 +376,103 @@ def compare(exp: Experiment, schedules: list[str], seeds: list[int], out_dir: st
     are not reported, and each arm then runs at its best; its runs are cached under ``out_dir/tuning`` and
     reused.  ``tuning=None`` runs every arm at ``exp.config.lr``, and every table says it is untuned.  The
     baseline's final model (first seed) is also evaluated on disjoint validation subsets, so the table states
-    how much one evaluation moves with the text it sees."""
-    if budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
-    unknown = [name for name in schedules if name not in SCHEDULES]
-    if not schedules or unknown:
-        raise ValueError(f"schedules must be a non-empty list of {sorted(SCHEDULES)}, got {list(schedules)!r}")
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
-        raise ValueError(f"seeds must be a non-empty list of ints, got {seeds!r}")
-    if tuning is not None:
-        if not isinstance(tuning, T.Tuning):
-            raise TypeError(f"tuning must be a growlib.train.tuning.Tuning or None, got {type(tuning).__name__}")
-        tuning.check_disjoint(list(seeds))
+    how much one evaluation moves with the text it sees.
+
+    Resumable: run again with the same arguments, finished runs are read back from their final checkpoints,
+    interrupted ones resume from their last checkpoint, and only the rest trains.  A folder holding a run of
+    other settings is refused before anything trains, unless ``overwrite`` (every run trains again).  Every
+    schedule, seed list and budget is checked before anything trains.  A schedule that fails (a numerical
+    fault, a bug) does not stop the others: they are summarised, then ScheduleFailures names what failed."""
+    _check_compare_arguments(schedules, seeds, budget, tuning)
     if "baseline" not in schedules:
         schedules = ["baseline"] + list(schedules)
     options = options or {}
+    with RunFolder(out_dir).locked():
+        return _compare(exp, list(schedules), list(seeds), out_dir, options, budget, log, tuning, overwrite,
+                        checkpoint_every)
+
+
+def _compare(exp, schedules, seeds, out_dir, options, budget, log, tuning, overwrite, checkpoint_every) -> str:
     prepared = prepare_data(exp)
     baseline_flops = schedule_flops(exp, "baseline", exp.total_steps, None, prepared.vocab_size)
     steps = {}
-    for name in schedules:
-        steps[name] = exp.total_steps
-        if budget == "flops" and name != "baseline":
-            own = schedule_flops(exp, name, exp.total_steps, options.get(name), prepared.vocab_size)
-            steps[name] = round(exp.total_steps * baseline_flops / own)
+    for name in schedules:  # every schedule is built at its budgets: one too small for it fails before training
+        try:
+            steps[name] = exp.total_steps
+            if budget == "flops" and name != "baseline":
+                own = schedule_flops(exp, name, exp.total_steps, options.get(name), prepared.vocab_size)
+                steps[name] = round(exp.total_steps * baseline_flops / own)
+            budgets = [steps[name]] + ([tuning.scaled(steps[name], exp.config.warmup_steps)[0]] if tuning else [])
+            for total in budgets:
+                build_schedule(name, total, parse_size(exp.size)["layers"], **(options.get(name) or {}))
+        except ValueError as error:
+            raise ValueError(f"schedule {name!r} cannot run on this budget (the baseline's {exp.total_steps} steps"
+                             f"{', its tuning runs a fraction of it' if tuning else ''}): {error}") from error
+    for name in schedules:  # a folder of another run is refused now, not after hours of training
+        for seed in seeds:
+            identity = run_identity(_arm(exp, steps[name], exp.config.lr), prepared, name, seed, options.get(name))
+            _how_to_start(RunFolder(run_folder(out_dir, name, seed)), identity, overwrite, ignore=("training.lr",))
 
-    lrs, sweep = {name: exp.config.lr for name in schedules}, {}
+    lrs, sweep, failures = {name: exp.config.lr for name in schedules}, {}, {}
     if tuning is not None:
         for name in schedules:
             tune_steps, tune_warmup = tuning.scaled(steps[name], exp.config.warmup_steps)
             sweep[name] = {}
-            for multiplier in tuning.lr_grid:
-                arm = _arm(exp, tune_steps, exp.config.lr * multiplier, tune_warmup)
-                runs = [_tuning_run(arm, prepared, name, seed, options.get(name), os.path.join(out_dir, "tuning"), log)
-                        for seed in tuning.seeds]
-                sweep[name][multiplier] = T.mean_final_loss(runs)
-            best = T.best_multiplier(sweep[name])
+            try:
+                for multiplier in tuning.lr_grid:
+                    arm = _arm(exp, tune_steps, exp.config.lr * multiplier, tune_warmup)
+                    runs = [_tuning_run(arm, prepared, name, seed, options.get(name), os.path.join(out_dir, "tuning"),
+                                        log) for seed in tuning.seeds]
+                    sweep[name][multiplier] = T.mean_final_loss(runs)
+                best = T.best_multiplier(sweep[name])
+            except T.CachedRunMismatch:
+                raise  # the cache folder is not this comparison's: no schedule can be tuned in it
+            except Exception as error:  # noqa: BLE001 -- one schedule's failure must not lose the others
+                failures[name] = f"tuning: {type(error).__name__}: {error}"
+                log(f"{name:>15}: FAILED while tuning: {failures[name]}")
+                continue
             lrs[name] = exp.config.lr * best
             log(f"{name:>15}: best lr {lrs[name]:g} (x{best:g})")
 
     results: dict[str, list[RunResult]] = {}
     noise = None
     for name in schedules:
+        if name in failures:
+            continue
         for seed in seeds:
             arm = _arm(exp, steps[name], lrs[name])
-            result, model = train(arm, name, seed, options.get(name), prepared, out_dir)
+            try:
+                how = _how_to_start(RunFolder(run_folder(out_dir, name, seed)),
+                                    run_identity(arm, prepared, name, seed, options.get(name)), overwrite)
+                result, model = train(arm, name, seed, options.get(name), prepared, out_dir, resume=how == "resume",
+                                      overwrite=how == "restart", checkpoint_every=checkpoint_every)
+            except Exception as error:  # noqa: BLE001 -- one schedule's failure must not lose the others
+                failures[name] = f"seed {seed}: {type(error).__name__}: {error}"
+                log(f"{name:>15} seed {seed}: FAILED: {type(error).__name__}: {error}")
+                results.pop(name, None)
+                break
             if name == "baseline" and noise is None:
                 noise = evaluation_noise(arm, prepared, model)
-            log(f"{name:>15} seed {seed}: {result.steps} steps, lr {lrs[name]:g}, val loss {result.final_val_loss:.3f}, "
-                f"{result.flops:.3g} FLOPs, {result.wall_seconds:.1f} s")
+            resumed = " (read back from its checkpoint)" if how == "resume" else ""
+            log(f"{name:>15} seed {seed}: {result.steps} steps, lr {lrs[name]:g}, val loss "
+                f"{result.final_val_loss:.3f}, {result.flops:.3g} FLOPs, {result.wall_seconds:.1f} s{resumed}")
             results.setdefault(name, []).append(result)
+    failed = "; ".join(f"{name} {why}" for name, why in failures.items())
+    if "baseline" in failures:
+        raise ScheduleFailures(f"the baseline failed, so nothing can be compared: {failed}", "")
     protocol = tuning.describe(exp.config.lr) if tuning is not None else T.untuned_label(exp.config.lr)
     header = (f"{exp.family} {exp.size}, baseline {exp.total_steps} steps x {exp.config.batch_size} x "
               f"{exp.config.seq_len} tokens, budget: same {budget}, seeds {seeds}, data {exp.data or 'python stdlib'}; "
-              f"{protocol}; {noise.describe() if noise else 'eval noise: not measured (validation split too small)'}")
+              f"{protocol}; {noise.describe() if noise else 'eval noise: not measured (validation split too small)'}"
+              + (f"; FAILED (not in the table): {failed}" if failures else ""))
     table = write_summary(summarize(results, lrs=lrs), out_dir, header)
     if tuning is not None:
-        write_tuning_table(sweep, exp.config.lr, out_dir, protocol)
+        write_tuning_table({k: v for k, v in sweep.items() if v}, exp.config.lr, out_dir, protocol)
     try:
         plot_curves(results, out_dir, title="tuned LR per arm" if tuning is not None else "UNTUNED")
     except ImportError:
         log("matplotlib is not installed: skipping loss_vs_flops.png / loss_vs_time.png (pip install matplotlib)")
+    if failures:
+        raise ScheduleFailures(f"{len(failures)} schedule(s) failed: {failed}; the others are summarised in "
+                               f"{os.path.join(out_dir, 'summary.md')}", table)
     return table

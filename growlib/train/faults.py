@@ -7,6 +7,8 @@ points deterministic.  Unset (the normal case), every hook is a no-op.  The valu
                                           built, nothing of it trained or saved yet);
 * ``sleep_in_checkpoint_write[:<step>]``  sleep halfway through writing the temporary file of the checkpoint of
                                           global step <step> (any checkpoint when <step> is left out);
+* ``fail_checkpoint_write[:<step>]``      raise OSError(ENOSPC, "No space left on device") halfway through that
+                                          write, as a full disk would;
 * ``sleep_at_step:<step>[:<rank>]``       sleep before optimizer step <step> (1-based), on rank <rank> only if
                                           given;
 * ``exit_at_step:<step>[:<rank>]``        exit at once (``os._exit(13)``, no clean-up: a crashed rank) before
@@ -17,12 +19,14 @@ before it kills it."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
 
 ENV = "GROWLIB_FAULT_INJECT"
-ACTIONS = ("sleep_in_transition", "sleep_in_checkpoint_write", "sleep_at_step", "exit_at_step")
+ACTIONS = ("sleep_in_transition", "sleep_in_checkpoint_write", "fail_checkpoint_write", "sleep_at_step",
+           "exit_at_step")
 SLEEP_SECONDS = 3600
 
 
@@ -52,6 +56,8 @@ def in_checkpoint_write(step: int) -> None:
     for action, args in _faults():
         if action == "sleep_in_checkpoint_write" and args in ([], [str(step)]):
             _sleep(f"sleep_in_checkpoint_write:{step}")
+        if action == "fail_checkpoint_write" and args in ([], [str(step)]):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def before_step(step: int, rank: int) -> None:

@@ -14,6 +14,9 @@ import io
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, NamedTuple
@@ -227,7 +230,8 @@ class MetricsLog:
 
 
 CHECKPOINT_FORMAT = "growlib-checkpoint"
-CHECKPOINT_VERSION = 2
+#: Bumped whenever what a checkpoint holds changes: 3 added the run's identity (``run_schedule(identity=)``).
+CHECKPOINT_VERSION = 3
 #: How every checkpoint file begins (its header line is JSON with these keys first).
 _HEADER_START = b'{"format": "growlib-checkpoint"'
 _MAX_HEADER_BYTES = 4096
@@ -244,22 +248,33 @@ def _checkpoint_bytes(payload: dict) -> bytes:
     return json.dumps(header).encode() + b"\n" + body
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a lost mount): the previous one is intact."""
+
+
 def save_checkpoint_atomically(payload: dict, path: str) -> None:
     """Write the checkpoint to a temporary file in the same folder, fsync it, rename it over ``path`` and fsync
     the folder: ``path`` always holds one whole checkpoint (the old or the new one).  A temporary file left by
-    a crash fails ``load_checkpoint`` (truncated) and is removed by the next save."""
+    a crash fails ``load_checkpoint`` (truncated) and is removed by the next save.  A failed write (disk full)
+    removes its temporary file and raises CheckpointWriteError; ``path`` keeps the previous checkpoint."""
     blob = _checkpoint_bytes(payload)
     for stale in glob.glob(glob.escape(path) + ".tmp-*"):
         os.remove(stale)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        half = len(blob) // 2
-        f.write(blob[:half])
-        f.flush()
-        faults.in_checkpoint_write(payload.get("global_step"))
-        f.write(blob[half:])
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            half = len(blob) // 2
+            f.write(blob[:half])
+            f.flush()
+            faults.in_checkpoint_write(payload.get("global_step"))
+            f.write(blob[half:])
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise CheckpointWriteError(error.errno, f"could not write checkpoint {path}: {error.strerror or error}; "
+                                   "its temporary file was removed and the previous checkpoint is intact") from error
     os.replace(tmp, path)
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
         folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
@@ -320,7 +335,7 @@ def config_as_dict(config: TrainConfig) -> dict:
     return asdict(config)
 
 
-def _run_identity_config(config: TrainConfig) -> dict:
+def run_identity_config(config: TrainConfig) -> dict:
     """The settings a checkpoint must agree on to be resumed: everything but the fault policy."""
     return {k: v for k, v in config_as_dict(config).items() if k not in _FAULT_POLICY_FIELDS}
 
@@ -362,6 +377,51 @@ def check_ranks_agree(model: torch.nn.Module, stage: str) -> None:
             f"the ranks hold different models after the transition into stage {stage!r}: parameter {name!r} (and "
             f"{len(differing) - 1} more) differs between ranks; every rank must compute the same transition from "
             "the same model (a non-deterministic transition, or one that reads rank-dependent data?)")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a run between two steps; ``str()`` says where and how to continue.  A
+    KeyboardInterrupt, so ``except Exception`` does not swallow it."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class _StopRequests:
+    """While training: the first SIGINT / SIGTERM asks the loop to stop after the current step (it checkpoints,
+    then raises RunInterrupted); a second SIGINT interrupts at once.  Only the main thread can own signals: in
+    another thread nothing is installed and signals keep their usual effect."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        return False
+
+    def _handle(self, number, frame):
+        if self.signal_name is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(number).name
+        print(f"growlib: {self.signal_name}: stopping after this step, with a checkpoint (Ctrl-C again stops at "
+              "once)", file=sys.stderr, flush=True)
+
+    def pending(self, device: torch.device) -> str | None:
+        """The signal that asks to stop, on any rank (every rank must stop at the same step)."""
+        if _world_size() == 1:
+            return self.signal_name
+        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return (self.signal_name or "a signal on another rank") if flag.item() else None
 
 
 class Evaluation(NamedTuple):
@@ -616,7 +676,8 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                  step_flops: Callable[[torch.nn.Module], float], metrics: MetricsLog | None = None,
                  checkpoint_path: str | None = None, checkpoint_every: int = 0, resume: bool = False,
                  schedule_name: str = "", progress: Callable[[dict], None] | None = None,
-                 deepspeed: dict | None = None, tokens_per_sample: int | None = None) -> RunResult:
+                 deepspeed: dict | None = None, tokens_per_sample: int | None = None,
+                 identity: dict | None = None) -> RunResult:
     """Train through ``stages`` starting from ``state.model``.
 
     ``train_batch(global_step)`` must be deterministic in the step (that is the data position a checkpoint
@@ -631,7 +692,22 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
     Numerical faults: a NaN / inf loss or gradient (``config.on_nonfinite``: stop or skip the step) and a NaN /
     inf parameter right after a transition or in a model about to be checkpointed (always stop) raise
     FloatingPointError naming the step, stage and tensor; no checkpoint of a broken state is ever written.
-    Under torchrun, the ranks' models are compared after every transition (``check_ranks_agree``)."""
+    Under torchrun, the ranks' models are compared after every transition (``check_ranks_agree``).
+
+    ``identity`` (JSON-able) describes the run beyond its stages and settings (model, data, seed, ...: see
+    growlib.train.runs); a checkpoint of any other identity is refused, naming what differs.  With a
+    ``checkpoint_path`` the run always ends with a checkpoint of its final state (resuming it trains nothing
+    and returns the result).  SIGINT / SIGTERM stop the run after the current step, with a checkpoint, raising
+    RunInterrupted; a checkpoint that cannot be written raises CheckpointWriteError, the previous one intact."""
+    with _StopRequests() as stop_requests:
+        return _run_schedule(stages, state, config, train_batch, eval_batches, step_flops, metrics, checkpoint_path,
+                             checkpoint_every, resume, schedule_name, progress, deepspeed, tokens_per_sample,
+                             identity, stop_requests)
+
+
+def _run_schedule(stages, state, config, train_batch, eval_batches, step_flops, metrics, checkpoint_path,
+                  checkpoint_every, resume, schedule_name, progress, deepspeed, tokens_per_sample, identity,
+                  stop_requests: _StopRequests) -> RunResult:
     if deepspeed is not None and (resume or checkpoint_every):
         raise ValueError("checkpoint_every and resume must be off with deepspeed: ZeRO partitions the optimizer "
                          "state across ranks, and growlib's checkpoints hold it whole")
@@ -645,13 +721,24 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
     start_stage, start_step, global_step, flops, wall = 0, 0, 0, 0.0, 0.0
     evals: list[Evaluation] = []
     checkpoint = None
+    run_identity = json.loads(json.dumps(identity or {}))  # as the checkpoint will hold it
     identity = {"schedule": schedule_name, "stages": [[s.name, s.steps] for s in stages],
-                "config": _run_identity_config(config)}
+                "config": run_identity_config(config), "run": run_identity}
+    last_checkpoint = 0
     if resume and checkpoint_path and os.path.exists(checkpoint_path):
         checkpoint = load_checkpoint(checkpoint_path)
-        if checkpoint["identity"] != identity:
-            raise ValueError(f"checkpoint {checkpoint_path} belongs to another run ({checkpoint['identity']}); "
-                             f"this run is {identity}: resume with the same schedule, steps and settings")
+        if checkpoint.get("identity") != identity:
+            from growlib.train.runs import identity_differences
+
+            recorded = checkpoint.get("identity") or {}
+            differences = identity_differences(
+                {**recorded.get("run", {}), "stages": recorded.get("stages"), "schedule": recorded.get("schedule"),
+                 "training": recorded.get("config")},
+                {**run_identity, "stages": identity["stages"], "schedule": schedule_name,
+                 "training": identity["config"]})
+            raise ValueError(f"checkpoint {checkpoint_path} belongs to another run: {'; '.join(differences)}; resume "
+                             "with the run's own schedule, steps and settings")
+        last_checkpoint = checkpoint["global_step"]
         start_stage, start_step = checkpoint["stage"], checkpoint["step_in_stage"]
         global_step, flops, wall = checkpoint["global_step"], checkpoint["flops"], checkpoint["wall"]
         evals = [Evaluation(*e) for e in checkpoint["evals"]]
@@ -666,6 +753,29 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
 
     optimizer, steps = None, None
     consecutive_skips = checkpoint["consecutive_skips"] if checkpoint is not None else 0
+
+    def write_checkpoint(stage_index: int, step_in_stage: int) -> int:
+        """Checkpoint the current state (on the main rank) as being at ``step_in_stage`` of that stage."""
+        _require_finite_parameters(model, f"after step {global_step} (stage {stages[stage_index].name!r}); not "
+                                          "writing a checkpoint of it")
+        if not _is_main():
+            return global_step
+        try:
+            save_checkpoint_atomically({
+                "stage": stage_index, "step_in_stage": step_in_stage, "global_step": global_step,
+                "flops": flops, "wall": wall, "evals": [tuple(e) for e in evals], "model": _model_record(model),
+                "kept": {k: _model_record(m) for k, m in state.kept.items()},
+                "linear_term": state.linear_term, "kept_optimizer_states": state.kept_optimizer_states,
+                "notes": state.notes, "consecutive_skips": consecutive_skips,
+                "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "identity": identity}, checkpoint_path)
+        except CheckpointWriteError as error:
+            resumable = (f"--resume continues from step {last_checkpoint}" if last_checkpoint
+                         else "there is no earlier checkpoint to resume")
+            raise CheckpointWriteError(error.errno, f"{error.strerror} (step {global_step}); once there is space, "
+                                       f"{resumable}") from error
+        return global_step
     for index in range(start_stage, len(stages)):
         stage = stages[index]
         resuming_here = checkpoint is not None and index == start_stage
@@ -754,23 +864,22 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                 metrics.write({"kind": "eval", "schedule": schedule_name, "step": global_step,
                                "stage": stage.name, "flops": flops, "wall": wall, "val_loss": val,
                                "parameters": evals[-1].parameters})
-            checkpoint_due = bool(checkpoint_path and checkpoint_every and global_step % checkpoint_every == 0)
-            if checkpoint_due:
-                _require_finite_parameters(model, f"after step {global_step} (stage {stage.name!r}); not writing a "
-                                                  "checkpoint of it")
-            if checkpoint_due and _is_main():
-                save_checkpoint_atomically({
-                    "stage": index, "step_in_stage": step_in_stage + 1, "global_step": global_step,
-                    "flops": flops, "wall": wall, "evals": [tuple(e) for e in evals], "model": _model_record(model),
-                    "kept": {k: _model_record(m) for k, m in state.kept.items()},
-                    "linear_term": state.linear_term, "kept_optimizer_states": state.kept_optimizer_states,
-                    "notes": state.notes, "consecutive_skips": consecutive_skips,
-                    "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                    "identity": identity}, checkpoint_path)
+            if checkpoint_path and checkpoint_every and global_step % checkpoint_every == 0:
+                last_checkpoint = write_checkpoint(index, step_in_stage + 1)
+            stop = stop_requests.pending(next(model.parameters()).device)
+            if stop:
+                can_checkpoint = bool(checkpoint_path) and deepspeed is None
+                if can_checkpoint and last_checkpoint != global_step:
+                    last_checkpoint = write_checkpoint(index, step_in_stage + 1)
+                where = (f"checkpoint {checkpoint_path} holds step {global_step}: --resume continues from there"
+                         if can_checkpoint else "no checkpoint (none is written without a run folder or with "
+                         "DeepSpeed): this run cannot be resumed")
+                raise RunInterrupted(f"{stop} at step {global_step} of {total_steps}; {where}", global_step)
         start_step = 0
     if steps is not None:
         steps.close()
+    if checkpoint_path and deepspeed is None and last_checkpoint != global_step and stages:
+        write_checkpoint(len(stages) - 1, stages[-1].steps)
     return RunResult(steps=global_step, flops=flops, wall_seconds=wall,
                      final_val_loss=evals[-1].val_loss if evals else float("nan"), evals=evals)
 

@@ -110,6 +110,10 @@ def save_result(path: str, result: RunResult, settings: dict) -> None:
     os.replace(temporary, path)
 
 
+class CachedRunMismatch(ValueError):
+    """A tuning cache file whose recorded settings are not the ones its name stands for."""
+
+
 def load_result(path: str, settings: dict) -> RunResult | None:
     """The cached result at ``path``, or None if there is none.  A file whose recorded settings differ from
     ``settings`` (a hash collision, or a hand-edited file) is refused rather than used."""
@@ -119,7 +123,7 @@ def load_result(path: str, settings: dict) -> RunResult | None:
         payload = json.load(f)
     expected = json.loads(json.dumps(settings, default=str))
     if payload.get("format") != CACHE_FORMAT or payload.get("settings") != expected:
-        raise ValueError(f"{path} holds a tuning run of other settings than its name says: delete it, or give "
-                         "compare another --out")
+        raise CachedRunMismatch(f"{path} holds a tuning run of other settings than its name says: delete it, or "
+                                "give compare another --out")
     return RunResult(steps=payload["steps"], flops=payload["flops"], wall_seconds=payload["wall_seconds"],
                      final_val_loss=payload["final_val_loss"], evals=[Evaluation(*e) for e in payload["evals"]])

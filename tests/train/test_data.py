@@ -402,3 +402,19 @@ def test_image_batch_errors():
         D.image_batch(images, labels[:5], 0, 2, seed=0)
     with pytest.raises(ValueError, match="step"):
         D.image_batch(images, labels, -1, 2, seed=0)
+
+
+def test_uint32_ids_read_as_uint16_are_refused_and_read_right_as_uint32(tmp_path):
+    """Read as uint16, uint32 ids interleave each id with its high half (0): refused, not trained on."""
+    from growlib.train.experiment import Experiment, prepare_data
+
+    ids = np.random.default_rng(0).integers(1, 300, size=5000).astype("<u4")
+    path = tmp_path / "tokens.bin"
+    ids.tofile(path)
+    with pytest.raises(ValueError, match="read as uint16 has 0 at nearly every odd position: it holds uint32"):
+        D.TokenData.from_bin(path)
+    assert torch.equal(D.TokenData.from_bin(path, "uint32").ids, torch.from_numpy(ids.astype(np.int64)))
+    prepared = prepare_data(Experiment(data=str(path), vocab_size=300, bin_dtype="uint32", device="cpu"))
+    assert len(prepared.train) + len(prepared.validation) == 5000
+    with pytest.raises(ValueError, match="Experiment.bin_dtype must be one of"):
+        Experiment(data=str(path), bin_dtype="int8")

@@ -137,8 +137,9 @@ def test_a_run_killed_at_random_points_resumes_to_the_uninterrupted_model(tmp_pa
     checkpoint = checkpoints_on_disk_all_load(run_dir)
     assert (checkpoint["global_step"] if checkpoint else 0) <= logged + 1
 
-    for steps_done, fault, kind in plan:
-        run_until_killed(train_command(tmp_path, killed, "--resume"), environment(tmp_path, fault), run_dir,
+    for index, (steps_done, fault, kind) in enumerate(plan):
+        flag = "--resume" if index or checkpoint else "--overwrite"  # killed before its first checkpoint: start over
+        run_until_killed(train_command(tmp_path, killed, flag), environment(tmp_path, fault), run_dir,
                          announced=fault, logged=None)
         last = checkpoints_on_disk_all_load(run_dir)["global_step"]
         assert last <= steps_done
@@ -151,7 +152,8 @@ def test_a_run_killed_at_random_points_resumes_to_the_uninterrupted_model(tmp_pa
 
     subprocess.run(train_command(tmp_path, killed, "--resume"), check=True, env=environment(tmp_path),
                    capture_output=True, timeout=300)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]  # no stale temp file
+    # no temporary file left behind
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoint.pt", "metrics.jsonl", "run.json"]
     expected, resumed = (load_checkpoint(str(d / "vcycle-seed0" / "checkpoint.pt")) for d in (straight, killed))
     assert expected["global_step"] == resumed["global_step"] == STEPS
     assert expected["model"]["state"].keys() == resumed["model"]["state"].keys()
