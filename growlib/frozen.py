@@ -277,11 +277,21 @@ class FrozenStack(torch.nn.Module):
     # -- packing ---------------------------------------------------------------------------------------------
     def _current_signature(self) -> tuple:
         """What the packed weights depend on: which layers, and each parameter's storage, in-place update
-        count, dtype, device and shape."""
+        count, dtype, device, shape and norm.  The norms catch what the update counter cannot see: writes
+        through ``.data`` (``layer.weight.data.mul_(0.5)``) or ``torch.inference_mode``.  They cost one more
+        read of the weights per forward, in a few multi-tensor launches, and one comparison."""
         layers = tuple(self._source)
+        params = [p.detach() for layer in layers for p in layer.parameters()]
+        groups: dict[tuple, list[int]] = {}
+        for index, p in enumerate(params):
+            groups.setdefault((p.device, p.dtype), []).append(index)
+        norms = [0.0] * len(params)
+        for indices in groups.values():
+            for index, norm in zip(indices, torch.stack(torch._foreach_norm([params[i] for i in indices])).tolist()):
+                norms[index] = norm
         return (tuple(id(layer) for layer in layers),
-                tuple((p.data_ptr(), _version(p), p.dtype, p.device, tuple(p.shape))
-                      for layer in layers for p in layer.parameters()))
+                tuple((p.data_ptr(), _version(p), p.dtype, p.device, tuple(p.shape)) for p in params),
+                tuple(norms))
 
     def repack(self) -> None:
         """Check the stack and pack its weights now (forward does this by itself when they have changed)."""
@@ -343,6 +353,10 @@ class FrozenStack(torch.nn.Module):
                                  f"0 = padding, got {tuple(getattr(attention_mask, 'shape', ()))}")
             if attention_mask.device != self.device:
                 raise ValueError(f"attention_mask is on {attention_mask.device} but the layers are on {self.device}")
+            if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise ValueError("attention_mask must hold 1 = keep, 0 = padding (bool or 0/1 numbers), but it holds "
+                                 "other values: an additive mask (0 keep, large negative for padding)? Pass "
+                                 "(additive_mask == 0) instead")
         if position_ids is not None:
             if (not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point()
                     or position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch)

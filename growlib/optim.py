@@ -48,7 +48,9 @@ def map_optimizer_state(source_optimizer: torch.optim.Optimizer, source_model: t
                         growth_map: GrowthMap, policy: str = "map") -> None:
     """Fill ``target_optimizer``'s state for ``target_model`` from ``source_optimizer``'s through ``growth_map``.
 
-    Every parameter of ``source_model`` must have state (run at least one step first); an unknown state key
+    The source optimizer must have taken a step (an optimizer that keeps no state, SGD without momentum,
+    leaves the target's state empty).  A parameter without state while others have it received no gradient
+    so far: its moments are zeros, as they would be after that many zero gradients.  An unknown state key
     raises instead of being dropped."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -70,12 +72,15 @@ def map_optimizer_state(source_optimizer: torch.optim.Optimizer, source_model: t
     if adapter_for(target_model, "target_model") is not adapter:
         raise ValueError("source_model and target_model must be of the same model family")
     source_params = dict(source_model.named_parameters(remove_duplicate=False))
+    stated = {name: source_optimizer.state[p] for name, p in source_params.items() if source_optimizer.state.get(p)}
+    if not stated:
+        if _keeps_no_state(source_optimizer):
+            target_optimizer.state.clear()
+            return
+        raise ValueError("source_optimizer has no state for any parameter of source_model: take a step first or "
+                         "use policy='reset'")
     keys = None
-    for name, param in source_params.items():
-        state = source_optimizer.state.get(param)
-        if not state:
-            raise ValueError(f"source_optimizer has no state for parameter {name!r}: take a step first or use "
-                             "policy='reset'")
+    for name, state in stated.items():
         unknown = set(state) - set(LINEAR_STATE + RMS_STATE + SCALAR_STATE)
         if unknown:
             raise ValueError(f"cannot map optimizer state {sorted(unknown)} of parameter {name!r}: growlib maps "
@@ -88,8 +93,9 @@ def map_optimizer_state(source_optimizer: torch.optim.Optimizer, source_model: t
     target_params = dict(target_model.named_parameters(remove_duplicate=False))
     new_state = {id(p): {} for p in target_params.values()}
     for key in sorted(keys & set(LINEAR_STATE + RMS_STATE)):
-        source_tensors = {n: source_optimizer.state[p][key] for n, p in source_params.items()}
-        dtype = next(iter(source_tensors.values())).dtype
+        dtype = next(iter(stated.values()))[key].dtype
+        source_tensors = {n: stated[n][key] if n in stated else torch.zeros_like(p, dtype=dtype)
+                          for n, p in source_params.items()}
         for p in target_params.values():  # tied parameters share one state tensor
             new_state[id(p)].setdefault(key, torch.zeros_like(p, dtype=dtype))
         target_tensors = {n: new_state[id(p)][key] for n, p in target_params.items()}
@@ -97,8 +103,13 @@ def map_optimizer_state(source_optimizer: torch.optim.Optimizer, source_model: t
                   adapter.schema(target_model, target_tensors), rms=key in RMS_STATE)
     target_optimizer.state.clear()
     if "step" in keys:
-        step = source_optimizer.state[next(iter(source_params.values()))]["step"]
+        step = next(iter(stated.values()))["step"]
         for state in new_state.values():
             state["step"] = step.clone() if torch.is_tensor(step) else step
     for p in target_params.values():
         target_optimizer.state[p] = new_state[id(p)]
+
+
+def _keeps_no_state(optimizer: torch.optim.Optimizer) -> bool:
+    """SGD without momentum: its steps leave no state to map."""
+    return isinstance(optimizer, torch.optim.SGD) and all(g.get("momentum", 0) == 0 for g in optimizer.param_groups)

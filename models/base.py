@@ -50,13 +50,18 @@ class Adapter:
         ``kv_heads``, ``head_dim``, ``layers``)."""
         raise NotImplementedError
 
+    def build_options(self, model: torch.nn.Module) -> dict:
+        """Constructor arguments beyond the config that decide which parameters ``model`` has (e.g. BERT's
+        ``add_pooling_layer``), so a model of another size is built with the same ones; passed to ``specs``."""
+        return {}
+
     # -- shared ----------------------------------------------------------------------------------------
     def schema(self, model: torch.nn.Module, named_tensors: dict[str, torch.Tensor] | None = None) -> Schema:
         """The schema of ``model``: canonical views of its parameters, or of ``named_tensors`` (same names
         and shapes, e.g. optimizer state).  Every parameter must be covered by a spec."""
         params = dict(model.named_parameters(remove_duplicate=False))
         tied = self.tied(model)
-        specs = self.specs(type(model), model.config, tied)
+        specs = self.specs(type(model), model.config, tied, **self.build_options(model))
         covered = {id(params[s.source]) for s in specs}
         missing = sorted(n for n, p in params.items() if id(p) not in covered)
         if missing:
@@ -78,7 +83,7 @@ class Adapter:
         config = self.config_at(like.config, dims)
         reference = next(like.parameters())
         with torch.device(reference.device):
-            model = type(like)(config)
+            model = type(like)(config, **self.build_options(like))
         model.to(dtype=reference.dtype)
         model.train(like.training)
         got = self.dims(model.config)

@@ -19,7 +19,10 @@ class BertAdapter(Adapter):
                 "layers": config.num_hidden_layers, "vocab": config.vocab_size,
                 "pos": config.max_position_embeddings, "type": config.type_vocab_size}
 
-    def specs(self, model_class, config, tied):
+    def build_options(self, model):
+        return {"add_pooling_layer": model.pooler is not None} if isinstance(model, BertModel) else {}
+
+    def specs(self, model_class, config, tied, add_pooling_layer: bool = True):
         p = "bert." if model_class is BertForMaskedLM else ""
         specs = [
             SlotSpec("embed.tokens", None, f"{p}embeddings.word_embeddings.weight", (out_("vocab"), out_("model")),
@@ -53,7 +56,7 @@ class BertAdapter(Adapter):
                 specs += [SlotSpec("head.out.weight", None, "cls.predictions.decoder.weight",
                                    (out_("vocab"), in_("model")), lambda t: t),
                           SlotSpec("head.untied_bias", None, "cls.predictions.bias", (out_("vocab"),), lambda t: t)]
-        else:
+        elif add_pooling_layer:
             specs += weight_and_bias("head.pooler", None, "pooler.dense", "model", "model", True)
         return specs
 

@@ -17,6 +17,11 @@ def _position_table(t):
     return t.view(t.shape[-2], t.shape[-1])
 
 
+def _pair(size) -> tuple[int, int]:
+    """An image or patch size as (height, width): HF takes an int (square) or a pair."""
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+
 def _class_token(t):
     """(1, 1, hidden) -> (hidden,)."""
     return t.view(-1)
@@ -29,13 +34,17 @@ class ViTAdapter(Adapter):
     def dims(self, config: ViTConfig) -> dict[str, int]:
         heads = config.num_attention_heads
         head_dim = config.hidden_size // heads
-        patches = (config.image_size // config.patch_size) ** 2
+        (height, width), (patch_height, patch_width) = _pair(config.image_size), _pair(config.patch_size)
+        patches = (height // patch_height) * (width // patch_width)
         return {"model": config.hidden_size, "ffn": config.intermediate_size, "attn": heads * head_dim,
                 "kv": heads * head_dim, "heads": heads, "kv_heads": heads, "head_dim": head_dim,
                 "layers": config.num_hidden_layers, "pos": patches + 1,
-                "patch": config.num_channels * config.patch_size ** 2, "labels": config.num_labels}
+                "patch": config.num_channels * patch_height * patch_width, "labels": config.num_labels}
 
-    def specs(self, model_class, config, tied):
+    def build_options(self, model):
+        return {"add_pooling_layer": model.pooler is not None} if isinstance(model, ViTModel) else {}
+
+    def specs(self, model_class, config, tied, add_pooling_layer: bool = True):
         p = "vit." if model_class is ViTForImageClassification else ""
         qkv_bias = bool(getattr(config, "qkv_bias", True))
         specs = [
@@ -62,11 +71,14 @@ class ViTAdapter(Adapter):
             specs += [SlotSpec("head.out.weight", None, "classifier.weight", (out_("labels"), in_("model")),
                                lambda t: t),
                       SlotSpec("head.out.bias", None, "classifier.bias", (out_("labels"),), lambda t: t)]
-        else:
+        elif add_pooling_layer:
             specs += weight_and_bias("head.pooler", None, "pooler.dense", "model", "model", True)
         return specs
 
     def config_at(self, config, dims):
         require_multi_head_attention("ViT", dims)
+        changes = {}
+        if getattr(config, "pooler_output_size", None) == config.hidden_size:  # ViTModel's pooler: hidden -> hidden
+            changes["pooler_output_size"] = dims["model"]
         return self.copied(config, hidden_size=dims["model"], intermediate_size=dims["ffn"],
-                           num_attention_heads=dims["heads"], num_hidden_layers=dims["layers"])
+                           num_attention_heads=dims["heads"], num_hidden_layers=dims["layers"], **changes)

@@ -279,6 +279,39 @@ def test_repacks_when_the_weights_change_and_only_then(backend, family, monkeypa
     assert len(repacks) == 5
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("route", ["data", "inference_mode"])
+def test_repacks_after_writes_the_update_counter_cannot_see(backend, family, route):
+    """``weight.data.mul_`` and writes under inference_mode leave the version counter as it was: the weights'
+    norms still give them away, so the stack never computes with stale packed weights."""
+    model = tiny_model(family, layers=2)
+    stack = list(layer_list(model, family))
+    frozen = growlib.freeze_forward(stack, model)
+    hidden = hidden_states(2, 5)
+    before = frozen(hidden)
+    weight = {"gpt2": lambda l: l.attn.c_attn.weight, "llama": lambda l: l.self_attn.q_proj.weight}[family](stack[0])
+    if route == "data":
+        weight.data.mul_(0.5)
+    else:
+        with torch.inference_mode():
+            weight.mul_(0.5)
+    after = frozen(hidden)
+    assert relative_error(after, hf_forward(model, family, stack, hidden)) < 1e-5
+    assert relative_error(after, before) > 1e-3
+
+
+def test_an_additive_mask_is_refused_and_a_float_keep_mask_accepted(backend):
+    model = tiny_model("bert", layers=2)
+    stack = list(layer_list(model, "bert"))
+    frozen = growlib.freeze_forward(stack)
+    hidden, keep = hidden_states(2, 5), padding_mask(2, 5, [5, 3])
+    additive = (1.0 - keep.float()) * torch.finfo(torch.float32).min
+    with pytest.raises(ValueError, match=r"attention_mask must hold 1 = keep, 0 = padding .* an additive mask"):
+        frozen(hidden, attention_mask=additive)
+    assert torch.equal(frozen(hidden, attention_mask=keep.float()), frozen(hidden, attention_mask=keep))
+    assert relative_error(frozen(hidden, attention_mask=keep), hf_forward(model, "bert", stack, hidden, keep)) < 1e-5
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def test_map_optimizer_state_rejects_bad_input():
     gmap = growlib.grow_depth_map(growlib.schema_of(small).dims, 2)
     fresh = torch.optim.AdamW(small.parameters())
     grown_opt = torch.optim.AdamW(grown.parameters())
-    with pytest.raises(ValueError, match="no state for parameter"):
+    with pytest.raises(ValueError, match="no state for any parameter of source_model: take a step first"):
         growlib.map_optimizer_state(fresh, small, grown_opt, grown, gmap)
     with pytest.raises(ValueError, match="policy"):
         growlib.map_optimizer_state(fresh, small, grown_opt, grown, gmap, policy="copy")

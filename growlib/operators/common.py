@@ -83,11 +83,36 @@ def require_same_device(**models: torch.nn.Module) -> None:
 
 
 def map_model(model: torch.nn.Module, gmap: GrowthMap) -> torch.nn.Module:
-    """A new model of ``model``'s class at ``gmap.target_dims``, its parameters computed by the map."""
+    """A new model of ``model``'s class at ``gmap.target_dims``, its parameters computed by the map.
+
+    Frozen stays frozen: a parameter of the new model is frozen when every parameter it is computed from
+    was (so growing or coalescing a partly frozen model does not silently make it all trainable again)."""
     adapter = adapter_for(model)
     target = adapter.new_model(model, gmap.target_dims)
-    apply_map(gmap, adapter.schema(model), adapter.schema(target))
+    source_schema, target_schema = adapter.schema(model), adapter.schema(target)
+    apply_map(gmap, source_schema, target_schema)
+    _carry_requires_grad(model, source_schema, target, target_schema, gmap)
     return target
+
+
+def _carry_requires_grad(source: torch.nn.Module, source_schema, target: torch.nn.Module, target_schema,
+                         gmap: GrowthMap) -> None:
+    source_trainable = {name: p.requires_grad for name, p in source.named_parameters(remove_duplicate=False)}
+    if all(source_trainable.values()):
+        return
+    by_key = {spec.key: spec.source for spec in source_schema.specs}
+    trainable: dict[str, bool] = {}
+    for spec in target_schema.specs:
+        row = None if spec.layer is None else gmap.depth_for(spec.name).rows[spec.layer]
+        if spec.layer is not None and row is None:
+            computed = True  # a layer the map leaves freshly initialised
+        else:
+            sources = [by_key[spec.key]] if row is None else [by_key[(spec.name, j)] for j, _ in row]
+            computed = any(source_trainable[s] for s in sources)
+        trainable[spec.source] = trainable.get(spec.source, False) or computed
+    for name, parameter in target.named_parameters(remove_duplicate=False):
+        if name in trainable:
+            parameter.requires_grad_(trainable[name])
 
 
 def resized_dims(dims: dict[str, int], *, model: int, ffn: int, heads: int, kv_heads: int,

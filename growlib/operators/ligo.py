@@ -191,6 +191,7 @@ class LiGO(nn.Module):
                              f"{type(small_model).__name__}'s config, got {type(target_config).__name__}")
         reference = next(small_model.parameters())
         self._model_class = type(small_model)
+        self._build_options = adapter_for(small_model).build_options(small_model)
         self.target_config = copy.deepcopy(target_config)
         self._large_dtype = reference.dtype
         self._small_training = small_model.training
@@ -243,7 +244,7 @@ class LiGO(nn.Module):
     def _build_large(self, device: torch.device) -> nn.Module:
         """An ordinary HF model of the target config (its own parameters are replaced by the expansion)."""
         with torch.device(device):
-            model = self._model_class(copy.deepcopy(self.target_config))
+            model = self._model_class(copy.deepcopy(self.target_config), **self._build_options)
         return model.to(dtype=self._large_dtype)
 
     def _check_target(self, small: Schema, large: Schema) -> None:
@@ -458,7 +459,10 @@ class LiGO(nn.Module):
         weights are expanded once per step, the micro-batches' gradients with respect to them are summed, and
         one backward pass runs through the expansion.  The learning rate warms up linearly over
         ``warmup_steps`` (default: 10% of ``steps``) and decays linearly to zero at ``steps``; ``optimizer``
-        is AdamW (betas 0.9 / 0.999, eps 1e-6, as the official code) or plain SGD."""
+        is AdamW (betas 0.9 / 0.999, eps 1e-6, as the official code) or plain SGD.
+
+        A non-finite loss stops the fit like the training loop: FloatingPointError, the operator restored to
+        its state before ``fit``."""
         steps = require_int("steps", steps)
         grad_accum = require_int("grad_accum", grad_accum)
         _choice("optimizer", optimizer, OPTIMIZERS)
@@ -494,7 +498,8 @@ class LiGO(nn.Module):
 
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         losses = []
-        for _ in range(steps):
+        before = {name: t.detach().clone() for name, t in self.state_dict().items()}
+        for step in range(steps):
             expanded = self.expanded()
             leaves = {name: t.detach().requires_grad_(True) for name, t in expanded.items()}
             total = 0.0
@@ -506,6 +511,11 @@ class LiGO(nn.Module):
                                      f"({type(model).__name__} returned none)")
                 (loss / grad_accum).backward()
                 total += float(loss.detach())
+            if not math.isfinite(total):
+                self.load_state_dict(before)
+                raise FloatingPointError(f"LiGO.fit: the loss is {total / grad_accum} at step {step + 1} of {steps} "
+                                         f"(lr={lr:g}): the operator diverged and was restored to its state before "
+                                         "fit; lower lr")
             grads = [(expanded[name], leaf.grad) for name, leaf in leaves.items()
                      if leaf.grad is not None and expanded[name].requires_grad]
             torch.autograd.backward([t for t, _ in grads], [g for _, g in grads])

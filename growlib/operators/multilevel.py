@@ -98,7 +98,11 @@ def coalesce(model: torch.nn.Module, width: int = 2, depth: int = 2,
     return map_model(model, coalesce_map(dims, width, depth, depth_pairing))
 
 
-def _dims_of_like(adapter, like) -> dict[str, int]:
+#: Sizes de-coalescing changes; every other size of a schema (vocabulary, positions, ...) stays the coarse model's.
+_RESIZED = ("model", "ffn", "heads", "kv_heads", "head_dim", "attn", "kv", "layers")
+
+
+def _dims_of_like(adapter, like, coarse_dims: dict[str, int]) -> dict[str, int]:
     if isinstance(like, torch.nn.Module):
         try:
             adapter_for(like)
@@ -109,9 +113,16 @@ def _dims_of_like(adapter, like) -> dict[str, int]:
         raise ValueError(f"like is a {type(like).__name__}, not a model of the coarse model's family "
                          f"({adapter.family})")
     try:
-        return adapter.dims(config)
+        dims = adapter.dims(config)
     except AttributeError as err:
         raise ValueError(f"like must be a {adapter.family} model or config, got {type(config).__name__}") from err
+    kept = {name: (dims[name], coarse_dims[name]) for name in dims
+            if name not in _RESIZED and name in coarse_dims and dims[name] != coarse_dims[name]}
+    if kept:
+        raise ValueError("like asks for sizes de-coalescing does not change (it keeps the coarse model's): "
+                         + ", ".join(f"{name} {want} (the coarse model has {have})"
+                                     for name, (want, have) in kept.items()))
+    return dims
 
 
 def decoalesce(coarse: torch.nn.Module, like, depth_pairing: str = "adjacent") -> torch.nn.Module:
@@ -121,7 +132,7 @@ def decoalesce(coarse: torch.nn.Module, like, depth_pairing: str = "adjacent") -
     and width-only de-coalescing preserves the model's function."""
     adapter = adapter_for(coarse, "coarse")
     coarse_dims = adapter.dims(coarse.config)
-    gmap = decoalesce_map(coarse_dims, _dims_of_like(adapter, like), depth_pairing)
+    gmap = decoalesce_map(coarse_dims, _dims_of_like(adapter, like, coarse_dims), depth_pairing)
     return map_model(coarse, gmap)
 
 
@@ -129,7 +140,10 @@ def interpolate_(fine: torch.nn.Module, coarse: torch.nn.Module, alpha: float,
                  depth_pairing: str = "adjacent") -> torch.nn.Module:
     """In place ``fine <- (1 - alpha) * fine + alpha * decoalesce(coarse)`` in one fused pass; returns ``fine``.
 
-    The de-coalesced model is never materialised: de-coalescing is the kernel's gather, the blend its epilogue."""
+    The de-coalesced model is never materialised: de-coalescing is the kernel's gather, the blend its epilogue.
+    The end points are exact, whatever the other side holds: ``alpha=0`` leaves ``fine`` bit-identical (even
+    where ``coarse`` holds NaN), ``alpha=1`` overwrites it with ``decoalesce(coarse)`` (even where ``fine``
+    holds inf: 0 * inf would be NaN in a blend)."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
     if not 0.0 <= alpha <= 1.0:
@@ -141,5 +155,7 @@ def interpolate_(fine: torch.nn.Module, coarse: torch.nn.Module, alpha: float,
         raise ValueError("fine and coarse are the same model: interpolate_ blends a coarse model into another one")
     require_same_device(fine=fine, coarse=coarse)
     gmap = decoalesce_map(adapter.dims(coarse.config), adapter.dims(fine.config), depth_pairing)
-    apply_map(gmap, adapter.schema(coarse), adapter.schema(fine), alpha=float(alpha))
+    if alpha == 0.0:
+        return fine
+    apply_map(gmap, adapter.schema(coarse), adapter.schema(fine), alpha=None if alpha == 1.0 else float(alpha))
     return fine
