@@ -97,30 +97,51 @@ def demo(family: str, seed: int) -> int:
     return 0 if exact and max(decoalesce_error, cloning_error) < 1e-5 else 1
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, except where there is none to show (None, off, empty)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=FAMILIES, default="gpt2")
-    parser.add_argument("--size", default="tiny", help="tiny | small | base | JSON (inline or a file) of layers/hidden/heads/intermediate")
-    parser.add_argument("--data", default=None, help="text file or folder, or .bin token file (default: Python's stdlib)")
-    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--model", choices=FAMILIES, default="gpt2", help="model family (HF class it trains)")
+    parser.add_argument("--size", default="tiny",
+                        help="tiny | small | base, or JSON (inline or a file) with layers, hidden, heads, "
+                             "intermediate and, for llama, kv_heads")
+    parser.add_argument("--data", default=None,
+                        help="a text file or folder, or a .bin file of token ids (default: Python's own stdlib "
+                             "sources); the BPE tokenizer trained on it is cached under $GROWLIB_CACHE "
+                             "(default ~/.cache/growlib)")
+    parser.add_argument("--vocab-size", type=int, default=2048,
+                        help="the BPE vocabulary trained on text data; for a .bin file, its vocabulary")
     parser.add_argument("--bin-dtype", choices=("uint16", "uint32"), default="uint16",
-                        help="how a .bin --data file stores each token id (little-endian; default uint16)")
+                        help="how a .bin --data file stores each token id (little-endian)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=None,
-                        help="the budget: optimizer steps of the full model (default 300)")
+                        help="the budget: optimizer steps of the full model (300 unless --tokens is given)")
     budget.add_argument("--tokens", type=int, default=None,
                         help="the budget in training tokens (all processes): steps = tokens / (batch x seq x processes)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step and process")
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (ViT: ignored, 17 patches)")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="peak learning rate (compare tunes multiples of it; see --lr-grid)")
+    parser.add_argument("--warmup", type=int, default=20,
+                        help="linear warmup steps of each warmup + cosine curve, at most 10%% of the curve's steps")
     parser.add_argument("--lr-schedule", choices=("restart", "continue"), default=None,
                         help="warmup + cosine restarted at every stage, or one over the whole run (default: the "
                              "schedule's own: continue for ode_multilevel, restart for the others)")
-    parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--eval-every", type=int, default=25, help="optimizer steps between validation evaluations")
+    parser.add_argument("--eval-batches", type=int, default=8,
+                        help="batches per validation evaluation (compare's summary states how much one evaluation "
+                             "of this size moves between disjoint validation subsets)")
     parser.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
-                        help="a NaN/inf loss or gradient stops the run (default) or drops that step")
-    parser.add_argument("--out", required=True)
+                        help="a NaN/inf loss or gradient stops the run or drops that step")
+    parser.add_argument("--out", required=True,
+                        help="results folder: each run writes OUT/<schedule>-seed<seed>/ (run.json, metrics.jsonl, "
+                             "checkpoint.pt); compare adds summary.md/csv, tuning.md/csv, plots and OUT/tuning/")
 
 
 def _budget_steps(args) -> int:
@@ -286,17 +307,24 @@ def _exit_on_fault(command: str):
                          f"ranks' output.  {type(error).__name__}: {error}") from error
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser: every command, its options, their help and defaults."""
     parser = argparse.ArgumentParser(prog="growlib", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="coalesce / de-coalesce / grow a real HF model class")
-    demo_parser.add_argument("--model", choices=sorted(DEMO_CONFIGS), default="gpt2")
-    demo_parser.add_argument("--seed", type=int, default=0)
-    train_parser = commands.add_parser("train", help="train one schedule")
+    defaults_shown = {"formatter_class": _HelpWithDefaults}
+    demo_parser = commands.add_parser("demo", help="coalesce / de-coalesce / grow a real HF model class",
+                                      **defaults_shown)
+    demo_parser.add_argument("--model", choices=sorted(DEMO_CONFIGS), default="gpt2",
+                             help="the model class shown (randomly initialised at its real size)")
+    demo_parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
+    train_parser = commands.add_parser("train", help="train one schedule", **defaults_shown)
     _experiment_arguments(train_parser)
-    train_parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="baseline")
-    train_parser.add_argument("--schedule-args", nargs="*", default=[], metavar="KEY=VALUE")
-    train_parser.add_argument("--seed", type=int, default=0)
+    train_parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="baseline",
+                              help="the growth or multi-level method to train with (baseline: from scratch)")
+    train_parser.add_argument("--schedule-args", nargs="*", default=[], metavar="KEY=VALUE",
+                              help="the schedule's options, values as JSON (alpha=0.25 levels=3 "
+                                   "layer_counts=[1,2,4] frozen_forward=true)")
+    train_parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
     train_parser.add_argument("--resume", action="store_true",
                               help="continue the run in OUT/<schedule>-seed<seed> from its checkpoint; refused if "
                                    "any setting differs from the run's")
@@ -307,31 +335,37 @@ def main(argv: list[str] | None = None) -> int:
                               help="optimizer steps between checkpoints (default 50; not with --deepspeed)")
     train_parser.add_argument("--deepspeed", default=None, metavar="CONFIG.json",
                               help="train through DeepSpeed (ZeRO stage 0-2) with this config; launch with torchrun")
-    compare_parser = commands.add_parser("compare", help="every schedule against the baseline, same budget")
+    compare_parser = commands.add_parser("compare", help="every schedule against the baseline, same budget",
+                                         **defaults_shown)
     _experiment_arguments(compare_parser)
-    compare_parser.add_argument("--schedules", default="baseline,vcycle,ode_multilevel,mslt,stack,msg,ligo")
-    compare_parser.add_argument("--seeds", default="0,1,2", help="the reported seeds (default 0,1,2)")
+    compare_parser.add_argument("--schedules", default="baseline,vcycle,ode_multilevel,mslt,stack,msg,ligo",
+                                help="comma-separated schedules to compare (the baseline is always added)")
+    compare_parser.add_argument("--seeds", default="0,1,2", help="the reported seeds, comma-separated")
     compare_parser.add_argument("--budget", choices=("flops", "steps"), default="flops",
-                                help="give every schedule the baseline's FLOPs (default) or its steps")
+                                help="give every schedule the baseline's FLOPs or its steps")
     compare_parser.add_argument("--lr-grid", default=",".join(f"{m:g}" for m in DEFAULT_LR_GRID),
                                 help="multipliers of --lr every schedule (the baseline too) is tuned over, the "
-                                     "same for each; each is then compared at its best (default %(default)s)")
+                                     "same for each; each is then compared at its best")
     compare_parser.add_argument("--tune-seeds", default=",".join(map(str, DEFAULT_TUNE_SEEDS)),
-                                help="seeds the tuning runs train on; never one of --seeds (default %(default)s)")
+                                help="seeds the tuning runs train on; never one of --seeds")
     compare_parser.add_argument("--tune-fraction", type=float, default=1.0,
                                 help="share of each schedule's budget a tuning run trains, its warmup scaled "
-                                     "alike (default 1: the full budget)")
+                                     "alike (1: the full budget)")
     compare_parser.add_argument("--no-tune", action="store_true",
                                 help="every schedule at --lr, untuned (the tables say so)")
     compare_parser.add_argument("--overwrite", action="store_true",
                                 help="train every run again, deleting what OUT holds of earlier ones (without it, "
                                      "the same command resumes: finished runs are kept, interrupted ones resume)")
     compare_parser.add_argument("--checkpoint-every", type=int, default=50,
-                                help="optimizer steps between each run's checkpoints (default 50)")
+                                help="optimizer steps between each run's checkpoints (0: only the final one)")
     check_parser = commands.add_parser("check-kernels", help="every Triton kernel against its PyTorch reference "
                                        "on this machine (CUDA, else the CPU through Triton's interpreter)")
     kernel_check.add_arguments(check_parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "demo":
         return demo(args.model, args.seed)
     if args.command == "check-kernels":

@@ -86,6 +86,8 @@ class Adapter:
             model = type(like)(config, **self.build_options(like))
         model.to(dtype=reference.dtype)
         model.train(like.training)
+        if getattr(like, "loss_type", None):  # e.g. GPT-2's, which transformers cannot infer from its class name
+            model.loss_type = like.loss_type
         got = self.dims(model.config)
         for role, size in dims.items():
             if got.get(role) != size:

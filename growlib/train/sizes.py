@@ -52,10 +52,10 @@ def build_model(family: str, size: str | dict, vocab_size: int, seq_len: int):
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     s = parse_size(size)
     if family == "gpt2":
-        return T.GPT2LMHeadModel(T.GPT2Config(
+        return _causal_lm_loss(T.GPT2LMHeadModel(T.GPT2Config(
             vocab_size=vocab_size, n_positions=seq_len, n_embd=s["hidden"], n_layer=s["layers"],
             n_head=s["heads"], n_inner=s["intermediate"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            bos_token_id=0, eos_token_id=0))
+            bos_token_id=0, eos_token_id=0)))
     if family == "vit":
         return T.ViTForImageClassification(T.ViTConfig(
             hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
@@ -71,3 +71,9 @@ def build_model(family: str, size: str | dict, vocab_size: int, seq_len: int):
         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
         num_key_value_heads=s.get("kv_heads", s["heads"]), intermediate_size=s["intermediate"],
         tie_word_embeddings=True))
+
+
+def _causal_lm_loss(model):
+    """Name GPT-2's loss, which transformers cannot infer from the class name (it would warn on every run)."""
+    model.loss_type = "ForCausalLM"
+    return model

@@ -1,4 +1,4 @@
-"""`growlib train` / `compare` arguments: the budget in steps or tokens."""
+"""`growlib train` / `compare` arguments: the budget in steps or tokens; every option documented with its default."""
 
 from __future__ import annotations
 
@@ -30,3 +30,15 @@ def test_budget_errors(monkeypatch):
         cli._experiment(parsed("--tokens", "100"))
     with pytest.raises(SystemExit):
         parsed("--tokens", "100000", "--steps", "3")  # one budget or the other
+
+
+def test_every_option_of_every_command_says_what_it_does_and_its_default():
+    parser_actions = {}
+    parser = cli.build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        parser_actions[name] = [a for a in sub._actions if a.option_strings and a.dest != "help"]
+    undocumented = [f"{name} {a.option_strings[0]}" for name, actions in parser_actions.items() for a in actions
+                    if not a.help]
+    assert undocumented == []
+    text = parser._subparsers._group_actions[0].choices["compare"].format_help()
+    assert "--lr-grid LR_GRID" in text and "(default: 0.5,1,2,4)" in text and "(default: None)" not in text
