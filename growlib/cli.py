@@ -23,7 +23,7 @@ from growlib.train.experiment import run as run_experiment
 from growlib.train.loop import CheckpointWriteError, RankDivergenceError, RunInterrupted, TrainConfig
 from growlib.train.runs import RunFolderError
 from growlib.train.sizes import FAMILIES
-from growlib.train.tuning import DEFAULT_LR_GRID, DEFAULT_TUNE_SEEDS, Tuning
+from growlib.train.tuning import DEFAULT_EXTEND, DEFAULT_LR_GRID, DEFAULT_TUNE_SEEDS, Tuning
 
 DEMO_CONFIGS = {
     # GPT-2 small's real shape (124M parameters), randomly initialised: no download needed.
@@ -179,10 +179,11 @@ def _tuning(args, seeds: list[int]) -> Tuning:
         raise SystemExit(f"--lr-grid expects comma-separated numbers, got {args.lr_grid!r}") from None
     tune_seeds = _int_list("--tune-seeds", args.tune_seeds)
     try:
-        tuning = Tuning(lr_grid=tuple(grid), seeds=tuple(tune_seeds), fraction=args.tune_fraction)
+        tuning = Tuning(lr_grid=tuple(grid), seeds=tuple(tune_seeds), fraction=args.tune_fraction,
+                        extend=args.lr_grid_extend)
         tuning.check_disjoint(seeds)
     except ValueError as error:
-        raise SystemExit(f"--lr-grid / --tune-seeds / --tune-fraction: {error}") from None
+        raise SystemExit(f"--lr-grid / --lr-grid-extend / --tune-seeds / --tune-fraction: {error}") from None
     return tuning
 
 
@@ -348,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "same for each; each is then compared at its best")
     compare_parser.add_argument("--tune-seeds", default=",".join(map(str, DEFAULT_TUNE_SEEDS)),
                                 help="seeds the tuning runs train on; never one of --seeds")
+    compare_parser.add_argument("--lr-grid-extend", type=int, default=DEFAULT_EXTEND,
+                                help="multipliers a sweep may add past an edge of --lr-grid that wins (0: none)")
     compare_parser.add_argument("--tune-fraction", type=float, default=1.0,
                                 help="share of each schedule's budget a tuning run trains, its warmup scaled "
                                      "alike (1: the full budget)")

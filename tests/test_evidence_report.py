@@ -46,7 +46,7 @@ def test_evidence_puts_each_configuration_beside_the_papers(tmp_path):
     assert ("| ligo | 0.002 | 4.800 (4.700-4.800) | -0.200 (-0.250 to -0.200) | 0.60x (0.50-0.60) | 0.60x | 3/3 |"
             in text)
     assert "| vcycle | 0.002 | 5.200 (5.100-5.200) | +0.200 (+0.150 to +0.200) | not reached (2/3 seeds) |" in text
-    assert "| baseline | 5.200 | **5.000** | x2 (at the grid's edge) |" in text  # the sweep, its choice marked
+    assert "| baseline | 5.200 | **5.000** | x2 (at the edge of its sweep) |" in text  # the sweep, its choice marked
 
 
 def test_evidence_without_results_says_what_to_run(tmp_path, capsys):

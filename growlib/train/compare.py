@@ -136,8 +136,9 @@ def write_summary(rows: list[MethodSummary], out_dir: str, header: str = "") -> 
 
 
 def write_tuning_table(sweep: dict[str, dict[float, float]], base_lr: float, out_dir: str, protocol: str) -> str:
-    """tuning.md and tuning.csv: every arm's mean final validation loss at every multiplier of the sweep, its
-    choice marked, and a warning where the choice sits at the grid's edge (the optimum may lie beyond it)."""
+    """tuning.md and tuning.csv: every arm's mean final validation loss at every multiplier it swept ("-" where
+    another arm's sweep went further), its choice marked, and a warning where the choice still sits at an edge
+    of its sweep (the optimum may lie beyond it)."""
     multipliers = sorted({m for losses in sweep.values() for m in losses})
     lines = [protocol, "", "| schedule | " + " | ".join(f"x{m:g} (lr {base_lr * m:g})" for m in multipliers)
              + " | chosen |", "|---|" + "---|" * (len(multipliers) + 1)]
@@ -146,10 +147,11 @@ def write_tuning_table(sweep: dict[str, dict[float, float]], base_lr: float, out
         writer.writerow(["schedule", "multiplier", "lr", "mean_final_val_loss", "chosen"])
         for name, losses in sweep.items():
             best = best_multiplier(losses)
-            cells = [f"**{losses[m]:.3f}**" if m == best else f"{losses[m]:.3f}" for m in multipliers]
-            edge = " (at the grid's edge)" if best in (multipliers[0], multipliers[-1]) else ""
+            cells = ["-" if m not in losses else f"**{losses[m]:.3f}**" if m == best else f"{losses[m]:.3f}"
+                     for m in multipliers]
+            edge = " (at the edge of its sweep)" if best in (min(losses), max(losses)) else ""
             lines.append(f"| {name} | " + " | ".join(cells) + f" | x{best:g}{edge} |")
-            for m in multipliers:
+            for m in sorted(losses):
                 writer.writerow([name, m, base_lr * m, losses[m], m == best])
     table = "\n".join(lines)
     with open(os.path.join(out_dir, "tuning.md"), "w") as f:

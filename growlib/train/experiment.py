@@ -418,12 +418,16 @@ def _compare(exp, schedules, seeds, out_dir, options, budget, log, tuning, overw
         for name in schedules:
             tune_steps, tune_warmup = tuning.scaled(steps[name], exp.config.warmup_steps)
             sweep[name] = {}
+            def sweep_at(multiplier: float) -> float:
+                arm = _arm(exp, tune_steps, exp.config.lr * multiplier, tune_warmup)
+                return T.mean_final_loss([_tuning_run(arm, prepared, name, seed, options.get(name),
+                                                      os.path.join(out_dir, "tuning"), log) for seed in tuning.seeds])
+
             try:
                 for multiplier in tuning.lr_grid:
-                    arm = _arm(exp, tune_steps, exp.config.lr * multiplier, tune_warmup)
-                    runs = [_tuning_run(arm, prepared, name, seed, options.get(name), os.path.join(out_dir, "tuning"),
-                                        log) for seed in tuning.seeds]
-                    sweep[name][multiplier] = T.mean_final_loss(runs)
+                    sweep[name][multiplier] = sweep_at(multiplier)
+                while (multiplier := tuning.next_multiplier(sweep[name])) is not None:
+                    sweep[name][multiplier] = sweep_at(multiplier)
                 best = T.best_multiplier(sweep[name])
             except T.CachedRunMismatch:
                 raise  # the cache folder is not this comparison's: no schedule can be tuned in it

@@ -20,6 +20,8 @@ from growlib.train.loop import Evaluation, RunResult
 DEFAULT_LR_GRID = (0.5, 1.0, 2.0, 4.0)
 #: Far from the seeds people report (0, 1, 2, ...), so that ``--seeds`` rarely has to avoid it.
 DEFAULT_TUNE_SEEDS = (1000,)
+#: How many multipliers a sweep may add past an edge of the grid that wins.
+DEFAULT_EXTEND = 2
 #: Bumped whenever what a cached tuning run holds, or what its fingerprint covers, changes.
 CACHE_FORMAT = 1
 
@@ -29,11 +31,14 @@ class Tuning:
     """How every arm's learning rate is chosen, the same way for each: each multiplier in ``lr_grid`` of the
     base learning rate, trained on each of ``seeds`` for ``fraction`` of the arm's own budget (its steps and
     the warmup scaled alike, so every arm's warmup stays the same share of its run); the multiplier with the
-    lowest mean final validation loss wins."""
+    lowest mean final validation loss wins.  A winner at an edge of the grid says the optimum may lie beyond
+    it, so the sweep goes on past that edge, one multiplier at a time at the grid's own ratio, up to
+    ``extend`` more; the same rule for every arm."""
 
     lr_grid: tuple[float, ...] = DEFAULT_LR_GRID
     seeds: tuple[int, ...] = DEFAULT_TUNE_SEEDS
     fraction: float = 1.0
+    extend: int = DEFAULT_EXTEND
 
     def __post_init__(self):
         grid, seeds = tuple(self.lr_grid), tuple(self.seeds)
@@ -51,6 +56,9 @@ class Tuning:
                 not 0 < self.fraction <= 1:
             raise ValueError(f"tuning fraction must be in (0, 1] (the share of each arm's budget a tuning run "
                              f"trains), got {self.fraction!r}")
+        if isinstance(self.extend, bool) or not isinstance(self.extend, int) or self.extend < 0:
+            raise ValueError(f"tuning extend must be an int >= 0 (multipliers a sweep may add past a winning edge), "
+                             f"got {self.extend!r}")
         object.__setattr__(self, "lr_grid", tuple(float(m) for m in grid))
         object.__setattr__(self, "seeds", seeds)
         object.__setattr__(self, "fraction", float(self.fraction))
@@ -66,10 +74,26 @@ class Tuning:
         """(steps, warmup steps) of a tuning run for an arm of ``steps`` steps."""
         return max(1, round(steps * self.fraction)), round(warmup_steps * self.fraction)
 
+    def next_multiplier(self, tried: dict[float, float]) -> float | None:
+        """The next multiplier to try past the edge that wins ``tried`` (multiplier -> mean final loss), at the
+        grid's ratio there (x2 for a one-point grid); None when the winner is inside the swept range or the
+        sweep has already added ``extend`` multipliers."""
+        if len(tried) - len(self.lr_grid) >= self.extend:
+            return None
+        best, swept = best_multiplier(tried), sorted(tried)
+        if len(swept) == 1:
+            return swept[0] * 2
+        if best == swept[0]:
+            return swept[0] * swept[0] / swept[1]
+        if best == swept[-1]:
+            return swept[-1] * swept[-1] / swept[-2]
+        return None
+
     def describe(self, base_lr: float) -> str:
         grid = ", ".join(f"{m:g}" for m in self.lr_grid)
         budget = "the full budget" if self.fraction == 1 else f"{self.fraction:.0%} of each arm's budget"
-        return (f"LR tuned per arm, the same way for each: x{{{grid}}} of {base_lr:g} on seed(s) "
+        extended = f", extended past a winning edge up to {self.extend} times" if self.extend else ""
+        return (f"LR tuned per arm, the same way for each: x{{{grid}}} of {base_lr:g}{extended} on seed(s) "
                 f"{list(self.seeds)}, {budget}")
 
 

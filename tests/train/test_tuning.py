@@ -37,7 +37,7 @@ def read_csv(path):
 def test_every_arm_runs_at_the_best_lr_of_the_same_sweep_and_the_sweep_is_reused(experiment, tmp_path,
                                                                                    monkeypatch):
     out = tmp_path / "out"
-    tuning = Tuning(lr_grid=(0.25, 4.0), seeds=(7,), fraction=0.5)
+    tuning = Tuning(lr_grid=(0.25, 4.0), seeds=(7,), fraction=0.5, extend=0)
     E.compare(experiment, ["stack"], [0], str(out), log=lambda message: None, tuning=tuning)
 
     sweep = read_csv(out / "tuning.csv")
@@ -106,6 +106,36 @@ def test_a_bad_protocol_is_refused_naming_its_part(kwargs, match):
         Tuning(**kwargs)
 
 
+def test_a_winning_edge_extends_the_sweep_at_the_grids_ratio_up_to_extend_times():
+    tuning = Tuning(lr_grid=(1.0, 2.0, 4.0), extend=2)
+    assert tuning.next_multiplier({1.0: 4.0, 2.0: 4.1, 4.0: 4.5}) == 0.5
+    assert tuning.next_multiplier({0.5: 3.9, 1.0: 4.0, 2.0: 4.1, 4.0: 4.5}) == 0.25
+    assert tuning.next_multiplier({0.25: 3.8, 0.5: 3.9, 1.0: 4.0, 2.0: 4.1, 4.0: 4.5}) is None  # extended twice
+    assert tuning.next_multiplier({0.5: 4.2, 1.0: 4.0, 2.0: 4.1, 4.0: 4.5}) is None  # the winner is inside
+    assert tuning.next_multiplier({1.0: 4.5, 2.0: 4.1, 4.0: 4.0}) == 8.0
+    assert tuning.next_multiplier({1.0: 4.5, 2.0: 4.1, 4.0: math.nan}) is None  # 4 diverged: 2 is inside
+    assert Tuning(lr_grid=(1.0,), extend=1).next_multiplier({1.0: 4.0}) == 2.0
+    assert Tuning(extend=0).next_multiplier({0.5: 1.0, 1.0: 2.0, 2.0: 3.0, 4.0: 4.0}) is None
+    assert "extended past a winning edge up to 2 times" in tuning.describe(1e-3)
+
+
+def test_compare_extends_every_arms_sweep_by_the_same_rule(experiment, tmp_path, monkeypatch):
+    """Losses that fall towards small learning rates: every arm's sweep goes on below the grid, twice."""
+    tried = []
+
+    def fake_tuning_run(exp, prepared, schedule, seed, options, cache_dir, log):
+        tried.append((schedule, exp.config.lr))
+        return E.RunResult(steps=1, flops=1.0, wall_seconds=1.0, final_val_loss=10 + math.log2(exp.config.lr),
+                           evals=[])
+
+    monkeypatch.setattr(E, "_tuning_run", fake_tuning_run)
+    E.compare(experiment, ["stack"], [0], str(tmp_path), log=lambda message: None,
+              tuning=Tuning(lr_grid=(1.0, 2.0), seeds=(7,), extend=2))
+    assert sorted(tried) == sorted((name, 2e-3 * m) for name in ("baseline", "stack") for m in (0.25, 0.5, 1, 2))
+    assert "x0.25 (at the edge of its sweep)" in (tmp_path / "tuning.md").read_text()
+    assert {row["lr"] for row in read_csv(tmp_path / "summary.csv")} == {str(2e-3 * 0.25)}
+
+
 def test_the_best_multiplier_ignores_diverged_runs_and_breaks_ties_low():
     assert best_multiplier({0.5: 4.1, 1.0: 4.0, 2.0: math.nan}) == 1.0
     assert best_multiplier({2.0: 4.0, 1.0: 4.0}) == 1.0
@@ -138,7 +168,8 @@ def test_evaluation_noise_is_the_spread_over_disjoint_subsets(experiment):
     (("--lr-grid", "1,x"), "--lr-grid expects comma-separated numbers"),
     (("--tune-seeds", "1,a"), "--tune-seeds expects comma-separated integers"),
     (("--seeds", "0,x"), "--seeds expects comma-separated integers"),
-    (("--tune-seeds", "2"), "--lr-grid / --tune-seeds / --tune-fraction: the tuning seeds"),
+    (("--tune-seeds", "2"), "--lr-grid / --lr-grid-extend / --tune-seeds / --tune-fraction: the tuning seeds"),
+    (("--lr-grid-extend", "-1"), "tuning extend must be an int >= 0"),
     (("--tune-fraction", "0"), r"--tune-fraction: tuning fraction must be in \(0, 1\]"),
 ])
 def test_the_command_line_refuses_a_bad_protocol_before_any_work(argv, match, tmp_path):
