@@ -33,7 +33,7 @@ class Tuning:
     the warmup scaled alike, so every arm's warmup stays the same share of its run); the multiplier with the
     lowest mean final validation loss wins.  A winner at an edge of the grid says the optimum may lie beyond
     it, so the sweep goes on past that edge, one multiplier at a time at the grid's own ratio, up to
-    ``extend`` more; the same rule for every arm."""
+    ``extend`` more; the same rule for every arm.  A one-multiplier grid is a fixed choice and never extends."""
 
     lr_grid: tuple[float, ...] = DEFAULT_LR_GRID
     seeds: tuple[int, ...] = DEFAULT_TUNE_SEEDS
@@ -76,13 +76,11 @@ class Tuning:
 
     def next_multiplier(self, tried: dict[float, float]) -> float | None:
         """The next multiplier to try past the edge that wins ``tried`` (multiplier -> mean final loss), at the
-        grid's ratio there (x2 for a one-point grid); None when the winner is inside the swept range or the
-        sweep has already added ``extend`` multipliers."""
-        if len(tried) - len(self.lr_grid) >= self.extend:
+        grid's ratio there; None when the winner is inside the swept range, the sweep has already added
+        ``extend`` multipliers, or the grid is a single multiplier (a fixed choice, not a sweep)."""
+        if len(self.lr_grid) == 1 or len(tried) - len(self.lr_grid) >= self.extend:
             return None
         best, swept = best_multiplier(tried), sorted(tried)
-        if len(swept) == 1:
-            return swept[0] * 2
         if best == swept[0]:
             return swept[0] * swept[0] / swept[1]
         if best == swept[-1]:
