@@ -658,6 +658,8 @@ def _model_from_record(record: dict, like: torch.nn.Module) -> torch.nn.Module:
     config = type(like.config).from_dict(record["config"])
     model = cls(config).to(next(like.parameters()).device)
     model.load_state_dict(record["state"], strict=True)
+    if getattr(like, "loss_type", None):  # e.g. GPT-2's, which transformers cannot infer from its class name
+        model.loss_type = like.loss_type
     return model
 
 
@@ -743,10 +745,12 @@ def _run_schedule(stages, state, config, train_batch, eval_batches, step_flops, 
         global_step, flops, wall = checkpoint["global_step"], checkpoint["flops"], checkpoint["wall"]
         evals = [Evaluation(*e) for e in checkpoint["evals"]]
         metrics.truncate_after(global_step)
-        state = RunState(model=_model_from_record(checkpoint["model"], state.model),
-                         kept={k: _model_from_record(r, state.model) for k, r in checkpoint["kept"].items()},
-                         linear_term=checkpoint["linear_term"],
-                         kept_optimizer_states=checkpoint["kept_optimizer_states"], notes=checkpoint["notes"])
+        # in place, not a new RunState: the caller's ``state`` must end holding the run's model, also when the
+        # checkpoint is the final one and nothing is left to train (compare measures evaluation noise on it)
+        state.kept = {k: _model_from_record(r, state.model) for k, r in checkpoint["kept"].items()}
+        state.model = _model_from_record(checkpoint["model"], state.model)
+        state.linear_term, state.notes = checkpoint["linear_term"], checkpoint["notes"]
+        state.kept_optimizer_states = checkpoint["kept_optimizer_states"]
 
     elif resume:
         metrics.truncate_after(0)  # killed before its first checkpoint: start again, log once

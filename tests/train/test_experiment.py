@@ -6,6 +6,7 @@ import csv
 import inspect
 
 import pytest
+import torch
 
 from growlib.train.experiment import Experiment, compare, schedule_flops
 from growlib.train.loop import TrainConfig
@@ -109,3 +110,17 @@ def test_deepspeed_config_fills_in_growlibs_settings():
     merged = deepspeed_config({"zero_optimization": {"stage": 2}}, TrainConfig(batch_size=4, grad_accum=2, clip=0.5))
     assert merged == {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 4,
                       "gradient_accumulation_steps": 2, "gradient_clipping": 0.5}
+
+
+def test_a_run_read_back_from_its_checkpoint_returns_the_trained_model(experiment, tmp_path):
+    """compare measures the evaluation's noise on the baseline's returned model: read back from the final
+    checkpoint (nothing left to train) or resumed half-way, it must be the trained model, not a fresh one."""
+    from growlib.train.experiment import prepare_data, train
+
+    prepared = prepare_data(experiment)
+    out = str(tmp_path / "runs")
+    _, trained = train(experiment, "vcycle", 0, None, prepared, out_dir=out, checkpoint_every=10)
+    _, read_back = train(experiment, "vcycle", 0, None, prepared, out_dir=out, resume=True)
+    assert type(read_back) is type(trained)
+    for (name, a), (_, b) in zip(trained.state_dict().items(), read_back.state_dict().items()):
+        assert torch.equal(a, b), name
