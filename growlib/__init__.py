@@ -1,24 +1,45 @@
 """growlib: grow transformers from smaller ones, or train them through coarser versions of themselves.
 
 Every operator is a linear map over a parameter schema (width maps per axis role, depth maps per tensor
-name); the maps run as fused Triton kernels on the GPU and as PyTorch references on the CPU."""
+name); the maps run as fused Triton kernels on the GPU and as PyTorch references on the CPU.
 
-from growlib.apply import apply_map
-from growlib.frozen import FrozenStack, freeze_forward
-from growlib.operators.common import schema_of
-from growlib.operators.depth import grow_depth, grow_depth_map, prolong_, prolong_map, restrict, restrict_map
-from growlib.operators.ligo import LiGO
-from growlib.operators.multilevel import coalesce, coalesce_map, decoalesce, decoalesce_map, interpolate_
-from growlib.operators.width import widen, widen_map
-from growlib.ops import current_backend, use_backend
-from growlib.optim import map_optimizer_state
-from growlib.schema import Axis, DepthMap, GrowthMap, Schema, SparseRows, WidthMap
+The names below are imported on first use, so that ``growlib --help`` and ``import growlib.cli`` do not pay
+for torch and transformers."""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Axis", "DepthMap", "FrozenStack", "GrowthMap", "LiGO", "Schema", "SparseRows", "WidthMap",
-    "apply_map", "coalesce", "coalesce_map", "current_backend", "decoalesce", "decoalesce_map", "freeze_forward",
-    "grow_depth", "grow_depth_map", "interpolate_", "map_optimizer_state", "prolong_", "prolong_map", "restrict",
-    "restrict_map", "schema_of", "use_backend", "widen", "widen_map",
-]
+#: public name -> the module that defines it
+_HOMES = {
+    "apply_map": "growlib.apply",
+    "FrozenStack": "growlib.frozen", "freeze_forward": "growlib.frozen",
+    "schema_of": "growlib.operators.common",
+    "grow_depth": "growlib.operators.depth", "grow_depth_map": "growlib.operators.depth",
+    "prolong_": "growlib.operators.depth", "prolong_map": "growlib.operators.depth",
+    "restrict": "growlib.operators.depth", "restrict_map": "growlib.operators.depth",
+    "LiGO": "growlib.operators.ligo",
+    "load_run": "growlib.train.export", "LoadedRun": "growlib.train.export",
+    "coalesce": "growlib.operators.multilevel", "coalesce_map": "growlib.operators.multilevel",
+    "decoalesce": "growlib.operators.multilevel", "decoalesce_map": "growlib.operators.multilevel",
+    "interpolate_": "growlib.operators.multilevel",
+    "widen": "growlib.operators.width", "widen_map": "growlib.operators.width",
+    "current_backend": "growlib.ops", "use_backend": "growlib.ops",
+    "map_optimizer_state": "growlib.optim",
+    "Axis": "growlib.schema", "DepthMap": "growlib.schema", "GrowthMap": "growlib.schema", "Schema": "growlib.schema",
+    "SparseRows": "growlib.schema", "WidthMap": "growlib.schema",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'growlib' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value  # the next access is a plain attribute lookup
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HOMES))

@@ -7,45 +7,49 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import inspect
 import json
+import logging
 import os
+import re
 import sys
 import time
 
-import torch
-import transformers as T
-
 import growlib
-from growlib import kernel_check
-from growlib.schedules import SCHEDULES
-from growlib.train.experiment import Experiment, ScheduleFailures, compare
-from growlib.train.experiment import run as run_experiment
-from growlib.train.loop import CheckpointWriteError, RankDivergenceError, RunInterrupted, TrainConfig
-from growlib.train.runs import RunFolderError
-from growlib.train.sizes import FAMILIES
-from growlib.train.tuning import DEFAULT_EXTEND, DEFAULT_LR_GRID, DEFAULT_TUNE_SEEDS, Tuning
+from growlib import names
+from growlib.train.tuning import DEFAULT_EXTEND, DEFAULT_LR_GRID, DEFAULT_TUNE_SEEDS
 
-DEMO_CONFIGS = {
-    # GPT-2 small's real shape (124M parameters), randomly initialised: no download needed.
-    "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(n_embd=768, n_layer=12, n_head=12)),
-    "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376,
-                                                      num_hidden_layers=8, num_attention_heads=8,
-                                                      num_key_value_heads=4)),
-    "bert": lambda: T.BertForMaskedLM(T.BertConfig(num_hidden_layers=12)),
-}
+# torch, transformers and growlib's training modules are imported inside the commands that use them: argument
+# parsing, --help and the checks of every flag run before them, in a fraction of a second.
+
+DEMO_FAMILIES = ("bert", "gpt2", "llama")
 
 
-def _millions(model: torch.nn.Module) -> str:
+def _demo_model(family: str):
+    """The model class ``demo`` shows, randomly initialised at a real size: no download needed."""
+    import transformers as T
+
+    if family == "gpt2":  # GPT-2 small's real shape, 124M parameters
+        return T.GPT2LMHeadModel(T.GPT2Config(n_embd=768, n_layer=12, n_head=12))
+    if family == "llama":
+        return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376,
+                                                num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4))
+    return T.BertForMaskedLM(T.BertConfig(num_hidden_layers=12))
+
+
+def _millions(model) -> str:
     return f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M"
 
 
-def _shape(model: torch.nn.Module) -> str:
+def _shape(model) -> str:
     dims = growlib.schema_of(model).dims
     return (f"{dims['layers']} layers, hidden {dims['model']}, {dims['heads']} heads "
             f"({dims['kv_heads']} kv) x {dims['head_dim']}, ffn {dims['ffn']}")
 
 
-def _relative_logit_error(a: torch.nn.Module, b: torch.nn.Module, tokens: torch.Tensor) -> float:
+def _relative_logit_error(a, b, tokens) -> float:
+    import torch
+
     with torch.no_grad():
         la, lb = a(input_ids=tokens).logits.double(), b(input_ids=tokens).logits.double()
     return float((la - lb).abs().max() / lb.abs().max())
@@ -59,10 +63,12 @@ def _timed(label: str, fn):
 
 
 def demo(family: str, seed: int) -> int:
+    import torch
+
     torch.manual_seed(seed)
     print(f"growlib {growlib.__version__} demo on {family} (backend {growlib.current_backend()}, "
           f"torch {torch.__version__})")
-    model = DEMO_CONFIGS[family]().eval()
+    model = _demo_model(family).eval()
     tokens = torch.randint(0, model.config.vocab_size, (2, 32))
     print(f"fine model    {type(model).__name__}: {_millions(model)} parameters; {_shape(model)}")
 
@@ -93,7 +99,7 @@ def demo(family: str, seed: int) -> int:
     print(f"stacked       {_millions(stacked)} parameters; {_shape(stacked)}")
     ode_coarse = _timed("restrict(parity='even') (ODE multilevel)", lambda: growlib.restrict(model))
     print(f"ODE coarse    {_millions(ode_coarse)} parameters; {_shape(ode_coarse)}; residual step h = 2")
-    print("(times include building each new HF model, which dominates on the CPU)")
+    print("(each time includes building the new HF model, randomly initialised and then overwritten)")
     return 0 if exact and max(decoalesce_error, cloning_error) < 1e-5 else 1
 
 
@@ -106,8 +112,27 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class UsageError(Exception):
+    """A flag's value that cannot work: one line naming the flag, exit status 2 (as argparse's own errors)."""
+
+
+#: API field names in messages from growlib's classes, as the flags that set them
+_FLAG_OF_FIELD = {
+    "TrainConfig.lr": "--lr", "TrainConfig.warmup_steps": "--warmup", "TrainConfig.lr_schedule": "--lr-schedule",
+    "TrainConfig.batch_size": "--batch-size", "TrainConfig.seq_len": "--seq-len",
+    "TrainConfig.eval_every": "--eval-every", "TrainConfig.eval_batches": "--eval-batches",
+    "TrainConfig.on_nonfinite": "--on-nonfinite", "Experiment.family": "--model", "Experiment.size": "--size",
+    "Experiment.total_steps": "--steps", "Experiment.data": "--data", "Experiment.vocab_size": "--vocab-size",
+    "Experiment.bin_dtype": "--bin-dtype",
+}
+
+
+def _as_flags(message: str) -> str:
+    return re.sub(r"\b(TrainConfig|Experiment)\.\w+", lambda m: _FLAG_OF_FIELD.get(m.group(0), m.group(0)), message)
+
+
 def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=FAMILIES, default="gpt2", help="model family (HF class it trains)")
+    parser.add_argument("--model", choices=names.FAMILIES, default="gpt2", help="model family (HF class it trains)")
     parser.add_argument("--size", default="tiny",
                         help="tiny | small | base, or JSON (inline or a file) with layers, hidden, heads, "
                              "intermediate and, for llama, kv_heads")
@@ -139,9 +164,20 @@ def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
                              "of this size moves between disjoint validation subsets)")
     parser.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
                         help="a NaN/inf loss or gradient stops the run or drops that step")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads torch may use (default: $OMP_NUM_THREADS if set, else half the CPUs, at "
+                             "least 1: on a busy machine more threads than free cores slows training several times)")
+    parser.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                        help="off a terminal (CI, nohup, a pipe), a progress line at most this often")
     parser.add_argument("--out", required=True,
                         help="results folder: each run writes OUT/<schedule>-seed<seed>/ (run.json, metrics.jsonl, "
-                             "checkpoint.pt); compare adds summary.md/csv, tuning.md/csv, plots and OUT/tuning/")
+                             "checkpoint.pt, and model/: the trained model and tokenizer, growlib.load_run reads "
+                             "it); compare adds summary.md/csv, tuning.md/csv, plots and OUT/tuning/")
+
+
+def _debug_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of its one-line message")
 
 
 def _budget_steps(args) -> int:
@@ -150,75 +186,83 @@ def _budget_steps(args) -> int:
         return 300 if args.steps is None else args.steps
     per_step = args.batch_size * args.seq_len * int(os.environ.get("WORLD_SIZE", "1"))
     if args.tokens < per_step:
-        raise SystemExit(f"--tokens {args.tokens} is less than one step's {per_step} tokens "
+        raise UsageError(f"--tokens {args.tokens} is less than one step's {per_step} tokens "
                          f"(batch {args.batch_size} x seq {args.seq_len} x processes)")
     return args.tokens // per_step
 
 
-def _experiment(args) -> Experiment:
-    config = TrainConfig(lr=args.lr, warmup_steps=args.warmup, lr_schedule=args.lr_schedule,
-                         batch_size=args.batch_size, seq_len=args.seq_len,
-                         eval_every=args.eval_every, eval_batches=args.eval_batches,
-                         on_nonfinite=args.on_nonfinite)
-    return Experiment(family=args.model, size=args.size, total_steps=_budget_steps(args), config=config, data=args.data,
-                      vocab_size=args.vocab_size, bin_dtype=args.bin_dtype)
+def _experiment(args):
+    """The Experiment the flags describe; every value checked here, before any data or model exists."""
+    from growlib.train.experiment import Experiment
+    from growlib.train.loop import TrainConfig
+
+    try:
+        config = TrainConfig(lr=args.lr, warmup_steps=args.warmup, lr_schedule=args.lr_schedule,
+                             batch_size=args.batch_size, seq_len=args.seq_len,
+                             eval_every=args.eval_every, eval_batches=args.eval_batches,
+                             on_nonfinite=args.on_nonfinite)
+        return Experiment(family=args.model, size=args.size, total_steps=_budget_steps(args), config=config,
+                          data=args.data, vocab_size=args.vocab_size, bin_dtype=args.bin_dtype)
+    except (ValueError, FileNotFoundError) as error:
+        message = _as_flags(str(error))
+        raise UsageError(message if message.startswith("--") or "size" not in message else f"--size: {message}") \
+            from error
 
 
 def _int_list(flag: str, text: str) -> list[int]:
     try:
         return [int(item) for item in text.split(",")]
     except ValueError:
-        raise SystemExit(f"{flag} expects comma-separated integers, got {text!r}") from None
+        raise UsageError(f"{flag} expects comma-separated integers, got {text!r}") from None
 
 
-def _tuning(args, seeds: list[int]) -> Tuning:
+def _tuning(args, seeds: list[int]):
     """The compare command's tuning protocol, checked before any data is prepared."""
+    from growlib.train.tuning import Tuning
+
     try:
         grid = [float(item) for item in args.lr_grid.split(",")]
     except ValueError:
-        raise SystemExit(f"--lr-grid expects comma-separated numbers, got {args.lr_grid!r}") from None
+        raise UsageError(f"--lr-grid expects comma-separated numbers, got {args.lr_grid!r}") from None
     tune_seeds = _int_list("--tune-seeds", args.tune_seeds)
     try:
         tuning = Tuning(lr_grid=tuple(grid), seeds=tuple(tune_seeds), fraction=args.tune_fraction,
                         extend=args.lr_grid_extend)
         tuning.check_disjoint(seeds)
     except ValueError as error:
-        raise SystemExit(f"--lr-grid / --lr-grid-extend / --tune-seeds / --tune-fraction: {error}") from None
+        raise UsageError(f"--lr-grid / --lr-grid-extend / --tune-seeds / --tune-fraction: {error}") from None
     return tuning
 
 
-def _options(pairs: list[str]) -> dict:
-    """KEY=VALUE pairs as a dict, values parsed as JSON where they can be (numbers, lists, booleans)."""
-    options = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise SystemExit(f"--schedule-args expects KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
+def _set_threads(requested: int | None) -> None:
+    """torch's CPU threads: ``--threads``, else $OMP_NUM_THREADS, else half the CPUs (at least 1).  torch's
+    own default, every core, slowed training 7-10x on a 2-core machine that was busy with anything else."""
+    if requested is not None and requested < 1:
+        raise UsageError(f"--threads must be >= 1, got {requested}")
+    import torch
+
+    if requested is None and "OMP_NUM_THREADS" in os.environ:
+        return  # torch already follows it
+    torch.set_num_threads(requested or max(1, (os.cpu_count() or 2) // 2))
 
 
-class ProgressBar:
-    """A tqdm bar over optimizer steps showing the stage, loss, tokens/s and FLOPs so far (only on a terminal)."""
+def _show_progress_logs() -> None:
+    """Data preparation and LiGO's fit report to the ``growlib`` loggers; the command line prints them."""
+    logger = logging.getLogger("growlib")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
-    def __init__(self):
-        self.bar = None
 
-    def __call__(self, record: dict) -> None:
-        from tqdm import tqdm
+def _progress(args):
+    """The per-run progress callback factory: a bar on a terminal, a line every --progress-every s elsewhere."""
+    from growlib.train.progress import StepProgress
 
-        if self.bar is None:
-            self.bar = tqdm(total=record["total_steps"], initial=record["step"] - 1, unit="step",
-                            disable=not sys.stderr.isatty())
-        self.bar.update(1)
-        self.bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.3f}",
-                             tok_s=f"{record['tokens'] / max(record['wall'], 1e-9):.0f}",
-                             flops=f"{record['flops']:.3g}")
-        if record["step"] == record["total_steps"]:
-            self.bar.close()
+    if not args.progress_every >= 0:
+        raise UsageError(f"--progress-every must be a number of seconds >= 0, got {args.progress_every}")
+    return lambda label: StepProgress(label, interval_s=args.progress_every)
 
 
 def _distributed_timeout() -> datetime.timedelta:
@@ -231,7 +275,7 @@ def _distributed_timeout() -> datetime.timedelta:
     except ValueError:
         seconds = float("nan")
     if not 0 < seconds < float("inf"):
-        raise SystemExit(f"GROWLIB_DIST_TIMEOUT_S must be a positive number of seconds, got {value!r}")
+        raise UsageError(f"GROWLIB_DIST_TIMEOUT_S must be a positive number of seconds, got {value!r}")
     return datetime.timedelta(seconds=seconds)
 
 
@@ -240,6 +284,8 @@ def _init_distributed(with_deepspeed: bool) -> str | None:
     (``GROWLIB_DIST_TIMEOUT_S``, default 10 minutes) so a rank that dies or stalls makes the others fail
     instead of hang; through DeepSpeed's communication layer when training with DeepSpeed.  Returns this
     rank's device, if distributed."""
+    import torch
+
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not with_deepspeed:
         return None
     on_gpu = torch.cuda.is_available()
@@ -255,18 +301,47 @@ def _init_distributed(with_deepspeed: bool) -> str | None:
     return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if on_gpu else "cpu"
 
 
-def _deepspeed_config(path: str | None) -> dict | None:
+def _deepspeed_config(path: str | None, experiment) -> dict | None:
+    """The --deepspeed JSON, read and checked against growlib's settings before anything is built."""
     if path is None:
         return None
+    from growlib.train.loop import deepspeed_config
+
     try:
         with open(path) as f:
-            return json.load(f)
+            config = json.load(f)
+        deepspeed_config(config, experiment.config)
     except (OSError, json.JSONDecodeError) as error:
-        raise SystemExit(f"--deepspeed: cannot read a JSON config from {path!r}: {error}")
+        raise UsageError(f"--deepspeed: cannot read a JSON config from {path!r}: {error}") from None
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"--deepspeed {path}: {error}") from None
+    return config
+
+
+def _schedule_options(schedule: str, pairs: list[str]) -> dict:
+    from growlib.schedules import parse_options
+
+    try:
+        return parse_options(schedule, pairs)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _check_schedule(schedule: str, steps: int, size: str, options: dict) -> None:
+    """Build the schedule's stages now: a budget too small for it, or an option out of range, fails here."""
+    from growlib.schedules import build_schedule
+    from growlib.train.sizes import parse_size
+
+    try:
+        build_schedule(schedule, steps, parse_size(size)["layers"], **options)
+    except ValueError as error:
+        raise UsageError(f"--schedule {schedule} with --steps {steps}: {error}") from None
 
 
 #: Exit status of a run stopped by SIGINT / SIGTERM (128 + SIGINT, as shells report Ctrl-C).
 EXIT_INTERRUPTED = 130
+#: Exit status of a command refused for its arguments (argparse's own).
+EXIT_USAGE = 2
 
 
 @contextlib.contextmanager
@@ -275,6 +350,12 @@ def _exit_on_fault(command: str):
     written (disk full), schedules of a comparison that failed, or a failed collective (another rank died, or
     stalled longer than the process group's timeout) end the command with one line and exit status 1; SIGINT /
     SIGTERM with one line saying where --resume continues, and status 130."""
+    import torch
+
+    from growlib.train.experiment import ScheduleFailures
+    from growlib.train.loop import CheckpointWriteError, RankDivergenceError, RunInterrupted
+    from growlib.train.runs import RunFolderError
+
     try:
         yield
     except (FloatingPointError, RankDivergenceError) as error:
@@ -308,23 +389,33 @@ def _exit_on_fault(command: str):
                          f"ranks' output.  {type(error).__name__}: {error}") from error
 
 
+def check_kernels_arguments(parser: argparse.ArgumentParser) -> None:
+    """check-kernels' options (growlib.kernel_check's own parser has the same)."""
+    parser.add_argument("--quick", action="store_true",
+                        help="one awkward shape per kernel, epilogue and dtype instead of all of them")
+    parser.add_argument("--kernel", action="append", choices=names.KERNEL_OPS, metavar="OP",
+                        help=f"check only this op (repeatable): {', '.join(names.KERNEL_OPS)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser: every command, its options, their help and defaults."""
     parser = argparse.ArgumentParser(prog="growlib", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"growlib {growlib.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     defaults_shown = {"formatter_class": _HelpWithDefaults}
     demo_parser = commands.add_parser("demo", help="coalesce / de-coalesce / grow a real HF model class",
                                       **defaults_shown)
-    demo_parser.add_argument("--model", choices=sorted(DEMO_CONFIGS), default="gpt2",
+    demo_parser.add_argument("--model", choices=DEMO_FAMILIES, default="gpt2",
                              help="the model class shown (randomly initialised at its real size)")
     demo_parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
+    _debug_argument(demo_parser)
     train_parser = commands.add_parser("train", help="train one schedule", **defaults_shown)
     _experiment_arguments(train_parser)
-    train_parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="baseline",
+    train_parser.add_argument("--schedule", choices=names.SCHEDULE_NAMES, default="baseline",
                               help="the growth or multi-level method to train with (baseline: from scratch)")
     train_parser.add_argument("--schedule-args", nargs="*", default=[], metavar="KEY=VALUE",
-                              help="the schedule's options, values as JSON (alpha=0.25 levels=3 "
-                                   "layer_counts=[1,2,4] frozen_forward=true)")
+                              help="the schedule's options (alpha=0.25 levels=3 layer_counts=1,2,4 "
+                                   "frozen_forward=true); `growlib schedules` lists them")
     train_parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
     train_parser.add_argument("--resume", action="store_true",
                               help="continue the run in OUT/<schedule>-seed<seed> from its checkpoint; refused if "
@@ -336,10 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
                               help="optimizer steps between checkpoints (default 50; not with --deepspeed)")
     train_parser.add_argument("--deepspeed", default=None, metavar="CONFIG.json",
                               help="train through DeepSpeed (ZeRO stage 0-2) with this config; launch with torchrun")
+    _debug_argument(train_parser)
     compare_parser = commands.add_parser("compare", help="every schedule against the baseline, same budget",
                                          **defaults_shown)
     _experiment_arguments(compare_parser)
-    compare_parser.add_argument("--schedules", default="baseline,vcycle,ode_multilevel,mslt,stack,msg,ligo",
+    compare_parser.add_argument("--schedules", default=",".join(names.SCHEDULE_NAMES),
                                 help="comma-separated schedules to compare (the baseline is always added)")
     compare_parser.add_argument("--seeds", default="0,1,2", help="the reported seeds, comma-separated")
     compare_parser.add_argument("--budget", choices=("flops", "steps"), default="flops",
@@ -361,49 +453,110 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the same command resumes: finished runs are kept, interrupted ones resume)")
     compare_parser.add_argument("--checkpoint-every", type=int, default=50,
                                 help="optimizer steps between each run's checkpoints (0: only the final one)")
+    _debug_argument(compare_parser)
+    schedules_parser = commands.add_parser("schedules", help="every schedule's options: type, default, meaning")
+    schedules_parser.add_argument("name", nargs="?", choices=names.SCHEDULE_NAMES,
+                                  help="only this schedule (default: all)")
+    _debug_argument(schedules_parser)
     check_parser = commands.add_parser("check-kernels", help="every Triton kernel against its PyTorch reference "
                                        "on this machine (CUDA, else the CPU through Triton's interpreter)")
-    kernel_check.add_arguments(check_parser)
+    check_kernels_arguments(check_parser)
+    _debug_argument(check_parser)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        return demo(args.model, args.seed)
-    if args.command == "check-kernels":
-        return kernel_check.main((["--quick"] if args.quick else [])
-                                 + [option for op in args.kernel or () for option in ("--kernel", op)])
-    if args.command in ("train", "compare") and args.checkpoint_every is not None and args.checkpoint_every < 0:
-        raise SystemExit(f"--checkpoint-every must be >= 0 (0: only the final checkpoint), got {args.checkpoint_every}")
-    if args.command == "train":
-        if args.resume and args.overwrite:
-            raise SystemExit("--resume and --overwrite exclude each other: --resume continues the run in the "
-                             "folder, --overwrite deletes it and starts over")
-        experiment = _experiment(args)
-        deepspeed = _deepspeed_config(args.deepspeed)
-        if deepspeed is not None and (args.resume or args.checkpoint_every):
-            raise SystemExit("--deepspeed runs write no checkpoints (ZeRO partitions the optimizer state): drop "
-                             "--resume and --checkpoint-every")
-        checkpoint_every = 0 if deepspeed is not None else (50 if args.checkpoint_every is None else args.checkpoint_every)
-        experiment.device = _init_distributed(deepspeed is not None) or experiment.device
-        with _exit_on_fault("train"):
-            result = run_experiment(experiment, args.schedule, args.seed, _options(args.schedule_args),
-                                    out_dir=args.out, resume=args.resume, checkpoint_every=checkpoint_every,
-                                    progress=ProgressBar(), deepspeed=deepspeed, overwrite=args.overwrite)
-        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            print(f"{args.schedule}: {result.steps} steps, {result.flops:.3g} FLOPs, {result.wall_seconds:.1f} s, "
-                  f"final validation loss {result.final_val_loss:.4f}")
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        return 0
+def describe_schedules(only: str | None = None) -> str:
+    """``growlib schedules``: each schedule's options as its builder declares them."""
+    from growlib.schedules import SCHEDULES, schedule_options
+
+    blocks = []
+    for name in [only] if only else SCHEDULES:
+        first_sentence = re.split(r"(?<=\.)(?:\s{2,}|\n)", inspect.getdoc(SCHEDULES[name]) or "")[0]
+        summary = " ".join(first_sentence.split())
+        lines = [f"{name}: {summary}"]
+        for option in schedule_options(name):
+            lines.append(f"  {option.name} ({option.type}, default {option.default!r}): {option.meaning}")
+        blocks.append("\n".join(lines if len(lines) > 1 else lines + ["  (no options)"]))
+    return "\n\n".join(blocks) + "\n\n--schedule-args KEY=VALUE ...: booleans true/false, lists 1,2,4 or [1,2,4], none"
+
+
+def _train(args) -> int:
+    import torch
+
+    from growlib.train.experiment import run as run_experiment
+
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other: --resume continues the run in the "
+                         "folder, --overwrite deletes it and starts over")
+    experiment = _experiment(args)
+    options = _schedule_options(args.schedule, args.schedule_args)
+    _check_schedule(args.schedule, experiment.total_steps, args.size, dict(options))
+    deepspeed = _deepspeed_config(args.deepspeed, experiment)
+    if deepspeed is not None and (args.resume or args.checkpoint_every):
+        raise UsageError("--deepspeed runs write no checkpoints (ZeRO partitions the optimizer state): drop "
+                         "--resume and --checkpoint-every")
+    checkpoint_every = 0 if deepspeed is not None else (50 if args.checkpoint_every is None else args.checkpoint_every)
+    progress = _progress(args)
+    experiment.device = _init_distributed(deepspeed is not None) or experiment.device
+    with _exit_on_fault("train"):
+        result = run_experiment(experiment, args.schedule, args.seed, options, out_dir=args.out, resume=args.resume,
+                                checkpoint_every=checkpoint_every, progress=progress(f"{args.schedule} seed {args.seed}"),
+                                deepspeed=deepspeed, overwrite=args.overwrite)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f"{args.schedule}: {result.steps} steps, {result.flops:.3g} FLOPs, {result.wall_seconds:.1f} s, "
+              f"final validation loss {result.final_val_loss:.4f}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _compare(args) -> int:
+    from growlib.train.experiment import compare
+
     seeds = _int_list("--seeds", args.seeds)
+    schedules = args.schedules.split(",")
+    unknown = [name for name in schedules if name not in names.SCHEDULE_NAMES]
+    if unknown:
+        raise UsageError(f"--schedules: unknown {unknown}; choose from {', '.join(names.SCHEDULE_NAMES)}")
     tuning = None if args.no_tune else _tuning(args, seeds)
+    experiment = _experiment(args)
+    progress = _progress(args)
     with _exit_on_fault("compare"):
-        table = compare(_experiment(args), args.schedules.split(","), seeds, args.out, budget=args.budget,
-                        tuning=tuning, overwrite=args.overwrite, checkpoint_every=args.checkpoint_every)
+        table = compare(experiment, schedules, seeds, args.out, budget=args.budget, tuning=tuning,
+                        overwrite=args.overwrite, checkpoint_every=args.checkpoint_every, progress=progress)
     print(table)
     return 0
+
+
+def _dispatch(args) -> int:
+    if args.command == "demo":
+        return demo(args.model, args.seed)
+    if args.command == "schedules":
+        print(describe_schedules(args.name))
+        return 0
+    if args.command == "check-kernels":
+        from growlib import kernel_check
+
+        return kernel_check.main((["--quick"] if args.quick else [])
+                                 + [option for op in args.kernel or () for option in ("--kernel", op)])
+    if args.checkpoint_every is not None and args.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every must be >= 0 (0: only the final checkpoint), got {args.checkpoint_every}")
+    _set_threads(args.threads)
+    _show_progress_logs()
+    return _train(args) if args.command == "train" else _compare(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, check every flag, run.  A flag that cannot work ends the command with one line naming it and exit
+    status 2 (``--debug``: the traceback); faults while training with one line and status 1 (_exit_on_fault)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (UsageError, ValueError) as error:
+        if args.debug:
+            raise
+        print(f"growlib {args.command}: error: {_as_flags(str(error))}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from growlib import ops, reference, use_backend
+from growlib import names, ops, reference, use_backend
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -519,8 +519,7 @@ def _fused_cases() -> list[KernelCase]:
 # The list
 # ----------------------------------------------------------------------------------------------------------
 
-OPS = ("structured_map", "kron_expand", "kron_expand_vector", "add_norm", "bias_activation", "gated_activation",
-       "rope_split_qkv")
+OPS = names.KERNEL_OPS
 
 
 def all_cases() -> list[KernelCase]:

@@ -179,17 +179,11 @@ def describe_device(device: torch.device) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
+    from growlib.cli import check_kernels_arguments
+
     p = argparse.ArgumentParser(prog="growlib check-kernels", description=__doc__.split("\n")[0])
-    add_arguments(p)
+    check_kernels_arguments(p)
     return p
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """check-kernels' options (shared with growlib.cli's subcommand)."""
-    p.add_argument("--quick", action="store_true",
-                   help="one awkward shape per kernel, epilogue and dtype instead of all of them")
-    p.add_argument("--kernel", action="append", choices=kernel_cases.OPS, metavar="OP",
-                   help=f"check only this op (repeatable): {', '.join(kernel_cases.OPS)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,11 @@ Backend policy (env ``GROWLIB_BACKEND`` or ``with growlib.use_backend(...)``):
 * ``auto``   Triton for CUDA tensors, the PyTorch reference (growlib.reference) for CPU tensors;
 * ``triton`` always Triton; CPU tensors only under ``TRITON_INTERPRET=1`` (Triton's interpreter);
 * ``torch``  always the PyTorch reference.
+
+Kernel entry points (the README's Kernels section tabulates them): ``structured_map_`` (in place, no
+backward), ``kron_expand`` / ``kron_expand_vector`` (differentiable), and the forward-only fused ops of frozen
+layers ``add_norm``, ``bias_activation``, ``gated_activation``, ``rope_split_qkv``.  Each docstring gives the
+shapes, the dtypes each backend accepts and whether there is a backward.
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ from typing import Iterator, Sequence
 import torch
 
 from growlib import reference
+
+__all__ = ["BACKENDS", "current_backend", "use_backend", "resolve_backend", "interpreting",
+           "structured_map_", "kron_expand", "kron_expand_vector", "add_norm", "bias_activation", "gated_activation",
+           "rope_split_qkv"]
 
 BACKENDS = ("auto", "triton", "torch")
 _state = threading.local()
@@ -51,6 +60,7 @@ def use_backend(backend: str) -> Iterator[None]:
 
 
 def interpreting() -> bool:
+    """Whether Triton runs through its interpreter (``TRITON_INTERPRET=1``), which lets it take CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -204,7 +214,13 @@ def structured_map_(
     """Apply a structured map to many tensors at once, writing ``dst`` in place (see kernels/structured_map.py).
 
     With ``alpha`` the result is blended into dst: ``dst = (1 - alpha) * dst + alpha * mapped``.  With
-    ``rms`` the inputs are non-negative second moments mapped through their square roots."""
+    ``rms`` the inputs are non-negative second moments mapped through their square roots.
+
+    ``dst``: T 2-D tensors of one dtype; ``src``: KD 2-D tensors of one dtype per dst tensor; both float32,
+    float16 or bfloat16 on the Triton backend, any floating dtype on the torch one (arithmetic in fp32, fp64
+    for fp64).  ``depth_weight`` (T, KD) float32, ``row_start`` / ``col_start`` (T,) int64, ``table_index`` /
+    ``table_weight`` (N, K) int32 / float32, all on dst's device.  No backward: it writes in place, and the
+    operators call it under ``torch.no_grad()``."""
     _validate_structured_map(dst, src, depth_weight, row_start, col_start, table_index, table_weight, alpha)
     backend = resolve_backend(dst[0].device)
     if backend == "triton":
@@ -356,8 +372,8 @@ def kron_expand(W: torch.Tensor, E: torch.Tensor, F: torch.Tensor, D: torch.Tens
 def kron_expand_vector(w: torch.Tensor, E: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     """The 1-D form of ``kron_expand`` for biases and norms: ``out[l] = E_l sum_j D[l, j] w[j]``.
 
-    w (L1, O1), D (L2, L1), E (O2, O1) or (L2, O2, O1) -> (L2, O2).  Differentiable with respect to all
-    three."""
+    w (L1, O1), D (L2, L1), E (O2, O1) or (L2, O2, O1) -> (L2, O2).  Dtypes and backward as ``kron_expand``:
+    differentiable with respect to all three."""
     return _kron_dispatch(w, E, None, D)
 
 
@@ -442,7 +458,7 @@ def add_norm(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     *,
-    eps: float,
+    eps: float = 1e-5,
     rms: bool = False,
     return_sum: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -450,7 +466,11 @@ def add_norm(
 
     Returns ``out``, or with ``return_sum`` ``(out, x + residual)``: a pre-LN block gets its new residual
     stream and the normalised input of its next branch from one read of both.  Statistics are taken in fp32
-    from the unrounded sum.  Forward-only (see kernels/fused_norm.py)."""
+    from the unrounded sum.  ``eps`` defaults to ``torch.nn.LayerNorm``'s; HF layers pass their config's
+    (Llama 1e-6, BERT 1e-12).  ``x`` float32, float16 or bfloat16 on the Triton backend (last axis at most
+    ``kernels.fused_norm.MAX_WIDTH``), any floating dtype on the torch one; ``residual`` of x's shape and
+    dtype; ``weight`` / ``bias`` of x's last axis, any floating dtype.  Outputs in x's dtype.  Forward-only:
+    no backward, and inputs that require grad are refused while grad is enabled (see kernels/fused_norm.py)."""
     n = _check_last_axis("x", x)
     if residual is not None:
         _check_floating_tensor("residual", residual, x.device)
@@ -505,13 +525,16 @@ def _activation(op: str, x, bias, activation: str, gated: bool) -> torch.Tensor:
 
 def bias_activation(x: torch.Tensor, bias: torch.Tensor | None = None, *, activation: str) -> torch.Tensor:
     """``act(x + bias)`` in one elementwise pass (the epilogue of an MLP's first matmul).  ``activation`` is
-    'gelu' (exact erf), 'gelu_tanh' (GPT-2's gelu_new), 'silu' or 'relu'.  Forward-only."""
+    'gelu' (exact erf), 'gelu_tanh' (GPT-2's gelu_new), 'silu' or 'relu'.  ``x`` float32, float16 or
+    bfloat16 on the Triton backend, any floating dtype on the torch one; ``bias`` of x's last axis; output in
+    x's dtype.  Forward-only, like ``add_norm``."""
     return _activation("bias_activation", x, bias, activation, gated=False)
 
 
 def gated_activation(x: torch.Tensor, bias: torch.Tensor | None = None, *, activation: str = "silu") -> torch.Tensor:
     """``act(gate) * up`` for ``x = [gate | up]`` (last axis 2N, the output of one fused gate+up matmul), with
-    an optional bias of length 2N added first; returns (..., N).  'silu' gives SwiGLU.  Forward-only."""
+    an optional bias of length 2N added first; returns (..., N).  'silu' gives SwiGLU.  Dtypes as
+    ``bias_activation``; forward-only."""
     return _activation("gated_activation", x, bias, activation, gated=True)
 
 
@@ -536,7 +559,9 @@ def rope_split_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, n
                    num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split a fused QKV projection's output (B, S, (H + 2 KV) * D) into q (B, H, S, D) and k, v (B, KV, S, D),
     rotating q and k by ``cos`` / ``sin`` (B or 1, S, D) as HF's ``apply_rotary_pos_emb`` does, in one pass.
-    q, k and v are views of one contiguous (B, H + 2 KV, S, D) tensor.  Forward-only."""
+    q, k and v are views of one contiguous (B, H + 2 KV, S, D) tensor, in qkv's dtype: float32, float16 or
+    bfloat16 on the Triton backend, any floating dtype on the torch one (cos / sin any floating dtype).
+    Forward-only, like ``add_norm``."""
     _check_floating_tensor("qkv", qkv)
     if qkv.dim() != 3:
         raise ValueError(f"qkv must be 3-D (batch, seq, (heads + 2 * kv_heads) * head_dim), got shape "

@@ -3,7 +3,7 @@ from one HF model into another."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -115,9 +115,28 @@ def _carry_requires_grad(source: torch.nn.Module, source_schema, target: torch.n
             parameter.requires_grad_(trainable[name])
 
 
+#: The sizes an operator may change (``resized_dims`` gives them all); every map builder reads them.
+RESIZABLE = ("model", "ffn", "heads", "kv_heads", "head_dim", "attn", "kv", "layers")
+
+
 def resized_dims(dims: dict[str, int], *, model: int, ffn: int, heads: int, kv_heads: int,
                  layers: int) -> dict[str, int]:
     """The resizable sizes of a schema after an operator, head size kept."""
     head_dim = dims["head_dim"]
     return {"model": model, "ffn": ffn, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
             "attn": heads * head_dim, "kv": kv_heads * head_dim, "layers": layers}
+
+
+def map_dims(shape, name: str) -> dict[str, int]:
+    """The sizes a map builder works from, given a Schema or its ``dims`` dict: a growth map depends on sizes
+    only, so every builder takes either."""
+    if isinstance(shape, Schema):
+        return dict(shape.dims)
+    if not isinstance(shape, Mapping):
+        raise TypeError(f"{name} must be a growlib.Schema or its dims dict (growlib.schema_of(model) or "
+                        f"growlib.schema_of(model).dims), got {type(shape).__name__}")
+    missing = [size for size in RESIZABLE if size not in shape]
+    if missing:
+        raise ValueError(f"{name} must be a Schema's dims dict, holding the sizes {list(RESIZABLE)}; missing "
+                         f"{missing}")
+    return dict(shape)

@@ -7,19 +7,25 @@ import torch
 
 from growlib.apply import apply_map
 from growlib.models import adapter_for
-from growlib.operators.common import depth_copy, map_model, require_int, require_same_device, resized_dims
+from growlib.operators.common import (depth_copy, map_dims, map_model, require_int, require_same_device,
+                                      resized_dims)
 from growlib.schema import DepthMap, GrowthMap
 
 GROW_METHODS = ("stack", "interleave", "copy_top")
 PARITIES = ("even", "odd")
+#: The schema names of every residual branch's last projection, into which the ODE step size is folded.  All
+#: adapters use these names and mark exactly these specs ``residual_out`` (tests/operators/test_map_builders.py),
+#: so the maps need the sizes only; a name a model lacks (a bias-free Llama's) is never looked up.
+RESIDUAL_OUT = ("attn.o.weight", "attn.o.bias", "mlp.down.weight", "mlp.down.bias")
 
 
-def grow_depth_map(dims: dict[str, int], layers: int, method: str = "stack") -> GrowthMap:
-    """The depth-growth map from ``dims['layers']`` to ``layers`` layers, widths unchanged.
+def grow_depth_map(source, layers: int, method: str = "stack") -> GrowthMap:
+    """The depth-growth map from ``source`` (a Schema or its dims) to ``layers`` layers, widths unchanged.
 
     ``stack``: layer l copies layer l mod L (StackBERT, G_stack); ``interleave``: layer l copies layer
     floor(l L / layers), each layer repeated in place; ``copy_top``: the old layers stay and the new ones copy
     the top ``layers - L`` layers (MSLT)."""
+    dims = map_dims(source, "source")
     require_int("layers", layers)
     if method not in GROW_METHODS:
         raise ValueError(f"method must be one of {GROW_METHODS}, got {method!r}")
@@ -52,14 +58,11 @@ def _parity_offset(parity: str) -> int:
     return PARITIES.index(parity)
 
 
-def _residual_names(schema) -> list[str]:
-    return sorted({s.name for s in schema.specs if s.residual_out})
-
-
-def restrict_map(schema, parity: str = "even", step: float = 2.0) -> GrowthMap:
-    """Coarse layer i = fine layer 2i (+1 for ``odd``), its residual branch scaled by ``step``."""
+def restrict_map(source, parity: str = "even", step: float = 2.0) -> GrowthMap:
+    """Coarse layer i = fine layer 2i (+1 for ``odd``) of ``source`` (the fine Schema or its dims), its residual
+    branch scaled by ``step``."""
+    dims = map_dims(source, "source")
     offset = _parity_offset(parity)
-    dims = schema.dims
     if dims["layers"] % 2:
         raise ValueError(f"restrict halves the depth, so the model needs an even number of layers, got "
                          f"{dims['layers']}")
@@ -68,13 +71,15 @@ def restrict_map(schema, parity: str = "even", step: float = 2.0) -> GrowthMap:
     target = resized_dims(dims, model=dims["model"], ffn=dims["ffn"], heads=dims["heads"],
                           kv_heads=dims["kv_heads"], layers=coarse_layers)
     return GrowthMap(source_dims=dict(dims), target_dims=target, width={}, depth=select,
-                     depth_by_name={name: select.scaled(step) for name in _residual_names(schema)})
+                     depth_by_name={name: select.scaled(step) for name in RESIDUAL_OUT})
 
 
-def prolong_map(fine_schema, parity: str = "even", step: float = 2.0) -> GrowthMap:
-    """Fine layer 2i (+1) = coarse layer i with its residual step restored; the other fine layers are kept."""
+def prolong_map(fine, parity: str = "even", step: float = 2.0) -> GrowthMap:
+    """Fine layer 2i (+1) = coarse layer i with its residual step restored; the other fine layers are kept.
+
+    ``fine`` (the Schema or its dims) is the map's target: it alone fixes the coarse sizes."""
+    fine_dims = map_dims(fine, "fine")
     offset = _parity_offset(parity)
-    fine_dims = fine_schema.dims
     coarse_layers = fine_dims["layers"] // 2
     rows = [None] * fine_dims["layers"]
     for i in range(coarse_layers):
@@ -83,7 +88,7 @@ def prolong_map(fine_schema, parity: str = "even", step: float = 2.0) -> GrowthM
     source = resized_dims(fine_dims, model=fine_dims["model"], ffn=fine_dims["ffn"], heads=fine_dims["heads"],
                           kv_heads=fine_dims["kv_heads"], layers=coarse_layers)
     return GrowthMap(source_dims=source, target_dims=dict(fine_dims), width={}, depth=write_back,
-                     depth_by_name={name: write_back.scaled(1.0 / step) for name in _residual_names(fine_schema)})
+                     depth_by_name={name: write_back.scaled(1.0 / step) for name in RESIDUAL_OUT})
 
 
 def restrict(model: torch.nn.Module, parity: str = "even") -> torch.nn.Module:

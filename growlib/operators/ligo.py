@@ -37,7 +37,9 @@ Choices, where the paper and its official code differ (see the research notes):
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -47,6 +49,10 @@ from transformers import PretrainedConfig
 
 from growlib import ops
 from growlib.models import adapter_for
+
+#: fit's progress: a line at the first and last step and at most every PROGRESS_INTERVAL_S seconds between
+_progress = logging.getLogger("growlib.ligo")
+PROGRESS_INTERVAL_S = 30.0
 from growlib.operators.common import require_int
 from growlib.operators.depth import GROW_METHODS, grow_depth_map
 from growlib.operators.width import widen_map
@@ -462,7 +468,7 @@ class LiGO(nn.Module):
         is AdamW (betas 0.9 / 0.999, eps 1e-6, as the official code) or plain SGD.
 
         A non-finite loss stops the fit like the training loop: FloatingPointError, the operator restored to
-        its state before ``fit``."""
+        its state before ``fit``.  Progress goes to the ``growlib.ligo`` logger (the command line shows it)."""
         steps = require_int("steps", steps)
         grad_accum = require_int("grad_accum", grad_accum)
         _choice("optimizer", optimizer, OPTIMIZERS)
@@ -499,6 +505,7 @@ class LiGO(nn.Module):
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         losses = []
         before = {name: t.detach().clone() for name, t in self.state_dict().items()}
+        started = last_line = time.monotonic()
         for step in range(steps):
             expanded = self.expanded()
             leaves = {name: t.detach().requires_grad_(True) for name, t in expanded.items()}
@@ -525,6 +532,11 @@ class LiGO(nn.Module):
             schedule.step()
             opt.zero_grad(set_to_none=True)
             losses.append(total / grad_accum)
+            now = time.monotonic()
+            if step in (0, steps - 1) or now - last_line >= PROGRESS_INTERVAL_S:
+                last_line = now
+                _progress.info(f"LiGO fit: step {step + 1}/{steps}, loss {losses[-1]:.3f}, "
+                               f"{now - started:.1f} s")
         return losses
 
     def _device(self) -> torch.device:

@@ -1,10 +1,11 @@
 """The multi-level framework's operators (Zou et al., ICLR 2024): coalesce, de-coalesce, interpolate.
 
 Coalescing merges neuron j with neuron j + d/w of every role (for heads: head i with head i + H/w,
-dimension-wise, head size kept) and each group of ``depth`` layers; de-coalescing is its exact inverse
-(copy rows, copy-and-divide columns, copy layers).  Unlike the original code, de-coalescing a pre-LN model
-with tied embeddings is function-preserving: the embedding is copied unscaled and the factor 1/w is folded
-into the norm feeding the tied head (see models.base.head_norm_side)."""
+dimension-wise, head size kept) and each group of ``depth`` layers; de-coalescing (copy rows, copy-and-divide
+columns, copy layers) is its right inverse: ``coalesce(decoalesce(c)) == c`` exactly, while
+``decoalesce(coalesce(m))`` keeps only what the merged units had in common.  Unlike the original code,
+de-coalescing a pre-LN model with tied embeddings is function-preserving: the embedding is copied unscaled and
+the factor 1/w is folded into the norm feeding the tied head (see models.base.head_norm_side)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import torch
 
 from growlib.apply import apply_map
 from growlib.models import adapter_for
-from growlib.operators.common import (copy_map, depth_copy, map_model, merge_map, require_int, require_same_device,
-                                      resized_dims)
+from growlib.operators.common import (RESIZABLE, copy_map, depth_copy, map_dims, map_model, merge_map, require_int,
+                                      require_same_device, resized_dims)
 from growlib.schema import DepthMap, GrowthMap
 
 DEPTH_PAIRINGS = ("adjacent", "stack")
@@ -31,9 +32,10 @@ def _fine_layer_groups(coarse_layers: int, depth: int, depth_pairing: str) -> li
     return [[i + m * coarse_layers for m in range(depth)] for i in range(coarse_layers)]
 
 
-def coalesce_map(dims: dict[str, int], width: int = 2, depth: int = 2,
-                 depth_pairing: str = "adjacent") -> GrowthMap:
-    """The coalescing map from a model of ``dims`` to one ``width`` times narrower and ``depth`` times shallower."""
+def coalesce_map(source, width: int = 2, depth: int = 2, depth_pairing: str = "adjacent") -> GrowthMap:
+    """The coalescing map from ``source`` (a Schema or its dims) to a model ``width`` times narrower and
+    ``depth`` times shallower."""
+    dims = map_dims(source, "source")
     require_int("width", width)
     require_int("depth", depth)
     _check_pairing(depth_pairing)
@@ -56,9 +58,11 @@ def coalesce_map(dims: dict[str, int], width: int = 2, depth: int = 2,
     return GrowthMap(source_dims=dict(dims), target_dims=target, width=widths, depth=depth_map)
 
 
-def decoalesce_map(coarse_dims: dict[str, int], fine_dims: dict[str, int],
-                   depth_pairing: str = "adjacent") -> GrowthMap:
-    """The de-coalescing map from ``coarse_dims`` back to ``fine_dims`` (the exact inverse of coalescing)."""
+def decoalesce_map(coarse, fine, depth_pairing: str = "adjacent") -> GrowthMap:
+    """The de-coalescing map from ``coarse`` up to ``fine`` (each a Schema or its dims): a right inverse of
+    coalescing (coalescing its result gives the coarse model back), not a left one (coalescing loses what the
+    merged units did not share)."""
+    coarse_dims, fine_dims = map_dims(coarse, "coarse"), map_dims(fine, "fine")
     _check_pairing(depth_pairing)
     if coarse_dims["head_dim"] != fine_dims["head_dim"]:
         raise ValueError(f"like has head size {fine_dims['head_dim']} but the coarse model has "
@@ -98,11 +102,9 @@ def coalesce(model: torch.nn.Module, width: int = 2, depth: int = 2,
     return map_model(model, coalesce_map(dims, width, depth, depth_pairing))
 
 
-#: Sizes de-coalescing changes; every other size of a schema (vocabulary, positions, ...) stays the coarse model's.
-_RESIZED = ("model", "ffn", "heads", "kv_heads", "head_dim", "attn", "kv", "layers")
-
-
 def _dims_of_like(adapter, like, coarse_dims: dict[str, int]) -> dict[str, int]:
+    """The sizes ``like`` asks for; only the resizable ones may differ from the coarse model's (vocabulary,
+    positions, ... are kept)."""
     if isinstance(like, torch.nn.Module):
         try:
             adapter_for(like)
@@ -117,7 +119,7 @@ def _dims_of_like(adapter, like, coarse_dims: dict[str, int]) -> dict[str, int]:
     except AttributeError as err:
         raise ValueError(f"like must be a {adapter.family} model or config, got {type(config).__name__}") from err
     kept = {name: (dims[name], coarse_dims[name]) for name in dims
-            if name not in _RESIZED and name in coarse_dims and dims[name] != coarse_dims[name]}
+            if name not in RESIZABLE and name in coarse_dims and dims[name] != coarse_dims[name]}
     if kept:
         raise ValueError("like asks for sizes de-coalescing does not change (it keeps the coarse model's): "
                          + ", ".join(f"{name} {want} (the coarse model has {have})"
@@ -128,8 +130,9 @@ def _dims_of_like(adapter, like, coarse_dims: dict[str, int]) -> dict[str, int]:
 def decoalesce(coarse: torch.nn.Module, like, depth_pairing: str = "adjacent") -> torch.nn.Module:
     """A new HF model shaped like ``like`` (a model or config), de-coalesced from ``coarse``.
 
-    Rows are copied, columns copied and divided, layers copied: ``coalesce(decoalesce(c)) == c`` exactly,
-    and width-only de-coalescing preserves the model's function."""
+    Rows are copied, columns copied and divided, layers copied: a right inverse of ``coalesce``
+    (``coalesce(decoalesce(c)) == c`` exactly, not the other way round), and width-only de-coalescing
+    preserves the model's function."""
     adapter = adapter_for(coarse, "coarse")
     coarse_dims = adapter.dims(coarse.config)
     gmap = decoalesce_map(coarse_dims, _dims_of_like(adapter, like, coarse_dims), depth_pairing)

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from growlib.models import adapter_for
-from growlib.operators.common import copy_map, depth_identity, expand_heads, map_model, require_int, resized_dims
+from growlib.operators.common import (copy_map, depth_identity, expand_heads, map_dims, map_model, require_int,
+                                      resized_dims)
 from growlib.schema import GrowthMap, WIDTH_ROLES
 
 WIDEN_METHODS = ("net2net", "bert2bert_fpi", "bert2bert_aki", "hypercloning")
@@ -42,11 +43,13 @@ def _unit_sources(old: int, new: int, method: str, generator: torch.Generator, w
     return list(range(old)) + extra
 
 
-def widen_map(dims: dict[str, int], hidden: int | None = None, intermediate: int | None = None,
+def widen_map(source, hidden: int | None = None, intermediate: int | None = None,
               heads: int | None = None, method: str = "net2net", seed: int = 0) -> GrowthMap:
-    """The width-growth map to the given sizes (None keeps a size; heads default to the hidden ratio).
+    """The width-growth map from ``source`` (a Schema or its dims) to the given sizes (None keeps a size; heads
+    default to the hidden ratio).
 
     Under ``net2net`` / ``bert2bert_fpi`` the old units keep their positions and the new ones follow them."""
+    dims = map_dims(source, "source")
     if method == "bert2bert_aki":
         raise ValueError("method='bert2bert_aki' takes the new units of layer l from layer l + 1, which is no "
                          "single growth map (one width map per role times one depth map): use "

@@ -34,7 +34,8 @@ def split_steps(total: int, fractions: list[float]) -> list[int]:
     steps = [int(total * f) for f in fractions]
     steps[-1] += target - sum(steps)
     if any(n < 1 for n, f in zip(steps, fractions) if f > 0):
-        raise ValueError(f"total_steps={total} is too small for stage fractions {fractions}: a stage gets no step")
+        raise ValueError(f"total_steps={total} is too small for stage fractions "
+                         f"[{', '.join(f'{f:.3g}' for f in fractions)}]: a stage gets no step")
     return steps
 
 
@@ -105,7 +106,17 @@ def vcycle(total_steps: int, final_layers: int, levels: int = 2, down_fraction: 
 
     Defaults from perf/results/tuning/gpt2-4x128/vcycle: 70% of the budget on the coarsest level and alpha 0.5
     reach the baseline's loss with the fewest FLOPs there; the paper's 50% and alpha 0.25 (its GPT setting;
-    0.5 is its BERT one) never reached it."""
+    0.5 is its BERT one) never reached it.
+
+    Options:
+        levels: levels of the cycle, the full model included; each coarser one halves width and depth
+        down_fraction: share of the budget each level trains on the way down
+        coarsest_fraction: share of the budget the coarsest level trains
+        up_fraction: share of the budget each level trains on the way up (None: what is left, shared equally)
+        alpha: interpolation weight of the de-coalesced coarse model into the kept fine one
+        coarse_lr_scale: learning-rate multiplier of the coarser levels
+        optimizer_policy: reset | keep | map: the optimizer state at each transition
+    """
     check_optimizer_policy(optimizer_policy)
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
         raise ValueError(f"levels must be an int >= 2, got {levels!r}")
@@ -164,7 +175,16 @@ def ode_multilevel(total_steps: int, final_layers: int, cycles: int = 1, pre_sha
     The default recipe (one cycle: 10% fine, 60% coarse, 30% fine; one warmup + cosine over the whole run,
     ``lr_schedule='continue'``) needs the fewest FLOPs to reach the baseline's loss in
     perf/results/tuning/gpt2-4x128/ode_multilevel; two cycles with the LR restarted at each of their six
-    stages never reached it there."""
+    stages never reached it there.
+
+    Options:
+        cycles: fine / coarse / fine cycles the budget is split into
+        pre_share: share of each cycle on the fine model before the coarse phase
+        coarse_share: share of each cycle on the coarse model (every other layer, residual step 2)
+        coherence: add MG/OPT's first-order coherence term to the coarse objective
+        optimizer_policy: reset | keep | map: the optimizer state at each transition
+        lr_schedule: continue (one warmup + cosine over the run) | restart (one per stage)
+    """
     if not isinstance(coherence, bool):
         raise TypeError(f"coherence must be a bool, got {type(coherence).__name__}")
     check_optimizer_policy(optimizer_policy)

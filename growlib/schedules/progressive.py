@@ -101,7 +101,15 @@ def mslt(total_steps: int, final_layers: int, layer_counts: list[int] | None = N
     (GPT-2, BERT: freezing them freezes the head, and that recipe never reached the baseline's loss there);
     ``frozen_forward`` (default: whenever the embeddings are frozen) runs the frozen layers through
     growlib.freeze_forward's fused forward-only stack (False: HF's own layers, through which gradients reach
-    trainable embeddings)."""
+    trainable embeddings).
+
+    Options:
+        layer_counts: depth of each stage, increasing, the last the full depth (None: half, then full)
+        stage_fractions: share of the budget of each partial stage (None: 1 - joint_fraction, shared evenly)
+        joint_fraction: share of the budget of the final stage that trains every layer
+        frozen_forward: run the frozen layers through the fused forward-only stack (None: when embeddings freeze)
+        freeze_embeddings: freeze the embeddings with the old layers (None: unless tied to the LM head)
+    """
     _check_freezing(frozen_forward, freeze_embeddings)
     layer_counts = layer_counts or sorted({max(1, final_layers // 2), final_layers})
     _check_layers(layer_counts, final_layers)
@@ -132,7 +140,12 @@ def _unfreeze_all(state: RunState) -> Transition:
 def stack(total_steps: int, final_layers: int, layer_counts: list[int] | None = None,
           stage_fractions: list[float] | None = None) -> list[Stage]:
     """Progressive stacking (StackBERT / G_stack): train a shallow model, double its depth by stacking it on
-    itself, repeat; everything stays trainable; optimizer state reset at each growth as in StackBERT."""
+    itself, repeat; everything stays trainable; optimizer state reset at each growth as in StackBERT.
+
+    Options:
+        layer_counts: depth of each stage, increasing, the last the full depth (None: a quarter, half, full)
+        stage_fractions: share of the budget of each stage (None: equal shares)
+    """
     layer_counts = layer_counts or sorted({max(1, final_layers // 4), max(1, final_layers // 2), final_layers})
     _check_layers(layer_counts, final_layers)
     stage_fractions = stage_fractions or [1.0 / len(layer_counts)] * len(layer_counts)
@@ -188,7 +201,13 @@ def msg(total_steps: int, final_layers: int, layer_counts: list[int] | None = No
     layers start masked (identity) and their mask ramps linearly from 0 to 1 over ``ramp_fraction`` of
     their stage, so the loss right after growth equals the loss before it and the new layers blend in.
     New layers start as copies of the ones below (G_stack); everything stays trainable; the optimizer state
-    is reset at each growth."""
+    is reset at each growth.
+
+    Options:
+        layer_counts: depth of each stage, increasing, the last the full depth (None: a quarter, half, full)
+        stage_fractions: share of the budget of each stage (None: equal shares)
+        ramp_fraction: share of a stage over which the new layers' mask ramps from 0 to 1
+    """
     layer_counts = layer_counts or sorted({max(1, final_layers // 4), max(1, final_layers // 2), final_layers})
     _check_layers(layer_counts, final_layers)
     check_fraction("ramp_fraction", ramp_fraction)
@@ -232,7 +251,18 @@ def ligo(total_steps: int, final_layers: int, small_layers: int | None = None, s
     Fitting reads the training batches that follow (the large model trains on them again) and is charged its
     FLOPs: per step one micro-batch forward + backward of the large model plus the operator's expansion and
     its gradient.  Under torchrun every rank fits on its own batches and rank 0's result is broadcast, so all
-    ranks continue from the same model."""
+    ranks continue from the same model.
+
+    Options:
+        small_layers: depth of the small model (None: half the depth)
+        small_width: width of the small model as a share of the full width
+        small_fraction: share of the budget the small model trains
+        fit_steps: optimizer steps fitting the growth operator (None: 100, at most 5% of the budget)
+        fit_lr: learning rate of the operator's fit
+        depth_init: stack | interleave | copy_top: the depth map the operator starts from
+        width_init: net2net | bert2bert_fpi | hypercloning: the width maps the operator starts from
+        tie: paper | shared: which width maps the operator shares
+    """
     small_layers = max(1, final_layers // 2) if small_layers is None else small_layers
     fit_steps = max(1, min(100, total_steps // 20)) if fit_steps is None else fit_steps
     if isinstance(small_layers, bool) or not isinstance(small_layers, int) or not 1 <= small_layers <= final_layers:

@@ -8,6 +8,8 @@ import os
 import statistics
 from dataclasses import dataclass
 
+import numpy as np
+
 from growlib.train.loop import RunResult
 from growlib.train.tuning import best_multiplier
 
@@ -159,28 +161,76 @@ def write_tuning_table(sweep: dict[str, dict[float, float]], base_lr: float, out
     return table
 
 
-def plot_curves(results: dict[str, list[RunResult]], out_dir: str, title: str = "") -> list[str]:
-    """loss_vs_flops.png and loss_vs_time.png (first seed of each schedule), titled ``title``; needs
-    matplotlib."""
+def _seed_curve(runs: list[RunResult], axis: str) -> dict[str, np.ndarray]:
+    """One schedule's seeds aligned by step: a schedule's seeds evaluate at the same steps (only steps every
+    seed evaluated are kept) but spend slightly different FLOPs / wall time to get there, so ``x`` is the seeds'
+    mean ``axis`` ("flops" or "wall") at each step; ``mean``, ``low``, ``high`` are the mean, min and max
+    validation loss over the seeds there; ``coarse`` marks the steps where a seed evaluated a model smaller than
+    its final one (a coarse level, a shallow stage: never counted as reaching the target, see cost_to_reach)."""
+    at = [{e.step: e for e in run.evals} for run in runs]
+    steps = sorted(set.intersection(*(set(a) for a in at)))
+    loss = np.array([[a[s].val_loss for s in steps] for a in at]).reshape(len(runs), len(steps))
+    x = np.array([[getattr(a[s], axis) for s in steps] for a in at]).reshape(len(runs), len(steps))
+    coarse = [any(a[s].parameters < run.evals[-1].parameters for a, run in zip(at, runs)) for s in steps]
+    return {"x": x.mean(0), "mean": loss.mean(0), "low": loss.min(0), "high": loss.max(0),
+            "coarse": np.array(coarse, dtype=bool)}
+
+
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def curve_figure(results: dict[str, list[RunResult]], axis: str, title: str = ""):
+    """The validation loss of every schedule against ``axis`` ("flops" or "wall"): per schedule, in one colour,
+    the mean over its seeds (aligned by step, see _seed_curve) with a min-max band; evaluations of a model
+    smaller than the final one as hollow markers; the baseline's mean final loss (the target) as a dashed line;
+    the legend outside the axes.  Artists carry gids "<schedule> mean" / "band" / "coarse" and "target"."""
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    any_coarse = False
+    for index, (name, runs) in enumerate(results.items()):
+        curve, colour = _seed_curve(runs, axis), f"C{index}"
+        coarse = curve["coarse"]
+        any_coarse |= bool(coarse.any())
+        ax.fill_between(curve["x"], curve["low"], curve["high"], color=colour, alpha=0.2, linewidth=0,
+                        gid=f"{name} band")
+        ax.plot(curve["x"], curve["mean"], color=colour, marker="o", markersize=3, markevery=(~coarse).tolist(),
+                label=f"{name} ({len(runs)} seeds)", gid=f"{name} mean")
+        ax.plot(curve["x"][coarse], curve["mean"][coarse], linestyle="none", marker="o", markersize=6,
+                markerfacecolor="white", markeredgecolor=colour, gid=f"{name} coarse")
+    if "baseline" in results:
+        target = statistics.mean(run.final_val_loss for run in results["baseline"])
+        ax.axhline(target, color="black", linestyle="--", linewidth=1, label="baseline's final loss (mean)",
+                   gid="target")
+    handles = ax.get_legend_handles_labels()[0] + [Patch(color="grey", alpha=0.2, label="min-max over seeds")]
+    if any_coarse:
+        handles.append(Line2D([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="grey",
+                              label="smaller model (coarse level /\nshallow stage): not counted"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize="small")
+    ax.set_xlabel("FLOPs" if axis == "flops" else "wall time (s)")
+    ax.set_ylabel("validation loss")
+    ax.set_title(title or "validation loss: " + ", ".join(results), fontsize="medium")
+    return fig
+
+
+def plot_curves(results: dict[str, list[RunResult]], out_dir: str, title: str = "") -> list[str]:
+    """loss_vs_flops.png and loss_vs_time.png (curve_figure: every seed counts, as the mean over seeds aligned
+    by step, x the seeds' mean FLOPs / wall time there, with a min-max band), titled ``title``; needs
+    matplotlib."""
+    plt = _pyplot()
     written = []
-    for index, (label, file_name) in enumerate((("FLOPs", "loss_vs_flops.png"), ("wall time (s)", "loss_vs_time.png"))):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, runs in results.items():
-            evals = runs[0].evals
-            ax.plot([e[1 + index] for e in evals], [e.val_loss for e in evals], marker=".", label=name)
-        ax.set_xlabel(label)
-        ax.set_ylabel("validation loss")
-        if title:
-            ax.set_title(title)
-        ax.legend()
-        fig.tight_layout()
+    for axis, file_name in (("flops", "loss_vs_flops.png"), ("wall", "loss_vs_time.png")):
+        fig = curve_figure(results, axis, title)
         path = os.path.join(out_dir, file_name)
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
     return written

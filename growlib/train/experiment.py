@@ -7,8 +7,11 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import shutil
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -20,13 +23,19 @@ from growlib.train import data as D
 import growlib
 from growlib.train import tuning as T
 from growlib.train.compare import plot_curves, summarize, write_summary, write_tuning_table
+from growlib.train.export import export_model, export_path, hf_tokenizer
 from growlib.train.flops import step_flops
+from growlib.train.progress import RunPlan
 from growlib.train.loop import (CHECKPOINT_VERSION, MetricsLog, RunResult, RunState, TrainConfig,
                                 run_identity_config, evaluate, rank_and_world, run_schedule)
 from growlib.train.runs import IDENTITY_FILE, RunFolder, RunFolderError, identity_differences
 from growlib.train.sizes import FAMILIES, build_model, parse_size
 
 DEFAULT_CACHE = os.environ.get("GROWLIB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "growlib"))
+
+
+#: data preparation's progress (growlib.cli shows it; the API stays quiet unless logging is configured)
+_data_progress = logging.getLogger("growlib.data")
 
 
 @dataclass
@@ -88,7 +97,13 @@ class PreparedData:
 
 
 def prepare_data(exp: Experiment) -> PreparedData:
-    """Tokenize the experiment's data once (the BPE tokenizer is cached on disk); ViT gets the digits."""
+    """Tokenize the experiment's data once (the BPE tokenizer is cached on disk); ViT gets the digits.  Each
+    step is reported to the ``growlib.data`` logger (the command line shows it)."""
+    started = time.perf_counter()
+
+    def report(message: str) -> None:
+        _data_progress.info(f"data: {message} ({time.perf_counter() - started:.1f} s)")
+
     if exp.family == "vit":
         if exp.data is not None:
             raise ValueError(f"data: ViT trains on the embedded digits images; got data={exp.data!r}")
@@ -102,11 +117,17 @@ def prepare_data(exp: Experiment) -> PreparedData:
             raise ValueError(f"vocab_size={exp.vocab_size} is too small for {exp.data}, whose largest token id is "
                              f"{int(ids.max())}")
         cut = len(ids) * 9 // 10
+        report(f"read {len(ids):,} token ids from {exp.data}")
         return PreparedData(D.TokenData(ids[:cut]), D.TokenData(ids[cut:]), None, exp.vocab_size)
+    report(f"reading {exp.data or 'the Python standard library sources'}")
     train_texts, val_texts = D.stdlib_corpus() if exp.data is None else D.load_text_source(exp.data)
+    report(f"{len(train_texts):,} training and {len(val_texts):,} validation texts; BPE tokenizer of "
+           f"{exp.vocab_size} tokens (trained once, then cached under {exp.cache_dir})")
     tokenizer = D.train_bpe(train_texts, exp.vocab_size, exp.cache_dir)
-    return PreparedData(D.TokenData.from_texts(train_texts, tokenizer), D.TokenData.from_texts(val_texts, tokenizer),
-                        tokenizer, tokenizer.vocab_size)
+    report("tokenizing")
+    train, validation = D.TokenData.from_texts(train_texts, tokenizer), D.TokenData.from_texts(val_texts, tokenizer)
+    report(f"{len(train.ids):,} training and {len(validation.ids):,} validation tokens")
+    return PreparedData(train, validation, tokenizer, tokenizer.vocab_size)
 
 
 def _batches(exp: Experiment, prepared: PreparedData, seed: int, subset: int = 0,
@@ -146,7 +167,8 @@ def run(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = No
 
     The run's folder is ``out_dir/<schedule>-seed<seed>`` (growlib.train.runs): ``resume`` continues the run
     it holds, which must be this very run (same identity) with a checkpoint; otherwise it must hold no run,
-    unless ``overwrite`` deletes it.  One process at a time trains in a folder."""
+    unless ``overwrite`` deletes it.  One process at a time trains in a folder.  A run in a folder ends with its
+    final model (and tokenizer) exported to its model/ (growlib.train.export; ``load_run`` reads it back)."""
     return train(exp, schedule, seed, options, prepared, out_dir, resume, checkpoint_every, progress, deepspeed,
                  overwrite)[0]
 
@@ -174,6 +196,7 @@ def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = 
     prepared = prepared or prepare_data(exp)
     identity = run_identity(exp, prepared, schedule, seed, options, deepspeed)
     folder = RunFolder(run_folder(out_dir, schedule, seed)) if out_dir else None
+    tokenizer = hf_tokenizer(prepared.tokenizer, exp.config.seq_len) if folder else None
     main_rank = rank_and_world()[0] == 0
     with contextlib.ExitStack() as hold:
         if folder is not None:
@@ -183,6 +206,8 @@ def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = 
             _barrier()
             if main_rank:
                 folder.start(identity, resume=resume, overwrite=overwrite)
+                if not resume and os.path.isdir(export_path(folder.path)):
+                    shutil.rmtree(export_path(folder.path))  # the export of the run this one replaces
         torch.manual_seed(seed)
         model = build_model(exp.family, exp.size, prepared.vocab_size, exp.config.seq_len).to(exp.device)
         train_batch, eval_batches = _batches(exp, prepared, seed)
@@ -198,6 +223,10 @@ def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = 
                               checkpoint_every=checkpoint_every if folder else 0, resume=resume,
                               schedule_name=schedule, progress=progress, deepspeed=deepspeed,
                               tokens_per_sample=step_flops(model, 1, _seq_len(exp)).seq_len, identity=identity)
+        if folder is not None:
+            if main_rank and not os.path.isdir(export_path(folder.path)):
+                export_model(folder.path, state.model, tokenizer)  # the final model, also when read back
+            _barrier()
     return result, state.model
 
 
@@ -295,21 +324,25 @@ def _tuning_settings(exp: Experiment, prepared: PreparedData, schedule: str, see
 
 
 def _tuning_run(exp: Experiment, prepared: PreparedData, schedule: str, seed: int, options: dict | None,
-                cache_dir: str, log: Callable[[str], None]) -> RunResult:
+                cache_dir: str, log: Callable[[str], None], plan: RunPlan,
+                progress: Callable[[str], Callable[[dict], None]] | None) -> RunResult:
     """One run of the sweep, from the cache when it was run before with exactly these settings.  A run whose
     loss or gradients turn non-finite counts as diverged (final loss NaN, which never wins the sweep)."""
     settings = _tuning_settings(exp, prepared, schedule, seed, options)
     path = os.path.join(cache_dir, schedule, f"lr{exp.config.lr:g}-seed{seed}-{T.fingerprint(settings)}.json")
     cached = T.load_result(path, settings)
     if cached is not None:
+        plan.finished(exp.total_steps, 0.0, trained=False)
         return cached
+    label = f"[{plan.position()}] tuning {schedule} lr {exp.config.lr:g} seed {seed}"
     try:
-        result = run(exp, schedule, seed, options, prepared)
+        result = run(exp, schedule, seed, options, prepared, progress=progress(label) if progress else None)
     except FloatingPointError:
         result = RunResult(steps=0, flops=0.0, wall_seconds=0.0, final_val_loss=float("nan"), evals=[])
     T.save_result(path, result, settings)
+    plan.finished(exp.total_steps, result.wall_seconds, trained=result.steps > 0)
     log(f"{'tuning ' + schedule:>22} lr {exp.config.lr:g} seed {seed}: {result.steps} steps, "
-        f"val loss {result.final_val_loss:.3f}, {result.wall_seconds:.1f} s")
+        f"val loss {result.final_val_loss:.3f}, {result.wall_seconds:.1f} s  [{plan.done()}]")
     return result
 
 
@@ -364,7 +397,8 @@ def _how_to_start(folder: RunFolder, identity: dict, overwrite: bool, ignore: tu
 def compare(exp: Experiment, schedules: list[str], seeds: list[int], out_dir: str,
             options: dict[str, dict] | None = None, budget: str = "flops",
             log: Callable[[str], None] = print, tuning: T.Tuning | None = T.Tuning(),
-            overwrite: bool = False, checkpoint_every: int = 50) -> str:
+            overwrite: bool = False, checkpoint_every: int = 50,
+            progress: Callable[[str], Callable[[dict], None]] | None = None) -> str:
     """Run every schedule with every seed on the same data, each at its own tuned learning rate; write
     summary.md / summary.csv, tuning.md / tuning.csv and the loss curves; return the markdown table.
 
@@ -381,26 +415,32 @@ def compare(exp: Experiment, schedules: list[str], seeds: list[int], out_dir: st
     Resumable: run again with the same arguments, finished runs are read back from their final checkpoints,
     interrupted ones resume from their last checkpoint, and only the rest trains.  A folder holding a run of
     other settings is refused before anything trains, unless ``overwrite`` (every run trains again).  Every
-    schedule, seed list and budget is checked before anything trains.  A schedule that fails (a numerical
+    schedule, seed list and budget is checked before anything trains.
+
+    ``log`` gets a line per finished run, with which run of how many it was and an ETA for the comparison;
+    ``progress(label)``, if given, makes the per-step callback of each run (e.g. growlib.train.progress's
+    StepProgress).  A schedule that fails (a numerical
     fault, a bug) does not stop the others: they are summarised, then ScheduleFailures names what failed."""
     _check_compare_arguments(schedules, seeds, budget, tuning)
     if "baseline" not in schedules:
         schedules = ["baseline"] + list(schedules)
     options = options or {}
+    steps = _steps_per_schedule(exp, schedules, options, budget, tuning, exp.vocab_size)  # before the data
     with RunFolder(out_dir).locked():
         return _compare(exp, list(schedules), list(seeds), out_dir, options, budget, log, tuning, overwrite,
-                        checkpoint_every)
+                        checkpoint_every, progress, steps)
 
 
-def _compare(exp, schedules, seeds, out_dir, options, budget, log, tuning, overwrite, checkpoint_every) -> str:
-    prepared = prepare_data(exp)
-    baseline_flops = schedule_flops(exp, "baseline", exp.total_steps, None, prepared.vocab_size)
+def _steps_per_schedule(exp, schedules, options, budget, tuning, vocab_size) -> dict[str, int]:
+    """Each schedule's steps: the baseline's, or as many as spend the baseline's FLOPs.  Every schedule is
+    built at its budgets (its tuning runs' too), so one too small for it fails before anything trains."""
+    baseline_flops = schedule_flops(exp, "baseline", exp.total_steps, None, vocab_size)
     steps = {}
-    for name in schedules:  # every schedule is built at its budgets: one too small for it fails before training
+    for name in schedules:
         try:
             steps[name] = exp.total_steps
             if budget == "flops" and name != "baseline":
-                own = schedule_flops(exp, name, exp.total_steps, options.get(name), prepared.vocab_size)
+                own = schedule_flops(exp, name, exp.total_steps, options.get(name), vocab_size)
                 steps[name] = round(exp.total_steps * baseline_flops / own)
             budgets = [steps[name]] + ([tuning.scaled(steps[name], exp.config.warmup_steps)[0]] if tuning else [])
             for total in budgets:
@@ -408,11 +448,24 @@ def _compare(exp, schedules, seeds, out_dir, options, budget, log, tuning, overw
         except ValueError as error:
             raise ValueError(f"schedule {name!r} cannot run on this budget (the baseline's {exp.total_steps} steps"
                              f"{', its tuning runs a fraction of it' if tuning else ''}): {error}") from error
+    return steps
+
+
+def _compare(exp, schedules, seeds, out_dir, options, budget, log, tuning, overwrite, checkpoint_every,
+             progress, steps) -> str:
+    prepared = prepare_data(exp)
+    if prepared.vocab_size != exp.vocab_size:  # the tokenizer found fewer distinct tokens than asked
+        steps = _steps_per_schedule(exp, schedules, options, budget, tuning, prepared.vocab_size)
     for name in schedules:  # a folder of another run is refused now, not after hours of training
         for seed in seeds:
             identity = run_identity(_arm(exp, steps[name], exp.config.lr), prepared, name, seed, options.get(name))
             _how_to_start(RunFolder(run_folder(out_dir, name, seed)), identity, overwrite, ignore=("training.lr",))
 
+    plan = RunPlan()
+    for name in schedules:
+        if tuning is not None:
+            plan.add(tuning.scaled(steps[name], exp.config.warmup_steps)[0], len(tuning.lr_grid) * len(tuning.seeds))
+        plan.add(steps[name], len(seeds))
     lrs, sweep, failures = {name: exp.config.lr for name in schedules}, {}, {}
     if tuning is not None:
         for name in schedules:
@@ -421,12 +474,14 @@ def _compare(exp, schedules, seeds, out_dir, options, budget, log, tuning, overw
             def sweep_at(multiplier: float) -> float:
                 arm = _arm(exp, tune_steps, exp.config.lr * multiplier, tune_warmup)
                 return T.mean_final_loss([_tuning_run(arm, prepared, name, seed, options.get(name),
-                                                      os.path.join(out_dir, "tuning"), log) for seed in tuning.seeds])
+                                                      os.path.join(out_dir, "tuning"), log, plan, progress)
+                                          for seed in tuning.seeds])
 
             try:
                 for multiplier in tuning.lr_grid:
                     sweep[name][multiplier] = sweep_at(multiplier)
                 while (multiplier := tuning.next_multiplier(sweep[name])) is not None:
+                    plan.add(tune_steps, len(tuning.seeds))
                     sweep[name][multiplier] = sweep_at(multiplier)
                 best = T.best_multiplier(sweep[name])
             except T.CachedRunMismatch:
@@ -448,8 +503,10 @@ def _compare(exp, schedules, seeds, out_dir, options, budget, log, tuning, overw
             try:
                 how = _how_to_start(RunFolder(run_folder(out_dir, name, seed)),
                                     run_identity(arm, prepared, name, seed, options.get(name)), overwrite)
+                label = f"[{plan.position()}] {name} seed {seed}"
                 result, model = train(arm, name, seed, options.get(name), prepared, out_dir, resume=how == "resume",
-                                      overwrite=how == "restart", checkpoint_every=checkpoint_every)
+                                      overwrite=how == "restart", checkpoint_every=checkpoint_every,
+                                      progress=progress(label) if progress else None)
             except Exception as error:  # noqa: BLE001 -- one schedule's failure must not lose the others
                 failures[name] = f"seed {seed}: {type(error).__name__}: {error}"
                 log(f"{name:>15} seed {seed}: FAILED: {type(error).__name__}: {error}")
@@ -458,8 +515,10 @@ def _compare(exp, schedules, seeds, out_dir, options, budget, log, tuning, overw
             if name == "baseline" and noise is None:
                 noise = evaluation_noise(arm, prepared, model)
             resumed = " (read back from its checkpoint)" if how == "resume" else ""
+            plan.finished(steps[name], result.wall_seconds, trained=how != "resume")
             log(f"{name:>15} seed {seed}: {result.steps} steps, lr {lrs[name]:g}, val loss "
-                f"{result.final_val_loss:.3f}, {result.flops:.3g} FLOPs, {result.wall_seconds:.1f} s{resumed}")
+                f"{result.final_val_loss:.3f}, {result.flops:.3g} FLOPs, {result.wall_seconds:.1f} s{resumed}  "
+                f"[{plan.done()}]")
             results.setdefault(name, []).append(result)
     failed = "; ".join(f"{name} {why}" for name, why in failures.items())
     if "baseline" in failures:
@@ -473,7 +532,10 @@ def _compare(exp, schedules, seeds, out_dir, options, budget, log, tuning, overw
     if tuning is not None:
         write_tuning_table({k: v for k, v in sweep.items() if v}, exp.config.lr, out_dir, protocol)
     try:
-        plot_curves(results, out_dir, title="tuned LR per arm" if tuning is not None else "UNTUNED")
+        plot_curves(results, out_dir,
+                    title=f"{exp.family} {exp.size}: {', '.join(results)}; budget: same {budget} as the baseline "
+                          f"({exp.total_steps} steps); seeds {seeds}\n"
+                          + ("LR tuned per arm (tuning.md)" if tuning is not None else T.untuned_label(exp.config.lr)))
     except ImportError:
         log("matplotlib is not installed: skipping loss_vs_flops.png / loss_vs_time.png (pip install matplotlib)")
     if failures:

@@ -8,6 +8,8 @@ A run folder (``--out`` of ``growlib train``, ``OUT/<schedule>-seed<n>`` under `
   refused, naming the setting and both values.
 * ``checkpoint.pt`` and ``metrics.jsonl``: never deleted implicitly.  Starting a fresh run where another run's
   files lie is refused unless the caller asks to ``overwrite``.
+* ``model/``: the finished run's model and tokenizer as a Hugging Face folder (growlib.train.export), written
+  whole or not at all; replaced when the run is started over.
 * ``.lock``: an advisory lock (``fcntl.flock``) held while a process trains there; the kernel drops it when
   the process dies, so a killed run never leaves a stale lock."""
 

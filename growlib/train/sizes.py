@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-import transformers as T
+from growlib import names
 
 #: (layers, hidden, heads, intermediate) per size; ``base`` is the real BERT-Base / GPT-2 small shape.
 SIZES = {
@@ -13,7 +13,7 @@ SIZES = {
     "small": (6, 256, 8, 1024),
     "base": (12, 768, 12, 3072),
 }
-FAMILIES = ("gpt2", "bert", "llama", "vit")
+FAMILIES = names.FAMILIES
 #: ViT on the embedded 8x8 digits: 2x2 patches (16 patches + the class token), 3 channels, 10 classes.
 DIGITS_VIT = {"image_size": 8, "patch_size": 2, "num_channels": 3, "num_labels": 10}
 
@@ -26,11 +26,14 @@ def _size(size: str | dict) -> dict:
     if size in SIZES:
         layers, hidden, heads, ffn = SIZES[size]
         return {"layers": layers, "hidden": hidden, "heads": heads, "intermediate": ffn}
-    if size.lstrip().startswith("{"):
-        return json.loads(size)
-    if os.path.exists(size):
-        with open(size) as f:
-            return json.load(f)
+    try:
+        if size.lstrip().startswith("{"):
+            return json.loads(size)
+        if os.path.exists(size):
+            with open(size) as f:
+                return json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"size {size!r} is not valid JSON: {error}") from None
     raise ValueError(f"size must be one of {sorted(SIZES)}, inline JSON, a JSON file or a dict, got {size!r}")
 
 
@@ -41,6 +44,14 @@ def parse_size(size: str | dict) -> dict:
     if not isinstance(s, dict) or missing:
         raise ValueError(f"size needs keys layers, hidden, heads, intermediate; got {size!r}"
                          + (f", missing {sorted(missing)}" if missing else ""))
+    unknown = set(s) - {"layers", "hidden", "heads", "intermediate", "kv_heads"}
+    if unknown:
+        raise ValueError(f"size takes keys layers, hidden, heads, intermediate, kv_heads; got unknown {sorted(unknown)}")
+    for key, value in s.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"size's {key} must be an int >= 1, got {value!r}")
+    if s["hidden"] % s["heads"] or s["heads"] % s.get("kv_heads", s["heads"]):
+        raise ValueError(f"size's hidden must be a multiple of heads, and heads a multiple of kv_heads; got {s}")
     return s
 
 
@@ -48,6 +59,8 @@ def build_model(family: str, size: str | dict, vocab_size: int, seq_len: int):
     """A freshly initialised HF model; ``size`` gives layers, hidden, heads, intermediate (and kv_heads).
 
     ViT is shaped for the embedded digits images (``vocab_size`` and ``seq_len`` do not apply to it)."""
+    import transformers as T  # here, not at the top: the command line's help and checks do without it
+
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     s = parse_size(size)

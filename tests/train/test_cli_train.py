@@ -26,7 +26,7 @@ def test_budget_in_tokens_becomes_steps(monkeypatch):
 
 def test_budget_errors(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with pytest.raises(SystemExit, match="less than one step"):
+    with pytest.raises(cli.UsageError, match="less than one step"):
         cli._experiment(parsed("--tokens", "100"))
     with pytest.raises(SystemExit):
         parsed("--tokens", "100000", "--steps", "3")  # one budget or the other

@@ -87,7 +87,7 @@ def test_an_invalid_timeout_is_refused(monkeypatch, value):
     from growlib import cli
 
     monkeypatch.setenv("GROWLIB_DIST_TIMEOUT_S", value)
-    with pytest.raises(SystemExit, match=f"GROWLIB_DIST_TIMEOUT_S must be a positive number of seconds, got '{value}'"):
+    with pytest.raises(cli.UsageError, match=f"GROWLIB_DIST_TIMEOUT_S must be a positive number of seconds, got '{value}'"):
         cli._distributed_timeout()
 
 

@@ -153,7 +153,7 @@ def test_a_run_killed_at_random_points_resumes_to_the_uninterrupted_model(tmp_pa
     subprocess.run(train_command(tmp_path, killed, "--resume"), check=True, env=environment(tmp_path),
                    capture_output=True, timeout=300)
     # no temporary file left behind
-    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoint.pt", "metrics.jsonl", "run.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoint.pt", "metrics.jsonl", "model", "run.json"]
     expected, resumed = (load_checkpoint(str(d / "vcycle-seed0" / "checkpoint.pt")) for d in (straight, killed))
     assert expected["global_step"] == resumed["global_step"] == STEPS
     assert expected["model"]["state"].keys() == resumed["model"]["state"].keys()

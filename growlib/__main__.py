@@ -1,0 +1,7 @@
+"""``python -m growlib``: the command line (growlib.cli)."""
+
+import sys
+
+from growlib.cli import main
+
+sys.exit(main())

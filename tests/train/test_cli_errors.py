@@ -1,0 +1,71 @@
+"""Every input error of `growlib train` / `compare` is one line naming the flag, exit status 2, before any
+data is prepared or model built; --debug shows the traceback instead."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from growlib import cli
+from growlib.train import experiment as E
+
+SIZE = '{"layers": 4, "hidden": 32, "heads": 2, "intermediate": 64}'
+
+
+@pytest.fixture(autouse=True)
+def no_data(monkeypatch):
+    """Preparing the data (tens of seconds on real corpora) would mean the error came too late."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("data prepared before the arguments were checked")
+
+    monkeypatch.setattr(E, "prepare_data", refuse)
+
+
+def deepspeed_file(tmp_path, config):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["train", "--batch-size", "0"], "--batch-size must be an int >= 1, got 0"),
+    (["train", "--lr", "-1"], "--lr must be > 0"),
+    (["train", "--size", '{"layers": 4}'], "--size: size needs keys layers, hidden, heads, intermediate"),
+    (["train", "--size", '{"layers": 4, "hidden": 30, "heads": 4, "intermediate": 8}'],
+     "hidden must be a multiple of heads"),
+    (["train", "--size", "{nope"], "is not valid JSON"),
+    (["train", "--schedule", "vcycle", "--steps", "5", "--size", SIZE], "--schedule vcycle with --steps 5"),
+    (["train", "--schedule", "vcycle", "--size", SIZE, "--schedule-args", "levels=5"],
+     "levels=5 halves the depth 4 times"),
+    (["train", "--schedule", "vcycle", "--schedule-args", "level=3"], "takes options"),
+    (["train", "--schedule", "mslt", "--schedule-args", "frozen_forward=maybe"], "frozen_forward (bool | None) "
+                                                                                  "expects true or false"),
+    (["train", "--schedule", "stack", "--schedule-args", "layer_counts=1,x"], "expects a list of ints"),
+    (["train", "--schedule", "vcycle", "--schedule-args", "alpha"], "expects KEY=VALUE"),
+    (["train", "--threads", "0"], "--threads must be >= 1"),
+    (["train", "--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+    (["train", "--data", "/no/such/corpus.txt"], "--data: no such file or folder"),
+    (["compare", "--seeds", "0,x"], "--seeds expects comma-separated integers"),
+    (["compare", "--schedules", "baseline,vcycel"], "--schedules: unknown ['vcycel']"),
+    (["compare", "--steps", "5", "--size", SIZE, "--schedules", "vcycle", "--no-tune"],
+     "schedule 'vcycle' cannot run on this budget"),
+])
+def test_a_bad_flag_is_one_line_with_exit_status_2(argv, expected, tmp_path, capsys):
+    assert cli.main([*argv, "--out", str(tmp_path / "out")]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_deepspeed_config_growlib_cannot_honour_is_refused_up_front(tmp_path, capsys):
+    config = deepspeed_file(tmp_path, {"optimizer": {"type": "Adam"}})
+    assert cli.main(["train", "--deepspeed", config, "--out", str(tmp_path / "out")]) == cli.EXIT_USAGE
+    assert "--deepspeed " + config + ": deepspeed config: remove 'optimizer'" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(cli.UsageError, match="--batch-size must be an int >= 1") as error:
+        cli.main(["train", "--batch-size", "0", "--debug", "--out", str(tmp_path / "out")])
+    assert "TrainConfig.batch_size" in str(error.value.__cause__)  # the API's own error, for the traceback
