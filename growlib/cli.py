@@ -165,8 +165,8 @@ def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
                         help="a NaN/inf loss or gradient stops the run or drops that step")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads torch may use (default: $OMP_NUM_THREADS if set, else half the CPUs, at "
-                             "least 1: on a busy machine more threads than free cores slows training several times)")
+                        help="CPU threads torch may use (default: torch's, $OMP_NUM_THREADS or every core; on a busy "
+                             "machine more threads than free cores slow training several times: the run says so)")
     parser.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
                         help="off a terminal (CI, nohup, a pipe), a progress line at most this often")
     parser.add_argument("--out", required=True,
@@ -235,15 +235,21 @@ def _tuning(args, seeds: list[int]):
 
 
 def _set_threads(requested: int | None) -> None:
-    """torch's CPU threads: ``--threads``, else $OMP_NUM_THREADS, else half the CPUs (at least 1).  torch's
-    own default, every core, slowed training 7-10x on a 2-core machine that was busy with anything else."""
+    """torch's CPU threads: ``--threads``, else torch's default ($OMP_NUM_THREADS, or every core), which is the
+    fastest on an idle machine; but on a busy one, threads competing for cores made training 7-10x slower
+    (2 cores), so a run that starts on a busy machine says so, once, with the flag that helps."""
     if requested is not None and requested < 1:
         raise UsageError(f"--threads must be >= 1, got {requested}")
     import torch
 
-    if requested is None and "OMP_NUM_THREADS" in os.environ:
-        return  # torch already follows it
-    torch.set_num_threads(requested or max(1, (os.cpu_count() or 2) // 2))
+    if requested is not None:
+        torch.set_num_threads(requested)
+        return
+    cpus, load, threads = os.cpu_count() or 1, os.getloadavg()[0], torch.get_num_threads()
+    if threads > 1 and load >= cpus / 2 + 0.5:  # our own previous command may leave up to ~1 in the average
+        print(f"growlib: the machine is busy (load {load:.1f} on {cpus} CPUs) and torch uses {threads} threads; "
+              f"if training is slow, --threads {max(1, round(cpus - load))} may be several times faster",
+              file=sys.stderr)
 
 
 def _show_progress_logs() -> None:

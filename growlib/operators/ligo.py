@@ -201,6 +201,7 @@ class LiGO(nn.Module):
         self.target_config = copy.deepcopy(target_config)
         self._large_dtype = reference.dtype
         self._small_training = small_model.training
+        self._loss_type = getattr(small_model, "loss_type", None)  # GPT-2's, which transformers cannot infer
         self._home = reference.device
         self.tie, self.depth_init, self.width_init, self.seed = tie, depth_init, width_init, seed
         compute = torch.float64 if reference.dtype == torch.float64 else torch.float32
@@ -251,6 +252,8 @@ class LiGO(nn.Module):
         """An ordinary HF model of the target config (its own parameters are replaced by the expansion)."""
         with torch.device(device):
             model = self._model_class(copy.deepcopy(self.target_config), **self._build_options)
+        if self._loss_type:
+            model.loss_type = self._loss_type
         return model.to(dtype=self._large_dtype)
 
     def _check_target(self, small: Schema, large: Schema) -> None:

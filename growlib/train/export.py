@@ -5,6 +5,7 @@ optimizer and the schedule's state), not what a user of the trained model should
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -60,7 +61,8 @@ def export_model(run_path: str, model: torch.nn.Module, tokenizer) -> None:
         for role in ("bos", "eos", "pad"):
             setattr(model.config, f"{role}_token_id", getattr(tokenizer, f"{role}_token_id"))
     try:
-        model.save_pretrained(partial)
+        with _quiet_progress_bars():  # a one-shard bar per run would fill compare's log
+            model.save_pretrained(partial)
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
         shutil.copyfile(os.path.join(run_path, IDENTITY_FILE), os.path.join(partial, IDENTITY_FILE))
@@ -75,6 +77,20 @@ def export_model(run_path: str, model: torch.nn.Module, tokenizer) -> None:
                                        "writes the export again") from error
         raise
     _fsync(run_path)  # the rename itself durable
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars():
+    """transformers' progress bars off for the duration, as they were afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _fsync(path: str) -> None:

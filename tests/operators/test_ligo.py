@@ -435,3 +435,12 @@ def test_fit_rejects_batches_without_labels_or_that_run_out():
         ligo.fit(iter([loss_batch(small)]), steps=2)
     with pytest.raises(TypeError, match="batches must be a dict"):
         ligo.fit(3, steps=1)
+
+
+def test_the_large_model_keeps_the_small_ones_loss_name():
+    """GPT-2's loss cannot be inferred from its class name: without it transformers warns on every forward."""
+    from growlib.train.sizes import build_model
+
+    small = build_model("gpt2", {"layers": 1, "hidden": 16, "heads": 2, "intermediate": 32}, 64, 8)
+    target = build_model("gpt2", {"layers": 2, "hidden": 32, "heads": 4, "intermediate": 64}, 64, 8).config
+    assert growlib.LiGO(small, target).materialize().loss_type == small.loss_type == "ForCausalLM"

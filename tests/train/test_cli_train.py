@@ -42,3 +42,29 @@ def test_every_option_of_every_command_says_what_it_does_and_its_default():
     assert undocumented == []
     text = parser._subparsers._group_actions[0].choices["compare"].format_help()
     assert "--lr-grid LR_GRID" in text and "(default: 0.5,1,2,4)" in text and "(default: None)" not in text
+
+
+@pytest.fixture
+def torch_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    yield torch
+    torch.set_num_threads(before)
+
+
+def test_threads_flag_sets_torchs_threads(torch_threads):
+    cli._set_threads(1)
+    assert torch_threads.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("load,hint", [(0.1, False), (1.9, True)])
+def test_a_busy_machine_gets_a_hint_not_a_silent_slowdown(torch_threads, monkeypatch, capsys, load, hint):
+    torch_threads.set_num_threads(2)
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (load, load, load))
+    cli._set_threads(None)
+    assert torch_threads.get_num_threads() == 2  # torch's default is kept: the fastest on an idle machine
+    err = capsys.readouterr().err
+    assert ("the machine is busy (load 1.9 on 2 CPUs) and torch uses 2 threads; if training is slow, --threads 1 "
+            "may be several times faster" in err) == hint
