@@ -333,15 +333,22 @@ def _schedule_options(schedule: str, pairs: list[str]) -> dict:
         raise UsageError(str(error)) from None
 
 
-def _check_schedule(schedule: str, steps: int, size: str, options: dict) -> None:
-    """Build the schedule's stages now: a budget too small for it, or an option out of range, fails here."""
+def _check_schedule(args, steps: int, options: dict) -> None:
+    """Build the schedule's stages now: an option out of range, or a budget too small for the schedule, fails
+    here, naming --schedule-args or the budget's flag."""
     from growlib.schedules import build_schedule
     from growlib.train.sizes import parse_size
 
+    layers = parse_size(args.size)["layers"]
     try:
-        build_schedule(schedule, steps, parse_size(size)["layers"], **options)
+        build_schedule(args.schedule, steps, layers, **options)
     except ValueError as error:
-        raise UsageError(f"--schedule {schedule} with --steps {steps}: {error}") from None
+        budget = f"--tokens {args.tokens} ({steps} steps)" if args.tokens is not None else f"--steps {steps}"
+        try:
+            build_schedule(args.schedule, steps, layers)
+        except ValueError:
+            raise UsageError(f"--schedule {args.schedule} with {budget}: {error}") from None
+        raise UsageError(f"--schedule-args {' '.join(args.schedule_args)}: {error}") from None
 
 
 #: Exit status of a run stopped by SIGINT / SIGTERM (128 + SIGINT, as shells report Ctrl-C).
@@ -351,11 +358,14 @@ EXIT_USAGE = 2
 
 
 @contextlib.contextmanager
-def _exit_on_fault(command: str):
+def _exit_on_fault(command: str, debug: bool):
     """A numerical fault, diverging ranks, a run folder that cannot be used as asked, a checkpoint that cannot be
     written (disk full), schedules of a comparison that failed, or a failed collective (another rank died, or
     stalled longer than the process group's timeout) end the command with one line and exit status 1; SIGINT /
-    SIGTERM with one line saying where --resume continues, and status 130."""
+    SIGTERM with one line saying where --resume continues, and status 130.  ``debug``: the traceback instead."""
+    if debug:
+        yield
+        return
     import torch
 
     from growlib.train.experiment import ScheduleFailures
@@ -419,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     _experiment_arguments(train_parser)
     train_parser.add_argument("--schedule", choices=names.SCHEDULE_NAMES, default="baseline",
                               help="the growth or multi-level method to train with (baseline: from scratch)")
-    train_parser.add_argument("--schedule-args", nargs="*", default=[], metavar="KEY=VALUE",
+    train_parser.add_argument("--schedule-args", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                               help="the schedule's options (alpha=0.25 levels=3 layer_counts=1,2,4 "
                                    "frozen_forward=true); `growlib schedules` lists them")
     train_parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
@@ -496,7 +506,7 @@ def _train(args) -> int:
                          "folder, --overwrite deletes it and starts over")
     experiment = _experiment(args)
     options = _schedule_options(args.schedule, args.schedule_args)
-    _check_schedule(args.schedule, experiment.total_steps, args.size, dict(options))
+    _check_schedule(args, experiment.total_steps, dict(options))
     deepspeed = _deepspeed_config(args.deepspeed, experiment)
     if deepspeed is not None and (args.resume or args.checkpoint_every):
         raise UsageError("--deepspeed runs write no checkpoints (ZeRO partitions the optimizer state): drop "
@@ -504,7 +514,7 @@ def _train(args) -> int:
     checkpoint_every = 0 if deepspeed is not None else (50 if args.checkpoint_every is None else args.checkpoint_every)
     progress = _progress(args)
     experiment.device = _init_distributed(deepspeed is not None) or experiment.device
-    with _exit_on_fault("train"):
+    with _exit_on_fault("train", args.debug):
         result = run_experiment(experiment, args.schedule, args.seed, options, out_dir=args.out, resume=args.resume,
                                 checkpoint_every=checkpoint_every, progress=progress(f"{args.schedule} seed {args.seed}"),
                                 deepspeed=deepspeed, overwrite=args.overwrite)
@@ -527,7 +537,7 @@ def _compare(args) -> int:
     tuning = None if args.no_tune else _tuning(args, seeds)
     experiment = _experiment(args)
     progress = _progress(args)
-    with _exit_on_fault("compare"):
+    with _exit_on_fault("compare", args.debug):
         table = compare(experiment, schedules, seeds, args.out, budget=args.budget, tuning=tuning,
                         overwrite=args.overwrite, checkpoint_every=args.checkpoint_every, progress=progress)
     print(table)
@@ -554,11 +564,14 @@ def _dispatch(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, check every flag, run.  A flag that cannot work ends the command with one line naming it and exit
-    status 2 (``--debug``: the traceback); faults while training with one line and status 1 (_exit_on_fault)."""
+    status 2 (``--debug``: the traceback); faults while training with one line and status 1 (_exit_on_fault);
+    anything else (a bug) with its traceback."""
+    from growlib.errors import InputError
+
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (UsageError, ValueError) as error:
+    except (UsageError, InputError) as error:
         if args.debug:
             raise
         print(f"growlib {args.command}: error: {_as_flags(str(error))}", file=sys.stderr)

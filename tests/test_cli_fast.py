@@ -29,18 +29,21 @@ def test_python_dash_m_growlib_is_the_command_line():
     assert "{demo,train,compare,schedules,check-kernels}" in done.stdout
 
 
-def test_the_light_name_lists_are_the_registries_names():
-    from growlib.kernel_cases import OPS
+def test_the_light_name_lists_are_what_the_registries_implement():
+    from growlib.kernel_cases import all_cases
     from growlib.schedules import SCHEDULES
-    from growlib.train.sizes import FAMILIES
+    from growlib.train.sizes import build_model
 
     assert tuple(SCHEDULES) == names.SCHEDULE_NAMES
-    assert OPS == names.KERNEL_OPS and FAMILIES == names.FAMILIES
+    assert {case.op for case in all_cases()} == set(names.KERNEL_OPS)
+    size = {"layers": 1, "hidden": 16, "heads": 2, "intermediate": 32}
+    assert len({type(build_model(family, size, 64, 8)) for family in names.FAMILIES}) == len(names.FAMILIES)
 
 
 def test_the_package_loads_its_names_on_first_use():
     assert growlib.coalesce is growlib.operators.multilevel.coalesce
-    assert set(growlib.__all__) <= set(dir(growlib))
+    for name in growlib.__all__:  # every public name resolves to an object of that name
+        assert getattr(growlib, name).__name__ == name
     namespace = {}
     exec("from growlib import *", namespace)
     assert {"LiGO", "coalesce", "schema_of", "map_optimizer_state"} <= set(namespace)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-import json
+import math
 from typing import NamedTuple
 
 from growlib.schedules.multilevel import baseline, ode_multilevel, vcycle
@@ -56,14 +56,14 @@ def _parse_value(option: ScheduleOption, text: str):
         if lowered in _TRUE + _FALSE:
             return lowered in _TRUE
         raise ValueError(f"expects true or false, got {text!r}")
-    for kind, convert in (("list[int]", int), ("list[float]", float)):
+    for kind, convert in (("list[int]", int), ("list[float]", _finite)):
         if kind in kinds:
             items = text.strip().removeprefix("[").removesuffix("]").split(",")
             try:
                 return [convert(item) for item in items]
             except ValueError:
-                raise ValueError(f"expects a list of {convert.__name__}s like 1,2,4 or [1,2,4], got {text!r}") from None
-    for kind, convert in (("int", int), ("float", float)):
+                raise ValueError(f"expects a list of {kind[5:-1]}s like 1,2,4 or [1,2,4], got {text!r}") from None
+    for kind, convert in (("int", int), ("float", _finite)):
         if kind in kinds:
             try:
                 return convert(text)
@@ -71,10 +71,17 @@ def _parse_value(option: ScheduleOption, text: str):
                 if kind == "int" and "float" not in kinds:
                     raise ValueError(f"expects an integer, got {text!r}") from None
                 if kind == "float":
-                    raise ValueError(f"expects a number, got {text!r}") from None
+                    raise ValueError(f"expects a finite number, got {text!r}") from None
     if "str" in kinds:
         return text
-    return json.loads(text)
+    raise TypeError(f"option {option.name} is declared {option.type!r}, which --schedule-args cannot read")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not finite")
+    return value
 
 
 def parse_options(name: str, pairs: list[str]) -> dict:
@@ -93,7 +100,7 @@ def parse_options(name: str, pairs: list[str]) -> dict:
             raise ValueError(f"--schedule-args: {key} given twice")
         try:
             parsed[key] = _parse_value(options[key], text)
-        except (ValueError, json.JSONDecodeError) as error:
+        except ValueError as error:
             raise ValueError(f"--schedule-args {key} ({options[key].type}) {error}") from None
     return parsed
 

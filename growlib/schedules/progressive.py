@@ -12,6 +12,7 @@ import growlib
 from growlib.models import adapter_for
 from growlib.frozen import restore_layers, route_frozen_bottom
 from growlib.operators.common import layer_stack
+from growlib.operators.ligo import LIGO_DEPTH_INITS, LIGO_WIDTH_INITS, TIES
 from growlib.schedules.multilevel import split_steps, check_budget, check_fraction
 from growlib.train.loop import RunState, Stage, Transition
 
@@ -268,6 +269,10 @@ def ligo(total_steps: int, final_layers: int, small_layers: int | None = None, s
     if isinstance(small_layers, bool) or not isinstance(small_layers, int) or not 1 <= small_layers <= final_layers:
         raise ValueError(f"small_layers must be an int in [1, {final_layers}], got {small_layers!r}")
     check_fraction("small_width", small_width)
+    for name, value, choices in (("depth_init", depth_init, LIGO_DEPTH_INITS), ("tie", tie, TIES),
+                                 ("width_init", width_init, tuple(m for m in LIGO_WIDTH_INITS if m != "bert2bert_aki"))):
+        if value not in choices:  # checked now: LiGO itself is built only after the small model's training
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     check_fraction("small_fraction", small_fraction)
     if small_fraction == 1.0:
         raise ValueError("small_fraction must leave part of the budget to the large model, got 1")

@@ -9,7 +9,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from growlib.apply import counting_map_flops
+from growlib.errors import InputError
 from growlib.schedules import SCHEDULES, build_schedule
 from growlib.train import data as D
 import growlib
@@ -106,15 +106,15 @@ def prepare_data(exp: Experiment) -> PreparedData:
 
     if exp.family == "vit":
         if exp.data is not None:
-            raise ValueError(f"data: ViT trains on the embedded digits images; got data={exp.data!r}")
+            raise InputError(f"data: ViT trains on the embedded digits images; got data={exp.data!r}")
         train_images, train_labels, val_images, val_labels = D.digits_images()
         return PreparedData((train_images, train_labels), (val_images, val_labels), None, 0)
     if exp.data is not None and exp.data.endswith(".bin"):
         if exp.family == "bert":
-            raise ValueError("data: a pre-tokenized .bin file has no tokenizer to mask with; BERT needs text data")
+            raise InputError("data: a pre-tokenized .bin file has no tokenizer to mask with; BERT needs text data")
         ids = D.TokenData.from_bin(exp.data, exp.bin_dtype).ids
         if int(ids.max()) >= exp.vocab_size:
-            raise ValueError(f"vocab_size={exp.vocab_size} is too small for {exp.data}, whose largest token id is "
+            raise InputError(f"vocab_size={exp.vocab_size} is too small for {exp.data}, whose largest token id is "
                              f"{int(ids.max())}")
         cut = len(ids) * 9 // 10
         report(f"read {len(ids):,} token ids from {exp.data}")
@@ -205,9 +205,7 @@ def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = 
             folder.start(identity, resume=resume, overwrite=overwrite, write=False)  # every rank, same verdict
             _barrier()
             if main_rank:
-                folder.start(identity, resume=resume, overwrite=overwrite)
-                if not resume and os.path.isdir(export_path(folder.path)):
-                    shutil.rmtree(export_path(folder.path))  # the export of the run this one replaces
+                folder.start(identity, resume=resume, overwrite=overwrite)  # --overwrite deletes model/ too
         torch.manual_seed(seed)
         model = build_model(exp.family, exp.size, prepared.vocab_size, exp.config.seq_len).to(exp.device)
         train_batch, eval_batches = _batches(exp, prepared, seed)
@@ -332,7 +330,7 @@ def _tuning_run(exp: Experiment, prepared: PreparedData, schedule: str, seed: in
     path = os.path.join(cache_dir, schedule, f"lr{exp.config.lr:g}-seed{seed}-{T.fingerprint(settings)}.json")
     cached = T.load_result(path, settings)
     if cached is not None:
-        plan.finished(exp.total_steps, 0.0, trained=False)
+        plan.finished(schedule, exp.total_steps, 0.0, trained=False)
         return cached
     label = f"[{plan.position()}] tuning {schedule} lr {exp.config.lr:g} seed {seed}"
     try:
@@ -340,7 +338,7 @@ def _tuning_run(exp: Experiment, prepared: PreparedData, schedule: str, seed: in
     except FloatingPointError:
         result = RunResult(steps=0, flops=0.0, wall_seconds=0.0, final_val_loss=float("nan"), evals=[])
     T.save_result(path, result, settings)
-    plan.finished(exp.total_steps, result.wall_seconds, trained=result.steps > 0)
+    plan.finished(schedule, exp.total_steps, result.wall_seconds, trained=result.steps > 0)
     log(f"{'tuning ' + schedule:>22} lr {exp.config.lr:g} seed {seed}: {result.steps} steps, "
         f"val loss {result.final_val_loss:.3f}, {result.wall_seconds:.1f} s  [{plan.done()}]")
     return result
@@ -356,16 +354,16 @@ class ScheduleFailures(RuntimeError):
 
 def _check_compare_arguments(schedules, seeds, budget, tuning) -> None:
     if budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+        raise InputError(f"budget must be one of {BUDGETS}, got {budget!r}")
     unknown = [name for name in schedules if name not in SCHEDULES]
     if not schedules or unknown:
-        raise ValueError(f"schedules must be a non-empty list of {sorted(SCHEDULES)}, got {list(schedules)!r}")
+        raise InputError(f"schedules must be a non-empty list of {sorted(SCHEDULES)}, got {list(schedules)!r}")
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
-        raise ValueError(f"seeds must be a non-empty list of ints, got {seeds!r}")
+        raise InputError(f"seeds must be a non-empty list of ints, got {seeds!r}")
     for what, items in (("schedules", schedules), ("seeds", seeds)):
         repeated = sorted({item for item in items if list(items).count(item) > 1}, key=str)
         if repeated:
-            raise ValueError(f"{what} lists {repeated} more than once (each run has one folder): {list(items)!r}")
+            raise InputError(f"{what} lists {repeated} more than once (each run has one folder): {list(items)!r}")
     if tuning is not None:
         if not isinstance(tuning, T.Tuning):
             raise TypeError(f"tuning must be a growlib.train.tuning.Tuning or None, got {type(tuning).__name__}")
@@ -446,7 +444,7 @@ def _steps_per_schedule(exp, schedules, options, budget, tuning, vocab_size) -> 
             for total in budgets:
                 build_schedule(name, total, parse_size(exp.size)["layers"], **(options.get(name) or {}))
         except ValueError as error:
-            raise ValueError(f"schedule {name!r} cannot run on this budget (the baseline's {exp.total_steps} steps"
+            raise InputError(f"schedule {name!r} cannot run on this budget (the baseline's {exp.total_steps} steps"
                              f"{', its tuning runs a fraction of it' if tuning else ''}): {error}") from error
     return steps
 
@@ -464,8 +462,9 @@ def _compare(exp, schedules, seeds, out_dir, options, budget, log, tuning, overw
     plan = RunPlan()
     for name in schedules:
         if tuning is not None:
-            plan.add(tuning.scaled(steps[name], exp.config.warmup_steps)[0], len(tuning.lr_grid) * len(tuning.seeds))
-        plan.add(steps[name], len(seeds))
+            plan.add(name, tuning.scaled(steps[name], exp.config.warmup_steps)[0],
+                     len(tuning.lr_grid) * len(tuning.seeds))
+        plan.add(name, steps[name], len(seeds))
     lrs, sweep, failures = {name: exp.config.lr for name in schedules}, {}, {}
     if tuning is not None:
         for name in schedules:
@@ -481,14 +480,15 @@ def _compare(exp, schedules, seeds, out_dir, options, budget, log, tuning, overw
                 for multiplier in tuning.lr_grid:
                     sweep[name][multiplier] = sweep_at(multiplier)
                 while (multiplier := tuning.next_multiplier(sweep[name])) is not None:
-                    plan.add(tune_steps, len(tuning.seeds))
+                    plan.add(name, tune_steps, len(tuning.seeds))
                     sweep[name][multiplier] = sweep_at(multiplier)
                 best = T.best_multiplier(sweep[name])
             except T.CachedRunMismatch:
                 raise  # the cache folder is not this comparison's: no schedule can be tuned in it
             except Exception as error:  # noqa: BLE001 -- one schedule's failure must not lose the others
                 failures[name] = f"tuning: {type(error).__name__}: {error}"
-                log(f"{name:>15}: FAILED while tuning: {failures[name]}")
+                plan.abandon(name)
+                log(f"{name:>15}: FAILED while tuning: {failures[name]}  [{plan.done()}]")
                 continue
             lrs[name] = exp.config.lr * best
             log(f"{name:>15}: best lr {lrs[name]:g} (x{best:g})")
@@ -509,13 +509,14 @@ def _compare(exp, schedules, seeds, out_dir, options, budget, log, tuning, overw
                                       progress=progress(label) if progress else None)
             except Exception as error:  # noqa: BLE001 -- one schedule's failure must not lose the others
                 failures[name] = f"seed {seed}: {type(error).__name__}: {error}"
-                log(f"{name:>15} seed {seed}: FAILED: {type(error).__name__}: {error}")
+                plan.abandon(name)
+                log(f"{name:>15} seed {seed}: FAILED: {type(error).__name__}: {error}  [{plan.done()}]")
                 results.pop(name, None)
                 break
             if name == "baseline" and noise is None:
                 noise = evaluation_noise(arm, prepared, model)
             resumed = " (read back from its checkpoint)" if how == "resume" else ""
-            plan.finished(steps[name], result.wall_seconds, trained=how != "resume")
+            plan.finished(name, steps[name], result.wall_seconds, trained=how != "resume")
             log(f"{name:>15} seed {seed}: {result.steps} steps, lr {lrs[name]:g}, val loss "
                 f"{result.final_val_loss:.3f}, {result.flops:.3g} FLOPs, {result.wall_seconds:.1f} s{resumed}  "
                 f"[{plan.done()}]")

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from growlib.train.loop import CheckpointWriteError
-from growlib.train.runs import IDENTITY_FILE
+from growlib.train.runs import EXPORT_DIR, IDENTITY_FILE
 
-EXPORT_DIR = "model"
 #: The temporary folder an export is written into before it is renamed to model/.
 _PARTIAL_PREFIX = ".model-export-"
 _MODEL_CONFIG = "config.json"
@@ -140,7 +139,8 @@ def load_run(path: str | os.PathLike) -> LoadedRun:
     if architecture not in supported:
         raise ValueError(f"load_run: {os.path.join(folder, _MODEL_CONFIG)} names architecture {architecture!r}; "
                          f"expected one of the model classes growlib trains: {sorted(supported)}")
-    model = supported[architecture].from_pretrained(folder)
+    with _quiet_progress_bars():  # transformers' per-tensor loading bar
+        model = supported[architecture].from_pretrained(folder)
     if architecture == "GPT2LMHeadModel":
         _causal_lm_loss(model)  # as growlib builds GPT-2: transformers cannot infer its loss from the class name
     has_tokenizer = os.path.isfile(os.path.join(folder, _TOKENIZER_CONFIG))

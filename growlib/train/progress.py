@@ -62,27 +62,40 @@ class StepProgress:
 
 
 class RunPlan:
-    """Where a comparison stands: runs planned (tuning runs and reported runs; a sweep that goes past the edge
-    of its grid adds some), runs done, and an ETA from the steps still to train at the pace of the steps
-    trained so far (runs read back from a cache or a checkpoint cost nothing and do not count in the pace)."""
+    """Where a comparison stands: runs planned per schedule (tuning runs and reported runs; a sweep that goes
+    past the edge of its grid adds some; a schedule that fails gives up the rest of its own), runs done, and an
+    ETA from the steps still to train at the pace of the steps trained so far (runs read back from a cache or a
+    checkpoint cost nothing and do not count in the pace)."""
 
     def __init__(self):
         self.runs = self.steps = self.done_runs = self.done_steps = self.trained_steps = 0
         self.trained_seconds = 0.0
+        self._left: dict[str, list[int]] = {}  # schedule -> [runs, steps] planned and not done yet
 
-    def add(self, steps: int, runs: int = 1) -> None:
+    def add(self, schedule: str, steps: int, runs: int = 1) -> None:
         self.runs += runs
         self.steps += steps * runs
+        left = self._left.setdefault(schedule, [0, 0])
+        left[0] += runs
+        left[1] += steps * runs
 
     def position(self) -> str:
         return f"run {min(self.done_runs + 1, self.runs)} of {self.runs}"
 
-    def finished(self, steps: int, seconds: float, trained: bool) -> None:
+    def finished(self, schedule: str, steps: int, seconds: float, trained: bool) -> None:
         self.done_runs += 1
         self.done_steps += steps
+        self._left[schedule][0] -= 1
+        self._left[schedule][1] -= steps
         if trained:
             self.trained_steps += steps
             self.trained_seconds += seconds
+
+    def abandon(self, schedule: str) -> None:
+        """``schedule`` failed: the runs it had left will not happen."""
+        runs, steps = self._left.pop(schedule, (0, 0))
+        self.runs -= runs
+        self.steps -= steps
 
     def done(self) -> str:
         """How many runs are done, and about how long the rest will take."""

@@ -21,13 +21,17 @@ import fcntl
 import glob
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 IDENTITY_FILE = "run.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
-RUN_FILES = (IDENTITY_FILE, CHECKPOINT_FILE, METRICS_FILE)
+#: the exported model's folder (growlib.train.export writes it)
+EXPORT_DIR = "model"
+#: what makes a folder hold a run
+RUN_FILES = (IDENTITY_FILE, CHECKPOINT_FILE, METRICS_FILE, EXPORT_DIR)
 
 #: How each identity field is set on the command line, for messages a user can act on.
 SETTING_NAMES = {
@@ -78,10 +82,11 @@ class FolderState:
     identity: dict | None  # run.json's identity, None if there is no run.json
     has_checkpoint: bool
     has_metrics: bool
+    has_export: bool = False  # model/: a finished run's exported model
 
     @property
     def empty(self) -> bool:
-        return self.identity is None and not self.has_checkpoint and not self.has_metrics
+        return self.identity is None and not self.has_checkpoint and not self.has_metrics and not self.has_export
 
 
 class RunFolder:
@@ -102,7 +107,8 @@ class RunFolder:
             except (OSError, ValueError, KeyError, TypeError) as error:
                 raise RunFolderError(f"run folder {self.path}: {IDENTITY_FILE} is unreadable ({error}); it is not a "
                                      "run growlib can resume: use another folder, or --overwrite") from None
-        return FolderState(identity, os.path.exists(self.checkpoint), os.path.exists(self.metrics))
+        return FolderState(identity, os.path.exists(self.checkpoint), os.path.exists(self.metrics),
+                           os.path.exists(os.path.join(self.path, EXPORT_DIR)))
 
     @contextlib.contextmanager
     def locked(self):
@@ -145,8 +151,11 @@ class RunFolder:
                                      "continues it, --overwrite deletes it and starts over, or choose another --out")
             if write:
                 for name in RUN_FILES:
+                    path = os.path.join(self.path, name)
+                    if os.path.isdir(path):
+                        shutil.rmtree(path)
                     with contextlib.suppress(FileNotFoundError):
-                        os.remove(os.path.join(self.path, name))
+                        os.remove(path)
         if write:
             for stale in glob.glob(glob.escape(self.path) + os.sep + "*.tmp-*"):
                 os.remove(stale)  # half-written files of a process that died (we hold the lock: none is live)

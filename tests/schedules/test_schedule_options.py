@@ -51,7 +51,9 @@ def test_ints_strings_and_optional_floats():
 
 @pytest.mark.parametrize("name,pair,match", [
     ("vcycle", "levels=2.5", "levels (int) expects an integer"),
-    ("vcycle", "alpha=half", "alpha (float) expects a number"),
+    ("vcycle", "alpha=half", "alpha (float) expects a finite number"),
+    ("vcycle", "alpha=nan", "alpha (float) expects a finite number"),
+    ("mslt", "stage_fractions=0.5,inf", "expects a list of floats"),
     ("vcycle", "levels=none", "levels (int) expects an integer"),  # levels has no None
     ("mslt", "frozen_forward=maybe", "expects true or false"),
     ("stack", "layer_counts=1,two", "expects a list of ints"),

@@ -69,3 +69,39 @@ def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(cli.UsageError, match="--batch-size must be an int >= 1") as error:
         cli.main(["train", "--batch-size", "0", "--debug", "--out", str(tmp_path / "out")])
     assert "TrainConfig.batch_size" in str(error.value.__cause__)  # the API's own error, for the traceback
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--schedule", "vcycle", "--schedule-args", "alpha=2"], "--schedule-args alpha=2: alpha must lie in [0, 1]"),
+    (["--schedule", "vcycle", "--tokens", "2048", "--size", SIZE], "--schedule vcycle with --tokens 2048 (2 steps)"),
+    (["--schedule", "vcycle", "--schedule-args", "coarse_lr_scale=inf"], "expects a finite number, got 'inf'"),
+    (["--schedule", "ligo", "--schedule-args", "depth_init=stak"], "depth_init must be one of ('stack', "),
+    (["--schedule", "ligo", "--schedule-args", "width_init=bert2bert_aki"], "width_init must be one of"),
+])
+def test_schedule_errors_name_the_flag_at_fault(argv, expected, tmp_path, capsys):
+    assert cli.main(["train", *argv, "--out", str(tmp_path / "out")]) == cli.EXIT_USAGE
+    assert expected in capsys.readouterr().err
+
+
+def test_schedule_args_given_twice_add_up(monkeypatch, tmp_path):
+    seen = {}
+
+    def record(schedule, pairs):
+        seen["pairs"] = pairs
+        raise cli.UsageError("stop here")
+
+    monkeypatch.setattr(cli, "_schedule_options", record)
+    cli.main(["train", "--schedule", "vcycle", "--schedule-args", "levels=2", "--schedule-args", "alpha=0.3",
+              "--out", str(tmp_path / "out")])
+    assert seen["pairs"] == ["levels=2", "alpha=0.3"]
+
+
+def test_a_fault_while_training_is_not_a_usage_error(monkeypatch, tmp_path):
+    """A ValueError raised once training runs is a bug or a fault, not a bad flag: its traceback is kept."""
+    def broken(*args, **kwargs):
+        raise ValueError("something inside the loop")
+
+    monkeypatch.setattr(E, "run", broken)
+    monkeypatch.setattr(E, "prepare_data", lambda exp: None)
+    with pytest.raises(ValueError, match="something inside the loop"):
+        cli.main(["train", "--out", str(tmp_path / "out")])

@@ -121,6 +121,23 @@ def test_a_run_read_back_from_its_checkpoint_returns_the_trained_model(experimen
     out = str(tmp_path / "runs")
     _, trained = train(experiment, "vcycle", 0, None, prepared, out_dir=out, checkpoint_every=10)
     _, read_back = train(experiment, "vcycle", 0, None, prepared, out_dir=out, resume=True)
-    assert type(read_back) is type(trained)
-    for (name, a), (_, b) in zip(trained.state_dict().items(), read_back.state_dict().items()):
+    assert_same_weights(read_back, trained)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_step_20(record):  # step 20's checkpoint is written; step 21 is not
+        if record["step"] == 21:
+            raise Stop
+
+    half = str(tmp_path / "half")  # the same run stopped half-way, then resumed
+    with pytest.raises(Stop):
+        train(experiment, "vcycle", 0, None, prepared, out_dir=half, checkpoint_every=10, progress=stop_after_step_20)
+    _, resumed = train(experiment, "vcycle", 0, None, prepared, out_dir=half, resume=True)
+    assert_same_weights(resumed, trained)
+
+
+def assert_same_weights(model, expected):
+    assert type(model) is type(expected)
+    for (name, a), (_, b) in zip(expected.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), name

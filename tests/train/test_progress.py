@@ -45,10 +45,22 @@ def test_durations_read_as_a_person_would():
 
 def test_the_plan_counts_runs_and_projects_from_trained_steps_only():
     plan = RunPlan()
-    plan.add(100, runs=2)
-    plan.add(300, runs=1)
+    plan.add("baseline", 100, runs=2)
+    plan.add("vcycle", 300, runs=1)
     assert plan.position() == "run 1 of 3" and plan.done() == "0 of 3 runs done"
-    plan.finished(100, 0.0, trained=False)  # read back from a cache: free, not a pace
+    plan.finished("baseline", 100, 0.0, trained=False)  # read back from a cache: free, not a pace
     assert plan.done() == "1 of 3 runs done"
-    plan.finished(100, 50.0, trained=True)  # 0.5 s a step; 300 steps left
+    plan.finished("baseline", 100, 50.0, trained=True)  # 0.5 s a step; 300 steps left
     assert plan.position() == "run 3 of 3" and plan.done() == "2 of 3 runs done, about 2m30s left"
+
+
+def test_a_failed_schedule_gives_up_the_runs_it_had_left():
+    plan = RunPlan()
+    plan.add("baseline", 100, runs=2)
+    plan.add("vcycle", 200, runs=3)
+    plan.finished("vcycle", 200, 100.0, trained=True)
+    plan.abandon("vcycle")  # its other two runs will not happen
+    assert plan.done() == "1 of 3 runs done, about 1m40s left"
+    plan.finished("baseline", 100, 50.0, trained=True)
+    plan.finished("baseline", 100, 50.0, trained=True)
+    assert plan.done() == "3 of 3 runs done, about 0s left"

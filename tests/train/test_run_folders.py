@@ -42,14 +42,28 @@ def test_a_fresh_run_refuses_a_folder_holding_a_run_and_overwrite_starts_over(ex
     run(exp, "baseline", 0, out_dir=str(out), checkpoint_every=4)
     before = folder_files(out / "baseline-seed0")
     assert set(before) == {"run.json", "checkpoint.pt", "metrics.jsonl"}
-    with pytest.raises(RunFolderError, match=r"already holds a run \(run.json, checkpoint.pt, metrics.jsonl\): "
-                                             r"--resume continues it, --overwrite deletes it"):
+    with pytest.raises(RunFolderError, match=r"already holds a run \(run.json, checkpoint.pt, metrics.jsonl, "
+                                             r"model\): --resume continues it, --overwrite deletes it"):
         run(exp, "baseline", 0, out_dir=str(out))
     assert folder_files(out / "baseline-seed0") == before  # nothing touched
     again = run(exp, "baseline", 0, out_dir=str(out), overwrite=True)
     lines = (out / "baseline-seed0" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines if '"train"' in line] == list(range(1, 13))  # one run only
     assert again.steps == 12
+
+
+def test_an_exported_model_alone_is_a_run_that_only_overwrite_deletes(exp, tmp_path):
+    """A folder pruned down to its model/ still holds the model a user trained: a fresh run there is refused."""
+    out = tmp_path / "out"
+    run(exp, "baseline", 0, out_dir=str(out))
+    folder = out / "baseline-seed0"
+    for name in ("run.json", "checkpoint.pt", "metrics.jsonl"):
+        (folder / name).unlink()
+    with pytest.raises(RunFolderError, match=r"already holds a run \(model\)"):
+        run(exp, "baseline", 0, out_dir=str(out))
+    assert (folder / "model" / "config.json").exists()
+    run(exp, "baseline", 0, out_dir=str(out), overwrite=True)
+    assert (folder / "model" / "config.json").exists() and (folder / "run.json").exists()
 
 
 def other_text(exp, tmp_path):
@@ -183,9 +197,11 @@ def test_compare_summarises_what_finished_when_a_schedule_fails(exp, tmp_path, m
         return real_train(exp, schedule, *args, **kwargs)
 
     monkeypatch.setattr(E, "train", train)
+    lines = []
     with pytest.raises(ScheduleFailures, match="1 schedule\\(s\\) failed: stack seed 0: RuntimeError: a bug in stack; "
                                                "the others are summarised in") as failure:
-        compare(exp, ["stack", "msg"], [0], str(tmp_path), tuning=None, **QUIET)
+        compare(exp, ["stack", "msg"], [0, 1], str(tmp_path), tuning=None, log=lines.append)
+    assert lines[-1].endswith("[4 of 4 runs done, about 0s left]")  # stack's seed 1 was never counted as to come
     summary = (tmp_path / "summary.md").read_text()
     assert "| msg |" in summary and "| stack |" not in summary and "| msg |" in failure.value.table
     assert "FAILED (not in the table): stack seed 0: RuntimeError: a bug in stack" in summary
