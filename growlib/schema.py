@@ -134,17 +134,6 @@ class SparseRows:
         return self.index.shape[0]
 
     @staticmethod
-    def from_lists(rows: Sequence[Sequence[tuple[int, float]]], n_in: int) -> "SparseRows":
-        k = max(1, max((len(r) for r in rows), default=1))
-        index = torch.zeros(len(rows), k, dtype=torch.int64)
-        weight = torch.zeros(len(rows), k, dtype=torch.float64)
-        for i, row in enumerate(rows):
-            for j, (src, w) in enumerate(row):
-                index[i, j] = src
-                weight[i, j] = w
-        return SparseRows(index, weight, n_in)
-
-    @staticmethod
     def identity(n: int) -> "SparseRows":
         return SparseRows(torch.arange(n).unsqueeze(1), torch.ones(n, 1, dtype=torch.float64), n)
 

@@ -57,7 +57,7 @@ def _dot_k_block(acc, a_batch, b_batch, offs_m, offs_n, m_ok, n_ok, k0, k_end,
                 mask=m_ok[:, None] & k_ok[None, :], other=0.0)
     b = tl.load(b_batch + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                 mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-    if INTERPRETER:  # Triton's interpreter multiplies bf16 bit patterns in tl.dot (TRITON_NOTES.md)
+    if INTERPRETER:  # Triton's interpreter multiplies bf16 bit patterns as if they were other numbers in tl.dot
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc=acc, input_precision=INPUT_PRECISION)

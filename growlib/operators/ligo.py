@@ -9,7 +9,7 @@ stacked, (L2, d2, d1)).  The learned coefficients are the width matrices (E for 
 axes, both (d2, d1)) and one depth matrix D_k (L2, L1) per tensor name; the small model's weights are frozen
 copies held as buffers.
 
-Choices, where the paper and its official code differ (see the research notes):
+Choices, where the paper (Wang et al., ICLR 2023) and its official code differ:
 
 * Order: the depth mix runs first on the small matrices and the width maps act per LARGE layer (the official
   code's order).  It is the cheaper order, and it lets two large layers that copy the same small layer drift

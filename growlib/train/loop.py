@@ -48,8 +48,8 @@ class TrainConfig:
     seq_len: int = 64
     grad_accum: int = 1
     clip: float = 1.0
-    eval_every: int = 50
-    eval_batches: int = 4
+    eval_every: int = 25
+    eval_batches: int = 8
     seed: int = 0
     #: "restart": warmup + cosine restarted at every stage (the papers' code); "continue": one warmup + cosine
     #: over the whole run, each stage scaling it by its lr_scale; None: each stage's own ``Stage.lr_schedule``

@@ -68,3 +68,19 @@ def test_a_busy_machine_gets_a_hint_not_a_silent_slowdown(torch_threads, monkeyp
     err = capsys.readouterr().err
     assert ("the machine is busy (load 1.9 on 2 CPUs) and torch uses 2 threads; if training is slow, --threads 1 "
             "may be several times faster" in err) == hint
+
+
+def test_the_command_lines_defaults_are_the_apis():
+    """A run from the command line and one from TrainConfig() / Experiment() with no arguments are the same run."""
+    from growlib.train.experiment import Experiment
+    from growlib.train.loop import TrainConfig
+
+    flags = {"lr": "lr", "warmup_steps": "warmup", "batch_size": "batch_size", "seq_len": "seq_len",
+             "eval_every": "eval_every", "eval_batches": "eval_batches", "on_nonfinite": "on_nonfinite",
+             "lr_schedule": "lr_schedule"}
+    config, experiment = TrainConfig(), Experiment()
+    for command in ("train", "compare"):
+        args = cli.build_parser().parse_args([command, "--out", "x"])
+        assert {field: getattr(config, field) for field in flags} == {f: getattr(args, a) for f, a in flags.items()}
+        assert (args.model, args.size, args.vocab_size, args.bin_dtype, args.data) == (
+            experiment.family, experiment.size, experiment.vocab_size, experiment.bin_dtype, experiment.data)
