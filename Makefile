@@ -27,7 +27,7 @@ endif
 IMAGE_VENV := .venv-gpu-image
 IMAGE_PY := $(IMAGE_VENV)/bin/python
 
-.PHONY: demo test check-kernels bench rehearse-gpu-image clean
+.PHONY: demo test test-quick check-kernels bench rehearse-gpu-image clean
 
 .installed-gpu: pyproject.toml
 	$(PYTHON) $(INSTALL_GROWLIB_ONLY)
@@ -48,6 +48,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The developer's quick lane: everything but the slow, subprocess and distributed tests (CI runs them all).
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not subprocess and not distributed"
 
 # Every Triton kernel against its PyTorch reference: on the GPU if there is one, else through Triton's interpreter.
 check-kernels: $(STAMP)

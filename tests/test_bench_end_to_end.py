@@ -46,6 +46,7 @@ def smoke_rows(tmp_path_factory) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.subprocess
 def test_smoke_has_every_schedules_stages_and_every_transition(smoke_rows):
     assert {row["measurement"] for row in smoke_rows} == {"stage", "transition"}
     stages = {(row["schedule"], row["name"]) for row in smoke_rows if row["measurement"] == "stage"}
@@ -55,6 +56,7 @@ def test_smoke_has_every_schedules_stages_and_every_transition(smoke_rows):
     assert transitions == TRANSITIONS
 
 
+@pytest.mark.subprocess
 def test_smoke_rows_hold_positive_finite_numbers_and_no_error(smoke_rows):
     for row in smoke_rows:
         assert row["error"] == "", row
@@ -63,6 +65,7 @@ def test_smoke_rows_hold_positive_finite_numbers_and_no_error(smoke_rows):
             assert math.isfinite(value) and value > 0, (row["schedule"], row["name"], column, row[column])
 
 
+@pytest.mark.subprocess
 def test_smoke_rows_are_labelled_smoke_and_carry_the_environment(smoke_rows):
     assert all(row["mode"].startswith("smoke") for row in smoke_rows)
     assert all(row["torch"] and row["triton"] and row["timestamp_utc"] for row in smoke_rows)
@@ -71,6 +74,7 @@ def test_smoke_rows_are_labelled_smoke_and_carry_the_environment(smoke_rows):
     assert any("masked" in row["detail"] for row in smoke_rows if row["schedule"] == "msg")
 
 
+@pytest.mark.subprocess
 def test_without_a_gpu_it_exits_2_and_prints_no_number(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     env.pop("TRITON_INTERPRET", None)  # the no-GPU refusal itself, not the interpreter's
@@ -80,6 +84,7 @@ def test_without_a_gpu_it_exits_2_and_prints_no_number(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.subprocess
 def test_a_spent_time_limit_measures_nothing_writes_it_as_skipped_and_says_so(tmp_path):
     result = run_bench("--smoke", "--out", str(tmp_path), "--time-limit", "0.000001")
     assert result.returncode == 1

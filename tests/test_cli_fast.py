@@ -7,10 +7,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import growlib
 from growlib import names
 
 
+@pytest.mark.subprocess
 def test_parsing_and_help_import_neither_torch_nor_transformers():
     code = ("import sys, contextlib, io\n"
             "from growlib import cli\n"
@@ -23,6 +26,7 @@ def test_parsing_and_help_import_neither_torch_nor_transformers():
     assert out.strip() == "[]"
 
 
+@pytest.mark.subprocess
 def test_python_dash_m_growlib_is_the_command_line():
     done = subprocess.run([sys.executable, "-m", "growlib", "--help"], capture_output=True, text=True)
     assert done.returncode == 0

@@ -142,6 +142,7 @@ def test_config_activation_and_eps_are_respected(backend, family, activation):
     assert relative_error(growlib.freeze_forward(stack, model)(hidden), expected) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_matches_hf_layers_bf16_three_way(backend, family):
     """bf16, by the three-way rule on the whole output: the stack's error against an fp64 run of the same

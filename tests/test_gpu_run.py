@@ -74,6 +74,7 @@ def summary_rows(text: str) -> dict[str, tuple[str, str]]:
     return rows
 
 
+@pytest.mark.subprocess
 def test_smoke_run_passes_every_step_and_prints_the_summary_last(smoke_run):
     result, _ = smoke_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -89,6 +90,7 @@ def test_smoke_run_passes_every_step_and_prints_the_summary_last(smoke_run):
     assert rows["report"][1].startswith("0 of ")  # smoke rows never reach the report
 
 
+@pytest.mark.subprocess
 def test_smoke_run_writes_at_most_eight_flat_files_with_plain_names(smoke_run):
     _, out = smoke_run
     names = {path.name for path in out.iterdir()}
@@ -106,6 +108,7 @@ def test_smoke_run_writes_at_most_eight_flat_files_with_plain_names(smoke_run):
     assert re.search(r"\d+ passed", tests) and "failed" not in tests
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("name", sorted(CSVS))
 def test_smoke_csvs_have_the_columns_and_mark_every_row_as_smoke(smoke_run, name):
     """Every row says smoke and fills no throughput column; eager and Triton were measured and agree; every
@@ -134,6 +137,7 @@ def test_refuses_bad_arguments_and_a_used_folder(tmp_path):
     assert result.returncode == 2 and "not empty" in result.stderr
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
 def test_gpu_mode_without_a_gpu_stops_before_timing_anything(tmp_path):
     result = run_script(str(tmp_path / "out"), timeout=120)

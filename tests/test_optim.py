@@ -19,6 +19,7 @@ def trained_optimizer(model, steps=2):
     return opt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
 def test_coalesce_of_decoalesced_state_round_trips(family, backend):
     coarse = tiny_model(family, layers=1, hidden=24, heads=2, ffn=35)
@@ -39,6 +40,7 @@ def test_coalesce_of_decoalesced_state_round_trips(family, backend):
         assert again_opt.state[q]["step"] == coarse_opt.state[p]["step"]
 
 
+@pytest.mark.slow
 def test_mapped_second_moments_stay_non_negative_and_training_continues(backend):
     small = tiny_model("gpt2", layers=2)
     opt = trained_optimizer(small)
@@ -87,6 +89,7 @@ def test_map_optimizer_state_rejects_bad_input():
         growlib.map_optimizer_state(opt, small, grown_opt, grown, gmap)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,tied", [("gpt2", True), ("llama", False), ("bert", True)])
 def test_mapped_moments_are_the_grown_models_gradients(family, tied, backend):
     """Under a function-preserving map the dual map sends g to exactly the grown model's gradient g'."""

@@ -3,6 +3,7 @@ differentiable ops' gradients (torch.autograd.gradcheck in float64 on random sha
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -54,6 +55,7 @@ def test_mapped_second_moments_stay_non_negative_through_width_growth(case, extr
         assert torch.isfinite(state["exp_avg"]).all() and float(state["step"]) == 7.0, name
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(case=model_shapes(), pairing=st.sampled_from(["adjacent", "stack"]))
 def test_mapping_moments_up_and_back_down_returns_them(case, pairing):
@@ -78,6 +80,7 @@ def kron_shapes(draw):
     return [draw(st.integers(1, 4)) for _ in range(6)]  # L1, O1, I1, L2, O2, I2
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(sizes=kron_shapes(), seed=st.integers(0, 1000))
 def test_kron_expand_gradients_pass_gradcheck(sizes, seed):

@@ -46,6 +46,7 @@ def run_block(fence: int, code: str, filename: str) -> None:
 BLOCKS = python_blocks(README.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fence,code", BLOCKS, ids=[f"README.md:{fence}" for fence, _ in BLOCKS])
 def test_readme_python_block_runs(fence, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # whatever a snippet writes stays out of the repository

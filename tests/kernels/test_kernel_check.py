@@ -67,6 +67,7 @@ def test_three_way_rule():
     assert not compare("grad W", None, exact, None, torch.float32, KRON_TOLERANCE).passed
 
 
+@pytest.mark.subprocess
 def test_check_kernels_command_prints_a_passing_table():
     """``python -m growlib.cli check-kernels --quick`` as a user runs it: without TRITON_INTERPRET in the
     environment, so on the CPU it re-runs itself in a fresh process with the interpreter switched on."""

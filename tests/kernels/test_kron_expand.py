@@ -32,6 +32,7 @@ def check_against_reference(inputs, grad_out, wanted=NAMES):
     assert not kernel_cases.failures(kernel_cases.kron_comparisons(inputs, grad_out, wanted))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", kernel_cases.cases_for("kron_expand") + kernel_cases.cases_for("kron_expand_vector"),
                          ids=lambda case: case.id)
 def test_values_and_gradients_match_reference(case):

@@ -111,6 +111,7 @@ def test_launch_records_name_each_configuration_once_with_its_count():
     assert launch.summarize(records) == "kron_gemm(BLOCK_M=64,num_warps=4) x2; add_norm(BLOCK_N=512) x1"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("nvidia" not in triton.backends.backends, reason="this triton has no CUDA backend to compile with")
 def test_every_launch_configuration_compiles_for_sm80_and_sm90_without_spills():
     """tests/kernels/compile_targets.py builds every launch configuration the launchers choose for both targets

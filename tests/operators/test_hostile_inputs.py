@@ -12,6 +12,7 @@ import growlib
 from tests.factories import example_inputs, relative_error, tiny_config, tiny_model
 
 
+@pytest.mark.slow
 def test_interpolate_end_points_are_exact_whatever_the_other_side_holds(backend):
     fine, coarse = tiny_model("gpt2", layers=2, seed=1), growlib.coalesce(tiny_model("gpt2", layers=2, seed=2))
     before = {n: p.detach().clone() for n, p in fine.named_parameters()}

@@ -172,6 +172,7 @@ def test_tied_embedding_is_expanded_once():
     assert "lm_head.weight" in untied.expanded()
 
 
+@pytest.mark.slow
 def test_expansion_and_its_gradients_match_a_float64_oracle(backend):
     """Under both backends (the Triton kernels through the interpreter on the CPU), with a moved operator."""
     small = tiny_model("llama", hidden=24, heads=4, kv_heads=2, layers=2, ffn=20)
@@ -209,6 +210,7 @@ def kron_launches(records) -> int:
     return sum(record["kernel"] == "kron_gemm" for record in records)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", ["paper", "shared"])
 def test_one_kron_expand_per_tensor_name_whatever_the_layer_count(tie):
     """Under the Triton backend one expansion launches, per tensor name of the layers, one batched GEMM per step
@@ -242,6 +244,7 @@ def _compile_unavailable() -> str:
     return ""
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(bool(_compile_unavailable()), reason=_compile_unavailable() or "torch.compile is available")
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own
 def test_compiled_expansion_and_its_backward_match_eager(backend):

@@ -16,6 +16,7 @@ def assert_same_parameters(a, b):
         assert torch.equal(sa[key], sb[key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("pairing", ["adjacent", "stack"])
 def test_coalesce_of_decoalesce_is_exact(family, pairing, backend):
@@ -48,6 +49,7 @@ def test_width_only_decoalesce_preserves_the_function(family, tied, backend):
     assert relative_error(logits(fine, inputs), logits(coarse, inputs)) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_interpolate_endpoints(family, backend):
     fine = tiny_model(family, layers=4, seed=3)
@@ -89,6 +91,7 @@ def test_outputs_survive_save_and_load(family, operator, tmp_path):
     assert torch.equal(logits(loaded.eval(), inputs), logits(grown.eval(), inputs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_round_trip_is_exact_in_half_precision(family, dtype, backend):

@@ -3,6 +3,7 @@ Triton (interpreter) vs reference for the maps, blends and second-moment maps ap
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -37,6 +38,7 @@ def build(family, shape, seed, **changes):
     return tiny_model(family, seed=seed, **{**shape, **changes})
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(case=model_shapes(), pairing=st.sampled_from(["adjacent", "stack"]))
 def test_coalesce_inverts_decoalesce_on_random_shapes(case, pairing):
@@ -71,6 +73,7 @@ def test_hypercloning_preserves_function_on_random_shapes(case, factor):
     assert relative_error(logits(grown, inputs), logits(small, inputs)) < 1e-5
 
 
+@pytest.mark.slow
 @TRITON_SETTINGS
 @given(case=model_shapes(families=("llama",)), extra=st.integers(1, 7), map_seed=st.integers(0, 100))
 def test_triton_equals_reference_for_random_net2net_maps(case, extra, map_seed):
@@ -86,6 +89,7 @@ def test_triton_equals_reference_for_random_net2net_maps(case, extra, map_seed):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 @TRITON_SETTINGS
 @given(case=model_shapes(), alpha=st.floats(0.0, 1.0), rms=st.booleans())
 def test_triton_equals_reference_for_blends_and_second_moments(case, alpha, rms):

@@ -11,6 +11,7 @@ from tests.factories import FAMILIES, example_inputs, logits, relative_error, ti
 TIED_CASES = [(f, t) for f in FAMILIES for t in (True, False) if not (f == "vit" and t)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,tied", TIED_CASES)
 def test_hypercloning_preserves_the_function(family, tied, backend):
     small = tiny_model(family, hidden=48, heads=4, tied=tied)
@@ -20,6 +21,7 @@ def test_hypercloning_preserves_the_function(family, tied, backend):
     assert relative_error(logits(grown, inputs), logits(small, inputs)) < 1e-5
 
 
+@pytest.mark.slow
 def test_hypercloning_with_grouped_query_attention_and_three_times_wider(backend):
     small = tiny_model("llama", hidden=48, heads=4, kv_heads=2)
     grown = growlib.widen(small, hidden=144, intermediate=210, method="hypercloning")
@@ -76,6 +78,7 @@ def test_bert2bert_fpi_is_net2net():
         assert torch.equal(a, b), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_bert2bert_aki_takes_the_new_units_of_a_layer_from_the_layer_above(family, backend):
     small = tiny_model(family, hidden=48, heads=4, kv_heads=2, layers=3)

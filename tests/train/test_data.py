@@ -37,6 +37,7 @@ def byte_val(corpus):
 # Corpus and text sources
 # ----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_stdlib_corpus_is_non_empty_deterministic_and_split_by_file(corpus):
     train, val = corpus
     assert len(train) > 100 and len(val) > 10 and all(train) and all(val)
@@ -126,6 +127,7 @@ def test_byte_tokenizer_round_trips_and_keeps_specials_out_of_text(corpus):
         tok.encode(b"bytes")
 
 
+@pytest.mark.slow
 def test_bpe_round_trips_text_exactly(bpe, corpus):
     assert bpe.vocab_size == VOCAB
     assert len({bpe.pad_id, bpe.mask_id, bpe.bos_id, bpe.eos_id}) == 4
@@ -369,6 +371,7 @@ def test_digits_without_scikit_learn_says_how_to_install(monkeypatch):
         D.digits_images()
 
 
+@pytest.mark.slow
 def test_digits_images_when_scikit_learn_is_installed():
     pytest.importorskip("sklearn")
     train_x, train_y, val_x, val_y = D.digits_images()

@@ -14,6 +14,8 @@ import pytest
 
 from growlib.train.loop import load_checkpoint
 
+pytestmark = pytest.mark.distributed
+
 SIZE = {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64}
 STEPS = 40
 

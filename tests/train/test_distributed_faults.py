@@ -27,6 +27,7 @@ SIZE = {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64}
     ("exit_at_step:6:1", "Connection (reset|closed) by peer"),  # rank 1 crashes
     ("sleep_at_step:6:1", "Timed out waiting 4000ms"),  # rank 1 hangs: rank 0's collective times out
 ], ids=["dead rank", "stalled rank"])
+@pytest.mark.distributed
 def test_a_failing_rank_makes_torchrun_exit_nonzero_quickly(tmp_path, fault, rank0_error):
     corpus, size = tmp_path / "corpus.txt", tmp_path / "size.json"
     corpus.write_text(inspect.getsource(inspect))
@@ -74,6 +75,7 @@ def _train_with_ranks_that_diverge(rank: int, init_file: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_ranks_holding_different_models_after_a_transition_are_refused(tmp_path):
     with pytest.raises(torch.multiprocessing.ProcessRaisedException) as error:
         torch.multiprocessing.spawn(_train_with_ranks_that_diverge, args=(str(tmp_path / "init"),), nprocs=2)

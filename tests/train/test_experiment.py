@@ -23,6 +23,7 @@ def experiment(tmp_path):
                       cache_dir=str(tmp_path / "cache"), device="cpu")
 
 
+@pytest.mark.slow
 def test_cheaper_schedules_get_more_steps_for_the_same_flops(experiment, tmp_path):
     table = compare(experiment, ["vcycle", "stack"], [0], str(tmp_path / "out"), log=lambda message: None,
                     tuning=None)
@@ -112,6 +113,7 @@ def test_deepspeed_config_fills_in_growlibs_settings():
                       "gradient_accumulation_steps": 2, "gradient_clipping": 0.5}
 
 
+@pytest.mark.slow
 def test_a_run_read_back_from_its_checkpoint_returns_the_trained_model(experiment, tmp_path):
     """compare measures the evaluation's noise on the baseline's returned model: read back from the final
     checkpoint (nothing left to train) or resumed half-way, it must be the trained model, not a fresh one."""

@@ -97,6 +97,7 @@ def test_a_run_without_a_tokenizer_exports_the_model_alone(tmp_path):
     assert_equals_checkpoint(loaded.model, tmp_path / "baseline-seed0")
 
 
+@pytest.mark.slow
 def test_compare_exports_every_run_and_again_when_a_run_read_back_lacks_its_export(exp, tmp_path):
     compare(exp, ["baseline"], [0], str(tmp_path), tuning=None, log=lambda message: None)
     folder = tmp_path / "baseline-seed0"
@@ -166,6 +167,7 @@ with open(sys.argv[1], "rb") as f:
 """
 
 
+@pytest.mark.subprocess
 def test_an_export_killed_halfway_leaves_no_model_folder_and_resume_exports(exp, tmp_path):
     (tmp_path / "exp.pickle").write_bytes(pickle.dumps(exp))
     killed = subprocess.run([sys.executable, "-c", KILLED_HALFWAY, str(tmp_path / "exp.pickle"), str(tmp_path)],
@@ -192,6 +194,7 @@ def test_starting_a_run_over_discards_the_export_of_the_run_it_replaces(exp, tmp
     assert not (tmp_path / "baseline-seed0" / "model").exists()
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
 def test_under_torchrun_rank_0_exports_the_final_model(tmp_path, engine):
     """Two processes; DeepSpeed writes no checkpoint, so the export is checked against the final evaluation."""

@@ -18,6 +18,8 @@ import pytest
 
 from growlib.train.loop import load_checkpoint
 
+pytestmark = pytest.mark.subprocess
+
 SIZE = '{"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64}'
 
 

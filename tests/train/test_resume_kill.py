@@ -123,6 +123,7 @@ def train_records(run_dir) -> tuple[dict[int, float], dict[int, float]]:
     return losses, evals
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("seed", [2024])
 def test_a_run_killed_at_random_points_resumes_to_the_uninterrupted_model(tmp_path, seed):
     straight = tmp_path / "straight"

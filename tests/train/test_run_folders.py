@@ -176,6 +176,7 @@ def test_compare_checks_every_schedule_seed_and_budget_before_training(exp, tmp_
     assert not glob.glob(str(tmp_path / "*-seed*"))  # nothing trained
 
 
+@pytest.mark.slow
 def test_compare_refuses_a_folder_of_other_settings_before_training(exp, tmp_path):
     compare(exp, ["stack"], [0], str(tmp_path), tuning=None, **QUIET)
     metrics = (tmp_path / "baseline-seed0" / "metrics.jsonl").read_bytes()
@@ -188,6 +189,7 @@ def test_compare_refuses_a_folder_of_other_settings_before_training(exp, tmp_pat
     assert load_checkpoint(str(tmp_path / "baseline-seed0" / "checkpoint.pt"))["global_step"] == 16
 
 
+@pytest.mark.slow
 def test_compare_summarises_what_finished_when_a_schedule_fails(exp, tmp_path, monkeypatch):
     real_train = E.train
 
@@ -207,6 +209,7 @@ def test_compare_summarises_what_finished_when_a_schedule_fails(exp, tmp_path, m
     assert "FAILED (not in the table): stack seed 0: RuntimeError: a bug in stack" in summary
 
 
+@pytest.mark.slow
 def test_a_diverged_tuning_run_loses_the_sweep_instead_of_ending_the_comparison(exp, tmp_path, monkeypatch):
     real_run = E.run
 

@@ -35,6 +35,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_every_arm_runs_at_the_best_lr_of_the_same_sweep_and_the_sweep_is_reused(experiment, tmp_path,
                                                                                    monkeypatch):
     out = tmp_path / "out"
@@ -66,6 +67,7 @@ def test_every_arm_runs_at_the_best_lr_of_the_same_sweep_and_the_sweep_is_reused
     assert read_csv(out / "tuning.csv") == sweep
 
 
+@pytest.mark.slow
 def test_untuned_comparisons_say_so(experiment, tmp_path):
     out = tmp_path / "out"
     E.compare(experiment, ["stack"], [0], str(out), log=lambda message: None, tuning=None)
@@ -74,6 +76,7 @@ def test_untuned_comparisons_say_so(experiment, tmp_path):
     assert {float(r["lr"]) for r in read_csv(out / "summary.csv")} == {2e-3}
 
 
+@pytest.mark.slow
 def test_a_cached_run_of_other_settings_is_refused(experiment, tmp_path):
     out = tmp_path / "out"
     tuning = Tuning(lr_grid=(1.0,), seeds=(7,), fraction=0.25)
@@ -120,6 +123,7 @@ def test_a_winning_edge_extends_the_sweep_at_the_grids_ratio_up_to_extend_times(
     assert "extended past a winning edge up to 2 times" in tuning.describe(1e-3)
 
 
+@pytest.mark.slow
 def test_compare_extends_every_arms_sweep_by_the_same_rule(experiment, tmp_path, monkeypatch):
     """Losses that fall towards small learning rates: every arm's sweep goes on below the grid, twice."""
     tried = []
