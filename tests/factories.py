@@ -1,6 +1,9 @@
-"""Tiny Hugging Face models of every supported family, with awkward sizes, for the tests."""
+"""Helpers the tests share: tiny Hugging Face models of every supported family with awkward sizes, and the
+environment of a growlib process a test starts."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 import transformers as T
@@ -71,3 +74,13 @@ def logits(model, inputs) -> torch.Tensor:
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
+
+
+def subprocess_environment(tmp_path, fault: str | None = None) -> dict:
+    """The environment of a growlib process a test starts: its own tokenizer cache, one thread (two processes
+    on two cores), and no fault injected unless ``fault`` (growlib/train/faults.py) says one."""
+    env = {**os.environ, "GROWLIB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env.pop("GROWLIB_FAULT_INJECT", None)
+    if fault:
+        env["GROWLIB_FAULT_INJECT"] = fault
+    return env

@@ -10,7 +10,7 @@ from growlib.models import adapter_for
 from growlib.operators.depth import restrict_map
 from growlib.operators.multilevel import coalesce_map
 from growlib.optim import dual_map
-from growlib.train.loop import RunState, Stage, Transition
+from growlib.train.loop import OPTIMIZER_POLICIES, RunState, Stage, Transition
 
 
 def check_fraction(name: str, value, allow_zero: bool = False) -> float:
@@ -61,10 +61,9 @@ def coherence_term(fine: torch.nn.Module, coarse: torch.nn.Module, parity: str, 
     return {n: restricted[n] - coarse_grads[n] for n, _ in coarse.named_parameters()}
 
 
-OPTIMIZER_POLICIES = ("reset", "keep", "map")
-
-
 def check_optimizer_policy(policy) -> str:
+    """A multilevel schedule's ``optimizer_policy``, checked when the schedule is built (a Transition checks it
+    again, but only at the transition, after the first level has trained)."""
     if policy not in OPTIMIZER_POLICIES:
         raise ValueError(f"optimizer_policy must be one of {OPTIMIZER_POLICIES}, got {policy!r}")
     return policy

@@ -88,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.max_consecutive_skips must be an int >= 1, got {value!r}")
 
 
+#: What a transition does with the optimizer: a fresh one, the old state through the transition's map
+#: (growlib.optim.map_optimizer_state), or a state the schedule kept for this very model.
 OPTIMIZER_POLICIES = ("reset", "map", "keep")
 
 

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from growlib.train.loop import load_checkpoint
+from tests.factories import subprocess_environment as environment
 
 pytestmark = pytest.mark.subprocess
 
@@ -30,14 +31,6 @@ def command(tmp_path, *args, subcommand="train"):
     return [sys.executable, "-m", "growlib.cli", subcommand, "--model", "gpt2", "--size", SIZE, "--data", str(corpus),
             "--vocab-size", "300", "--batch-size", "2", "--seq-len", "16", "--eval-every", "10", "--eval-batches", "1",
             *args]
-
-
-def environment(tmp_path, fault: str | None = None) -> dict:
-    env = {**os.environ, "GROWLIB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    env.pop("GROWLIB_FAULT_INJECT", None)
-    if fault:
-        env["GROWLIB_FAULT_INJECT"] = fault
-    return env
 
 
 def train_steps(metrics) -> list[int]:

@@ -23,6 +23,7 @@ import torch
 
 from growlib.schedules import build_schedule
 from growlib.train.loop import load_checkpoint
+from tests.factories import subprocess_environment as environment
 
 SIZE = {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64}
 STEPS, CHECKPOINT_EVERY = 80, 10
@@ -38,14 +39,6 @@ def train_command(tmp_path, out, *extra):
             "--data", str(corpus), "--vocab-size", "300", "--steps", str(STEPS), "--batch-size", "4",
             "--seq-len", "32", "--eval-every", "20", "--eval-batches", "2", "--schedule", "vcycle",
             "--checkpoint-every", str(CHECKPOINT_EVERY), "--out", str(out), *extra]
-
-
-def environment(tmp_path, fault: str | None = None) -> dict:
-    env = {**os.environ, "GROWLIB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    env.pop("GROWLIB_FAULT_INJECT", None)
-    if fault:
-        env["GROWLIB_FAULT_INJECT"] = fault
-    return env
 
 
 def stage_start(name: str) -> int:
