@@ -88,9 +88,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.max_consecutive_skips must be an int >= 1, got {value!r}")
 
 
-#: What a transition does with the optimizer: a fresh one, the old state through the transition's map
-#: (growlib.optim.map_optimizer_state), or a state the schedule kept for this very model.
-OPTIMIZER_POLICIES = ("reset", "map", "keep")
+#: What a transition does with the optimizer: a fresh one, a state the schedule kept for this very model, or
+#: the old state through the transition's map (growlib.optim.map_optimizer_state).
+OPTIMIZER_POLICIES = ("reset", "keep", "map")
 
 
 @dataclass
