@@ -84,3 +84,19 @@ def subprocess_environment(tmp_path, fault: str | None = None) -> dict:
     if fault:
         env["GROWLIB_FAULT_INJECT"] = fault
     return env
+
+
+def tiny_run_experiment(tmp_path):
+    """A 12-step GPT-2 experiment (2 layers x 32) on a small text file, its tokenizer cached in ``tmp_path``:
+    a whole run in about a second, for the tests of run folders and exports."""
+    import inspect
+
+    from growlib.train.experiment import Experiment
+    from growlib.train.loop import TrainConfig
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(inspect.getsource(inspect))
+    config = TrainConfig(batch_size=2, seq_len=16, eval_every=4, eval_batches=1, warmup_steps=2)
+    return Experiment(family="gpt2", size={"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64},
+                      total_steps=12, config=config, data=str(corpus), vocab_size=300,
+                      cache_dir=str(tmp_path / "cache"), device="cpu")

@@ -23,6 +23,7 @@ from growlib.train.experiment import Experiment, compare, prepare_data, run
 from growlib.train.export import load_run
 from growlib.train.loop import CheckpointWriteError, TrainConfig, evaluate, load_checkpoint
 from growlib.train.sizes import build_model
+from tests.factories import tiny_run_experiment
 
 SIZE = {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64}
 TEXT = 'def grow(model):\n    """Ein Modell wächst: ∑ layers"""\n    return model  # done\n'
@@ -30,11 +31,7 @@ TEXT = 'def grow(model):\n    """Ein Modell wächst: ∑ layers"""\n    return m
 
 @pytest.fixture
 def exp(tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(inspect.getsource(inspect))
-    config = TrainConfig(batch_size=2, seq_len=16, eval_every=4, eval_batches=1, warmup_steps=2)
-    return Experiment(family="gpt2", size=SIZE, total_steps=12, config=config, data=str(corpus), vocab_size=300,
-                      cache_dir=str(tmp_path / "cache"), device="cpu")
+    return tiny_run_experiment(tmp_path)
 
 
 def checkpoint_state(folder) -> dict:

@@ -15,9 +15,10 @@ import sys
 import pytest
 
 from growlib.train import experiment as E
-from growlib.train.experiment import Experiment, ScheduleFailures, compare, run
-from growlib.train.loop import CheckpointWriteError, TrainConfig, load_checkpoint
+from growlib.train.experiment import ScheduleFailures, compare, run
+from growlib.train.loop import CheckpointWriteError, load_checkpoint
 from growlib.train.runs import RunFolderBusy, RunFolderError
+from tests.factories import tiny_run_experiment
 
 SIZE = {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64}
 QUIET = {"log": lambda message: None}
@@ -25,11 +26,7 @@ QUIET = {"log": lambda message: None}
 
 @pytest.fixture
 def exp(tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(inspect.getsource(inspect))
-    config = TrainConfig(batch_size=2, seq_len=16, eval_every=4, eval_batches=1, warmup_steps=2)
-    return Experiment(family="gpt2", size=SIZE, total_steps=12, config=config, data=str(corpus), vocab_size=300,
-                      cache_dir=str(tmp_path / "cache"), device="cpu")
+    return tiny_run_experiment(tmp_path)
 
 
 def folder_files(folder) -> dict:
