@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from growlib import ops
+from growlib.kernels.structured_map import structured_map_
 from growlib.schema import GrowthMap, Schema, SparseRows, WIDTH_ROLES
 
 _SINGLE_COLUMN = SparseRows.identity(1)
@@ -163,7 +163,7 @@ def apply_map(gmap: GrowthMap, source: Schema, target: Schema, *, alpha: float |
         row_start = torch.tensor([t[2] for t in tasks], dtype=torch.int64, device=device)
         col_start = torch.tensor([t[3] for t in tasks], dtype=torch.int64, device=device)
         with torch.no_grad():
-            ops.structured_map_(dst, src, depth_w.to(device), row_start, col_start, table_index, table_weight,
+            structured_map_(dst, src, depth_w.to(device), row_start, col_start, table_index, table_weight,
                                 alpha=alpha, rms=rms)
 
 

@@ -1,6 +1,6 @@
 """Command line: ``growlib demo`` (the operators on real HF model classes), ``growlib train`` (one schedule),
 ``growlib compare`` (every schedule against training from scratch on the same budget), ``growlib check-kernels``
-(every Triton kernel against its PyTorch reference on this machine; see growlib/kernel_check.py)."""
+(every Triton kernel against its PyTorch reference on this machine; see growlib/kernels/check.py)."""
 
 from __future__ import annotations
 
@@ -406,7 +406,7 @@ def _exit_on_fault(command: str, debug: bool):
 
 
 def check_kernels_arguments(parser: argparse.ArgumentParser) -> None:
-    """check-kernels' options (growlib.kernel_check's own parser has the same)."""
+    """check-kernels' options (growlib.kernels.check's own parser has the same)."""
     parser.add_argument("--quick", action="store_true",
                         help="one awkward shape per kernel, epilogue and dtype instead of all of them")
     parser.add_argument("--kernel", action="append", choices=names.KERNEL_OPS, metavar="OP",
@@ -551,7 +551,7 @@ def _dispatch(args) -> int:
         print(describe_schedules(args.name))
         return 0
     if args.command == "check-kernels":
-        from growlib import kernel_check
+        from growlib.kernels import check as kernel_check
 
         return kernel_check.main((["--quick"] if args.quick else [])
                                  + [option for op in args.kernel or () for option in ("--kernel", op)])

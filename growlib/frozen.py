@@ -2,7 +2,7 @@
 
 Frozen layers need no autograd graph and no saved activations, so ``freeze_forward`` runs them as a plain
 function of their weights.  The weights are packed once (fused QKV, fused gate+up, in the compute dtype) and
-everything around the matmuls runs as fused kernels (growlib.ops):
+everything around the matmuls runs as fused kernels (growlib/kernels/frozen/):
 
 * residual add + LayerNorm / RMSNorm in one pass (``add_norm``), and in a pre-LN stack the add that closes a
   layer is fused with the norm that opens the next one;
@@ -25,7 +25,9 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 from transformers.models.vit.modeling_vit import ViTLayer
 
-from growlib import ops
+from growlib.kernels.frozen.activation import bias_activation, gated_activation
+from growlib.kernels.frozen.add_norm import add_norm
+from growlib.kernels.frozen.rope_split_qkv import rope_split_qkv
 
 LAYER_CLASSES = {BertLayer: "bert", GPT2Block: "gpt2", LlamaDecoderLayer: "llama", ViTLayer: "vit"}
 
@@ -50,7 +52,7 @@ class _Norm:
     rms: bool
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, return_sum: bool = False):
-        return ops.add_norm(x, residual, self.weight, self.bias, eps=self.eps, rms=self.rms,
+        return add_norm(x, residual, self.weight, self.bias, eps=self.eps, rms=self.rms,
                             return_sum=return_sum)
 
 
@@ -406,7 +408,7 @@ class FrozenStack(torch.nn.Module):
         qkv = layer.qkv(x).view(batch, seq, -1)
         h, kv = layer.heads, layer.kv_heads
         if layer.rotary:
-            q, k, v = ops.rope_split_qkv(qkv, *rope, num_heads=h, num_kv_heads=kv)
+            q, k, v = rope_split_qkv(qkv, *rope, num_heads=h, num_kv_heads=kv)
         else:
             heads = qkv.view(batch, seq, h + 2 * kv, layer.head_dim).transpose(1, 2)
             q, k, v = heads[:, :h], heads[:, h:h + kv], heads[:, h + kv:]
@@ -424,8 +426,8 @@ class FrozenStack(torch.nn.Module):
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         pre = layer.up(x)
         if layer.gated:
-            return ops.gated_activation(pre, layer.up_bias, activation=layer.activation)
-        return ops.bias_activation(pre, layer.up_bias, activation=layer.activation)
+            return gated_activation(pre, layer.up_bias, activation=layer.activation)
+        return bias_activation(pre, layer.up_bias, activation=layer.activation)
 
     def _post_ln(self, h, batch, seq, mask, rope) -> torch.Tensor:
         """BERT: h = LN1(h + attn(h)); h = LN2(h + mlp(h))."""

@@ -1,6 +1,6 @@
 """The names the command line offers (model families, schedules, kernel ops), free of heavy imports so that
 ``growlib --help`` and the argument checks run before torch and transformers load.  The registries that
-implement them (growlib.train.sizes, growlib.schedules, growlib.kernel_cases) take their names from here."""
+implement them (growlib.train.sizes, growlib.schedules, growlib.kernels.cases) take their names from here."""
 
 FAMILIES = ("gpt2", "bert", "llama", "vit")
 SCHEDULE_NAMES = ("baseline", "vcycle", "ode_multilevel", "mslt", "stack", "msg", "ligo")

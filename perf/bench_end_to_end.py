@@ -86,7 +86,7 @@ from growlib.apply import counting_map_flops  # noqa: E402
 from growlib.kernels.launch import recorded as launch_records  # noqa: E402
 from growlib.kernels.launch import summarize as summarize_launches  # noqa: E402
 from growlib.models import adapter_for  # noqa: E402
-from growlib.ops import resolve_backend  # noqa: E402
+from growlib.kernels.backend import resolve_backend  # noqa: E402
 from growlib.schedules import SCHEDULES, build_schedule  # noqa: E402
 from growlib.schedules.multilevel import vcycle  # noqa: E402
 from growlib.schedules.progressive import ligo  # noqa: E402

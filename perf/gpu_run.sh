@@ -11,7 +11,7 @@
 # $PYTHON is the interpreter (default python3: on the GPU machine, its own Python, a virtualenv holding torch,
 # triton and transformers; growlib is installed into it editable, without dependencies, if it is not yet).
 # OUTDIR must be empty or new; the run writes at most 8 flat files there, each as soon as it has something:
-#   environment.txt  check_kernels.txt  kernel_tests.txt  structured.csv  kron.csv  frozen.csv  end_to_end.csv
+#   environment.txt  check_kernels.txt  kernel_tests.txt  structured_map.csv  kron_expand.csv  frozen.csv  end_to_end.csv
 #   gpu_run.log (every step's stderr and stdout, the report, the summary)
 # and prints one line per step, then the summary table (step, status, seconds, key numbers) last.
 # Every step has its own time limit; a failed or timed-out step is logged and the next one runs.  The exit
@@ -53,9 +53,9 @@ export PYTHONUNBUFFERED=1
 #   correctness 100   check-kernels (all 218 cases, one job per op) and tests/kernels (one job per file), all
 #                     parallel on the 16 cores: the slowest job, kron_expand's 112 configurations (~45 s of JIT)
 #                     or its test file (~150-180 configurations), ~60-85 s
-#   structured   72   BERT-Large bf16: eager and Triton at 3 scopes (~20 s), torch.compile of each op's shape
+#   structured_map 72  BERT-Large bf16: eager and Triton at 3 scopes (~20 s), torch.compile of each op's shape
 #                     group; then GPT-2 medium; then whole-op compiles, as far as the time limit goes
-#   kron         72   LiGO BERT-Base->Large and GPT-2 small->medium, tie paper then shared, eager and Triton
+#   kron_expand 72   LiGO BERT-Base->Large and GPT-2 small->medium, tie paper then shared, eager and Triton
 #                     (~10-15 s a case with its JIT); torch.compile of the first case if ~46 s remain
 #   frozen       58   BERT-Base, GPT-2 small, Llama-1B: 8-layer stacks and MSLT steps (~5-10 s a model);
 #                     torch.compile of the first stack if ~23 s remain
@@ -65,13 +65,13 @@ if ((SMOKE)); then
     MODE="smoke (CPU, Triton interpreter: no timing below is a kernel timing)"
     export TRITON_INTERPRET=1
     unset GROWLIB_TEST_DEVICE
-    LIMIT_INSTALL=12 LIMIT_ENVIRONMENT=10 LIMIT_CORRECTNESS=40 LIMIT_STRUCTURED=30 LIMIT_KRON=28 \
+    LIMIT_INSTALL=12 LIMIT_ENVIRONMENT=10 LIMIT_CORRECTNESS=40 LIMIT_STRUCTURED_MAP=30 LIMIT_KRON_EXPAND=28 \
         LIMIT_FROZEN=25 LIMIT_END_TO_END=25 LIMIT_REPORT=10 BENCH_EXIT=4
     BENCH_FLAGS=(--smoke)
 else
     MODE="gpu"
     unset TRITON_INTERPRET
-    LIMIT_INSTALL=20 LIMIT_ENVIRONMENT=8 LIMIT_CORRECTNESS=100 LIMIT_STRUCTURED=72 LIMIT_KRON=72 \
+    LIMIT_INSTALL=20 LIMIT_ENVIRONMENT=8 LIMIT_CORRECTNESS=100 LIMIT_STRUCTURED_MAP=72 LIMIT_KRON_EXPAND=72 \
         LIMIT_FROZEN=58 LIMIT_END_TO_END=70 LIMIT_REPORT=8 BENCH_EXIT=6
     BENCH_FLAGS=()
 fi
@@ -119,10 +119,8 @@ run_step() {
 log "growlib GPU run, mode $MODE, $(date -u +%Y-%m-%dT%H:%M:%SZ), python $PY, checkout $REPO"
 
 INSTALLED_HERE='import os, sys
-import growlib, growlib.kernels, growlib.models
-here = all(os.path.realpath(m.__path__[0]) == os.path.realpath(d)
-           for m, d in ((growlib, "growlib"), (growlib.kernels, "kernels"), (growlib.models, "models")))
-sys.exit(0 if here else 1)'
+import growlib
+sys.exit(0 if os.path.realpath(growlib.__path__[0]) == os.path.realpath("growlib") else 1)'
 # shellcheck disable=SC2016  # $0 and $1 are the inner shell's
 run_step install "$LIMIT_INSTALL" bash -c '
     if "$0" -c "$1" 2>/dev/null; then echo "key: growlib already imports from this checkout"
@@ -213,7 +211,7 @@ if ((SMOKE)); then
 else
     # Every case of every op and every kernel test file, compiled for this GPU: one job per op and per file,
     # so that Triton's compilations (single-threaded each) spread over the cores.
-    for op in $("$PY" -c 'from growlib.kernel_cases import OPS; print(*OPS)' 2>>"$LOG"); do
+    for op in $("$PY" -c 'from growlib.kernels.cases import OPS; print(*OPS)' 2>>"$LOG"); do
         start_job "ck-$op" "$OUT/check_kernels.txt" "$PY" -m growlib.cli check-kernels --kernel "$op"
     done
     for test_file in tests/kernels/test_*.py; do
@@ -238,7 +236,7 @@ finish_jobs kernel-tests kt- "${KT_KEY:-no pytest summary}, $KT_SCOPE"
 # benchmarks, then the end-to-end row, then the report
 # ---------------------------------------------------------------------------------------------------------
 
-for bench in structured kron frozen; do
+for bench in structured_map kron_expand frozen; do
     limit_var="LIMIT_${bench^^}"
     run_step "$bench" "${!limit_var}" "$PY" "perf/bench_$bench.py" --out "$OUT" \
         --time-limit $((${!limit_var} - BENCH_EXIT)) "${BENCH_FLAGS[@]}"

@@ -46,9 +46,9 @@ class Table:
 
 
 TABLES = (
-    Table("Structured growth maps", "structured.csv", ("model", "dtype", "op", "scope"), "triton",
+    Table("Structured growth maps", "structured_map.csv", ("model", "dtype", "op", "scope"), "triton",
           ("eager", "compile"), "frac_copy_ceiling", "copy bandwidth"),
-    Table("LiGO expansion (Kronecker-factored maps) of a bf16 model", "kron.csv",
+    Table("LiGO expansion (Kronecker-factored maps) of a bf16 model", "kron_expand.csv",
           ("growth", "tie", "map_dtype", "phase"), "triton", ("eager", "compile"), "frac_matmul_ceiling",
           "bf16 matmul"),
     Table("Frozen stack forward (freeze_forward)", "frozen.csv", ("model", "layers", "tokens"), "freeze_forward",

@@ -34,7 +34,7 @@ def test_python_dash_m_growlib_is_the_command_line():
 
 
 def test_the_light_name_lists_are_what_the_registries_implement():
-    from growlib.kernel_cases import all_cases
+    from growlib.kernels.cases import all_cases
     from growlib.schedules import SCHEDULES
     from growlib.train.sizes import build_model
 

@@ -20,19 +20,19 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "perf" / "gpu_run.sh"
 HAS_END_TO_END = (REPO_ROOT / "perf" / "bench_end_to_end.py").exists()
-STEPS = ("install", "environment", "check-kernels", "kernel-tests", "structured", "kron", "frozen", "end-to-end",
+STEPS = ("install", "environment", "check-kernels", "kernel-tests", "structured_map", "kron_expand", "frozen", "end-to-end",
          "report")
-FILES = {"environment.txt", "check_kernels.txt", "kernel_tests.txt", "structured.csv", "kron.csv", "frozen.csv",
+FILES = {"environment.txt", "check_kernels.txt", "kernel_tests.txt", "structured_map.csv", "kron_expand.csv", "frozen.csv",
          "gpu_run.log"} | ({"end_to_end.csv"} if HAS_END_TO_END else set())
 SMOKE = "smoke-cpu-interpreter"
 # Per CSV: the columns a row must have, the columns that would make a speed claim (empty in a smoke run), how
 # a row names its implementation, the implementations that must have been measured, and the agreement column.
 CSVS = {
-    "structured.csv": ({"model", "dtype", "op", "scope", "impl", "median_ms", "bytes_moved", "gbps",
+    "structured_map.csv": ({"model", "dtype", "op", "scope", "impl", "median_ms", "bytes_moved", "gbps",
                         "frac_copy_ceiling", "max_abs_diff_vs_eager", "compile_graphs", "error", "triton_launches"},
                        ("gbps", "frac_copy_ceiling", "copy_ceiling_gbps"), {"eager", "triton", "compile"},
                        "max_abs_diff_vs_eager"),
-    "kron.csv": ({"growth", "tie", "model_dtype", "map_dtype", "impl", "phase", "median_ms", "flops", "tflops",
+    "kron_expand.csv": ({"growth", "tie", "model_dtype", "map_dtype", "impl", "phase", "median_ms", "flops", "tflops",
                   "frac_matmul_ceiling", "max_rel_diff_vs_eager", "compile_graphs", "error", "triton_launches"},
                  ("tflops", "frac_matmul_ceiling", "matmul_ceiling_tflops"), {"eager", "triton", "compile"},
                  "max_rel_diff_vs_eager"),
@@ -85,7 +85,7 @@ def test_smoke_run_passes_every_step_and_prints_the_summary_last(smoke_run):
         assert status == expected, (step, status, key)
     assert re.match(r"(\d+) of \1 cases passed, quick subset", rows["check-kernels"][1])
     assert re.match(r"\d+ passed, \d+ deselected, -k subset", rows["kernel-tests"][1])
-    for bench in ("structured", "kron", "frozen"):
+    for bench in ("structured_map", "kron_expand", "frozen"):
         assert "smoke: times are not kernel timings" in rows[bench][1]
     assert rows["report"][1].startswith("0 of ")  # smoke rows never reach the report
 

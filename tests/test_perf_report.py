@@ -56,7 +56,7 @@ def test_report_uses_the_latest_run_and_computes_ratios(report, tmp_path):
     older = structured_rows("2030-01-01T00:00:00+00:00", "9.0", "10.0", "11.0", "0.1")
     newer = structured_rows("2030-02-01T00:00:00+00:00", "1.5", "3.0", "", "0.4567")
     cpu_row = structured_rows("2031-01-01T00:00:00+00:00", "0.001", "0.001", "0.001", "0.9", device_name="")
-    write_csv(tmp_path / "structured.csv", older + newer + cpu_row)
+    write_csv(tmp_path / "structured_map.csv", older + newer + cpu_row)
     out = tmp_path / "PERFORMANCE.md"
     assert report.main(["--results", str(tmp_path), "--out", str(out)]) == 0
     text = out.read_text()
@@ -92,8 +92,8 @@ def test_report_ignores_smoke_rows_and_reads_the_kron_and_end_to_end_csvs(report
             for env in (gpu, smoke)
             for impl, ms, frac in (("eager", "8.0", ""), ("compile", "", ""), ("triton", "2.0", "0.25"))]
     kron[1]["error"] = "skipped: compiling needs ~32 s, 10 s of --time-limit left"
-    write_csv(tmp_path / "kron.csv", kron)
-    write_csv(tmp_path / "structured.csv", structured_rows("2031-01-01T00:00:00+00:00", "1", "1", "1", "0.9",
+    write_csv(tmp_path / "kron_expand.csv", kron)
+    write_csv(tmp_path / "structured_map.csv", structured_rows("2031-01-01T00:00:00+00:00", "1", "1", "1", "0.9",
                                                            mode="smoke-cpu-interpreter"))
     end_to_end = {"measurement": "stage", "schedule": "vcycle", "name": "coarse", "detail": "6x384",
                   "median_ms": "12.5", "tokens_per_s": "327680", "tflops": "", "frac_matmul_ceiling": "0.125",

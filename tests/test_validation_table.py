@@ -13,7 +13,6 @@ import torch
 import transformers as T
 
 import growlib
-from growlib import ops
 from growlib.schedules import build_schedule
 from growlib.train.experiment import Experiment, compare
 from growlib.train.loop import (RunState, Stage, TrainConfig, Transition, deepspeed_config, run_schedule)
@@ -58,25 +57,25 @@ def qkv(width=16):
 
 
 def rope(qkv_tensor=None, cos=None, sin=None, num_heads=2, num_kv_heads=1):
-    return ops.rope_split_qkv(qkv() if qkv_tensor is None else qkv_tensor,
+    return growlib.rope_split_qkv(qkv() if qkv_tensor is None else qkv_tensor,
                               torch.randn(1, 3, 4) if cos is None else cos, torch.randn(1, 3, 4) if sin is None else sin,
                               num_heads=num_heads, num_kv_heads=num_kv_heads)
 
 
 def one_structured_task():
-    from tests.test_ops import one_task
+    from tests.kernels.test_structured_map import one_task
     return one_task()
 
 
 def structured_map_with(position, value):
     args = list(one_structured_task())
     args[position] = value
-    ops.structured_map_(*args)
+    growlib.structured_map_(*args)
 
 
 def triton_kron_float64():
     with growlib.use_backend("triton"):
-        ops.kron_expand(*(t.double() for t in kron_args()))
+        growlib.kron_expand(*(t.double() for t in kron_args()))
 
 
 SMALL = {"layers": 1, "hidden": 8, "heads": 1, "intermediate": 8}
@@ -246,96 +245,96 @@ TABLE = [
         [gpt2().transformer.h[0], on_meta(gpt2()).transformer.h[1]]), ValueError, r"the layers' parameters must all be on one device"),
     ("freeze_forward", "model is an int", lambda: growlib.freeze_forward(list(gpt2().transformer.h), model=42),
      TypeError, r"model must be an nn.Module \(the model holding the layers\), got int"),
-    # --- ops.kron_expand / kron_expand_vector ---------------------------------------------------------------
-    ("ops.kron_expand", "W is 2-D", lambda: ops.kron_expand(*kron_args(W=torch.randn(3, 4))),
+    # --- growlib.kron_expand / kron_expand_vector ---------------------------------------------------------------
+    ("growlib.kron_expand", "W is 2-D", lambda: growlib.kron_expand(*kron_args(W=torch.randn(3, 4))),
      ValueError, r"W must be 3-D \(L1, O1, I1\), got shape \(3, 4\)"),
-    ("ops.kron_expand", "E of the wrong width", lambda: ops.kron_expand(*kron_args(E=torch.randn(5, 2))),
+    ("growlib.kron_expand", "E of the wrong width", lambda: growlib.kron_expand(*kron_args(E=torch.randn(5, 2))),
      ValueError, r"E must be 2-D \(O2, O1\) with O1=3 \(W.shape\[1\]\), got shape \(5, 2\)"),
-    ("ops.kron_expand", "F of the wrong width", lambda: ops.kron_expand(*kron_args(F=torch.randn(6, 3))),
+    ("growlib.kron_expand", "F of the wrong width", lambda: growlib.kron_expand(*kron_args(F=torch.randn(6, 3))),
      ValueError, r"F must be 2-D \(I2, I1\) with I1=4 \(W.shape\[2\]\), got shape \(6, 3\)"),
-    ("ops.kron_expand", "D of the wrong width", lambda: ops.kron_expand(*kron_args(D=torch.randn(4, 3))),
+    ("growlib.kron_expand", "D of the wrong width", lambda: growlib.kron_expand(*kron_args(D=torch.randn(4, 3))),
      ValueError, r"D must be 2-D \(L2, L1\) with L1=2 \(W.shape\[0\]\), got shape \(4, 3\)"),
-    ("ops.kron_expand", "an integer dtype", lambda: ops.kron_expand(*(t.int() for t in kron_args())),
+    ("growlib.kron_expand", "an integer dtype", lambda: growlib.kron_expand(*(t.int() for t in kron_args())),
      TypeError, r"W must be float32, bfloat16 or float64, got torch.int32"),
-    ("ops.kron_expand", "float16", lambda: ops.kron_expand(*(t.half() for t in kron_args())),
+    ("growlib.kron_expand", "float16", lambda: growlib.kron_expand(*(t.half() for t in kron_args())),
      TypeError, r"W must be float32, bfloat16 or float64, got torch.float16"),
-    ("ops.kron_expand", "E in float64, W in float32", lambda: ops.kron_expand(*kron_args(E=torch.randn(5, 3).double())),
+    ("growlib.kron_expand", "E in float64, W in float32", lambda: growlib.kron_expand(*kron_args(E=torch.randn(5, 3).double())),
      TypeError, r"E has dtype torch.float64 but W has torch.float32"),
-    ("ops.kron_expand", "E on the meta device", lambda: ops.kron_expand(*kron_args(E=torch.randn(5, 3, device="meta"))),
+    ("growlib.kron_expand", "E on the meta device", lambda: growlib.kron_expand(*kron_args(E=torch.randn(5, 3, device="meta"))),
      ValueError, r"E is on meta but W is on cpu: all inputs must share a device"),
-    ("ops.kron_expand", "W is a list", lambda: ops.kron_expand(*kron_args(W=[[1.0]])),
+    ("growlib.kron_expand", "W is a list", lambda: growlib.kron_expand(*kron_args(W=[[1.0]])),
      TypeError, r"W must be a torch.Tensor, got list"),
-    ("ops.kron_expand", "float64 on the Triton backend", triton_kron_float64,
+    ("growlib.kron_expand", "float64 on the Triton backend", triton_kron_float64,
      TypeError, r"the Triton backend supports .* for W, got torch.float64; use backend 'torch'"),
-    ("ops.kron_expand_vector", "w is 3-D", lambda: ops.kron_expand_vector(torch.randn(2, 3, 4), torch.randn(5, 3),
+    ("growlib.kron_expand_vector", "w is 3-D", lambda: growlib.kron_expand_vector(torch.randn(2, 3, 4), torch.randn(5, 3),
                                                                           torch.randn(4, 2)),
      ValueError, r"w must be 2-D \(L1, O1\), got shape \(2, 3, 4\)"),
-    ("ops.kron_expand_vector", "E of the wrong width", lambda: ops.kron_expand_vector(
+    ("growlib.kron_expand_vector", "E of the wrong width", lambda: growlib.kron_expand_vector(
         torch.randn(2, 3), torch.randn(5, 4), torch.randn(4, 2)), ValueError, r"E must be 2-D \(O2, O1\) with O1=3 \(w.shape\[1\]\)"),
-    ("ops.kron_expand_vector", "D of the wrong width", lambda: ops.kron_expand_vector(
+    ("growlib.kron_expand_vector", "D of the wrong width", lambda: growlib.kron_expand_vector(
         torch.randn(2, 3), torch.randn(5, 3), torch.randn(4, 5)), ValueError, r"D must be 2-D \(L2, L1\) with L1=2 \(w.shape\[0\]\)"),
-    # --- ops.add_norm ---------------------------------------------------------------------------------------
-    ("ops.add_norm", "an integer x", lambda: ops.add_norm(torch.ones(2, 3, dtype=torch.int32), eps=1e-5),
+    # --- growlib.add_norm ---------------------------------------------------------------------------------------
+    ("growlib.add_norm", "an integer x", lambda: growlib.add_norm(torch.ones(2, 3, dtype=torch.int32), eps=1e-5),
      TypeError, r"x must be a floating-point tensor, got torch.int32"),
-    ("ops.add_norm", "x is a list", lambda: ops.add_norm([[1.0]], eps=1e-5), TypeError, r"x must be a torch.Tensor, got list"),
-    ("ops.add_norm", "negative eps", lambda: ops.add_norm(torch.ones(2, 3), eps=-1.0),
+    ("growlib.add_norm", "x is a list", lambda: growlib.add_norm([[1.0]], eps=1e-5), TypeError, r"x must be a torch.Tensor, got list"),
+    ("growlib.add_norm", "negative eps", lambda: growlib.add_norm(torch.ones(2, 3), eps=-1.0),
      ValueError, r"eps must be a finite number >= 0, got -1.0"),
-    ("ops.add_norm", "infinite eps", lambda: ops.add_norm(torch.ones(2, 3), eps=float("inf")),
+    ("growlib.add_norm", "infinite eps", lambda: growlib.add_norm(torch.ones(2, 3), eps=float("inf")),
      ValueError, r"eps must be a finite number >= 0, got inf"),
-    ("ops.add_norm", "residual of another shape", lambda: ops.add_norm(torch.ones(2, 3), torch.ones(2, 4), eps=1e-5),
+    ("growlib.add_norm", "residual of another shape", lambda: growlib.add_norm(torch.ones(2, 3), torch.ones(2, 4), eps=1e-5),
      ValueError, r"residual must match x: expected torch.float32 \(2, 3\), got torch.float32 \(2, 4\)"),
-    ("ops.add_norm", "residual in float64", lambda: ops.add_norm(torch.ones(2, 3), torch.ones(2, 3).double(), eps=1e-5),
+    ("growlib.add_norm", "residual in float64", lambda: growlib.add_norm(torch.ones(2, 3), torch.ones(2, 3).double(), eps=1e-5),
      ValueError, r"residual must match x: expected torch.float32 \(2, 3\), got torch.float64"),
-    ("ops.add_norm", "weight of the wrong length", lambda: ops.add_norm(torch.ones(2, 3), weight=torch.ones(4), eps=1e-5),
+    ("growlib.add_norm", "weight of the wrong length", lambda: growlib.add_norm(torch.ones(2, 3), weight=torch.ones(4), eps=1e-5),
      ValueError, r"weight must have shape \(3,\) \(x's last axis\), got \(4,\)"),
-    ("ops.add_norm", "weight on the meta device", lambda: ops.add_norm(
+    ("growlib.add_norm", "weight on the meta device", lambda: growlib.add_norm(
         torch.ones(2, 3), weight=torch.ones(3, device="meta"), eps=1e-5), ValueError, r"weight is on meta but the input is on cpu"),
-    ("ops.add_norm", "a zero-size last axis", lambda: ops.add_norm(torch.ones(2, 0), eps=1e-5),
+    ("growlib.add_norm", "a zero-size last axis", lambda: growlib.add_norm(torch.ones(2, 0), eps=1e-5),
      ValueError, r"x must have a non-empty last axis, got shape \(2, 0\)"),
-    ("ops.add_norm", "a 0-d x", lambda: ops.add_norm(torch.tensor(1.0), eps=1e-5),
+    ("growlib.add_norm", "a 0-d x", lambda: growlib.add_norm(torch.tensor(1.0), eps=1e-5),
      ValueError, r"x must have a non-empty last axis, got shape \(\)"),
-    ("ops.add_norm", "x requires grad", lambda: ops.add_norm(torch.ones(2, 3, requires_grad=True), eps=1e-5),
+    ("growlib.add_norm", "x requires grad", lambda: growlib.add_norm(torch.ones(2, 3, requires_grad=True), eps=1e-5),
      RuntimeError, r"add_norm is forward-only \(it has no backward\), but x requires grad"),
-    # --- ops.bias_activation / gated_activation -------------------------------------------------------------
-    ("ops.bias_activation", "unknown activation", lambda: ops.bias_activation(torch.ones(2, 3), activation="tanh"),
+    # --- growlib.bias_activation / gated_activation -------------------------------------------------------------
+    ("growlib.bias_activation", "unknown activation", lambda: growlib.bias_activation(torch.ones(2, 3), activation="tanh"),
      ValueError, r"activation must be one of \('gelu', 'gelu_tanh', 'silu', 'relu'\), got 'tanh'"),
-    ("ops.bias_activation", "bias of the wrong length", lambda: ops.bias_activation(
+    ("growlib.bias_activation", "bias of the wrong length", lambda: growlib.bias_activation(
         torch.ones(2, 3), torch.ones(2), activation="gelu"), ValueError, r"bias must have shape \(3,\) \(x's last axis\), got \(2,\)"),
-    ("ops.bias_activation", "an integer x", lambda: ops.bias_activation(torch.ones(2, 3, dtype=torch.long),
+    ("growlib.bias_activation", "an integer x", lambda: growlib.bias_activation(torch.ones(2, 3, dtype=torch.long),
                                                                         activation="gelu"),
      TypeError, r"x must be a floating-point tensor, got torch.int64"),
-    ("ops.bias_activation", "bias on the meta device", lambda: ops.bias_activation(
+    ("growlib.bias_activation", "bias on the meta device", lambda: growlib.bias_activation(
         torch.ones(2, 3), torch.ones(3, device="meta"), activation="gelu"), ValueError, r"bias is on meta but the input is on cpu"),
-    ("ops.bias_activation", "an integer bias", lambda: ops.bias_activation(
+    ("growlib.bias_activation", "an integer bias", lambda: growlib.bias_activation(
         torch.ones(2, 3), torch.ones(3, dtype=torch.int32), activation="gelu"), TypeError, r"bias must be a floating-point tensor"),
-    ("ops.gated_activation", "an odd last axis", lambda: ops.gated_activation(torch.ones(2, 3)),
+    ("growlib.gated_activation", "an odd last axis", lambda: growlib.gated_activation(torch.ones(2, 3)),
      ValueError, r"x's last axis must be even \(\[gate \| up\] halves\), got 3"),
-    ("ops.gated_activation", "unknown activation", lambda: ops.gated_activation(torch.ones(2, 4), activation="x"),
+    ("growlib.gated_activation", "unknown activation", lambda: growlib.gated_activation(torch.ones(2, 4), activation="x"),
      ValueError, r"activation must be one of .*got 'x'"),
-    ("ops.gated_activation", "x requires grad", lambda: ops.gated_activation(torch.ones(2, 4, requires_grad=True)),
+    ("growlib.gated_activation", "x requires grad", lambda: growlib.gated_activation(torch.ones(2, 4, requires_grad=True)),
      RuntimeError, r"gated_activation is forward-only"),
-    # --- ops.rope_split_qkv ---------------------------------------------------------------------------------
-    ("ops.rope_split_qkv", "qkv is 2-D", lambda: rope(qkv_tensor=torch.randn(3, 16)),
+    # --- growlib.rope_split_qkv ---------------------------------------------------------------------------------
+    ("growlib.rope_split_qkv", "qkv is 2-D", lambda: rope(qkv_tensor=torch.randn(3, 16)),
      ValueError, r"qkv must be 3-D \(batch, seq, \(heads \+ 2 \* kv_heads\) \* head_dim\), got shape \(3, 16\)"),
-    ("ops.rope_split_qkv", "num_heads=0", lambda: rope(num_heads=0), ValueError, r"num_heads must be a positive int, got 0"),
-    ("ops.rope_split_qkv", "num_heads=True (a bool)", lambda: rope(num_heads=True),
+    ("growlib.rope_split_qkv", "num_heads=0", lambda: rope(num_heads=0), ValueError, r"num_heads must be a positive int, got 0"),
+    ("growlib.rope_split_qkv", "num_heads=True (a bool)", lambda: rope(num_heads=True),
      ValueError, r"num_heads must be a positive int, got True"),
-    ("ops.rope_split_qkv", "a width that is no whole number of heads", lambda: rope(qkv_tensor=qkv(17)),
+    ("growlib.rope_split_qkv", "a width that is no whole number of heads", lambda: rope(qkv_tensor=qkv(17)),
      ValueError, r"qkv's last axis \(17\) must be \(num_heads \+ 2 \* num_kv_heads\) = 4 heads"),
-    ("ops.rope_split_qkv", "an odd head size", lambda: rope(qkv_tensor=qkv(12), cos=torch.randn(1, 3, 3)),
+    ("growlib.rope_split_qkv", "an odd head size", lambda: rope(qkv_tensor=qkv(12), cos=torch.randn(1, 3, 3)),
      ValueError, r"the head size must be even for rotary embeddings, got 3"),
-    ("ops.rope_split_qkv", "cos of the wrong shape", lambda: rope(cos=torch.randn(1, 3, 2)),
+    ("growlib.rope_split_qkv", "cos of the wrong shape", lambda: rope(cos=torch.randn(1, 3, 2)),
      ValueError, r"cos must have shape \(1 or 1, 3, 4\) \(batch, seq, head_dim\), got \(1, 3, 2\)"),
-    ("ops.rope_split_qkv", "sin on the meta device", lambda: rope(sin=torch.randn(1, 3, 4, device="meta")),
+    ("growlib.rope_split_qkv", "sin on the meta device", lambda: rope(sin=torch.randn(1, 3, 4, device="meta")),
      ValueError, r"sin is on meta but the input is on cpu"),
-    ("ops.rope_split_qkv", "an integer qkv", lambda: rope(qkv_tensor=qkv().long()),
+    ("growlib.rope_split_qkv", "an integer qkv", lambda: rope(qkv_tensor=qkv().long()),
      TypeError, r"qkv must be a floating-point tensor, got torch.int64"),
-    # --- ops.structured_map_ (more in tests/test_ops.py) ----------------------------------------------------
-    ("ops.structured_map_", "depth_weight on the meta device", lambda: structured_map_with(
+    # --- growlib.structured_map_ (more in tests/kernels/test_structured_map.py) ------------------------------------
+    ("growlib.structured_map_", "depth_weight on the meta device", lambda: structured_map_with(
         2, torch.ones(1, 1, device="meta")), ValueError, r"depth_weight is on meta but dst is on cpu"),
-    ("ops.structured_map_", "src on the meta device", lambda: structured_map_with(
+    ("growlib.structured_map_", "src on the meta device", lambda: structured_map_with(
         1, [[torch.randn(3, 4, device="meta")]]), ValueError, r"src\[0\]\[0\] must be a 2-D torch.float32 tensor on cpu, got 2-D torch.float32 on meta"),
-    ("ops.structured_map_", "an expanded dst", lambda: structured_map_with(0, [torch.zeros(1, 4).expand(3, 4)]),
+    ("growlib.structured_map_", "an expanded dst", lambda: structured_map_with(0, [torch.zeros(1, 4).expand(3, 4)]),
      ValueError, r"dst\[0\] has a zero stride \(an expanded tensor\)"),
     # --- build_schedule -------------------------------------------------------------------------------------
     ("build_schedule", "unknown schedule", lambda: build_schedule("x", 10, 2),

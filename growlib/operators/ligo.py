@@ -4,7 +4,7 @@ Every tensor name k of the large model is computed from the small model's stack 
 
     W'_l = E_out,l (sum_j D_k[l, j] W_j) F_in,l^T         (biases and norms: E_l sum_j D_k[l, j] w_j)
 
-with one ``growlib.ops.kron_expand`` per tensor name over all large layers (per-layer width maps are passed
+with one ``growlib.kernels.kron_expand`` per tensor name over all large layers (per-layer width maps are passed
 stacked, (L2, d2, d1)).  The learned coefficients are the width matrices (E for out-side axes, F for in-side
 axes, both (d2, d1)) and one depth matrix D_k (L2, L1) per tensor name; the small model's weights are frozen
 copies held as buffers.
@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from growlib import ops
+from growlib.kernels.kron_expand import kron_expand, kron_expand_vector
 from growlib.models import adapter_for
 
 #: fit's progress: a line at the first and last step and at most every PROGRESS_INTERVAL_S seconds between
@@ -376,9 +376,9 @@ class LiGO(nn.Module):
         depth = self.depth[task.depth]
         E = self._layer_maps(tuple(maps[0] for maps in task.maps), stack.shape[1], stack)
         if stack.dim() == 2:
-            return ops.kron_expand_vector(stack, E, depth)
+            return kron_expand_vector(stack, E, depth)
         F = self._layer_maps(tuple(maps[1] for maps in task.maps), stack.shape[2], stack)
-        return ops.kron_expand(stack, E, F, depth)
+        return kron_expand(stack, E, F, depth)
 
     def _columns_first(self, tensor: torch.Tensor, out_ref: _MapRef, in_ref: _MapRef) -> bool:
         """Whether E (W F^T) is cheaper than (E W) F^T for this tensor."""

@@ -39,14 +39,17 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource, compile, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from growlib.kernels import fused_activation, fused_norm, kron_expand, launch, rope, structured_map
+from growlib.kernels import kron_expand, launch, structured_map
+from growlib.kernels.frozen import activation as fused_activation
+from growlib.kernels.frozen import add_norm as fused_norm
+from growlib.kernels.frozen import rope_split_qkv as rope
 
 CAPABILITIES = ((8, 0), (9, 0))
 # SMs of the parts each target stands for (A100; H100 and H200), which set how far a summed GEMM splits K.
 SM_COUNT = {(8, 0): 108, (9, 0): 132}
 
 # LiGO growths, stack (L1, O1, I1) -> (L2, O2, I2) and the steps whose width map is one per output layer:
-# perf/bench_kron.py's BERT-Base -> BERT-Large and GPT-2 small -> medium tensors with shared maps (tie="shared"),
+# perf/bench_kron_expand.py's BERT-Base -> BERT-Large and GPT-2 small -> medium tensors with shared maps (tie="shared"),
 # the per-layer row or column maps of tie="paper" (query, FFN), biases (the 1-D form), and depth growths 6 -> 12
 # and 24 -> 48 whose depth mixes (M = L2 or L1) get the other short-M tiles.  Forward and backward (gradients of
 # W, E, F and D), in every dtype the kernel supports.
@@ -132,7 +135,7 @@ def kron_launches() -> list[Launch]:
             for axis, step in enumerate(("rows", "cols")[:len(small) - 1], start=1):
                 layers = (large[0],) if step in per_layer else ()
                 maps[step] = torch.empty(layers + (large[axis], small[axis]), dtype=dtype)
-            order = kron_expand.cheapest_order(stack.shape, maps)  # the chain growlib.ops.kron_expand runs
+            order = kron_expand.cheapest_order(stack.shape, maps)  # the chain growlib.kron_expand runs
             with captured(kron_expand._batched_matmul_kernel) as launches:
                 out, stages = kron_expand.expand(stack, maps, order)
                 kron_expand.expand_backward(torch.empty_like(out), stages, maps, order, set(maps), True)
@@ -152,7 +155,7 @@ def structured_launches() -> list[Launch]:
         for use, kd, k, blend, rms in STRUCTURED_MAPS:
             rows, cols, fine = 70, 65, 140
             with captured(structured_map._structured_map_kernel) as launches:
-                structured_map.structured_map(
+                structured_map.structured_map_triton(
                     [torch.empty(rows, cols, dtype=dtype)], [[torch.empty(fine, fine, dtype=dtype)] * kd],
                     torch.ones(1, kd), torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
                     torch.zeros(fine, k, dtype=torch.int32), torch.ones(fine, k),
@@ -170,7 +173,7 @@ def norm_launches() -> list[Launch]:
                 x = torch.empty(8, width, dtype=dtype)
                 vector = torch.empty(width, dtype=dtype)
                 with captured(fused_norm._add_norm_kernel) as launches:
-                    fused_norm.add_norm(x, torch.empty_like(x) if residual else None, vector if weight else None,
+                    fused_norm.add_norm_triton(x, torch.empty_like(x) if residual else None, vector if weight else None,
                                         vector.clone() if bias else None, 1e-5, rms, return_sum)
                 found += [Launch("add_norm", f"{use} {dtype_name(dtype)} width {width}", fused_norm._add_norm_kernel,
                                  *launch) for launch in launches]
@@ -185,7 +188,7 @@ def activation_launches() -> list[Launch]:
             for gated, bias in ((False, True), (True, False)):
                 x = torch.empty(33, 2 * 600, dtype=dtype)
                 with captured(fused_activation._activation_kernel) as launches:
-                    (fused_activation.gated_activation if gated else fused_activation.bias_activation)(
+                    (fused_activation.gated_activation_triton if gated else fused_activation.bias_activation_triton)(
                         x, torch.empty(x.shape[1], dtype=dtype) if bias else None, activation)
                 found += [Launch("activation", f"{'gated ' if gated else ''}{activation}{' + bias' if bias else ''} "
                                  f"{dtype_name(dtype)}", fused_activation._activation_kernel, *launch)
@@ -199,7 +202,7 @@ def rope_launches() -> list[Launch]:
         for use, heads, kv_heads, head_dim in ROPE_SHAPES:
             cos = torch.empty(1, 5, head_dim)
             with captured(rope._rope_split_kernel) as launches:
-                rope.rope_split_qkv(torch.empty(2, 5, (heads + 2 * kv_heads) * head_dim, dtype=dtype), cos,
+                rope.rope_split_qkv_triton(torch.empty(2, 5, (heads + 2 * kv_heads) * head_dim, dtype=dtype), cos,
                                     cos.clone(), heads, kv_heads)
             found += [Launch("rope_split", f"{use} {dtype_name(dtype)}", rope._rope_split_kernel, *launch)
                       for launch in launches]

@@ -12,9 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from growlib import kernel_cases, kernel_check
-from growlib.kernel_cases import FUSED_TOLERANCE, KRON_TOLERANCE, compare
-from growlib.kernels import fused_activation, fused_norm, kron_expand, rope, structured_map
+from growlib.kernels import cases as kernel_cases
+from growlib.kernels import check as kernel_check
+from growlib.kernels import kron_expand, structured_map
+from growlib.kernels.cases import FUSED_TOLERANCE, KRON_TOLERANCE, compare
+from growlib.kernels.frozen import activation as fused_activation
+from growlib.kernels.frozen import add_norm as fused_norm
+from growlib.kernels.frozen import rope_split_qkv as rope
 from tests.conftest import DEVICE, ON_GPU
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -88,12 +92,12 @@ def test_check_kernels_command_prints_a_passing_table():
 
 def test_a_broken_kernel_fails_the_check(monkeypatch, capsys):
     """A kernel 1% off, and one that raises, fail their cases, and the command exits 1 naming them."""
-    real = fused_activation.bias_activation
-    monkeypatch.setattr(fused_activation, "bias_activation", lambda x, bias, act: real(x, bias, act) * 1.01)
+    real = fused_activation.bias_activation_triton
+    monkeypatch.setattr(fused_activation, "bias_activation_triton", lambda x, bias, act: real(x, bias, act) * 1.01)
 
     def crash(*args, **kwargs):
         raise RuntimeError("kernel exploded")
-    monkeypatch.setattr(rope, "rope_split_qkv", crash)
+    monkeypatch.setattr(rope, "rope_split_qkv_triton", crash)
 
     device = kernel_check.check_device()
     assert device == DEVICE

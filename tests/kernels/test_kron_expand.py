@@ -2,7 +2,7 @@
 
 Values and the gradients of W, E, F and D at awkward shapes (size 1, primes, just over the 64-wide tile, the
 issue's 48x80 -> 97x131) on contiguous tensors and non-contiguous views, with width maps shared by all layers
-or one per output layer, and the 1-D form: the shared cases of growlib.kernel_cases (``growlib check-kernels``
+or one per output layer, and the 1-D form: the shared cases of growlib.kernels.cases (``growlib check-kernels``
 runs them too).  Here also: every valid order of the chain's three steps, frozen inputs, bf16 rounding, empty
 axes, one launch chain whatever the layer count, gradcheck of the reference in float64, the custom op's
 registration, and the errors bad inputs raise."""
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import growlib
-from growlib import kernel_cases, ops, reference
+from growlib.kernels import cases as kernel_cases
 from growlib.kernels import kron_expand as kernel
 from growlib.kernels import launch
 from tests.conftest import DEVICE
@@ -28,7 +28,7 @@ def random_inputs(seed, dtype, small, large, views=False, per_layer=""):
 
 
 def check_against_reference(inputs, grad_out, wanted=NAMES):
-    """Output and gradients through the Triton kernels, judged by the shared rule (growlib.kernel_cases)."""
+    """Output and gradients through the Triton kernels, judged by the shared rule (growlib.kernels.cases)."""
     assert not kernel_cases.failures(kernel_cases.kron_comparisons(inputs, grad_out, wanted))
 
 
@@ -98,8 +98,8 @@ def test_per_layer_maps_that_repeat_one_map_equal_the_shared_map(backend):
     """E and F given once per layer, all alike, expand as the shared map does; their per-layer gradients add
     up to the shared map's gradient."""
     (W, E, F, D), grad_out = random_inputs(6, torch.float32, (3, 11, 7), (4, 13, 9))
-    shared = kernel_cases.value_and_grads(ops.kron_expand, (W, E, F, D), grad_out)
-    repeated = kernel_cases.value_and_grads(ops.kron_expand, (W, E.expand(4, -1, -1), F.expand(4, -1, -1), D),
+    shared = kernel_cases.value_and_grads(growlib.kron_expand, (W, E, F, D), grad_out)
+    repeated = kernel_cases.value_and_grads(growlib.kron_expand, (W, E.expand(4, -1, -1), F.expand(4, -1, -1), D),
                                             grad_out)
     torch.testing.assert_close(repeated[0], shared[0], rtol=1e-5, atol=1e-5)
     for position in (2, 3):  # grad E, grad F
@@ -117,7 +117,7 @@ def test_one_launch_per_step_whatever_the_layer_count(per_layer, layers_out):
     maps = [m.detach().requires_grad_() for m in maps]
     with launch.recorded() as forward:
         with growlib.use_backend("triton"):
-            out = ops.kron_expand(W, *maps)
+            out = growlib.kron_expand(W, *maps)
     with launch.recorded() as backward:
         out.backward(grad_out)
     assert [r["kernel"] for r in forward] == ["kron_gemm"] * 3
@@ -166,7 +166,7 @@ def test_empty_axes_give_what_the_reference_gives(shapes):
     inputs = [torch.randn(shape, device=DEVICE) for shape in shapes]
     grad_out = torch.ones(shapes[3][0], shapes[1][0], shapes[2][0], device=DEVICE)
     got = kernel_cases.value_and_grads(kernel_cases.kron_through("triton"), inputs, grad_out)
-    expected = kernel_cases.value_and_grads(reference.kron_expand, inputs, grad_out)
+    expected = kernel_cases.value_and_grads(kernel.kron_expand_reference, inputs, grad_out)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
@@ -174,19 +174,19 @@ def test_reference_gradcheck_in_float64():
     g = torch.Generator().manual_seed(0)
     W, E, F, D = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
                   for shape in ((2, 3, 4), (5, 3), (3, 4), (3, 2)))
-    assert torch.autograd.gradcheck(reference.kron_expand, (W, E, F, D))
-    assert torch.autograd.gradcheck(reference.kron_expand_vector, (W[:, :, 0].detach().requires_grad_(), E, D))
+    assert torch.autograd.gradcheck(kernel.kron_expand_reference, (W, E, F, D))
+    assert torch.autograd.gradcheck(kernel.kron_expand_vector_reference, (W[:, :, 0].detach().requires_grad_(), E, D))
     E_l, F_l = (torch.randn(3, *m.shape, generator=g, dtype=torch.float64, requires_grad=True) for m in (E, F))
-    assert torch.autograd.gradcheck(reference.kron_expand, (W, E_l, F_l, D))
-    assert torch.autograd.gradcheck(reference.kron_expand_vector, (W[:, :, 0].detach().requires_grad_(), E_l, D))
+    assert torch.autograd.gradcheck(kernel.kron_expand_reference, (W, E_l, F_l, D))
+    assert torch.autograd.gradcheck(kernel.kron_expand_vector_reference, (W[:, :, 0].detach().requires_grad_(), E_l, D))
 
 
 def test_reference_is_the_sum_over_layers_it_claims():
     """The oracle itself, against the definition written out layer by layer."""
     (W, E, F, D), _ = random_inputs(1, torch.float64, (2, 3, 4), (3, 5, 6))
     expected = torch.stack([sum(D[l, j] * E @ W[j] @ F.T for j in range(2)) for l in range(3)])
-    assert torch.allclose(reference.kron_expand(W, E, F, D), expected)
-    assert torch.allclose(reference.kron_expand_vector(W[:, :, 0], E, D),
+    assert torch.allclose(kernel.kron_expand_reference(W, E, F, D), expected)
+    assert torch.allclose(kernel.kron_expand_vector_reference(W[:, :, 0], E, D),
                           torch.stack([sum(D[l, j] * E @ W[j, :, 0] for j in range(2)) for l in range(3)]))
 
 
@@ -197,18 +197,18 @@ def test_reference_with_per_layer_maps_is_the_sum_it_claims(per_layer):
     E_l = E if E.dim() == 3 else E.expand(3, -1, -1)
     F_l = F if F.dim() == 3 else F.expand(3, -1, -1)
     expected = torch.stack([E_l[l] @ sum(D[l, j] * W[j] for j in range(2)) @ F_l[l].T for l in range(3)])
-    assert torch.allclose(reference.kron_expand(W, E, F, D), expected)
+    assert torch.allclose(kernel.kron_expand_reference(W, E, F, D), expected)
     if per_layer != "F":
-        assert torch.allclose(reference.kron_expand_vector(W[:, :, 0], E, D),
+        assert torch.allclose(kernel.kron_expand_vector_reference(W[:, :, 0], E, D),
                               torch.stack([E_l[l] @ sum(D[l, j] * W[j, :, 0] for j in range(2)) for l in range(3)]))
 
 
 def test_float64_runs_on_the_torch_backend_and_is_refused_by_triton():
     (W, E, F, D), _ = random_inputs(4, torch.float64, (2, 3, 4), (3, 5, 6))
     with growlib.use_backend("torch"):
-        assert ops.kron_expand(W, E, F, D).dtype == torch.float64
+        assert growlib.kron_expand(W, E, F, D).dtype == torch.float64
     with growlib.use_backend("triton"), pytest.raises(TypeError, match="float64"):
-        ops.kron_expand(W, E, F, D)
+        growlib.kron_expand(W, E, F, D)
 
 
 def _replace(args, position, value):
@@ -242,11 +242,52 @@ BAD_INPUTS = [
 def test_bad_inputs_raise_errors_naming_the_parameter(backend, make_bad, error, message):
     good = [torch.ones(shape, device=DEVICE) for shape in ((2, 3, 4), (5, 3), (6, 4), (3, 2))]
     with growlib.use_backend(backend), pytest.raises(error, match=message):
-        ops.kron_expand(*make_bad(good))
+        growlib.kron_expand(*make_bad(good))
 
 
 def test_vector_form_errors_name_w():
     with pytest.raises(ValueError, match=r"w must be 2-D \(L1, O1\)"):
-        ops.kron_expand_vector(torch.ones(2, 3, 4), torch.ones(5, 3), torch.ones(3, 2))
+        growlib.kron_expand_vector(torch.ones(2, 3, 4), torch.ones(5, 3), torch.ones(3, 2))
     with pytest.raises(ValueError, match=r"E .*O1=3 \(w.shape\[1\]\)"):
-        ops.kron_expand_vector(torch.ones(2, 3), torch.ones(5, 4), torch.ones(3, 2))
+        growlib.kron_expand_vector(torch.ones(2, 3), torch.ones(5, 4), torch.ones(3, 2))
+
+
+def kron_args(per_layer: bool, vector: bool = False):
+    """Tiny W (L1=2), E, F (one per output layer with ``per_layer``) and D (L2=3), all requiring grad, as the
+    custom op takes them: the 1-D form is a stack with one column and no F."""
+    g = torch.Generator().manual_seed(3)
+    layers = (3,) if per_layer else ()
+    W = torch.randn(2, 3, 1 if vector else 4, generator=g)
+    E = torch.randn(*layers, 5, 3, generator=g)
+    F = None if vector else torch.randn(*layers, 6, 4, generator=g)
+    D = torch.randn(3, 2, generator=g)
+    return [None if t is None else t.to(DEVICE).requires_grad_() for t in (W, E, F, D)]
+
+
+@pytest.mark.parametrize("per_layer, vector", [(False, False), (True, False), (True, True)],
+                         ids=["shared", "per-layer", "per-layer-1d"])
+def test_kron_expand_custom_op_passes_opcheck(per_layer, vector):
+    """growlib::kron_expand (the Triton backend, through the interpreter on the CPU): schema, fake tensors,
+    autograd registration and AOT dispatch with its backward op.  The torch backend is plain differentiable
+    PyTorch (kron_expand_reference), which needs no registration."""
+    torch.library.opcheck(torch.ops.growlib.kron_expand.default, kron_args(per_layer, vector))
+
+
+@pytest.mark.parametrize("wanted", [[True, True, True, True], [False, True, False, True]], ids=["all", "E-and-D"])
+def test_kron_expand_backward_custom_op_passes_opcheck(wanted):
+    W, E, F, D = (t.detach() for t in kron_args(per_layer=True))
+    out, *step_inputs = torch.ops.growlib.kron_expand(W, E, F, D)
+    args = (torch.randn_like(out), [W, *step_inputs], E, F, D, wanted)
+    torch.library.opcheck(torch.ops.growlib.kron_expand_backward.default, args)
+    assert [g.shape for g in torch.ops.growlib.kron_expand_backward(*args)] == [
+        t.shape for t, need in zip((W, E, F, D), wanted) if need]
+
+
+def test_kron_expand_triton_backward_refuses_double_backward():
+    """The Triton backward is differentiable once (a second derivative needs the torch backend)."""
+    W, E, F, D = kron_args(per_layer=True)
+    with growlib.use_backend("triton"):
+        out = growlib.kron_expand(W, E, F, D)
+    grad_E, = torch.autograd.grad(out.square().sum(), E, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"no double backward\): use backend 'torch'"):
+        grad_E.sum().backward()

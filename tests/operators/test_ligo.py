@@ -13,8 +13,8 @@ import torch._inductor.cpp_builder
 from torch.utils.flop_counter import FlopCounterMode
 
 import growlib
-from growlib import ops
 from growlib.kernels import launch
+from growlib.operators import ligo as ligo_module
 from tests.factories import example_inputs, logits, relative_error, tiny_config, tiny_model
 
 # (label, family, small model kwargs): tied and untied heads, grouped-query attention, bias-free Llama.
@@ -317,13 +317,13 @@ def test_gradient_accumulation_expands_once_per_step(monkeypatch):
     ligo = growlib.LiGO(small, target_config("gpt2", {}))
     calls = {"n": 0}
     for name in ("kron_expand", "kron_expand_vector"):
-        original = getattr(ops, name)
+        original = getattr(ligo_module, name)
 
         def counted(*args, _original=original):
             calls["n"] += 1
             return _original(*args)
 
-        monkeypatch.setattr(ops, name, counted)
+        monkeypatch.setattr(ligo_module, name, counted)
     ligo.expanded()
     per_expansion, calls["n"] = calls["n"], 0
     assert per_expansion > 0

@@ -1,9 +1,9 @@
 """Every kernel-versus-reference case, defined once: ``growlib check-kernels`` runs them, and so does tests/kernels.
 
-A case runs one kernel through ``growlib.ops`` on the Triton backend, with seeded random inputs at an awkward
+A case runs one op's public function on the Triton backend, with seeded random inputs at an awkward
 shape (size 1, primes, just over a block), and compares each output with
 
-* ``ref64``: the PyTorch reference (growlib.reference) in float64 on the kernel's own, already rounded,
+* ``ref64``: the op's PyTorch reference (``<op>_reference``) in float64 on the kernel's own, already rounded,
   inputs: the oracle;
 * ``torch``: the same reference run in the inputs' dtype: what PyTorch itself gets in fp16 / bf16.
 
@@ -27,7 +27,14 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from growlib import names, ops, reference, use_backend
+from growlib import names
+from growlib.kernels.backend import use_backend
+from growlib.kernels.frozen.activation import ACTIVATIONS, bias_activation, gated_activation
+from growlib.kernels.frozen.add_norm import add_norm
+from growlib.kernels.frozen.rope_split_qkv import rope_split_qkv
+from growlib.kernels.kron_expand import (kron_expand, kron_expand_reference, kron_expand_vector,
+                                         kron_expand_vector_reference)
+from growlib.kernels.structured_map import structured_map_, structured_map_reference
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -126,7 +133,7 @@ def require(label: str, condition: bool, detail: str) -> Comparison:
 
 @dataclass(frozen=True)
 class KernelCase:
-    """``op``: the growlib.ops entry point; ``kernel``: check-kernels' table row (the op with its epilogue);
+    """``op``: the op's public function; ``kernel``: check-kernels' table row (the op with its epilogue);
     ``variant``: shape and options; ``check(device)`` runs the case and returns its comparisons."""
 
     op: str
@@ -207,7 +214,7 @@ def random_tasks(seed: int, dtype: torch.dtype, shapes, kd: int, k: int, device:
 def _structured_map_through(backend: str, dst, *args, **kwargs) -> list[torch.Tensor]:
     out = [t.clone() for t in dst]
     with use_backend(backend):
-        ops.structured_map_(out, *args, **kwargs)
+        structured_map_(out, *args, **kwargs)
     return out
 
 
@@ -222,7 +229,7 @@ def _check_structured_map(shape: str, epilogue: str, dtype: torch.dtype, device:
     kernel = _structured_map_through("triton", dst, src, dw, rs, cs, ti, tw, alpha=alpha, rms=rms)
     same_dtype = _structured_map_through("torch", dst, src, dw, rs, cs, ti, tw, alpha=alpha, rms=rms)
     oracle = [t.double() for t in dst]  # fp64 on the same device: the kernel's inputs, computed exactly
-    reference.structured_map(oracle, [[s.double() for s in row] for row in src], dw, rs, cs, ti, tw,
+    structured_map_reference(oracle, [[s.double() for s in row] for row in src], dw, rs, cs, ti, tw,
                              alpha=alpha, rms=rms)
     comparisons = [compare(f"dst[{t}]", got, exact, torch_got, dtype, STRUCTURED_MAP_TOLERANCE)
                    for t, (got, exact, torch_got) in enumerate(zip(kernel, oracle, same_dtype))]
@@ -305,10 +312,10 @@ def value_and_grads(fn: Callable, inputs, grad_out, wanted=KRON_NAMES) -> list[t
 
 
 def kron_through(backend: str) -> Callable:
-    """``ops.kron_expand`` on one backend, as a function of (W, E, F, D)."""
+    """``kron_expand`` on one backend, as a function of (W, E, F, D)."""
     def expand(W, E, F, D):
         with use_backend(backend):
-            return ops.kron_expand(W, E, F, D)
+            return kron_expand(W, E, F, D)
     return expand
 
 
@@ -323,7 +330,7 @@ def kron_comparisons(inputs, grad_out, wanted=KRON_NAMES) -> list[Comparison]:
     against the float64 reference; the other inputs are frozen and must get no gradient."""
     dtype = inputs[0].dtype
     got = value_and_grads(kron_through("triton"), inputs, grad_out, wanted)
-    oracle = value_and_grads(reference.kron_expand, [t.double() for t in inputs], grad_out.double(), wanted)
+    oracle = value_and_grads(kron_expand_reference, [t.double() for t in inputs], grad_out.double(), wanted)
     same_dtype = value_and_grads(kron_same_dtype, inputs, grad_out, wanted)
     labels = ("out",) + tuple(f"grad {name}" for name in KRON_NAMES)
     return [compare(label, g, e, s, dtype, KRON_TOLERANCE, backward=label != "out")
@@ -356,10 +363,10 @@ def _check_kron_vector(shape: str, per_layer: bool, dtype: torch.dtype, device: 
 
     def through_triton(w, E, D):
         with use_backend("triton"):
-            return ops.kron_expand_vector(w, E, D)
+            return kron_expand_vector(w, E, D)
 
     got = run(through_triton, (w, E, D), grad_out)
-    oracle = run(reference.kron_expand_vector, [t.double() for t in (w, E, D)], grad_out.double())
+    oracle = run(kron_expand_vector_reference, [t.double() for t in (w, E, D)], grad_out.double())
     same_dtype = run(lambda w, E, D: torch.einsum("loa,la->lo" if per_layer else "oa,la->lo", E, D @ w), (w, E, D),
                      grad_out)
     return [compare(label, g, e, s, dtype, KRON_TOLERANCE, backward=label != "out")
@@ -405,7 +412,7 @@ def _as_tuple(x) -> tuple:
 
 def fused_comparisons(fn: Callable, inputs: dict, dtype: torch.dtype, labels: Sequence[str],
                       **options) -> tuple[list[Comparison], tuple[torch.Tensor, ...]]:
-    """Run ``fn`` (a forward-only growlib.ops function) on the Triton kernel, on the reference in ``dtype``
+    """Run ``fn`` (a forward-only op's public function) on the Triton kernel, on the reference in ``dtype``
     and on the reference in float64; judge each output; return the comparisons and the kernel's outputs."""
     cast = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and k not in ("cos", "sin") else v)
             for k, v in inputs.items()}  # rotary tables stay fp32, as growlib.frozen passes them
@@ -441,7 +448,7 @@ def _check_add_norm(variant: str, shape: str, dtype: torch.dtype, device: torch.
         "weight": randn(n, seed=3, device=device) + 1.0 if v["weight"] else None,
         "bias": randn(n, seed=4, device=device) if v["bias"] else None,
     }
-    comparisons, out = fused_comparisons(ops.add_norm, inputs, dtype, ("out", "sum"), eps=1e-5, rms=v["rms"],
+    comparisons, out = fused_comparisons(add_norm, inputs, dtype, ("out", "sum"), eps=1e-5, rms=v["rms"],
                                          return_sum=v["return_sum"])
     if v["return_sum"]:  # the sum, rounded once, with no three-way slack
         expected = inputs["x"].to(dtype).double()
@@ -461,7 +468,7 @@ def _check_bias_activation(activation: str, shape: str, dtype: torch.dtype,
                            device: torch.device) -> list[Comparison]:
     dims = ACTIVATION_SHAPES[shape]
     inputs = {"x": randn(*dims, seed=11, scale=3.0, device=device), "bias": randn(dims[-1], seed=12, device=device)}
-    return fused_comparisons(ops.bias_activation, inputs, dtype, ("out",), activation=activation)[0]
+    return fused_comparisons(bias_activation, inputs, dtype, ("out",), activation=activation)[0]
 
 
 def _check_gated_activation(activation: str, shape: str, with_bias: bool, dtype: torch.dtype,
@@ -469,7 +476,7 @@ def _check_gated_activation(activation: str, shape: str, with_bias: bool, dtype:
     *lead, n = ACTIVATION_SHAPES[shape]
     inputs = {"x": randn(*lead, 2 * n, seed=13, scale=3.0, device=device),
               "bias": randn(2 * n, seed=14, device=device) if with_bias else None}
-    comparisons, (out,) = fused_comparisons(ops.gated_activation, inputs, dtype, ("out",), activation=activation)
+    comparisons, (out,) = fused_comparisons(gated_activation, inputs, dtype, ("out",), activation=activation)
     return comparisons + [require("shape", out.shape == (*lead, n), f"(..., N) = {(*lead, n)}")]
 
 
@@ -484,7 +491,7 @@ def _check_rope(shape: str, dtype: torch.dtype, device: torch.device) -> list[Co
     width = (heads + 2 * kv_heads) * head_dim
     qkv = randn(batch, seq, width + 3, seed=21, device=device)[..., 2:2 + width]  # tokens strided, as a slice
     cos, sin = rotary_tables(cos_batch, seq, head_dim, seed=22, device=device)
-    comparisons, (q, k, v) = fused_comparisons(ops.rope_split_qkv, {"qkv": qkv, "cos": cos, "sin": sin}, dtype,
+    comparisons, (q, k, v) = fused_comparisons(rope_split_qkv, {"qkv": qkv, "cos": cos, "sin": sin}, dtype,
                                                ("q", "k", "v"), num_heads=heads, num_kv_heads=kv_heads)
     split = qkv.to(dtype).reshape(batch, seq, heads + 2 * kv_heads, head_dim).transpose(1, 2)
     return comparisons + [
@@ -502,7 +509,7 @@ def _fused_cases() -> list[KernelCase]:
     cases += [KernelCase("bias_activation", "bias_activation", f"{activation}/{shape}", dtype, FUSED_TOLERANCE,
                          functools.partial(_check_bias_activation, activation, shape, dtype),
                          quick=shape == "over-block")
-              for activation in ops.FUSED_ACTIVATIONS for shape in ACTIVATION_SHAPES for dtype in FLOAT_DTYPES]
+              for activation in ACTIVATIONS for shape in ACTIVATION_SHAPES for dtype in FLOAT_DTYPES]
     cases += [KernelCase("gated_activation", "gated_activation",
                          f"{activation}/{shape}/{'bias' if with_bias else 'no-bias'}", dtype, FUSED_TOLERANCE,
                          functools.partial(_check_gated_activation, activation, shape, with_bias, dtype),
@@ -533,7 +540,7 @@ def quick_cases() -> list[KernelCase]:
 
 
 def cases_for(op: str, quick: bool = False) -> list[KernelCase]:
-    """The cases of one growlib.ops entry point (see OPS)."""
+    """The cases of one op (see OPS)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     return [case for case in (quick_cases() if quick else all_cases()) if case.op == op]

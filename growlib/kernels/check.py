@@ -1,6 +1,6 @@
 """``growlib check-kernels``: every Triton kernel against its PyTorch reference on this machine, as a table.
 
-Runs the cases of ``growlib.kernel_cases`` (the ones tests/kernels runs) on CUDA when torch sees a GPU, and
+Runs the cases of ``growlib.kernels.cases`` (the ones tests/kernels runs) on CUDA when torch sees a GPU, and
 otherwise on the CPU through Triton's interpreter, prints the worst error per kernel and dtype with the rule
 it was judged by, and exits 1 if any case fails (2 on bad arguments).
 
@@ -10,7 +10,7 @@ as soon as ``triton`` is imported, which torch does when its compiler stack (tor
 growlib already does that, long before any growlib kernel is touched.
 Setting ``TRITON_INTERPRET=1`` inside a running process is therefore too late, however lazily growlib imports
 its kernels.  So on a machine without a GPU, ``main`` (what ``growlib check-kernels`` calls) re-runs itself as
-``python -m growlib.kernel_check`` in a fresh process started with the variable set, unless it is set
+``python -m growlib.kernels.check`` in a fresh process started with the variable set, unless it is set
 already; with a GPU, or with the variable set from the start (as tests/conftest.py does), it runs in place.
 Either way it checks, before running a case, that Triton's and growlib's jit functions are the kind the device
 needs, so a wrong set-up fails loudly instead of testing nothing.
@@ -34,10 +34,11 @@ import triton.language.standard
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-from growlib import kernel_cases
-from growlib.kernel_cases import Comparison, KernelCase, dtype_name
+from growlib.kernels import cases as kernel_cases
+from growlib.kernels.cases import Comparison, KernelCase, dtype_name
 
-KERNEL_MODULES = ("structured_map", "kron_expand", "fused_norm", "fused_activation", "rope")
+KERNEL_MODULES = ("structured_map", "kron_expand", "frozen.add_norm", "frozen.activation",
+                  "frozen.rope_split_qkv")
 
 
 def _interpreting() -> bool:
@@ -50,9 +51,9 @@ def needs_fresh_process() -> bool:
 
 
 def run_in_fresh_process(argv: Sequence[str]) -> int:
-    """Run ``python -m growlib.kernel_check ARGV`` with TRITON_INTERPRET=1 and return its exit status."""
+    """Run ``python -m growlib.kernels.check ARGV`` with TRITON_INTERPRET=1 and return its exit status."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    return subprocess.call([sys.executable, "-m", "growlib.kernel_check", *argv], env=env)
+    return subprocess.call([sys.executable, "-m", "growlib.kernels.check", *argv], env=env)
 
 
 def check_device() -> torch.device:
@@ -156,7 +157,7 @@ def format_report(results: Sequence[CaseResult], device: torch.device) -> str:
     out = ["  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip()
            for line in [columns, ["-" * w for w in widths], *lines]]
     out += ["",
-            "ref64: the PyTorch reference (growlib.reference) in float64 on the kernel's own inputs; torch: the",
+            "ref64: the op's PyTorch reference in float64 on the kernel's own inputs; torch: the",
             "same reference in the inputs' dtype; s = max(1, |ref64|) per element (per tensor where written",
             "max(1,max|ref64|)); err/allowed <= 1 passes.  Property checks (bit-exact copies, shapes, signs) must",
             "hold too but have no error to show."]

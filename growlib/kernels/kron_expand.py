@@ -22,6 +22,13 @@ Every step is one launch of ``_batched_matmul_kernel``: one program per (batch, 
 gradients of E, F and D, one program per output tile that loops over all layers itself and sums them in its
 fp32 accumulator (no atomics).  When those reductions have too few output tiles to fill the GPU, their K
 range is split over more programs, each writing an fp32 partial that the host adds up.
+
+This module holds the op whole: the Triton kernel, its launchers (``expand``, ``expand_backward``) and
+``cheapest_order``; the PyTorch reference ``kron_expand_reference`` (the CPU path, the tests' oracle, the
+benchmarks' baseline); and the public ``kron_expand`` / ``kron_expand_vector``, which validate, pick the
+backend and run through the custom ops ``growlib::kron_expand`` / ``growlib::kron_expand_backward`` with an
+autograd formula.  Its cases: growlib/kernels/cases.py; its tests: tests/kernels/test_kron_expand.py; its
+benchmark: perf/bench_kron_expand.py.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import triton
 import triton.language as tl
 
 from growlib.kernels import launch
+from growlib.kernels.backend import compute_dtype, resolve_backend
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 STEPS = ("depth", "rows", "cols")  # ties in cheapest_order go to the earlier order in this sequence's permutations
@@ -358,7 +366,7 @@ def expand(stack: torch.Tensor, maps: Mapping[str, torch.Tensor],
     """Run the steps of ``order`` (one of ``valid_orders``) on ``stack`` (L1, O1, I1) with ``maps``
     {'depth': D, 'rows': E, 'cols': F}, E and F shared or per output layer; returns the output and the input
     of every step (what the backward needs).  Callers validate shapes
-    (growlib.ops does); all tensors share one dtype among SUPPORTED_DTYPES and one device."""
+    (``kron_expand`` does); all tensors share one dtype among SUPPORTED_DTYPES and one device."""
     x = stack.contiguous()
     stages = []
     for step in order:
@@ -382,3 +390,167 @@ def expand_backward(grad_out: torch.Tensor, stages: Sequence[torch.Tensor], maps
             return None, grads
         grad = _input_grad(step, grad, maps[step])
     return grad, grads
+
+# ----------------------------------------------------------------------------------------------------------
+# PyTorch reference
+# ----------------------------------------------------------------------------------------------------------
+
+def kron_expand_reference(W: torch.Tensor, E: torch.Tensor, F: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """Reference of ``kron_expand``: ``out[l] = E_l (sum_j D[l, j] W[j]) F_l^T``.
+
+    W (L1, O1, I1), D (L2, L1), E (O2, O1) shared by all layers or (L2, O2, O1) one per output layer, F
+    likewise (I2, I1) or (L2, I2, I1) -> (L2, O2, I2) in W's dtype.  A plain einsum chain computed in fp32
+    (fp64 for fp64 inputs) so that it is an oracle for the kernels rather than a second bf16 computation;
+    autograd through it gives the gradients of all four inputs.  The depth mix runs first, on the small
+    matrices (per-layer maps need it first), so no (L2, L1, ...) product is ever formed."""
+    compute = compute_dtype(W.dtype)
+    mixed = torch.einsum("lj,jab->lab", D.to(compute), W.to(compute))
+    rows = torch.einsum("loa,lab->lob" if E.dim() == 3 else "oa,lab->lob", E.to(compute), mixed)
+    return torch.einsum("lob,lib->loi" if F.dim() == 3 else "lob,ib->loi", rows, F.to(compute)).to(W.dtype)
+
+
+def kron_expand_vector_reference(w: torch.Tensor, E: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """Reference of ``kron_expand_vector``, the 1-D form for biases and norms:
+    ``out[l] = E_l sum_j D[l, j] w[j]``; w (L1, O1), D (L2, L1), E (O2, O1) or (L2, O2, O1) -> (L2, O2) in w's
+    dtype, computed in fp32 (fp64 for fp64 inputs) like ``kron_expand``."""
+    compute = compute_dtype(w.dtype)
+    mixed = torch.einsum("lj,ja->la", D.to(compute), w.to(compute))
+    return torch.einsum("loa,la->lo" if E.dim() == 3 else "oa,la->lo", E.to(compute), mixed).to(w.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The op: validation, backend dispatch, torch.library registration, autograd
+# ----------------------------------------------------------------------------------------------------------
+
+_KRON_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def _validate_kron(W, E, F, D) -> None:
+    """Shapes, dtypes and devices of ``kron_expand`` (F is None for the 1-D form, whose stack is named w)."""
+    stack_name, stack_axes, stack_ndim = ("w", "(L1, O1)", 2) if F is None else ("W", "(L1, O1, I1)", 3)
+    named = [(stack_name, W), ("E", E), ("D", D)] + ([] if F is None else [("F", F)])
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if W.dim() != stack_ndim:
+        raise ValueError(f"{stack_name} must be {stack_ndim}-D {stack_axes}, got shape {tuple(W.shape)}")
+    if D.dim() != 2 or D.shape[1] != W.shape[0]:
+        raise ValueError(f"D must be 2-D (L2, L1) with L1={W.shape[0]} ({stack_name}.shape[0]), got shape "
+                         f"{tuple(D.shape)}")
+    layers_out = D.shape[0]
+    width_maps = [("E", E, "O", 1)] + ([] if F is None else [("F", F, "I", 2)])
+    for name, t, axis, stack_axis in width_maps:
+        size_in, size_name = W.shape[stack_axis], f"{axis}1={W.shape[stack_axis]} ({stack_name}.shape[{stack_axis}])"
+        if t.dim() == 2 and t.shape[1] != size_in:
+            raise ValueError(f"{name} must be 2-D ({axis}2, {axis}1) with {size_name}, got shape {tuple(t.shape)}")
+        if t.dim() == 3 and (t.shape[0] != layers_out or t.shape[2] != size_in):
+            raise ValueError(f"{name} must be 3-D (L2, {axis}2, {axis}1), one map per output layer, with "
+                             f"L2={layers_out} (D.shape[0]) and {size_name}, got shape {tuple(t.shape)}")
+        if t.dim() not in (2, 3):
+            raise ValueError(f"{name} must be 2-D ({axis}2, {axis}1), shared by all layers, or 3-D "
+                             f"(L2, {axis}2, {axis}1), one map per output layer, got shape {tuple(t.shape)}")
+    if W.dtype not in _KRON_DTYPES:
+        raise TypeError(f"{stack_name} must be float32, bfloat16 or float64, got {W.dtype}")
+    for name, t in named[1:]:
+        if t.dtype != W.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {stack_name} has {W.dtype}: all inputs must share "
+                            f"one dtype (cast {name} with .to({stack_name}.dtype))")
+        if t.device != W.device:
+            raise ValueError(f"{name} is on {t.device} but {stack_name} is on {W.device}: all inputs must share "
+                             "a device")
+
+
+def _kron_maps(E, F, D) -> dict[str, torch.Tensor]:
+    """The chain's maps by step; no 'cols' step for the 1-D form (F None)."""
+    return {"depth": D, "rows": E} if F is None else {"depth": D, "rows": E, "cols": F}
+
+
+@torch.library.custom_op("growlib::kron_expand", mutates_args=())
+def _kron_expand_op(W: torch.Tensor, E: torch.Tensor, F: torch.Tensor | None, D: torch.Tensor) -> list[torch.Tensor]:
+    """The Triton expansion of W (L1, O1, I1) (the 1-D form as (L1, O1, 1) with F None), its steps in
+    ``cheapest_order``: [out, the input of every step after the first].  Those inputs are what the backward
+    needs (as autograd would save them for the same chain of matmuls), so the backward recomputes nothing."""
+    maps = _kron_maps(E, F, D)
+    out, stages = expand(W, maps, cheapest_order(W.shape, maps))
+    return [out, *stages[1:]]
+
+
+@_kron_expand_op.register_fake
+def _(W, E, F, D):
+    maps = _kron_maps(E, F, D)
+    shapes = chain_shapes(W.shape, maps, cheapest_order(W.shape, maps))
+    return [W.new_empty(shape) for shape in [shapes[-1], *shapes[1:-1]]]
+
+
+@torch.library.custom_op("growlib::kron_expand_backward", mutates_args=())
+def _kron_expand_backward_op(grad_out: torch.Tensor, stages: list[torch.Tensor], E: torch.Tensor,
+                             F: torch.Tensor | None, D: torch.Tensor, wanted: list[bool]) -> list[torch.Tensor]:
+    """The Triton backward of ``growlib::kron_expand``: the gradients of those of (W, E, F, D) that ``wanted``
+    flags, in that order.  ``stages``: W and the step inputs the forward returned."""
+    maps = _kron_maps(E, F, D)
+    need_W, need_E, need_F, need_D = wanted
+    steps = {step for step, need in (("rows", need_E), ("cols", need_F), ("depth", need_D)) if need}
+    grad_W, grads = expand_backward(grad_out, stages, maps, cheapest_order(stages[0].shape, maps), steps, need_W)
+    computed = (grad_W, grads.get("rows"), grads.get("cols"), grads.get("depth"))
+    return [grad for grad, need in zip(computed, wanted) if need]
+
+
+@_kron_expand_backward_op.register_fake
+def _(grad_out, stages, E, F, D, wanted):
+    return [t.new_empty(t.shape) for t, need in zip((stages[0], E, F, D), wanted) if need]
+
+
+def _kron_setup_context(ctx, inputs, output) -> None:
+    W, E, F, D = inputs
+    ctx.mark_non_differentiable(*output[1:])  # the saved step inputs are returned only for the backward
+    ctx.save_for_backward(W, *output[1:], E, F, D)
+
+
+def _kron_backward(ctx, grads):
+    W, *step_inputs, E, F, D = ctx.saved_tensors
+    wanted = list(ctx.needs_input_grad)  # F is None for the 1-D form and never needs one
+    computed = iter(torch.ops.growlib.kron_expand_backward(grads[0], [W, *step_inputs], E, F, D, wanted))
+    return tuple(next(computed) if need else None for need in wanted)
+
+
+def _kron_no_double_backward(ctx, grads):
+    raise RuntimeError("kron_expand's Triton backward is not differentiable itself (no double backward): use "
+                       "backend 'torch' for higher-order gradients")
+
+
+_kron_expand_op.register_autograd(_kron_backward, setup_context=_kron_setup_context)
+_kron_expand_backward_op.register_autograd(_kron_no_double_backward)
+
+
+def _kron_dispatch(W, E, F, D) -> torch.Tensor:
+    _validate_kron(W, E, F, D)
+    if resolve_backend(W.device) == "torch":
+        if F is None:
+            return kron_expand_vector_reference(W, E, D)
+        return kron_expand_reference(W, E, F, D)
+    if W.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the Triton backend supports {SUPPORTED_DTYPES} for {'w' if F is None else 'W'}, got "
+                        f"{W.dtype}; use backend 'torch' for other dtypes")
+    if F is None:
+        return _kron_expand_op(W.unsqueeze(-1), E, None, D)[0].squeeze(-1)
+    return _kron_expand_op(W, E, F, D)[0]
+
+
+def kron_expand(W: torch.Tensor, E: torch.Tensor, F: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """LiGO's Kronecker-factored expansion of one tensor name stacked over layers:
+    ``out[l] = E_l (sum_j D[l, j] W[j]) F_l^T``, in one chain of batched GEMMs however many layers there are.
+
+    W (L1, O1, I1), D (L2, L1), E (O2, O1) shared by all output layers or (L2, O2, O1) one per output layer,
+    F likewise (I2, I1) or (L2, I2, I1); all of one dtype (float32 or bfloat16; float64 on the torch backend)
+    and one device -> (L2, O2, I2) in that dtype.  Differentiable with respect to all four (the Triton
+    backend's backward once, the torch backend's to any order).  The Triton backend is the custom op
+    ``growlib::kron_expand`` (with ``growlib::kron_expand_backward``), so ``torch.compile`` keeps it whole."""
+    return _kron_dispatch(W, E, F, D)
+
+
+def kron_expand_vector(w: torch.Tensor, E: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """The 1-D form of ``kron_expand`` for biases and norms: ``out[l] = E_l sum_j D[l, j] w[j]``.
+
+    w (L1, O1), D (L2, L1), E (O2, O1) or (L2, O2, O1) -> (L2, O2).  Dtypes and backward as ``kron_expand``:
+    differentiable with respect to all three."""
+    return _kron_dispatch(w, E, None, D)

@@ -2,9 +2,9 @@
 
 Usage (from the repository root)::
 
-    python perf/bench_kron.py --out DIR                    # on a CUDA GPU: DIR/kron.csv
-    python perf/bench_kron.py --out DIR --time-limit 60    # stop starting measurements after ~60 s
-    TRITON_INTERPRET=1 python perf/bench_kron.py --out DIR --smoke   # CPU rehearsal, tiny models
+    python perf/bench_kron_expand.py --out DIR                    # on a CUDA GPU: DIR/kron_expand.csv
+    python perf/bench_kron_expand.py --out DIR --time-limit 60    # stop starting measurements after ~60 s
+    TRITON_INTERPRET=1 python perf/bench_kron_expand.py --out DIR --smoke   # CPU rehearsal, tiny models
 
 Each case is a whole LiGO operator, ``growlib.LiGO(small, target_config, tie=...)``, from a bf16 BERT-Base to
 BERT-Large or from GPT-2 small to medium, with ``tie="paper"`` (LiGO's default: per-layer Q / K / V / FFN maps)
@@ -242,9 +242,9 @@ def summary(rows: list[dict], smoke: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_benchmark_arguments(parser, "kron.csv")
+    add_benchmark_arguments(parser, "kron_expand.csv")
     args = parser.parse_args(argv)
-    start = start_benchmark(args, "kron.csv")
+    start = start_benchmark(args, "kron_expand.csv")
     bench = KronBench(start)
 
     def label(case: tuple) -> str:

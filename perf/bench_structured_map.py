@@ -2,9 +2,9 @@
 
 Usage (from the repository root)::
 
-    python perf/bench_structured.py --out DIR                    # on a CUDA GPU: DIR/structured.csv
-    python perf/bench_structured.py --out DIR --time-limit 60    # stop starting measurements after ~60 s
-    TRITON_INTERPRET=1 python perf/bench_structured.py --out DIR --smoke   # CPU rehearsal, tiny models
+    python perf/bench_structured_map.py --out DIR                    # on a CUDA GPU: DIR/structured_map.csv
+    python perf/bench_structured_map.py --out DIR --time-limit 60    # stop starting measurements after ~60 s
+    TRITON_INTERPRET=1 python perf/bench_structured_map.py --out DIR --smoke   # CPU rehearsal, tiny models
 
 Every op is a whole-model map at real parameter sizes (BERT-Large and GPT-2-medium first, then BERT-Base in
 bf16 and fp32, GPT-2 small, a 1B Llama, as far as the time limit reaches), run three ways on the same tensors:
@@ -15,7 +15,7 @@ bf16 and fp32, GPT-2 small, a 1B Llama, as far as the time limit reaches), run t
 
 at three scopes: ``end_to_end`` is ``growlib.apply_map`` as users call it (task tables built on the host,
 inputs validated, the map run); ``kernel_only`` replays the arguments apply_map passed to
-``growlib.ops.structured_map_`` straight into each implementation's launcher; ``shape_group`` replays only the
+``growlib.structured_map_`` straight into each implementation's launcher; ``shape_group`` replays only the
 op's largest group of tasks that share one shape (e.g. every layer's FFN weight), which torch.compile covers
 with a single static graph.  torch.compile needs one graph per task shape (8 to 18 per op), so it is measured
 on each model's ``shape_group`` right after that model's other rows, and on whole ops only after every model,
@@ -41,8 +41,7 @@ from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadMod
                           LlamaForCausalLM)
 
 import growlib
-import growlib.ops
-import growlib.reference
+import growlib.apply
 from growlib.kernels import structured_map as kernel
 from growlib.kernels.launch import device_capability
 from growlib.models import adapter_for
@@ -169,9 +168,8 @@ def build_ops(fine: torch.nn.Module) -> list[MapOp]:
 
 @dataclass
 class KernelCall:
-    """The arguments of one ``growlib.ops.structured_map_`` call (apply_map makes one per dtype group); the
-    launchers ``growlib.kernels.structured_map.structured_map`` and ``growlib.reference.structured_map`` take
-    the same ones."""
+    """The arguments of one ``structured_map_`` call (apply_map makes one per dtype group); the launchers
+    ``structured_map_triton`` and ``structured_map_reference`` take the same ones."""
 
     dst: list[torch.Tensor]
     src: list[list[torch.Tensor]]
@@ -213,7 +211,7 @@ def _patched(owner, name: str, value) -> Iterator[None]:
 
 
 def record_kernel_calls(op: MapOp) -> list[KernelCall]:
-    """The calls ``op`` makes to ``growlib.ops.structured_map_``, captured without running them, so that the
+    """The calls ``op`` makes to ``structured_map_``, captured without running them, so that the
     launch can be timed without apply_map's host-side task building."""
     calls = []
 
@@ -221,7 +219,7 @@ def record_kernel_calls(op: MapOp) -> list[KernelCall]:
         calls.append(KernelCall(list(dst), [list(row) for row in src], depth_weight, row_start, col_start,
                                 table_index, table_weight, alpha, rms))
 
-    with _patched(growlib.ops, "structured_map_", record):
+    with _patched(growlib.apply, "structured_map_", record):
         op.run()
     return calls
 
@@ -294,19 +292,19 @@ def triton_programs(calls: list[KernelCall]) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 def compiled_reference(backend: str) -> Callable:
-    """``growlib.reference.structured_map`` with its per-task arithmetic (``map_task``) under torch.compile.
+    """``structured_map_reference`` with its per-task arithmetic (``map_task``) under torch.compile.
 
     Compiling the whole reference measures nothing: its task loop reads table offsets and depth weights on
     the host, which dynamo cannot trace, and a graph break inside a loop leaves the loop eager.  The task
     body is pure tensor code.  Static shapes (a graph per task shape, shared by every op and model that has
     that shape) compile faster than symbolic ones and are what a user's fixed model gets."""
-    return functools.partial(growlib.reference.structured_map,
-                             task=torch.compile(growlib.reference.map_task, dynamic=False, backend=backend))
+    return functools.partial(kernel.structured_map_reference,
+                             task=torch.compile(kernel.map_task, dynamic=False, backend=backend))
 
 
 def launchers(compiled: Callable) -> dict[str, Callable]:
     """Each implementation's launcher, called with a KernelCall's arguments (kernel_only and shape_group)."""
-    return {"eager": growlib.reference.structured_map, "compile": compiled, "triton": kernel.structured_map}
+    return {"eager": kernel.structured_map_reference, "compile": compiled, "triton": kernel.structured_map_triton}
 
 
 @contextlib.contextmanager
@@ -315,7 +313,7 @@ def routed_to(impl: str, compiled: Callable) -> Iterator[None]:
     eager; for compile, the torch backend with its reference swapped for the compiled one, so the three
     differ only in the launcher."""
     if impl == "compile":
-        with growlib.use_backend("torch"), _patched(growlib.reference, "structured_map", compiled):
+        with growlib.use_backend("torch"), _patched(kernel, "structured_map_reference", compiled):
             yield
     else:
         with growlib.use_backend("triton" if impl == "triton" else "torch"):
@@ -385,7 +383,7 @@ def first_run(calls: list[KernelCall], run: Callable[[], None], device: torch.de
     rather than kept from earlier.)"""
     dsts = [out for call in calls for out in call.dst]
     saved = [t.clone() for t in dsts]
-    run_calls(calls, growlib.reference.structured_map)
+    run_calls(calls, kernel.structured_map_reference)
     expected = [t.clone() for t in dsts]
     for t, s in zip(dsts, saved):
         t.copy_(s)
@@ -495,9 +493,9 @@ def summary(rows: list[dict], smoke: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_benchmark_arguments(parser, "structured.csv")
+    add_benchmark_arguments(parser, "structured_map.csv")
     args = parser.parse_args(argv)
-    start = start_benchmark(args, "structured.csv")
+    start = start_benchmark(args, "structured_map.csv")
     bench = StructuredBench(start)
     # A graph per task shape, and the time limit decides how many: dynamo's own limits must never quietly
     # fall back to eager instead.

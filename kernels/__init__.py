@@ -1,1 +1,0 @@
-"""Triton kernels. Launchers take tensors and explicit strides; they know nothing of models or schemas."""
