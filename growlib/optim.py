@@ -12,7 +12,7 @@ Policies:
   moments up to sqrt/square rounding).  The step count is carried over.
 * ``reset`` the target optimizer starts with empty state (what the multi-level paper and StackBERT do).
 
-Each schedule transition names its policy (growlib.train.loop.Transition.optimizer_policy); the multilevel
+Each schedule transition names its policy (growlib.schedules.protocol.Transition.optimizer_policy); the multilevel
 schedules take ``optimizer_policy=reset|keep|map``, and reset by default, as the source papers do.  ``map`` is
 the policy to use for function-preserving transitions (width growth, width-only de-coalescing).
 """

@@ -91,7 +91,9 @@ from growlib.schedules import SCHEDULES, build_schedule  # noqa: E402
 from growlib.schedules.multilevel import vcycle  # noqa: E402
 from growlib.schedules.progressive import ligo  # noqa: E402
 from growlib.train.flops import step_flops  # noqa: E402
-from growlib.train.loop import RunState, Stage, TrainConfig, run_schedule  # noqa: E402
+from growlib.schedules.protocol import RunState, Stage  # noqa: E402
+from growlib.train.config import TrainConfig  # noqa: E402
+from growlib.train.loop import run_schedule  # noqa: E402
 from growlib.train.sizes import build_model, parse_size  # noqa: E402
 
 from common import (Deadline, add_benchmark_arguments, append_csv, fraction, print_key, print_table,  # noqa: E402

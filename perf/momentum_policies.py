@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from growlib.train.experiment import Experiment, prepare_data, run
-from growlib.train.loop import TrainConfig
+from growlib.train.config import TrainConfig
 
 POLICIES = ("reset", "keep", "map")
 SCHEDULES = ("ode_multilevel", "vcycle")

@@ -1,4 +1,5 @@
-"""Training schedules: each method as a list of stages for growlib.train.loop.run_schedule."""
+"""Training schedules: each method as a list of stages (growlib.schedules.protocol) that the training loop's
+``run_schedule`` runs."""
 
 from __future__ import annotations
 

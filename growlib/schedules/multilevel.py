@@ -10,7 +10,7 @@ from growlib.models import adapter_for
 from growlib.operators.depth import restrict_map
 from growlib.operators.multilevel import coalesce_map
 from growlib.optim import dual_map
-from growlib.train.loop import OPTIMIZER_POLICIES, RunState, Stage, Transition
+from growlib.schedules.protocol import OPTIMIZER_POLICIES, RunState, Stage, Transition
 
 
 def check_fraction(name: str, value, allow_zero: bool = False) -> float:

@@ -14,7 +14,7 @@ from growlib.frozen import restore_layers, route_frozen_bottom
 from growlib.operators.common import layer_stack
 from growlib.operators.ligo import LIGO_DEPTH_INITS, LIGO_WIDTH_INITS, TIES
 from growlib.schedules.multilevel import split_steps, check_budget, check_fraction
-from growlib.train.loop import RunState, Stage, Transition
+from growlib.schedules.protocol import RunState, Stage, Transition
 
 
 def embeddings_tied_to_head(model: torch.nn.Module) -> bool:

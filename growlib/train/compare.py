@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from growlib.train.loop import RunResult
+from growlib.train.metrics import RunResult
 from growlib.train.tuning import best_multiplier
 
 

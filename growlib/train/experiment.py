@@ -16,7 +16,6 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from growlib.apply import counting_map_flops
 from growlib.errors import InputError
 from growlib.schedules import SCHEDULES, build_schedule
 from growlib.train import data as D
@@ -26,9 +25,14 @@ from growlib.train.compare import plot_curves, summarize, write_summary, write_t
 from growlib.train.export import export_model, export_path, hf_tokenizer
 from growlib.train.flops import step_flops
 from growlib.train.progress import RunPlan
-from growlib.train.loop import (CHECKPOINT_VERSION, MetricsLog, RunResult, RunState, TrainConfig,
-                                run_identity_config, evaluate, rank_and_world, run_schedule)
+from growlib.schedules.protocol import RunState
+from growlib.train.checkpoint import CHECKPOINT_VERSION
+from growlib.train.config import TrainConfig, run_identity_config
+from growlib.train.distributed import rank_and_world
+from growlib.train.loop import planned_flops, run_schedule
+from growlib.train.metrics import MetricsLog, RunResult, evaluate
 from growlib.train.runs import IDENTITY_FILE, RunFolder, RunFolderError, identity_differences
+from growlib.models import adapter_named
 from growlib.train.sizes import FAMILIES, build_model, parse_size
 
 DEFAULT_CACHE = os.environ.get("GROWLIB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "growlib"))
@@ -72,8 +76,14 @@ class Experiment:
         except (RuntimeError, TypeError) as error:
             raise ValueError(f"Experiment.device must name a torch device ('cpu', 'cuda', 'cuda:1'), got "
                              f"{self.device!r}") from error
-        if self.data is not None and self.family != "vit" and not os.path.exists(self.data):
+        if (self.data is not None and self.task != "image_classification" and not D.is_hf_dataset(self.data)
+                and not os.path.exists(self.data)):
             raise FileNotFoundError(f"Experiment.data: no such file or folder: {self.data!r}")
+
+    @property
+    def task(self) -> str:
+        """What the family trains on, as its adapter declares: causal_lm, masked_lm or image_classification."""
+        return adapter_named(self.family).task
 
 
 @dataclass
@@ -104,14 +114,15 @@ def prepare_data(exp: Experiment) -> PreparedData:
     def report(message: str) -> None:
         _data_progress.info(f"data: {message} ({time.perf_counter() - started:.1f} s)")
 
-    if exp.family == "vit":
+    if exp.task == "image_classification":
         if exp.data is not None:
-            raise InputError(f"data: ViT trains on the embedded digits images; got data={exp.data!r}")
+            raise InputError(f"data: {exp.family} trains on the embedded digits images; got data={exp.data!r}")
         train_images, train_labels, val_images, val_labels = D.digits_images()
         return PreparedData((train_images, train_labels), (val_images, val_labels), None, 0)
     if exp.data is not None and exp.data.endswith(".bin"):
-        if exp.family == "bert":
-            raise InputError("data: a pre-tokenized .bin file has no tokenizer to mask with; BERT needs text data")
+        if exp.task == "masked_lm":
+            raise InputError(f"data: a pre-tokenized .bin file has no tokenizer to mask with; {exp.family} (masked "
+                             "tokens) needs text data")
         ids = D.TokenData.from_bin(exp.data, exp.bin_dtype).ids
         if int(ids.max()) >= exp.vocab_size:
             raise InputError(f"vocab_size={exp.vocab_size} is too small for {exp.data}, whose largest token id is "
@@ -120,7 +131,7 @@ def prepare_data(exp: Experiment) -> PreparedData:
         report(f"read {len(ids):,} token ids from {exp.data}")
         return PreparedData(D.TokenData(ids[:cut]), D.TokenData(ids[cut:]), None, exp.vocab_size)
     report(f"reading {exp.data or 'the Python standard library sources'}")
-    train_texts, val_texts = D.stdlib_corpus() if exp.data is None else D.load_text_source(exp.data)
+    train_texts, val_texts = D.stdlib_corpus() if exp.data is None else D.load_texts(exp.data)
     report(f"{len(train_texts):,} training and {len(val_texts):,} validation texts; BPE tokenizer of "
            f"{exp.vocab_size} tokens (trained once, then cached under {exp.cache_dir})")
     tokenizer = D.train_bpe(train_texts, exp.vocab_size, exp.cache_dir)
@@ -141,11 +152,11 @@ def _batches(exp: Experiment, prepared: PreparedData, seed: int, subset: int = 0
     def to_device(batch: dict) -> dict:
         return {k: v.to(device) for k, v in batch.items()}
 
-    if exp.family == "vit":
+    if exp.task == "image_classification":
         def train_batch(step):
             return to_device(D.image_batch(*prepared.train, step * world + rank, cfg.batch_size, seed))
         evals = D.image_validation_batches(*prepared.validation, cfg.batch_size, cfg.eval_batches, **spread)
-    elif exp.family == "bert":
+    elif exp.task == "masked_lm":
         def train_batch(step):
             return to_device(D.mlm_batch(prepared.train, step * world + rank, cfg.batch_size, cfg.seq_len, seed,
                                          prepared.tokenizer))
@@ -240,7 +251,7 @@ def _barrier() -> None:
 
 def _seq_len(exp: Experiment) -> int | None:
     """The sequence length FLOPs are counted at: ViT's is fixed by its patches (None: from the config)."""
-    return None if exp.family == "vit" else exp.config.seq_len
+    return None if exp.task == "image_classification" else exp.config.seq_len
 
 
 BUDGETS = ("steps", "flops")
@@ -248,27 +259,16 @@ BUDGETS = ("steps", "flops")
 
 def schedule_flops(exp: Experiment, schedule: str, total_steps: int, options: dict | None,
                    vocab_size: int) -> float:
-    """The FLOPs a schedule will spend, found by walking its stages (transitions on untrained weights,
-    freezing applied) without training: FLOPs per step depend only on each stage's shapes and frozen parts;
-    the transitions' maps (and any work they report, such as fitting LiGO) are added."""
+    """The FLOPs a schedule will spend in one process, counted by the code that runs it without training
+    (growlib.train.loop.planned_flops): each stage entered as the loop enters it, on untrained weights, its
+    freezing applied, charged its transition (maps, reported work such as fitting LiGO, optimizer state
+    mapped) and its steps at the FLOPs per step of its shapes and frozen parts."""
     torch.manual_seed(0)
     model = build_model(exp.family, exp.size, vocab_size, exp.config.seq_len).to(exp.device)
     stages = build_schedule(schedule, total_steps, model.config.num_hidden_layers, **(options or {}))
-    state, total = RunState(model, dry_run=True), 0.0
     tokens_per_step = exp.config.batch_size * exp.config.grad_accum
-    state.micro_batch_flops = lambda m: step_flops(m, exp.config.batch_size, _seq_len(exp)).total
-    for stage in stages:
-        if stage.freeze is None:
-            for p in state.model.parameters():
-                p.requires_grad_(True)
-        with counting_map_flops() as maps:
-            transition = stage.enter(state)
-        state.model = transition.model
-        if stage.freeze:
-            stage.freeze(state.model)
-        total += maps.flops + transition.flops
-        total += stage.steps * step_flops(state.model, tokens_per_step, _seq_len(exp)).total
-    return total
+    return planned_flops(stages, RunState(model), exp.config,
+                         lambda m: step_flops(m, tokens_per_step, _seq_len(exp)).total)
 
 
 class EvalNoise(NamedTuple):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # loop imports torch, which the command line's argument checks do without
-    from growlib.train.loop import RunResult
+    from growlib.train.metrics import RunResult
 
 DEFAULT_LR_GRID = (0.5, 1.0, 2.0, 4.0)
 #: Far from the seeds people report (0, 1, 2, ...), so that ``--seeds`` rarely has to avoid it.
@@ -149,7 +149,7 @@ def load_result(path: str, settings: dict) -> RunResult | None:
     if payload.get("format") != CACHE_FORMAT or payload.get("settings") != expected:
         raise CachedRunMismatch(f"{path} holds a tuning run of other settings than its name says: delete it, or "
                                 "give compare another --out")
-    from growlib.train.loop import Evaluation, RunResult
+    from growlib.train.metrics import Evaluation, RunResult
 
     return RunResult(steps=payload["steps"], flops=payload["flops"], wall_seconds=payload["wall_seconds"],
                      final_val_loss=payload["final_val_loss"], evals=[Evaluation(*e) for e in payload["evals"]])

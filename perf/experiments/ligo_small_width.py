@@ -12,7 +12,7 @@ from pathlib import Path
 
 from growlib.train.compare import summarize, write_summary
 from growlib.train.experiment import Experiment, prepare_data, run, schedule_flops
-from growlib.train.loop import TrainConfig
+from growlib.train.config import TrainConfig
 
 WIDTHS = (0.5, 0.75, 1.0)
 SEEDS = (0, 1, 2)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from growlib.train.compare import summarize, write_summary
 from growlib.train.experiment import Experiment, prepare_data, run, schedule_flops
-from growlib.train.loop import TrainConfig
+from growlib.train.config import TrainConfig
 
 # The defaults before tuning, spelled out so that these recipes keep meaning what they say now that the
 # defaults have changed.  "quarters" / "half" layer counts resolve for the model's depth (see ``resolve``).

@@ -10,7 +10,7 @@ import growlib
 from growlib.frozen import restore_layers, route_frozen_bottom
 from growlib.schedules import build_schedule
 from growlib.schedules.progressive import freeze_below
-from growlib.train.loop import RunState
+from growlib.schedules.protocol import RunState
 from tests.factories import example_inputs, tiny_model
 
 

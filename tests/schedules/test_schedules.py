@@ -8,7 +8,7 @@ import growlib
 import torch
 from growlib.operators.common import layer_stack
 from growlib.schedules import build_schedule
-from growlib.train.loop import RunState
+from growlib.schedules.protocol import RunState
 from tests.factories import tiny_model
 
 
@@ -135,7 +135,7 @@ def test_too_small_a_budget_is_rejected():
 
 def test_ode_coherence_makes_the_coarse_gradient_the_restricted_fine_gradient():
     from growlib.schedules.multilevel import coherence_term
-    from growlib.train.loop import linear_term_value
+    from growlib.schedules.protocol import linear_term_value
     from tests.factories import example_inputs
 
     fine = tiny_model("gpt2", layers=4)

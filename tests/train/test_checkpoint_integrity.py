@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from growlib.schedules import build_schedule
-from growlib.train.loop import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, MetricsLog, _checkpoint_bytes,
-                                load_checkpoint, save_checkpoint_atomically)
+from growlib.train.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, _checkpoint_bytes, load_checkpoint,
+                                      save_checkpoint_atomically)
+from growlib.train.metrics import MetricsLog
 from tests.factories import tiny_model
 from tests.train.test_loop import run
 

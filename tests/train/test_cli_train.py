@@ -73,7 +73,7 @@ def test_a_busy_machine_gets_a_hint_not_a_silent_slowdown(torch_threads, monkeyp
 def test_the_command_lines_defaults_are_the_apis():
     """A run from the command line and one from TrainConfig() / Experiment() with no arguments are the same run."""
     from growlib.train.experiment import Experiment
-    from growlib.train.loop import TrainConfig
+    from growlib.train.config import TrainConfig
 
     flags = {"lr": "lr", "warmup_steps": "warmup", "batch_size": "batch_size", "seq_len": "seq_len",
              "eval_every": "eval_every", "eval_batches": "eval_batches", "on_nonfinite": "on_nonfinite",

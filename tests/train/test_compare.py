@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from growlib.train.compare import cost_to_reach, curve_figure, markdown_table, plot_curves, summarize, write_summary
-from growlib.train.loop import Evaluation, RunResult
+from growlib.train.metrics import Evaluation, RunResult
 
 
 def result(points, flops, wall):

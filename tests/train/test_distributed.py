@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from growlib.train.loop import load_checkpoint
+from growlib.train.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.distributed
 

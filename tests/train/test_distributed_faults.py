@@ -16,7 +16,8 @@ import time
 import pytest
 import torch
 
-from growlib.train.loop import RunState, Stage, Transition, run_schedule
+from growlib.schedules.protocol import RunState, Stage, Transition
+from growlib.train.loop import run_schedule
 from tests.factories import tiny_model
 from tests.train.test_loop import CONFIG, EVAL, random_batch, trainable_count
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import inspect
 
 import pytest
 import torch
 
-from growlib.train.experiment import Experiment, compare, schedule_flops
-from growlib.train.loop import TrainConfig
+from growlib.train.config import TrainConfig
+from growlib.train.experiment import Experiment, compare, prepare_data, run, schedule_flops
 
 SIZE = {"layers": 4, "hidden": 32, "heads": 2, "intermediate": 64}
 
@@ -44,6 +45,24 @@ def test_schedule_flops_counts_coarse_levels_as_cheaper(experiment):
     # embeddings trainable: gradients pass down through the frozen layers, which then cost more than forward only
     assert mslt < schedule_flops(experiment, "mslt", 40, {"layer_counts": [1, 2, 3, 4], "freeze_embeddings": False,
                                                          "frozen_forward": False}, 300) < baseline
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule,options", [
+    ("vcycle", {"optimizer_policy": "map"}),  # the optimizer state mapped at the coarsening is charged too
+    ("mslt", None),  # frozen layers
+    ("ligo", None),  # work the transition reports: fitting the growth operator
+])
+def test_a_run_logs_exactly_the_flops_schedule_flops_predicts(experiment, schedule, options):
+    """schedule_flops enters every stage through the loop's own code, without training: a real run's logged
+    FLOPs are its prediction, to the last bit."""
+    experiment = dataclasses.replace(experiment, total_steps=20)
+    prepared = prepare_data(experiment)
+    records = []
+    result = run(experiment, schedule, options=options, prepared=prepared, progress=records.append)
+    assert [r["step"] for r in records] == list(range(1, 21))
+    assert records[-1]["flops"] == result.flops == schedule_flops(experiment, schedule, 20, options,
+                                                                  prepared.vocab_size) > 0
 
 
 def test_unknown_budget_is_rejected(experiment, tmp_path):
@@ -99,14 +118,14 @@ def test_vit_refuses_text_data():
     ({"train_batch_size": 7}, "train_batch_size"),
 ])
 def test_deepspeed_config_refuses_what_growlib_owns(user, match):
-    from growlib.train.loop import deepspeed_config
+    from growlib.train.distributed import deepspeed_config
 
     with pytest.raises(ValueError, match=match):
         deepspeed_config(user, TrainConfig(batch_size=4))
 
 
 def test_deepspeed_config_fills_in_growlibs_settings():
-    from growlib.train.loop import deepspeed_config
+    from growlib.train.distributed import deepspeed_config
 
     merged = deepspeed_config({"zero_optimization": {"stage": 2}}, TrainConfig(batch_size=4, grad_accum=2, clip=0.5))
     assert merged == {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 4,

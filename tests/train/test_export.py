@@ -21,7 +21,9 @@ import transformers
 from growlib.train.data import validation_batches
 from growlib.train.experiment import Experiment, compare, prepare_data, run
 from growlib.train.export import load_run
-from growlib.train.loop import CheckpointWriteError, TrainConfig, evaluate, load_checkpoint
+from growlib.train.checkpoint import CheckpointWriteError, load_checkpoint
+from growlib.train.config import TrainConfig
+from growlib.train.metrics import evaluate
 from growlib.train.sizes import build_model
 from tests.factories import tiny_run_experiment
 

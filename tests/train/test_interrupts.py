@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from growlib.train.loop import load_checkpoint
+from growlib.train.checkpoint import load_checkpoint
 from tests.factories import subprocess_environment as environment
 
 pytestmark = pytest.mark.subprocess

@@ -9,8 +9,10 @@ import torch
 
 import growlib
 from growlib.schedules import build_schedule
-from growlib.train.loop import (MetricsLog, RunState, Stage, TrainConfig, Transition, learning_rate,
-                                run_schedule)
+from growlib.schedules.protocol import RunState, Stage, Transition
+from growlib.train.config import TrainConfig, learning_rate
+from growlib.train.loop import run_schedule
+from growlib.train.metrics import MetricsLog
 import transformers as T
 
 from tests.factories import tiny_config, tiny_model
@@ -107,7 +109,7 @@ def test_loss_is_unchanged_by_a_function_preserving_transition():
 
 
 def _eval_loss(model):
-    from growlib.train.loop import evaluate
+    from growlib.train.metrics import evaluate
     return evaluate(model, EVAL)
 
 

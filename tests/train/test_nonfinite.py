@@ -10,8 +10,11 @@ import os
 import pytest
 import torch
 
-from growlib.train.loop import (MetricsLog, RunState, Stage, TrainConfig, Transition, load_checkpoint,
-                                run_schedule)
+from growlib.schedules.protocol import RunState, Stage, Transition
+from growlib.train.checkpoint import load_checkpoint
+from growlib.train.config import TrainConfig
+from growlib.train.loop import run_schedule
+from growlib.train.metrics import MetricsLog
 from tests.factories import tiny_model
 from tests.train.test_loop import CONFIG, EVAL, random_batch, trainable_count
 
@@ -182,16 +185,16 @@ def test_a_run_stopped_by_nan_resumes_with_skip(tmp_path):
 
 def test_the_cli_exits_nonzero_with_the_fault_message(tmp_path, monkeypatch, capsys):
     from growlib import cli
-    from growlib.train import loop
+    from growlib.train.distributed import TorchSteps
 
-    original, calls = loop.TorchSteps.micro_batch, []
+    original, calls = TorchSteps.micro_batch, []
 
     def nan_on_third_step(self, *args, **kwargs):
         calls.append(1)
         loss = original(self, *args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(loop.TorchSteps, "micro_batch", nan_on_third_step)
+    monkeypatch.setattr(TorchSteps, "micro_batch", nan_on_third_step)
     monkeypatch.setenv("GROWLIB_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(open(os.path.join(os.path.dirname(json.__file__), "decoder.py")).read())

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from growlib.schedules import build_schedule
-from growlib.train.loop import load_checkpoint
+from growlib.train.checkpoint import load_checkpoint
 from tests.factories import subprocess_environment as environment
 
 SIZE = {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64}

@@ -16,7 +16,7 @@ import pytest
 
 from growlib.train import experiment as E
 from growlib.train.experiment import ScheduleFailures, compare, run
-from growlib.train.loop import CheckpointWriteError, load_checkpoint
+from growlib.train.checkpoint import CheckpointWriteError, load_checkpoint
 from growlib.train.runs import RunFolderBusy, RunFolderError
 from tests.factories import tiny_run_experiment
 

@@ -14,7 +14,7 @@ import pytest
 from growlib import cli
 from growlib.train import experiment as E
 from growlib.train.compare import summarize
-from growlib.train.loop import TrainConfig
+from growlib.train.config import TrainConfig
 from growlib.train.tuning import Tuning, best_multiplier
 from tests.train.test_compare import result
 

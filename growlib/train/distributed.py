@@ -1,0 +1,231 @@
+"""How a stage's optimizer steps run across processes and devices: this process's rank, DDP around each
+stage's model under torchrun or a DeepSpeed engine (set up at every transition, torn down when the stage ends),
+the loss averaged over ranks, the check that every rank holds the same model after a transition, and bf16
+autocast on the GPU.  The loop sees one interface, ``TorchSteps`` or ``DeepSpeedSteps``, whichever backend
+trains; everything here is a no-op or a pass-through in a single process on the CPU."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from growlib.schedules.protocol import linear_term_value
+from growlib.train.config import TrainConfig, trainable_parameters
+from growlib.train.guards import first_nonfinite
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 outside torchrun)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def world_size() -> int:
+    return rank_and_world()[1]
+
+
+def is_main() -> bool:
+    """Whether this is rank 0, the process that writes metrics and checkpoints."""
+    return rank_and_world()[0] == 0
+
+
+def autocast(model: torch.nn.Module):
+    """bf16 autocast on the GPU; plain fp32 on the CPU (where runs must reproduce exactly)."""
+    if next(model.parameters()).is_cuda:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    if world_size() > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= world_size()
+    return float(value)
+
+
+class RankDivergenceError(RuntimeError):
+    """The processes of a distributed run hold different models where they must hold the same one."""
+
+
+def check_ranks_agree(model: torch.nn.Module, stage: str) -> None:
+    """After a transition every rank must hold the same model, computed from the same synchronised one.  DDP and
+    DeepSpeed would silently overwrite the others with rank 0's when they wrap it, so compare cheap per-tensor
+    checksums (float64 sum, sum of squares, position-weighted sum) across ranks (all_reduce MAX and MIN) and
+    raise RankDivergenceError naming the stage and the first tensor that differs."""
+    if world_size() == 1:
+        return
+    names, sums = [], []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            x = p.detach().reshape(-1).double()
+            weights = torch.arange(x.numel(), device=x.device, dtype=torch.float64).remainder_(997).add_(1)
+            names.append(name)
+            sums.append(torch.stack([x.sum(), x.square().sum(), (x * weights).sum()]))
+    high = torch.stack(sums)
+    low = high.clone()
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    differing = (high != low).any(dim=1).nonzero()
+    if len(differing):
+        name = names[int(differing[0])]
+        raise RankDivergenceError(
+            f"the ranks hold different models after the transition into stage {stage!r}: parameter {name!r} (and "
+            f"{len(differing) - 1} more) differs between ranks; every rank must compute the same transition from "
+            "the same model (a non-deterministic transition, or one that reads rank-dependent data?)")
+
+
+def _data_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """DDP around the stage's model when running under torchrun; rebuilt at every transition, since each stage
+    has its own model.  DDP only all-reduces parameters that require grad, so frozen layers send nothing."""
+    if world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [model.device.index] if next(model.parameters()).is_cuda else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _sync_gradients(model: torch.nn.Module, last_micro_batch: bool):
+    """Skip DDP's all-reduce on all but the last micro-batch of a gradient-accumulation step."""
+    if last_micro_batch or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+class TorchSteps:
+    """Optimizer steps with plain PyTorch, or DDP under torchrun: autocast, accumulation, clipping."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig):
+        self.model, self.optimizer, self.config = model, optimizer, config
+        self.wrapped = _data_parallel(model)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def micro_batch(self, batch: dict, linear_term: dict, last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its share of the step's mean loss."""
+        accum = self.config.grad_accum
+        with autocast(self.model), _sync_gradients(self.wrapped, last):
+            loss = self.wrapped(**batch).loss / accum
+            (loss + linear_term_value(self.model, linear_term) / accum).backward()
+        return loss.detach()
+
+    def clip_and_find_nonfinite_gradient(self) -> str | None:
+        """Clip the gradients; return None if they are all finite, else the name of the first parameter whose
+        gradient holds NaN or inf.  The check is one isfinite on the total norm clipping computes anyway (under
+        DDP the gradients are already averaged, so every rank decides alike); the search runs only on failure."""
+        params = trainable_parameters(self.model)
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return None
+        # clip_grad_norm_ in two halves (torch >= 2.6), so the search runs before clipping spreads a NaN
+        if hasattr(torch.nn.utils, "get_total_norm"):
+            total_norm = torch.nn.utils.get_total_norm(grads)
+        else:
+            total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if not bool(torch.isfinite(total_norm)):
+            return first_nonfinite((name, p.grad) for name, p in self.model.named_parameters() if p.requires_grad)
+        if self.config.clip > 0 and hasattr(torch.nn.utils, "clip_grads_with_norm_"):
+            torch.nn.utils.clip_grads_with_norm_(params, self.config.clip, total_norm)
+        elif self.config.clip > 0:
+            scale = torch.clamp(self.config.clip / (total_norm + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(scale)
+        return None
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def skip(self) -> None:
+        """Drop this step's gradients without updating anything."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        """Nothing to release: a DDP wrapper goes with its stage."""
+
+
+def deepspeed_config(user_config: dict, config: TrainConfig) -> dict:
+    """The user's DeepSpeed JSON with the keys growlib owns filled in from ``config``.
+
+    growlib builds the optimizer and sets each stage's learning rate, and its transitions read and write whole
+    parameters, so an ``optimizer`` / ``scheduler`` section or ZeRO stage 3 is refused rather than ignored."""
+    if not isinstance(user_config, dict):
+        raise TypeError(f"deepspeed config must be a dict (the parsed JSON), got {type(user_config).__name__}")
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a growlib TrainConfig, got {type(config).__name__}")
+    if not isinstance(user_config.get("zero_optimization", {}), dict):
+        raise ValueError(f"deepspeed config: zero_optimization must be an object such as {{\"stage\": 2}}, got "
+                         f"{user_config['zero_optimization']!r}")
+    for key in ("optimizer", "scheduler"):
+        if key in user_config:
+            raise ValueError(f"deepspeed config: remove {key!r}; growlib builds AdamW and sets the learning rate "
+                             "of every stage (use --lr / --warmup)")
+    stage = user_config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ValueError(f"deepspeed config: zero_optimization.stage must be 0, 1 or 2, got {stage!r}; stage 3 "
+                         "partitions the parameters, which growlib's transitions read whole")
+    owned = {"train_micro_batch_size_per_gpu": config.batch_size, "gradient_accumulation_steps": config.grad_accum,
+             "gradient_clipping": config.clip}
+    for key, value in owned.items():
+        if key in user_config and user_config[key] != value:
+            raise ValueError(f"deepspeed config: {key}={user_config[key]!r} disagrees with growlib's setting "
+                             f"{value!r}; leave it out or make them equal")
+    expected_batch = config.batch_size * config.grad_accum * world_size()
+    if user_config.get("train_batch_size", expected_batch) != expected_batch:
+        raise ValueError(f"deepspeed config: train_batch_size={user_config['train_batch_size']!r}, but batch size x "
+                         f"accumulation x processes = {expected_batch}")
+    return {**user_config, **owned}
+
+
+class DeepSpeedSteps:
+    """Optimizer steps through a DeepSpeed engine (ZeRO stage 0-2) built around the stage's model.
+
+    DeepSpeed scales the loss for accumulation, all-reduces or reduce-scatters gradients, clips and steps at
+    the accumulation boundary.  A new engine is built at every transition; the old one's gradient hooks are
+    removed so a model kept for later (the V-cycle's fine model) is not reduced twice."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
+                 user_config: dict):
+        import deepspeed
+
+        self.model, self.config = model, config
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(user_config, config))
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def micro_batch(self, batch: dict, linear_term: dict, last: bool) -> torch.Tensor:
+        with autocast(self.model):
+            loss = self.engine(**batch).loss
+        self.engine.backward(loss + linear_term_value(self.model, linear_term))
+        if not last:
+            self.engine.step()  # no update before the accumulation boundary, whose step() waits for the checks
+        return loss.detach() / self.config.grad_accum
+
+    def clip_and_find_nonfinite_gradient(self) -> str | None:
+        """Not checked: the engine clips inside ``step()`` and, under ZeRO, holds only its partition of the
+        gradients.  Under DeepSpeed only the loss is checked (a non-finite gradient with a finite loss is not
+        caught), and ``on_nonfinite='skip'`` is refused."""
+        return None
+
+    def step(self) -> None:
+        """The accumulation boundary's ``engine.step()``: clips, updates and zeroes the gradients."""
+        self.engine.step()
+
+    def skip(self) -> None:
+        raise AssertionError("on_nonfinite='skip' is refused with deepspeed before training starts")
+
+    def close(self) -> None:
+        self.engine.destroy()
+        for hook in ("module_forward_pre_hook", "module_forward_post_hook"):
+            handle = getattr(self.engine, hook, None)
+            if handle is not None:
+                handle.remove()
