@@ -22,19 +22,15 @@ from growlib.train.tuning import DEFAULT_EXTEND, DEFAULT_LR_GRID, DEFAULT_TUNE_S
 # torch, transformers and growlib's training modules are imported inside the commands that use them: argument
 # parsing, --help and the checks of every flag run before them, in a fraction of a second.
 
+#: the families with a ``demo_model`` in their adapter (named here so that ``--help`` needs no import)
 DEMO_FAMILIES = ("bert", "gpt2", "llama")
 
 
 def _demo_model(family: str):
-    """The model class ``demo`` shows, randomly initialised at a real size: no download needed."""
-    import transformers as T
+    """The model ``demo`` shows, randomly initialised at a real size (its adapter's ``demo_model``): no download."""
+    from growlib.models import adapter_named
 
-    if family == "gpt2":  # GPT-2 small's real shape, 124M parameters
-        return T.GPT2LMHeadModel(T.GPT2Config(n_embd=768, n_layer=12, n_head=12))
-    if family == "llama":
-        return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376,
-                                                num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4))
-    return T.BertForMaskedLM(T.BertConfig(num_hidden_layers=12))
+    return adapter_named(family).demo_model()
 
 
 def _millions(model) -> str:
@@ -137,7 +133,8 @@ def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tiny | small | base, or JSON (inline or a file) with layers, hidden, heads, "
                              "intermediate and, for llama, kv_heads")
     parser.add_argument("--data", default=None,
-                        help="a text file or folder, or a .bin file of token ids (default: Python's own stdlib "
+                        help="a text file or folder, a .bin file of token ids, or hf:NAME[:CONFIG], a Hugging "
+                             "Face dataset's text column (needs the datasets package) (default: Python's own stdlib "
                              "sources); the BPE tokenizer trained on it is cached under $GROWLIB_CACHE "
                              "(default ~/.cache/growlib)")
     parser.add_argument("--vocab-size", type=int, default=2048,
@@ -194,7 +191,7 @@ def _budget_steps(args) -> int:
 def _experiment(args):
     """The Experiment the flags describe; every value checked here, before any data or model exists."""
     from growlib.train.experiment import Experiment
-    from growlib.train.loop import TrainConfig
+    from growlib.train.config import TrainConfig
 
     try:
         config = TrainConfig(lr=args.lr, warmup_steps=args.warmup, lr_schedule=args.lr_schedule,
@@ -311,7 +308,7 @@ def _deepspeed_config(path: str | None, experiment) -> dict | None:
     """The --deepspeed JSON, read and checked against growlib's settings before anything is built."""
     if path is None:
         return None
-    from growlib.train.loop import deepspeed_config
+    from growlib.train.distributed import deepspeed_config
 
     try:
         with open(path) as f:
@@ -369,7 +366,9 @@ def _exit_on_fault(command: str, debug: bool):
     import torch
 
     from growlib.train.experiment import ScheduleFailures
-    from growlib.train.loop import CheckpointWriteError, RankDivergenceError, RunInterrupted
+    from growlib.train.checkpoint import CheckpointWriteError
+    from growlib.train.distributed import RankDivergenceError
+    from growlib.train.loop import RunInterrupted
     from growlib.train.runs import RunFolderError
 
     try:

@@ -15,202 +15,39 @@ Matmuls stay with torch (cuBLAS) and attention is ``torch.nn.functional.scaled_d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers.models.bert.modeling_bert import BertLayer
-from transformers.models.gpt2.modeling_gpt2 import GPT2Block
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-from transformers.models.vit.modeling_vit import ViTLayer
 
 from growlib.kernels.frozen.activation import bias_activation, gated_activation
-from growlib.kernels.frozen.add_norm import add_norm
 from growlib.kernels.frozen.rope_split_qkv import rope_split_qkv
-
-LAYER_CLASSES = {BertLayer: "bert", GPT2Block: "gpt2", LlamaDecoderLayer: "llama", ViTLayer: "vit"}
-
-# HF activation names -> the fused kernels' activations.  The tanh-approximated GELUs differ only in how they
-# round, so they share one kernel.
-ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-               "gelu_python_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "silu": "silu", "swish": "silu",
-               "relu": "relu"}
+from growlib.models import ADAPTERS, Adapter, layer_adapter
+from growlib.models.packing import PackedLayer
 
 _SDPA_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Packed layers
-# ----------------------------------------------------------------------------------------------------------
-
-@dataclass
-class _Norm:
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-    eps: float
-    rms: bool
-
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, return_sum: bool = False):
-        return add_norm(x, residual, self.weight, self.bias, eps=self.eps, rms=self.rms,
-                            return_sum=return_sum)
-
-
-@dataclass
-class _Linear:
-    """``x @ W^T + b``; ``in_major`` weights (GPT-2's Conv1D) are stored (in, out) and used as ``x @ W``, so
-    neither layout is copied."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    in_major: bool = False
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.in_major:
-            return F.linear(x, self.weight, self.bias)
-        return torch.mm(x, self.weight) if self.bias is None else torch.addmm(self.bias, x, self.weight)
-
-
-@dataclass
-class _Layer:
-    norm1: _Norm      # pre-LN: before attention; post-LN (BERT): after the attention residual add
-    norm2: _Norm      # pre-LN: before the MLP;   post-LN: after the MLP residual add
-    qkv: _Linear      # rows: H query heads, then KV key heads, then KV value heads
-    out: _Linear
-    up: _Linear       # no bias: the bias is added in the activation pass
-    up_bias: torch.Tensor | None
-    down: _Linear
-    activation: str
-    gated: bool       # up holds [gate | up]: act(gate) * up
-    heads: int
-    kv_heads: int
-    head_dim: int
-    scale: float
-    causal: bool
-    rotary: bool
-
-
-def _packed(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """A tensor in the compute dtype, contiguous; shares the parameter's storage when it already is."""
-    return None if t is None else t.detach().to(dtype).contiguous()
-
-
-def _fused(tensors: Sequence[torch.Tensor | None], dtype: torch.dtype, what: str) -> torch.Tensor | None:
-    """Concatenation along the output axis (fused QKV or gate+up), or None when none of the parts has one."""
-    present = [t is not None for t in tensors]
-    if not any(present):
-        return None
-    if not all(present):
-        raise ValueError(f"the {what} projections must all have biases or none: growlib cannot fuse a mix")
-    return torch.cat([t.detach().to(dtype) for t in tensors], dim=0)
-
-
-def _fused_linear(parts: Sequence[torch.nn.Module], dtype: torch.dtype, what: str) -> _Linear:
-    """Separate projections (Q, K, V) as one linear: weights and biases stacked along the output rows."""
-    return _Linear(_fused([p.weight for p in parts], dtype, what), _fused([p.bias for p in parts], dtype, what))
-
-
-def _norm(module: torch.nn.Module, dtype: torch.dtype) -> _Norm:
-    if isinstance(module, torch.nn.LayerNorm):
-        return _Norm(_packed(module.weight, dtype), _packed(module.bias, dtype), float(module.eps), rms=False)
-    # LlamaRMSNorm and its copies: a ``weight`` and a ``variance_epsilon``
-    return _Norm(_packed(module.weight, dtype), None, float(module.variance_epsilon), rms=True)
-
-
-def _linear(module: torch.nn.Module, dtype: torch.dtype, with_bias: bool = True) -> _Linear:
-    bias = _packed(module.bias, dtype) if with_bias else None
-    return _Linear(_packed(module.weight, dtype), bias, in_major=not isinstance(module, torch.nn.Linear))
-
-
-def _activation(name, family: str) -> str:
-    if not isinstance(name, str) or name not in ACTIVATIONS:
-        raise ValueError(f"the {family} layers' activation {name!r} has no fused kernel; supported: "
-                         f"{sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
-
-
-def _pack_bert(layer: BertLayer, dtype: torch.dtype) -> _Layer:
-    attn = layer.attention.self
-    return _Layer(
-        norm1=_norm(layer.attention.output.LayerNorm, dtype), norm2=_norm(layer.output.LayerNorm, dtype),
-        qkv=_fused_linear((attn.query, attn.key, attn.value), dtype, "query/key/value"),
-        out=_linear(layer.attention.output.dense, dtype),
-        up=_linear(layer.intermediate.dense, dtype, with_bias=False),
-        up_bias=_packed(layer.intermediate.dense.bias, dtype),
-        down=_linear(layer.output.dense, dtype),
-        activation=_activation(attn.config.hidden_act, "BERT"), gated=False,
-        heads=attn.num_attention_heads, kv_heads=attn.num_attention_heads, head_dim=attn.attention_head_size,
-        scale=float(attn.scaling), causal=bool(attn.is_causal), rotary=False)
-
-
-def _pack_gpt2(layer: GPT2Block, dtype: torch.dtype) -> _Layer:
-    attn = layer.attn
-    return _Layer(
-        norm1=_norm(layer.ln_1, dtype), norm2=_norm(layer.ln_2, dtype),
-        qkv=_linear(attn.c_attn, dtype), out=_linear(attn.c_proj, dtype),
-        up=_linear(layer.mlp.c_fc, dtype, with_bias=False), up_bias=_packed(layer.mlp.c_fc.bias, dtype),
-        down=_linear(layer.mlp.c_proj, dtype),
-        activation=_activation(attn.config.activation_function, "GPT-2"), gated=False,
-        heads=attn.num_heads, kv_heads=attn.num_heads, head_dim=attn.head_dim,
-        scale=float(attn.scaling), causal=True, rotary=False)
-
-
-def _pack_llama(layer: LlamaDecoderLayer, dtype: torch.dtype) -> _Layer:
-    attn, mlp, config = layer.self_attn, layer.mlp, layer.self_attn.config
-    return _Layer(
-        norm1=_norm(layer.input_layernorm, dtype), norm2=_norm(layer.post_attention_layernorm, dtype),
-        qkv=_fused_linear((attn.q_proj, attn.k_proj, attn.v_proj), dtype, "q/k/v"),
-        out=_linear(attn.o_proj, dtype),
-        up=_Linear(_fused([mlp.gate_proj.weight, mlp.up_proj.weight], dtype, "gate/up"), None),
-        up_bias=_fused([mlp.gate_proj.bias, mlp.up_proj.bias], dtype, "gate/up"),
-        down=_linear(mlp.down_proj, dtype),
-        activation=_activation(config.hidden_act, "Llama"), gated=True,
-        heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=attn.head_dim,
-        scale=float(attn.scaling), causal=True, rotary=True)
-
-
-def _pack_vit(layer: ViTLayer, dtype: torch.dtype) -> _Layer:
-    attn = layer.attention
-    return _Layer(
-        norm1=_norm(layer.layernorm_before, dtype), norm2=_norm(layer.layernorm_after, dtype),
-        qkv=_fused_linear((attn.q_proj, attn.k_proj, attn.v_proj), dtype, "q/k/v"),
-        out=_linear(attn.o_proj, dtype),
-        up=_linear(layer.mlp.fc1, dtype, with_bias=False), up_bias=_packed(layer.mlp.fc1.bias, dtype),
-        down=_linear(layer.mlp.fc2, dtype),
-        activation=_activation(attn.config.hidden_act, "ViT"), gated=False,
-        heads=attn.num_attention_heads, kv_heads=attn.num_attention_heads, head_dim=attn.head_dim,
-        scale=float(attn.scaling), causal=bool(attn.is_causal), rotary=False)
-
-
-_PACKERS = {"bert": _pack_bert, "gpt2": _pack_gpt2, "llama": _pack_llama, "vit": _pack_vit}
-POST_LN = ("bert",)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Checking a stack
 # ----------------------------------------------------------------------------------------------------------
 
-def _family(layers: Sequence[torch.nn.Module]) -> str:
-    families = []
+def _adapter(layers: Sequence[torch.nn.Module]) -> Adapter:
+    """The one family adapter all ``layers`` belong to."""
+    adapters = []
     for i, layer in enumerate(layers):
-        family = next((f for cls, f in LAYER_CLASSES.items() if isinstance(layer, cls)), None)
-        if family is None:
-            supported = ", ".join(cls.__name__ for cls in LAYER_CLASSES)
+        adapter = layer_adapter(layer)
+        if adapter is None:
+            supported = ", ".join(a.layer_class_name for a in ADAPTERS)
             raise TypeError(f"layers[{i}] is a {type(layer).__name__}; freeze_forward supports {supported}")
-        families.append(family)
-    if len(set(families)) > 1:
+        adapters.append(adapter)
+    if len({a.family for a in adapters}) > 1:
         kinds = sorted({type(layer).__name__ for layer in layers})
         raise ValueError(f"layers must all be of one family, got a mix of {', '.join(kinds)}")
-    return families[0]
+    return adapters[0]
 
 
-def _layer_index(layer: torch.nn.Module, family: str) -> int | None:
-    attn = {"bert": lambda: layer.attention.self, "gpt2": lambda: layer.attn, "llama": lambda: layer.self_attn,
-            "vit": lambda: layer.attention}[family]()
-    return getattr(attn, "layer_idx", None)
-
-
-def _check_contiguous(layers: Sequence[torch.nn.Module], family: str, model: torch.nn.Module | None) -> None:
+def _check_contiguous(layers: Sequence[torch.nn.Module], adapter: Adapter, model: torch.nn.Module | None) -> None:
     """The stack must be a run of consecutive layers of one model: a gap means a layer would be skipped.
 
     With ``model`` the positions come from the model's layer list; without it, from the layers' own
@@ -224,7 +61,7 @@ def _check_contiguous(layers: Sequence[torch.nn.Module], family: str, model: tor
         positions = [next((j for j, x in enumerate(stacks[0]) if x is layer), None) for layer in layers]
         where = "model's layer list"
     else:
-        positions = [_layer_index(layer, family) for layer in layers]
+        positions = [getattr(adapter.layer_attention(layer), "layer_idx", None) for layer in layers]
         if any(p is None for p in positions):
             return
         where = "their layer_idx"
@@ -233,10 +70,10 @@ def _check_contiguous(layers: Sequence[torch.nn.Module], family: str, model: tor
                          f"{where}")
 
 
-def _find_rotary(model: torch.nn.Module) -> torch.nn.Module:
+def find_rotary_embedding(model: torch.nn.Module) -> torch.nn.Module:
     found = [m for name, m in model.named_modules() if name.split(".")[-1] == "rotary_emb"]
     if len(found) != 1:
-        raise ValueError(f"model ({type(model).__name__}) must hold exactly one 'rotary_emb' module for Llama "
+        raise ValueError(f"model ({type(model).__name__}) must hold exactly one 'rotary_emb' module for its rotary "
                          f"layers, found {len(found)}")
     return found[0]
 
@@ -300,8 +137,8 @@ class FrozenStack(torch.nn.Module):
         layers = list(self._source)
         if not layers:
             raise ValueError("layers must hold at least one layer")
-        family = _family(layers)
-        _check_contiguous(layers, family, self._model)
+        adapter = _adapter(layers)
+        _check_contiguous(layers, adapter, self._model)
         params = [p for layer in layers for p in layer.parameters()]
         devices = {p.device for p in params}
         if len(devices) != 1:
@@ -314,25 +151,28 @@ class FrozenStack(torch.nn.Module):
                                  "choose the compute dtype")
             dtype = dtypes.pop()
         with torch.no_grad():
-            packed = [_PACKERS[family](layer, dtype) for layer in layers]
+            packed: list[PackedLayer] = [adapter.pack_layer(layer, dtype) for layer in layers]
         hidden = {layer.out.weight.shape[1 if layer.out.in_major else 0] for layer in packed}  # out: -> hidden
         if len(hidden) != 1:
             raise ValueError(f"the layers have different hidden sizes {sorted(hidden)}: they cannot form one stack")
-        if family == "llama" and len({layer.head_dim for layer in packed}) != 1:
-            raise ValueError("the Llama layers have different head sizes: one rotary embedding cannot serve them")
-        self.family, self.dtype, self.device = family, dtype, devices.pop()
+        if adapter.rotary and len({layer.head_dim for layer in packed}) != 1:
+            raise ValueError(f"the {adapter.family} layers have different head sizes: one rotary embedding cannot "
+                             "serve them")
+        self.family, self.dtype, self.device = adapter.family, dtype, devices.pop()
+        self._post_ln_layers = adapter.post_ln
         self.hidden_size, self.num_layers = hidden.pop(), len(layers)
         self._layers = packed
-        if family == "llama":
-            self._set_rotary(layers[0])
+        if adapter.rotary:
+            self._set_rotary(adapter, layers[0])
+        else:
+            object.__setattr__(self, "_rotary", None)
         self._signature = self._current_signature()
 
-    def _set_rotary(self, first_layer: LlamaDecoderLayer) -> None:
+    def _set_rotary(self, adapter: Adapter, first_layer: torch.nn.Module) -> None:
         if self._model is not None:
-            rotary = _find_rotary(self._model)
+            rotary = find_rotary_embedding(self._model)
         else:
-            # The class a LlamaModel builds from the same config: the same frequencies and RoPE scaling.
-            rotary = LlamaRotaryEmbedding(first_layer.self_attn.config).to(self.device)
+            rotary = adapter.rotary_embedding(first_layer).to(self.device)
         object.__setattr__(self, "_rotary", rotary)
 
     # -- forward ---------------------------------------------------------------------------------------------
@@ -381,8 +221,8 @@ class FrozenStack(torch.nn.Module):
         with torch.no_grad(), torch.autocast(hidden_states.device.type, enabled=False):
             x = hidden_states.to(self.dtype).reshape(batch * seq, hidden)
             mask = self._attention_mask(attention_mask, batch, seq)
-            rope = self._rope(position_ids, seq) if self.family == "llama" else None
-            run = self._post_ln if self.family in POST_LN else self._pre_ln
+            rope = self._rope(position_ids, seq) if self._rotary is not None else None
+            run = self._post_ln if self._post_ln_layers else self._pre_ln
             out = run(x, batch, seq, mask, rope)
         return out.view(batch, seq, hidden).to(hidden_states.dtype)
 
@@ -404,7 +244,7 @@ class FrozenStack(torch.nn.Module):
         # compute dtype.
         return self._rotary(torch.empty(0, device=self.device), position_ids)
 
-    def _attention(self, layer: _Layer, x: torch.Tensor, batch: int, seq: int, mask, rope) -> torch.Tensor:
+    def _attention(self, layer: PackedLayer, x: torch.Tensor, batch: int, seq: int, mask, rope) -> torch.Tensor:
         qkv = layer.qkv(x).view(batch, seq, -1)
         h, kv = layer.heads, layer.kv_heads
         if layer.rotary:
@@ -423,7 +263,7 @@ class FrozenStack(torch.nn.Module):
                                               scale=layer.scale, **extra)
         return attn.transpose(1, 2).reshape(batch * seq, h * layer.head_dim)
 
-    def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, layer: PackedLayer, x: torch.Tensor) -> torch.Tensor:
         pre = layer.up(x)
         if layer.gated:
             return gated_activation(pre, layer.up_bias, activation=layer.activation)
@@ -456,8 +296,8 @@ class FrozenStack(torch.nn.Module):
 
 
 def freeze_forward(layers, model: torch.nn.Module | None = None, *, dtype: torch.dtype | None = None) -> FrozenStack:
-    """A forward-only module running a contiguous stack of frozen HF layers (BertLayer, GPT2Block,
-    LlamaDecoderLayer, ViTLayer) with fused kernels: ``(hidden_states, attention_mask=None, position_ids=None)
+    """A forward-only module running a contiguous stack of frozen HF layers (any adapter's layer class:
+    BertLayer, GPT2Block, LlamaDecoderLayer, ViTLayer) with fused kernels: ``(hidden_states, attention_mask=None, position_ids=None)
     -> hidden_states``.
 
     ``layers``: a list, tuple or nn.ModuleList (e.g. ``model.model.layers[:6]``) of consecutive layers of one

@@ -92,7 +92,7 @@ def tiny_run_experiment(tmp_path):
     import inspect
 
     from growlib.train.experiment import Experiment
-    from growlib.train.loop import TrainConfig
+    from growlib.train.config import TrainConfig
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(inspect.getsource(inspect))

@@ -15,17 +15,12 @@ from transformers import masking_utils
 
 import growlib
 from growlib.frozen import FrozenStack
-from tests.factories import MODEL_CLASSES, _randomize, tiny_config, tiny_model
+from growlib.operators.common import layer_stack
+from tests.factories import FAMILIES, MODEL_CLASSES, _randomize, tiny_config, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
-FAMILIES = ("bert", "gpt2", "llama", "vit")
 HIDDEN = 48
-
-
-def layer_list(model, family):
-    return {"bert": lambda: model.bert.encoder.layer, "gpt2": lambda: model.transformer.h,
-            "llama": lambda: model.model.layers, "vit": lambda: model.vit.layers}[family]()
 
 
 def hf_forward(model, family, layers, hidden, attention_mask=None, position_ids=None):
@@ -79,7 +74,7 @@ def relative_error(got, expected):
 def test_matches_hf_layers_fp32(backend, family, shape):
     """Layers 1..2 of a 4-layer model; BERT with padding (a full, a short and a one-token sequence)."""
     model = tiny_model(family, layers=4)
-    stack = layer_list(model, family)[1:3]
+    stack = layer_stack(model)[1:3]
     hidden = hidden_states(*shape)
     mask = padding_mask(3, 17, [17, 9, 1]) if family == "bert" and shape[0] == 3 else None
     expected = hf_forward(model, family, stack, hidden, mask)
@@ -94,7 +89,7 @@ def test_causal_layers_with_padding_masks(backend, family, left):
     """Padding plus causal masking.  Left-padded query rows that may see no token at all are padding, which
     the stack lets see every key instead (so they stay finite); the real tokens must match HF exactly."""
     model = tiny_model(family, layers=2)
-    stack = layer_list(model, family)
+    stack = layer_stack(model)
     hidden = hidden_states(3, 11)
     mask = padding_mask(3, 11, [11, 6, 1], left=left)
     expected = hf_forward(model, family, stack, hidden, mask)
@@ -136,7 +131,7 @@ def test_config_activation_and_eps_are_respected(backend, family, activation):
             module.eps = 0.5
         elif hasattr(module, "variance_epsilon"):
             module.variance_epsilon = 0.5
-    stack = layer_list(model, family)
+    stack = layer_stack(model)
     hidden = hidden_states(2, 5)
     expected = hf_forward(model, family, stack, hidden)
     assert relative_error(growlib.freeze_forward(stack, model)(hidden), expected) < 1e-5
@@ -152,9 +147,9 @@ def test_matches_hf_layers_bf16_three_way(backend, family):
     hidden = hidden_states(3, 17, dtype=torch.bfloat16)
     mask = padding_mask(3, 17, [17, 12, 4]) if family == "bert" else None
     model64, model16 = copy.deepcopy(model).double(), copy.deepcopy(model).to(torch.bfloat16)
-    exact = hf_forward(model64, family, layer_list(model64, family), hidden.double(), mask)
-    hf16 = hf_forward(model16, family, layer_list(model16, family), hidden, mask)
-    got = growlib.freeze_forward(layer_list(model16, family), model16)(hidden, mask)
+    exact = hf_forward(model64, family, layer_stack(model64), hidden.double(), mask)
+    hf16 = hf_forward(model16, family, layer_stack(model16), hidden, mask)
+    got = growlib.freeze_forward(layer_stack(model16), model16)(hidden, mask)
     assert got.dtype == torch.bfloat16
     atol = 2.0 ** -9 * float(exact.abs().max())
     ours, theirs = (got.double() - exact).abs(), (hf16.double() - exact).abs()
@@ -166,11 +161,11 @@ def test_compute_dtype_differs_from_the_weights(backend):
     """fp32 weights packed to a bf16 compute dtype: bf16-sized errors (so bf16 was used), no larger than HF's
     own in bf16 by the three-way rule, and the output back in the input's dtype."""
     model = tiny_model("gpt2", layers=2)
-    stack = layer_list(model, "gpt2")
+    stack = layer_stack(model)
     hidden = hidden_states(2, 7)
     model16 = copy.deepcopy(model).to(torch.bfloat16)
     exact = hf_forward(model, "gpt2", stack, hidden)
-    hf16 = hf_forward(model16, "gpt2", layer_list(model16, "gpt2"), hidden.to(torch.bfloat16))
+    hf16 = hf_forward(model16, "gpt2", layer_stack(model16), hidden.to(torch.bfloat16))
     got = growlib.freeze_forward(stack, dtype=torch.bfloat16)(hidden)
     assert got.dtype == torch.float32
     assert relative_error(got, exact) > 1e-4
@@ -185,7 +180,7 @@ def test_compute_dtype_differs_from_the_weights(backend):
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_no_graph_nothing_saved_and_trainable_layer_on_top_trains(backend, family):
     model = tiny_model(family, layers=3)
-    layers = layer_list(model, family)
+    layers = layer_stack(model)
     frozen, top = growlib.freeze_forward(layers[:2], model), layers[2]
     hidden = hidden_states(2, 6)
     saved = []
@@ -217,7 +212,7 @@ def test_no_graph_nothing_saved_and_trainable_layer_on_top_trains(backend, famil
 
 def test_refuses_an_input_that_requires_grad(backend):
     model = tiny_model("gpt2", layers=1)
-    frozen = growlib.freeze_forward(layer_list(model, "gpt2"))
+    frozen = growlib.freeze_forward(layer_stack(model))
     hidden = hidden_states(1, 3).requires_grad_()
     with pytest.raises(ValueError, match="hidden_states requires grad"):
         frozen(hidden)
@@ -247,7 +242,7 @@ def test_repacks_when_the_weights_change_and_only_then(backend, family, monkeypa
     """In-place updates of fused (QKV, gate/up) and unfused weights, a parameter replaced, a layer appended
     to the list the stack was built from, and an explicit repack()."""
     model = tiny_model(family, layers=3)
-    layers = layer_list(model, family)
+    layers = layer_stack(model)
     stack = [layers[0]]
     repacks = count_repacks(monkeypatch)
     frozen = growlib.freeze_forward(stack)
@@ -286,7 +281,7 @@ def test_repacks_after_writes_the_update_counter_cannot_see(backend, family, rou
     """``weight.data.mul_`` and writes under inference_mode leave the version counter as it was: the weights'
     norms still give them away, so the stack never computes with stale packed weights."""
     model = tiny_model(family, layers=2)
-    stack = list(layer_list(model, family))
+    stack = list(layer_stack(model))
     frozen = growlib.freeze_forward(stack, model)
     hidden = hidden_states(2, 5)
     before = frozen(hidden)
@@ -303,7 +298,7 @@ def test_repacks_after_writes_the_update_counter_cannot_see(backend, family, rou
 
 def test_an_additive_mask_is_refused_and_a_float_keep_mask_accepted(backend):
     model = tiny_model("bert", layers=2)
-    stack = list(layer_list(model, "bert"))
+    stack = list(layer_stack(model))
     frozen = growlib.freeze_forward(stack)
     hidden, keep = hidden_states(2, 5), padding_mask(2, 5, [5, 3])
     additive = (1.0 - keep.float()) * torch.finfo(torch.float32).min
@@ -319,7 +314,7 @@ def test_an_additive_mask_is_refused_and_a_float_keep_mask_accepted(backend):
 
 def test_clear_errors_on_bad_stacks_and_inputs():
     bert, gpt2, vit = tiny_model("bert", layers=3), tiny_model("gpt2", layers=2), tiny_model("vit", layers=3)
-    bert_layers, vit_layers = layer_list(bert, "bert"), layer_list(vit, "vit")
+    bert_layers, vit_layers = layer_stack(bert), layer_stack(vit)
     with pytest.raises(ValueError, match="contiguous run"):
         growlib.freeze_forward([bert_layers[0], bert_layers[2]])  # judged by layer_idx
     with pytest.raises(ValueError, match="contiguous run"):
@@ -333,7 +328,7 @@ def test_clear_errors_on_bad_stacks_and_inputs():
     with pytest.raises(TypeError, match="layers\\[1\\] is a Linear"):
         growlib.freeze_forward([bert_layers[0], torch.nn.Linear(HIDDEN, HIDDEN)])
     with pytest.raises(ValueError, match="one family"):
-        growlib.freeze_forward([bert_layers[0], layer_list(gpt2, "gpt2")[1]])
+        growlib.freeze_forward([bert_layers[0], layer_stack(gpt2)[1]])
     with pytest.raises(ValueError, match="at least one layer"):
         growlib.freeze_forward([])
     with pytest.raises(TypeError, match="layers must be a list"):

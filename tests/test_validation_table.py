@@ -15,7 +15,10 @@ import transformers as T
 import growlib
 from growlib.schedules import build_schedule
 from growlib.train.experiment import Experiment, compare
-from growlib.train.loop import (RunState, Stage, TrainConfig, Transition, deepspeed_config, run_schedule)
+from growlib.schedules.protocol import RunState, Stage, Transition
+from growlib.train.config import TrainConfig
+from growlib.train.distributed import deepspeed_config
+from growlib.train.loop import run_schedule
 from tests.factories import tiny_config, tiny_model
 
 
@@ -213,7 +216,7 @@ TABLE = [
     ("LiGO", "target_config is a dict", lambda: growlib.LiGO(gpt2(), {"n_layer": 4}),
      TypeError, r"target_config must be a transformers PretrainedConfig, got dict"),
     ("LiGO", "a smaller target", lambda: growlib.LiGO(gpt2(), tiny_config("gpt2", hidden=24, heads=2)),
-     ValueError, r"target_config.hidden_size must be >= the small model's 48: LiGO only grows models, got 24"),
+     ValueError, r"target_config.n_embd must be >= the small model's 48: LiGO only grows models, got 24"),
     ("LiGO", "a target with another head size", lambda: growlib.LiGO(gpt2(), tiny_config("gpt2", hidden=96)),
      ValueError, r"target_config.head_dim must equal the small model's 12"),
     ("LiGO", "unknown depth_init", lambda: ligo(depth_init="x"),

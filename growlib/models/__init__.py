@@ -1,4 +1,5 @@
-"""Adapters between Hugging Face model families and growlib's parameter schema."""
+"""Adapters between Hugging Face model families and growlib's parameter schema: every fact about a family lives in
+its adapter (one file here), and the rest of growlib asks it."""
 
 from __future__ import annotations
 
@@ -19,6 +20,19 @@ def adapter_for(model: torch.nn.Module, name: str = "model") -> Adapter:
     for adapter in ADAPTERS:
         if adapter.supports(model):
             return adapter
-    supported = ", ".join(c.__name__ for a in ADAPTERS for c in a.model_classes)
+    supported = ", ".join(c for a in ADAPTERS for c in a.model_class_names)
     raise TypeError(f"{name} must be one of the supported Hugging Face classes ({supported}), "
                     f"got {type(model).__name__}")
+
+
+def adapter_named(family: str) -> Adapter:
+    """The adapter of a family name (``gpt2``, ``bert``, ...); ValueError naming the known ones otherwise."""
+    for adapter in ADAPTERS:
+        if adapter.family == family:
+            return adapter
+    raise ValueError(f"family must be one of {tuple(a.family for a in ADAPTERS)}, got {family!r}")
+
+
+def layer_adapter(layer: torch.nn.Module) -> Adapter | None:
+    """The adapter whose layer class ``layer`` is (None when no family's)."""
+    return next((adapter for adapter in ADAPTERS if adapter.is_layer(layer)), None)

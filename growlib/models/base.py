@@ -1,8 +1,16 @@
-"""The adapter interface: the only place that knows how an HF model's parameters map onto a schema."""
+"""The adapter interface: the only place that knows a model family.
+
+An adapter declares everything growlib needs to know about one Hugging Face family: how its parameters map onto
+the schema (``dims``, ``specs``), how to build it at another size (``config_at``) or at a training size
+(``training_model``), where its norms sit (pre- or post-LN), whether it uses rotary embeddings, what it is
+trained on (``task``), its config fields, its layer class and how to pack such a layer for the frozen stack
+(``pack_layer``).  The HF classes are named, not imported: transformers' modeling modules load only when a
+model is built, so ``import growlib`` stays cheap."""
 
 from __future__ import annotations
 
 import copy
+import importlib
 from typing import Callable
 
 import torch
@@ -26,16 +34,56 @@ def transposed(t: torch.Tensor) -> torch.Tensor:
     return t.t()
 
 
+#: What a family is trained on by ``growlib train``: next-token prediction, masked tokens, or image labels.
+TASKS = ("causal_lm", "masked_lm", "image_classification")
+
+#: Config attribute of each schema role, for messages that tell a user which field to change.
+CONFIG_FIELDS = {"model": "hidden_size", "ffn": "intermediate_size", "heads": "num_attention_heads",
+                 "kv_heads": "num_key_value_heads", "head_dim": "head_dim", "layers": "num_hidden_layers",
+                 "vocab": "vocab_size", "pos": "max_position_embeddings", "type": "type_vocab_size",
+                 "patch": "num_channels * patch_size ** 2", "labels": "num_labels"}
+
+
 class Adapter:
     """Maps one HF model family onto the schema and builds its configs at other sizes.
 
-    Subclasses set ``family`` and ``model_classes`` and implement ``dims``, ``specs`` and ``config_at``."""
+    Subclasses set the class attributes below and implement ``dims``, ``specs``, ``config_at``,
+    ``training_model``, ``layer_attention`` and ``pack_layer``."""
 
     family: str = ""
-    model_classes: tuple[type, ...] = ()
+    #: the transformers module defining the family's classes, imported only when a class is needed
+    modeling_module: str = ""
+    #: the model classes the adapter maps (by name, in ``modeling_module``); the first is the one trained
+    model_class_names: tuple[str, ...] = ()
+    #: the class of one transformer layer (what ``freeze_forward`` runs)
+    layer_class_name: str = ""
+    #: True for post-LN layers (BERT: the norm follows each residual add), False for pre-LN ones
+    post_ln: bool = False
+    #: True when attention rotates queries and keys (RoPE): the layers need the model's rotary embedding
+    rotary: bool = False
+    #: one of TASKS
+    task: str = "causal_lm"
+    #: config attributes that differ from CONFIG_FIELDS (e.g. GPT-2's ``n_embd``)
+    config_field_overrides: dict[str, str] = {}
+    #: LiGO's tie groups: the schema modules whose output width maps are learned per key/value group
+    kv_tie_groups: dict[str, str] = {"attn.k": "k", "attn.v": "v"}
 
     def supports(self, model: torch.nn.Module) -> bool:
-        return type(model) in self.model_classes
+        cls = type(model)
+        return cls.__module__ == self.modeling_module and cls.__name__ in self.model_class_names
+
+    def is_layer(self, module: torch.nn.Module) -> bool:
+        """Whether ``module`` is one of the family's transformer layers (or a subclass of its layer class)."""
+        return any(c.__module__ == self.modeling_module and c.__name__ == self.layer_class_name
+                   for c in type(module).__mro__)
+
+    def model_class(self, name: str | None = None) -> type:
+        """An HF class of the family (default: the one trained), imported now."""
+        return getattr(importlib.import_module(self.modeling_module), name or self.model_class_names[0])
+
+    def config_field(self, role: str) -> str:
+        """The config attribute holding a role's size, as a user would set it."""
+        return self.config_field_overrides.get(role, CONFIG_FIELDS.get(role, role))
 
     # -- to implement ---------------------------------------------------------------------------------
     def dims(self, config) -> dict[str, int]:
@@ -49,6 +97,31 @@ class Adapter:
         """A copy of ``config`` whose model has the given role sizes (``model``, ``ffn``, ``heads``,
         ``kv_heads``, ``head_dim``, ``layers``)."""
         raise NotImplementedError
+
+    def training_model(self, size: dict, vocab_size: int, seq_len: int) -> torch.nn.Module:
+        """A freshly initialised model of the trained class for ``growlib train``: ``size`` gives layers, hidden,
+        heads, intermediate (and kv_heads); dropout off, so runs are comparable step for step."""
+        raise NotImplementedError
+
+    def finish(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What growlib sets on every model of the family it builds or loads (e.g. GPT-2's loss type); returns it."""
+        return model
+
+    def layer_attention(self, layer: torch.nn.Module) -> torch.nn.Module:
+        """The attention module of one layer (it carries HF's ``layer_idx``)."""
+        raise NotImplementedError
+
+    def pack_layer(self, layer: torch.nn.Module, dtype: torch.dtype):
+        """One layer's weights as a ``growlib.models.packing.PackedLayer`` for the frozen stack."""
+        raise NotImplementedError
+
+    def rotary_embedding(self, layer: torch.nn.Module) -> torch.nn.Module:
+        """The rotary embedding a model of this family builds from ``layer``'s config (rotary families only)."""
+        raise NotImplementedError(f"{self.family} layers use no rotary embedding")
+
+    def demo_model(self) -> torch.nn.Module | None:
+        """A randomly initialised model at a real size for ``growlib demo`` (None: not shown there)."""
+        return None
 
     def build_options(self, model: torch.nn.Module) -> dict:
         """Constructor arguments beyond the config that decide which parameters ``model`` has (e.g. BERT's

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from transformers import BertConfig, BertForMaskedLM, BertModel
+import torch
 
+from . import packing
 from .base import Adapter, SlotSpec, head_norm_side, in_, norm, out_, require_multi_head_attention, weight_and_bias
 
 
 class BertAdapter(Adapter):
     family = "bert"
-    model_classes = (BertForMaskedLM, BertModel)
+    modeling_module = "transformers.models.bert.modeling_bert"
+    model_class_names = ("BertForMaskedLM", "BertModel")
+    layer_class_name = "BertLayer"
+    post_ln = True
+    task = "masked_lm"
 
-    def dims(self, config: BertConfig) -> dict[str, int]:
+    def dims(self, config) -> dict[str, int]:
         heads = config.num_attention_heads
         head_dim = config.hidden_size // heads
         return {"model": config.hidden_size, "ffn": config.intermediate_size, "attn": heads * head_dim,
@@ -20,10 +25,11 @@ class BertAdapter(Adapter):
                 "pos": config.max_position_embeddings, "type": config.type_vocab_size}
 
     def build_options(self, model):
-        return {"add_pooling_layer": model.pooler is not None} if isinstance(model, BertModel) else {}
+        return {"add_pooling_layer": model.pooler is not None} if type(model).__name__ == "BertModel" else {}
 
     def specs(self, model_class, config, tied, add_pooling_layer: bool = True):
-        p = "bert." if model_class is BertForMaskedLM else ""
+        masked_lm = model_class.__name__ == "BertForMaskedLM"
+        p = "bert." if masked_lm else ""
         specs = [
             SlotSpec("embed.tokens", None, f"{p}embeddings.word_embeddings.weight", (out_("vocab"), out_("model")),
                      lambda t: t),
@@ -45,7 +51,7 @@ class BertAdapter(Adapter):
                 *weight_and_bias("mlp.down", i, l + "output.dense", "model", "ffn", True, residual_out=True),
                 *norm("ln2", i, l + "output.LayerNorm", True),
             ]
-        if model_class is BertForMaskedLM:
+        if masked_lm:
             specs += [
                 *weight_and_bias("head.transform", None, "cls.predictions.transform.dense", "model", "model", True),
                 *norm("head.norm", None, "cls.predictions.transform.LayerNorm", True, head_norm_side(tied)),
@@ -64,3 +70,33 @@ class BertAdapter(Adapter):
         require_multi_head_attention("BERT", dims)
         return self.copied(config, hidden_size=dims["model"], intermediate_size=dims["ffn"],
                            num_attention_heads=dims["heads"], num_hidden_layers=dims["layers"])
+
+    def training_model(self, size, vocab_size, seq_len):
+        from transformers import BertConfig
+
+        return self.model_class()(BertConfig(
+            vocab_size=vocab_size, max_position_embeddings=seq_len, hidden_size=size["hidden"],
+            num_hidden_layers=size["layers"], num_attention_heads=size["heads"], intermediate_size=size["intermediate"],
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+    def demo_model(self):
+        from transformers import BertConfig
+
+        return self.model_class()(BertConfig(num_hidden_layers=12))  # BERT-Base's shape
+
+    def layer_attention(self, layer):
+        return layer.attention.self
+
+    def pack_layer(self, layer, dtype: torch.dtype) -> packing.PackedLayer:
+        attn = layer.attention.self
+        return packing.PackedLayer(
+            norm1=packing.pack_norm(layer.attention.output.LayerNorm, dtype),
+            norm2=packing.pack_norm(layer.output.LayerNorm, dtype),
+            qkv=packing.fused_linear((attn.query, attn.key, attn.value), dtype, "query/key/value"),
+            out=packing.pack_linear(layer.attention.output.dense, dtype),
+            up=packing.pack_linear(layer.intermediate.dense, dtype, with_bias=False),
+            up_bias=packing.packed(layer.intermediate.dense.bias, dtype),
+            down=packing.pack_linear(layer.output.dense, dtype),
+            activation=packing.fused_activation_name(attn.config.hidden_act, "BERT"), gated=False,
+            heads=attn.num_attention_heads, kv_heads=attn.num_attention_heads, head_dim=attn.attention_head_size,
+            scale=float(attn.scaling), causal=bool(attn.is_causal), rotary=False)

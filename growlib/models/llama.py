@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+import torch
 
+from . import packing
 from .base import Adapter, SlotSpec, causal_lm_head, norm, out_, weight_and_bias
 
 
 class LlamaAdapter(Adapter):
     family = "llama"
-    model_classes = (LlamaForCausalLM, LlamaModel)
+    modeling_module = "transformers.models.llama.modeling_llama"
+    model_class_names = ("LlamaForCausalLM", "LlamaModel")
+    layer_class_name = "LlamaDecoderLayer"
+    rotary = True
+    task = "causal_lm"
 
-    def dims(self, config: LlamaConfig) -> dict[str, int]:
+    def dims(self, config) -> dict[str, int]:
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return {"model": config.hidden_size, "ffn": config.intermediate_size, "attn": heads * head_dim,
@@ -19,7 +24,8 @@ class LlamaAdapter(Adapter):
                 "layers": config.num_hidden_layers, "vocab": config.vocab_size}
 
     def specs(self, model_class, config, tied):
-        p = "model." if model_class is LlamaForCausalLM else ""
+        with_head = model_class.__name__ == "LlamaForCausalLM"
+        p = "model." if with_head else ""
         attn_bias = bool(getattr(config, "attention_bias", False))
         mlp_bias = bool(getattr(config, "mlp_bias", False))
         specs = [SlotSpec("embed.tokens", None, f"{p}embed_tokens.weight", (out_("vocab"), out_("model")),
@@ -38,9 +44,45 @@ class LlamaAdapter(Adapter):
                 *weight_and_bias("mlp.up", i, l + "mlp.up_proj", "ffn", "model", mlp_bias),
                 *weight_and_bias("mlp.down", i, l + "mlp.down_proj", "model", "ffn", mlp_bias, residual_out=True),
             ]
-        return specs + causal_lm_head(f"{p}norm", False, model_class is LlamaForCausalLM, tied)
+        return specs + causal_lm_head(f"{p}norm", False, with_head, tied)
 
     def config_at(self, config, dims):
         return self.copied(config, hidden_size=dims["model"], intermediate_size=dims["ffn"],
                            num_attention_heads=dims["heads"], num_key_value_heads=dims["kv_heads"],
                            head_dim=dims["head_dim"], num_hidden_layers=dims["layers"])
+
+    def training_model(self, size, vocab_size, seq_len):
+        from transformers import LlamaConfig
+
+        return self.model_class()(LlamaConfig(
+            vocab_size=vocab_size, max_position_embeddings=seq_len, hidden_size=size["hidden"],
+            num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
+            num_key_value_heads=size.get("kv_heads", size["heads"]), intermediate_size=size["intermediate"],
+            tie_word_embeddings=True))
+
+    def demo_model(self):
+        from transformers import LlamaConfig
+
+        return self.model_class()(LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376,
+                                              num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4))
+
+    def layer_attention(self, layer):
+        return layer.self_attn
+
+    def rotary_embedding(self, layer):
+        # The class a LlamaModel builds from the same config: the same frequencies and RoPE scaling.
+        return self.model_class("LlamaRotaryEmbedding")(layer.self_attn.config)
+
+    def pack_layer(self, layer, dtype: torch.dtype) -> packing.PackedLayer:
+        attn, mlp, config = layer.self_attn, layer.mlp, layer.self_attn.config
+        return packing.PackedLayer(
+            norm1=packing.pack_norm(layer.input_layernorm, dtype),
+            norm2=packing.pack_norm(layer.post_attention_layernorm, dtype),
+            qkv=packing.fused_linear((attn.q_proj, attn.k_proj, attn.v_proj), dtype, "q/k/v"),
+            out=packing.pack_linear(attn.o_proj, dtype),
+            up=packing.PackedLinear(packing.fused([mlp.gate_proj.weight, mlp.up_proj.weight], dtype, "gate/up"), None),
+            up_bias=packing.fused([mlp.gate_proj.bias, mlp.up_proj.bias], dtype, "gate/up"),
+            down=packing.pack_linear(mlp.down_proj, dtype),
+            activation=packing.fused_activation_name(config.hidden_act, "Llama"), gated=True,
+            heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=attn.head_dim,
+            scale=float(attn.scaling), causal=True, rotary=True)

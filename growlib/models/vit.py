@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from transformers import ViTConfig, ViTForImageClassification, ViTModel
+import torch
 
+from . import packing
 from .base import Adapter, SlotSpec, in_, norm, out_, require_multi_head_attention, weight_and_bias
+
+#: ViT on the embedded 8x8 digits: 2x2 patches (16 patches + the class token), 3 channels, 10 classes.
+DIGITS_VIT = {"image_size": 8, "patch_size": 2, "num_channels": 3, "num_labels": 10}
 
 
 def _patch_kernel(t):
@@ -29,9 +33,12 @@ def _class_token(t):
 
 class ViTAdapter(Adapter):
     family = "vit"
-    model_classes = (ViTForImageClassification, ViTModel)
+    modeling_module = "transformers.models.vit.modeling_vit"
+    model_class_names = ("ViTForImageClassification", "ViTModel")
+    layer_class_name = "ViTLayer"
+    task = "image_classification"
 
-    def dims(self, config: ViTConfig) -> dict[str, int]:
+    def dims(self, config) -> dict[str, int]:
         heads = config.num_attention_heads
         head_dim = config.hidden_size // heads
         (height, width), (patch_height, patch_width) = _pair(config.image_size), _pair(config.patch_size)
@@ -42,10 +49,11 @@ class ViTAdapter(Adapter):
                 "patch": config.num_channels * patch_height * patch_width, "labels": config.num_labels}
 
     def build_options(self, model):
-        return {"add_pooling_layer": model.pooler is not None} if isinstance(model, ViTModel) else {}
+        return {"add_pooling_layer": model.pooler is not None} if type(model).__name__ == "ViTModel" else {}
 
     def specs(self, model_class, config, tied, add_pooling_layer: bool = True):
-        p = "vit." if model_class is ViTForImageClassification else ""
+        classifier = model_class.__name__ == "ViTForImageClassification"
+        p = "vit." if classifier else ""
         qkv_bias = bool(getattr(config, "qkv_bias", True))
         specs = [
             SlotSpec("embed.cls", None, f"{p}embeddings.cls_token", (out_("model"),), _class_token),
@@ -67,7 +75,7 @@ class ViTAdapter(Adapter):
                 *weight_and_bias("mlp.down", i, l + "mlp.fc2", "model", "ffn", True, residual_out=True),
             ]
         specs += norm("head.norm", None, f"{p}layernorm", True)
-        if model_class is ViTForImageClassification:
+        if classifier:
             specs += [SlotSpec("head.out.weight", None, "classifier.weight", (out_("labels"), in_("model")),
                                lambda t: t),
                       SlotSpec("head.out.bias", None, "classifier.bias", (out_("labels"),), lambda t: t)]
@@ -82,3 +90,28 @@ class ViTAdapter(Adapter):
             changes["pooler_output_size"] = dims["model"]
         return self.copied(config, hidden_size=dims["model"], intermediate_size=dims["ffn"],
                            num_attention_heads=dims["heads"], num_hidden_layers=dims["layers"], **changes)
+
+    def training_model(self, size, vocab_size, seq_len):
+        """Shaped for the embedded digits images: ``vocab_size`` and ``seq_len`` do not apply."""
+        from transformers import ViTConfig
+
+        return self.model_class()(ViTConfig(
+            hidden_size=size["hidden"], num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
+            intermediate_size=size["intermediate"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            **DIGITS_VIT))
+
+    def layer_attention(self, layer):
+        return layer.attention
+
+    def pack_layer(self, layer, dtype: torch.dtype) -> packing.PackedLayer:
+        attn = layer.attention
+        return packing.PackedLayer(
+            norm1=packing.pack_norm(layer.layernorm_before, dtype),
+            norm2=packing.pack_norm(layer.layernorm_after, dtype),
+            qkv=packing.fused_linear((attn.q_proj, attn.k_proj, attn.v_proj), dtype, "q/k/v"),
+            out=packing.pack_linear(attn.o_proj, dtype),
+            up=packing.pack_linear(layer.mlp.fc1, dtype, with_bias=False),
+            up_bias=packing.packed(layer.mlp.fc1.bias, dtype), down=packing.pack_linear(layer.mlp.fc2, dtype),
+            activation=packing.fused_activation_name(attn.config.hidden_act, "ViT"), gated=False,
+            heads=attn.num_attention_heads, kv_heads=attn.num_attention_heads, head_dim=attn.head_dim,
+            scale=float(attn.scaling), causal=bool(attn.is_causal), rotary=False)

@@ -66,14 +66,8 @@ OPTIMIZERS = ("adamw", "sgd")
 #: Sizes LiGO may grow, and sizes that must stay as they are (it keeps the head size and every table).
 _GROWING = ("model", "ffn", "heads", "kv_heads", "layers")
 _FIXED = ("head_dim", "vocab", "pos", "type", "patch", "labels")
-_CONFIG_FIELD = {"model": "hidden_size", "ffn": "intermediate_size", "heads": "num_attention_heads",
-                 "kv_heads": "num_key_value_heads", "head_dim": "head_dim", "layers": "num_hidden_layers",
-                 "vocab": "vocab_size", "pos": "max_position_embeddings", "type": "type_vocab_size",
-                 "patch": "num_channels * patch_size ** 2", "labels": "num_labels"}
-_FAMILY_CONFIG_FIELD = {("gpt2", "ffn"): "n_inner", ("gpt2", "kv_heads"): "n_head"}
 #: Which role of ``widen_map`` initialises each width-map group.
 _GROUP_ROLE = {"model": "model", "q": "attn", "k": "kv", "v": "kv", "ffn": "ffn"}
-_KV_GROUPS = {"attn.k": "k", "attn.v": "v"}
 
 
 @dataclass(frozen=True)
@@ -126,10 +120,6 @@ def _choice(name: str, value, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
-
-
-def _config_field(family: str, role: str) -> str:
-    return _FAMILY_CONFIG_FIELD.get((family, role), _CONFIG_FIELD.get(role, role))
 
 
 def lift_to_query_heads(kv_map: torch.Tensor, group: int, head_dim: int) -> torch.Tensor:
@@ -197,7 +187,8 @@ class LiGO(nn.Module):
                              f"{type(small_model).__name__}'s config, got {type(target_config).__name__}")
         reference = next(small_model.parameters())
         self._model_class = type(small_model)
-        self._build_options = adapter_for(small_model).build_options(small_model)
+        self._adapter = adapter
+        self._build_options = adapter.build_options(small_model)
         self.target_config = copy.deepcopy(target_config)
         self._large_dtype = reference.dtype
         self._small_training = small_model.training
@@ -258,20 +249,20 @@ class LiGO(nn.Module):
 
     def _check_target(self, small: Schema, large: Schema) -> None:
         """target_config only grows the model, keeps the head size and tables, and holds the same tensors."""
-        family = small.family
+        field = self._adapter.config_field
         for role in _GROWING:
             if role in small.dims and large.dims[role] < small.dims[role]:
-                raise ValueError(f"target_config.{_config_field(family, role)} must be >= the small model's "
+                raise ValueError(f"target_config.{field(role)} must be >= the small model's "
                                  f"{small.dims[role]}: LiGO only grows models, got {large.dims[role]}")
         for role in _FIXED:
             if role in small.dims and large.dims.get(role) != small.dims[role]:
                 why = ("LiGO keeps the head size and grows the number of heads" if role == "head_dim"
                        else "LiGO does not resize it")
-                raise ValueError(f"target_config.{_config_field(family, role)} must equal the small model's "
+                raise ValueError(f"target_config.{field(role)} must equal the small model's "
                                  f"{small.dims[role]} ({why}), got {large.dims.get(role)}")
         small_group = small.dims["heads"] // small.dims["kv_heads"]
         if large.dims["heads"] != small_group * large.dims["kv_heads"]:
-            raise ValueError(f"target_config.{_config_field(family, 'kv_heads')} must give "
+            raise ValueError(f"target_config.{field('kv_heads')} must give "
                              f"{small_group} query heads per key/value head like the small model "
                              f"({large.dims['heads']} heads need {large.dims['heads'] // small_group} key/value "
                              f"heads), got {large.dims['kv_heads']}")
@@ -309,8 +300,8 @@ class LiGO(nn.Module):
             ref = _MapRef("q", layer, OUT)
         elif role == "attn" and side == IN:
             ref = _MapRef("v", layer, IN, lift=True)
-        elif role == "kv" and side == OUT and module in _KV_GROUPS:
-            ref = _MapRef(_KV_GROUPS[module], layer, OUT)
+        elif role == "kv" and side == OUT and module in self._adapter.kv_tie_groups:
+            ref = _MapRef(self._adapter.kv_tie_groups[module], layer, OUT)
         else:
             raise ValueError(f"LiGO does not know which width map ties the {side}-side {role!r} axis of "
                              f"{spec.name!r}")

@@ -103,6 +103,23 @@ def _read_utf8(path: Path) -> str:
         raise ValueError(f"path: {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
+#: ``--data hf:NAME`` or ``hf:NAME:CONFIG`` names a Hugging Face dataset (its ``text`` column) instead of a path
+HF_DATA_PREFIX = "hf:"
+
+
+def is_hf_dataset(source: str) -> bool:
+    return source.startswith(HF_DATA_PREFIX)
+
+
+def load_texts(source: str) -> tuple[list[str], list[str]]:
+    """(train_texts, validation_texts) of a data source: ``hf:NAME[:CONFIG]`` (``load_hf_dataset``), else a text
+    file or folder (``load_text_source``)."""
+    if isinstance(source, str) and is_hf_dataset(source):
+        name, _, config = source[len(HF_DATA_PREFIX):].partition(":")
+        return load_hf_dataset(name, config=config or None)
+    return load_text_source(source)
+
+
 def load_text_source(path) -> tuple[list[str], list[str]]:
     """(train_texts, validation_texts) from a text file or a folder of text files.
 
@@ -151,7 +168,7 @@ def load_hf_dataset(name: str, text_field: str = "text", config: str | None = No
 # ----------------------------------------------------------------------------------------------------------
 
 class _SpecialTokens:
-    """What both tokenizers share: the special ids and the check that encode gets text."""
+    """What a tokenizer growlib trains with provides: the special ids, and the check that encode gets text."""
 
     pad_id: int
     mask_id: int
@@ -167,30 +184,6 @@ class _SpecialTokens:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         return text
-
-
-class ByteTokenizer(_SpecialTokens):
-    """UTF-8 bytes as ids 0..255, then the special tokens pad, mask, bos, eos (256..259).  Needs no training."""
-
-    pad_id, mask_id, bos_id, eos_id = 256, 257, 258, 259
-
-    @property
-    def vocab_size(self) -> int:
-        return 256 + len(SPECIAL_TOKENS)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self._require_text(text).encode("utf-8"))
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
-
-    def decode(self, ids) -> str:
-        """The text of ``ids``; special tokens are dropped, invalid UTF-8 becomes U+FFFD."""
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"ids must lie in [0, {self.vocab_size}), got {bad[:5]}")
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
 class BPETokenizer(_SpecialTokens):
@@ -401,7 +394,7 @@ def _require_tokenizer(tokenizer) -> None:
     missing = [a for a in ("vocab_size", "encode_batch", "decode", "pad_id", "mask_id", "eos_id", "special_ids")
                if not hasattr(tokenizer, a)]
     if missing:
-        raise TypeError(f"tokenizer must be a ByteTokenizer or BPETokenizer (or provide {missing}), got "
+        raise TypeError(f"tokenizer must be a BPETokenizer (or provide {missing}), got "
                         f"{type(tokenizer).__name__}")
 
 

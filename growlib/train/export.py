@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from growlib.train.loop import CheckpointWriteError
+from growlib.train.checkpoint import CheckpointWriteError
 from growlib.train.runs import EXPORT_DIR, IDENTITY_FILE
 
 #: The temporary folder an export is written into before it is renamed to model/.
@@ -132,17 +132,15 @@ def load_run(path: str | os.PathLike) -> LoadedRun:
     from transformers import AutoConfig, AutoTokenizer
 
     from growlib.models import ADAPTERS
-    from growlib.train.sizes import _causal_lm_loss
 
-    supported = {cls.__name__: cls for adapter in ADAPTERS for cls in adapter.model_classes}
+    supported = {name: adapter for adapter in ADAPTERS for name in adapter.model_class_names}
     architecture = (AutoConfig.from_pretrained(folder).architectures or [None])[0]
     if architecture not in supported:
         raise ValueError(f"load_run: {os.path.join(folder, _MODEL_CONFIG)} names architecture {architecture!r}; "
                          f"expected one of the model classes growlib trains: {sorted(supported)}")
+    adapter = supported[architecture]
     with _quiet_progress_bars():  # transformers' per-tensor loading bar
-        model = supported[architecture].from_pretrained(folder)
-    if architecture == "GPT2LMHeadModel":
-        _causal_lm_loss(model)  # as growlib builds GPT-2: transformers cannot infer its loss from the class name
+        model = adapter.finish(adapter.model_class(architecture).from_pretrained(folder))
     has_tokenizer = os.path.isfile(os.path.join(folder, _TOKENIZER_CONFIG))
     with open(os.path.join(folder, IDENTITY_FILE)) as f:
         identity = json.load(f)["identity"]

@@ -33,8 +33,8 @@ operand requires grad.  Hence
   each attention product's gradient per operand (= its forward FLOPs each: Q and K for the scores, the
   softmaxed scores and V for the context) iff that operand requires grad;
 - an activation requires grad iff some parameter with ``requires_grad`` lies upstream of it.  That is traced
-  through each family's forward pass: embeddings, layers 0 .. L-1 (pre-LN for GPT-2, Llama and ViT,
-  post-LN for BERT), head; a norm's output requires grad if its input or its gain / bias does, a linear
+  through each family's forward pass: embeddings, layers 0 .. L-1 (pre- or post-LN, as the family's adapter
+  declares: post-LN for BERT), head; a norm's output requires grad if its input or its gain / bias does, a linear
   map's output if its input, weight or bias does, an attention product's output if either operand does.
 
 So with the embeddings and lower layers frozen (MSLT) the frozen layers cost their forward pass only --
@@ -52,8 +52,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from growlib.frozen import _find_rotary
-from growlib.operators.common import require_int, schema_of
+from growlib.frozen import find_rotary_embedding
+from growlib.models import Adapter, adapter_for
+from growlib.operators.common import require_int
 from growlib.schema import IN, Schema
 
 
@@ -106,20 +107,21 @@ def step_flops(model: torch.nn.Module, batch_size: int, seq_len: int | None = No
     ``seq_len`` tokens, given which parameters currently require grad (see the module docstring).
 
     For ViT the sequence is fixed by the config (patches + 1 class token): ``seq_len`` may be omitted."""
-    schema = schema_of(model)
+    adapter = adapter_for(model)
+    schema = adapter.schema(model)
     require_int("batch_size", batch_size)
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    seq_len = _checked_seq_len(schema, seq_len)
+    seq_len = _checked_seq_len(schema, adapter, seq_len)
     params = dict(model.named_parameters(remove_duplicate=False))
     trainable = {spec.key for spec in schema.specs if params[spec.source].requires_grad}
-    step = _Step(schema, trainable, batch_size, seq_len, training)
+    step = _Step(schema, adapter, trainable, batch_size, seq_len, training)
 
     x = _embeddings(step)
-    if schema.family == "llama":
+    if adapter.rotary:
         _rotary_angles(step, model, seq_len)
     for layer in range(schema.num_layers):
-        x = _post_ln_layer(step, layer, x) if schema.family == "bert" else _pre_ln_layer(step, layer, x)
+        x = _post_ln_layer(step, layer, x) if adapter.post_ln else _pre_ln_layer(step, layer, x)
     _head(step, x)
 
     linear_weights = {spec.key for spec in schema.specs
@@ -131,9 +133,9 @@ def step_flops(model: torch.nn.Module, batch_size: int, seq_len: int | None = No
     return FlopsBreakdown(batch_size, seq_len, tuple(step.ops))
 
 
-def _checked_seq_len(schema: Schema, seq_len: int | None) -> int:
+def _checked_seq_len(schema: Schema, adapter: Adapter, seq_len: int | None) -> int:
     positions = schema.dims.get("pos")
-    if schema.family == "vit":
+    if adapter.task == "image_classification":
         if seq_len is not None and seq_len != positions:
             raise ValueError(f"seq_len of a ViT is its patches + 1 class token: expected {positions} from the "
                              f"config, got {seq_len}")
@@ -152,8 +154,9 @@ class _Step:
 
     Activations are represented by one bool: whether they require grad."""
 
-    def __init__(self, schema: Schema, trainable: set, batch_size: int, seq_len: int, training: bool):
-        self.schema, self.trainable, self.training = schema, trainable, training
+    def __init__(self, schema: Schema, adapter: Adapter, trainable: set, batch_size: int, seq_len: int,
+                 training: bool):
+        self.schema, self.adapter, self.trainable, self.training = schema, adapter, trainable, training
         self.specs = {spec.key: spec for spec in schema.specs}
         self.rows = {"tokens": batch_size * seq_len, "sequences": batch_size,
                      "patches": batch_size * (seq_len - 1)}
@@ -200,7 +203,7 @@ def _rotary_angles(step: _Step, model: torch.nn.Module, seq_len: int) -> None:
     device = next(model.parameters()).device
     positions = torch.arange(seq_len, device=device).unsqueeze(0)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        _find_rotary(model)(torch.empty(0, device=device), positions)
+        find_rotary_embedding(model)(torch.empty(0, device=device), positions)
     if counter.get_total_flops():
         step.ops.append(OpFlops("embed.rotary", None, counter.get_total_flops(), 0, 0))
 
@@ -240,5 +243,5 @@ def _head(step: _Step, x: bool) -> None:
         step.linear("head.pooler", None, x, rows="sequences")
     if step.has("head.out.weight") or step.schema.tied_embeddings:
         weight = "embed.tokens" if step.schema.tied_embeddings else "head.out.weight"
-        rows = "sequences" if step.schema.family == "vit" else "tokens"
+        rows = "sequences" if step.adapter.task == "image_classification" else "tokens"
         step.linear("head.out", None, x, rows=rows, weight=weight)

@@ -14,8 +14,6 @@ SIZES = {
     "base": (12, 768, 12, 3072),
 }
 FAMILIES = names.FAMILIES
-#: ViT on the embedded 8x8 digits: 2x2 patches (16 patches + the class token), 3 channels, 10 classes.
-DIGITS_VIT = {"image_size": 8, "patch_size": 2, "num_channels": 3, "num_labels": 10}
 
 
 def _size(size: str | dict) -> dict:
@@ -56,37 +54,11 @@ def parse_size(size: str | dict) -> dict:
 
 
 def build_model(family: str, size: str | dict, vocab_size: int, seq_len: int):
-    """A freshly initialised HF model; ``size`` gives layers, hidden, heads, intermediate (and kv_heads).
-
-    ViT is shaped for the embedded digits images (``vocab_size`` and ``seq_len`` do not apply to it)."""
-    import transformers as T  # here, not at the top: the command line's help and checks do without it
+    """A freshly initialised HF model of ``family`` (its adapter's ``training_model``); ``size`` gives layers,
+    hidden, heads, intermediate (and kv_heads).  ViT is shaped for the embedded digits images (``vocab_size`` and
+    ``seq_len`` do not apply to it)."""
+    from growlib.models import adapter_named  # here, not at the top: the command line's help does without it
 
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    s = parse_size(size)
-    if family == "gpt2":
-        return _causal_lm_loss(T.GPT2LMHeadModel(T.GPT2Config(
-            vocab_size=vocab_size, n_positions=seq_len, n_embd=s["hidden"], n_layer=s["layers"],
-            n_head=s["heads"], n_inner=s["intermediate"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            bos_token_id=0, eos_token_id=0)))
-    if family == "vit":
-        return T.ViTForImageClassification(T.ViTConfig(
-            hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-            intermediate_size=s["intermediate"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-            **DIGITS_VIT))
-    if family == "bert":
-        return T.BertForMaskedLM(T.BertConfig(
-            vocab_size=vocab_size, max_position_embeddings=seq_len, hidden_size=s["hidden"],
-            num_hidden_layers=s["layers"], num_attention_heads=s["heads"], intermediate_size=s["intermediate"],
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    return T.LlamaForCausalLM(T.LlamaConfig(
-        vocab_size=vocab_size, max_position_embeddings=seq_len, hidden_size=s["hidden"],
-        num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-        num_key_value_heads=s.get("kv_heads", s["heads"]), intermediate_size=s["intermediate"],
-        tie_word_embeddings=True))
-
-
-def _causal_lm_loss(model):
-    """Name GPT-2's loss, which transformers cannot infer from the class name (it would warn on every run)."""
-    model.loss_type = "ForCausalLM"
-    return model
+    return adapter_named(family).training_model(parse_size(size), vocab_size, seq_len)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import types
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -11,6 +13,31 @@ import torch
 from growlib.train import data as D
 
 VOCAB = 512
+
+
+class ByteTokenizer(D._SpecialTokens):
+    """UTF-8 bytes as ids 0..255, then the special tokens pad, mask, bos, eos (256..259): a tokenizer the tests need
+    not train."""
+
+    pad_id, mask_id, bos_id, eos_id = 256, 257, 258, 259
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + len(D.SPECIAL_TOKENS)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._require_text(text).encode("utf-8"))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        """The text of ``ids``; special tokens are dropped, invalid UTF-8 becomes U+FFFD."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"ids must lie in [0, {self.vocab_size}), got {bad[:5]}")
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +57,7 @@ def bpe(corpus, bpe_dir):
 
 @pytest.fixture(scope="module")
 def byte_val(corpus):
-    return D.TokenData.from_texts(corpus[1], D.ByteTokenizer())
+    return D.TokenData.from_texts(corpus[1], ByteTokenizer())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,6 +127,27 @@ def test_text_source_errors(tmp_path):
         D.load_text_source(tmp_path)
 
 
+def test_an_hf_data_source_reads_the_named_dataset_and_config(monkeypatch):
+    """``--data hf:NAME:CONFIG`` reaches load_hf_dataset (a stand-in ``datasets`` module records the call)."""
+    class Split:
+        def __init__(self, texts):
+            self.texts, self.column_names = texts, ["text", "label"]
+
+        def __getitem__(self, column):
+            return self.texts if column == "text" else [0] * len(self.texts)
+
+    calls = []
+
+    def load_dataset(name, config):
+        calls.append((name, config))
+        return {"train": Split(["a", "", "b"]), "test": Split(["c"])}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert D.load_texts("hf:someone/corpus:raw") == (["a", "b"], ["c"])
+    assert D.load_texts("hf:corpus") == (["a", "b"], ["c"])
+    assert calls == [("someone/corpus", "raw"), ("corpus", None)]
+
+
 def test_hf_dataset_without_datasets_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)     # import fails even where datasets is installed
     with pytest.raises(ImportError, match="pip install datasets"):
@@ -114,7 +162,7 @@ SNIPPETS = ["", "x", "  leading spaces\n\ttabs\r\nand CRLF", "naïve café — �
 
 
 def test_byte_tokenizer_round_trips_and_keeps_specials_out_of_text(corpus):
-    tok = D.ByteTokenizer()
+    tok = ByteTokenizer()
     assert tok.vocab_size == 260 and len(set(tok.special_ids)) == 4 and min(tok.special_ids) == 256
     for text in SNIPPETS + corpus[1][:5]:
         ids = tok.encode(text)
@@ -181,7 +229,7 @@ def test_train_bpe_validation(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 def test_token_data_from_texts_separates_documents_with_eos(bpe):
-    for tok in (D.ByteTokenizer(), bpe):
+    for tok in (ByteTokenizer(), bpe):
         texts = ["first doc", "second ✓"]
         ids = D.TokenData.from_texts(texts, tok).ids
         assert ids.dtype == torch.int32
@@ -245,7 +293,7 @@ def test_causal_batches_are_deterministic_by_step(byte_val):
 
 
 def test_mlm_masks_like_bert(byte_val):
-    tok = D.ByteTokenizer()
+    tok = ByteTokenizer()
     batch = D.mlm_batch(byte_val, 3, 64, 256, seed=0, tokenizer=tok)
     original = D.causal_lm_batch(byte_val, 3, 64, 256, seed=0)["input_ids"]  # same (seed, step): same windows
     assert set(batch) == {"input_ids", "labels", "attention_mask"}
@@ -277,7 +325,7 @@ def test_mlm_random_replacements_are_regular_tokens(bpe, corpus):
 
 
 def test_mlm_always_masks_at_least_one_position():
-    tok = D.ByteTokenizer()
+    tok = ByteTokenizer()
     stream = D.TokenData(torch.tensor([65, 66, tok.eos_id, 67] * 4))
     for step in range(50):
         batch = D.mlm_batch(stream, step, 1, 4, seed=0, tokenizer=tok, mask_prob=1e-6)
@@ -316,7 +364,7 @@ def test_validation_subsets_are_disjoint_and_the_first_is_the_default_set(byte_v
 
 
 def test_mlm_validation_batches_are_fixed(byte_val):
-    tok = D.ByteTokenizer()
+    tok = ByteTokenizer()
     first = D.mlm_validation_batches(byte_val, 4, 64, 3, tok)
     again = D.mlm_validation_batches(byte_val, 4, 64, 3, tok)
     assert len(first) == 3 and all(torch.equal(x[k], y[k]) for x, y in zip(first, again) for k in x)
@@ -342,15 +390,15 @@ def test_batch_argument_errors(byte_val, kwargs, error, name):
     with pytest.raises(error, match=name):
         D.causal_lm_batch(**args)
     with pytest.raises(error, match=name):
-        D.mlm_batch(**args, tokenizer=D.ByteTokenizer())
+        D.mlm_batch(**args, tokenizer=ByteTokenizer())
 
 
 @pytest.mark.parametrize("mask_prob", [0.0, 1.0, -0.1, 1.5])
 def test_mask_prob_must_lie_strictly_between_0_and_1(byte_val, mask_prob):
     with pytest.raises(ValueError, match="mask_prob"):
-        D.mlm_batch(byte_val, 0, 2, 16, 0, D.ByteTokenizer(), mask_prob=mask_prob)
+        D.mlm_batch(byte_val, 0, 2, 16, 0, ByteTokenizer(), mask_prob=mask_prob)
     with pytest.raises(ValueError, match="mask_prob"):
-        D.mlm_validation_batches(byte_val, 2, 16, 1, D.ByteTokenizer(), mask_prob=mask_prob)
+        D.mlm_validation_batches(byte_val, 2, 16, 1, ByteTokenizer(), mask_prob=mask_prob)
 
 
 def test_validation_batch_errors(byte_val):

@@ -13,9 +13,9 @@ import transformers as T
 from torch.utils.flop_counter import FlopCounterMode
 
 import growlib
-from growlib.train import flops as flops_module
+from growlib.models import adapter_for
 from growlib.train.flops import step_flops
-from tests.factories import tiny_config
+from tests.factories import FAMILIES, tiny_config
 
 BATCH, SEQ = 3, 16
 
@@ -31,6 +31,10 @@ CASES = {
     "vit-cls": ("vit", T.ViTForImageClassification, {}),
     "vit-base": ("vit", T.ViTModel, {}),
 }
+
+
+def test_every_family_has_a_case():
+    assert {family for family, _, _ in CASES.values()} == set(FAMILIES)
 
 
 def build(case):
@@ -201,6 +205,6 @@ def test_linear_map_outside_the_traced_forward_raises(monkeypatch):
     schema = growlib.schema_of(model)
     up = next(spec for spec in schema.specs if spec.key == ("mlp.up.weight", 0))
     schema.specs.append(dataclasses.replace(up, name="mlp.extra.weight"))
-    monkeypatch.setattr(flops_module, "schema_of", lambda m: schema)
+    monkeypatch.setattr(adapter_for(model), "schema", lambda m: schema)
     with pytest.raises(ValueError, match=r"\['mlp.extra.weight \(layer 0\)'\] of GPT2LMHeadModel"):
         step_flops(model, BATCH, SEQ)
