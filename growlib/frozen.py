@@ -24,6 +24,7 @@ from growlib.kernels.frozen.activation import bias_activation, gated_activation
 from growlib.kernels.frozen.rope_split_qkv import rope_split_qkv
 from growlib.models import ADAPTERS, Adapter, layer_adapter
 from growlib.models.packing import PackedLayer
+from growlib.validate import require_int
 
 _SDPA_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
 
@@ -322,8 +323,7 @@ def route_frozen_bottom(model: torch.nn.Module, count: int, dtype: torch.dtype |
     frozen too: nothing under a frozen stack can get gradients."""
     from growlib.operators.common import layer_stack
 
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"count must be an int >= 1 (frozen layers), got {count!r}")
+    require_int("count", count)
     layers = layer_stack(model)
     if count > len(layers):
         raise ValueError(f"count={count} exceeds the model's {len(layers)} layers")

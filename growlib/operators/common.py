@@ -66,14 +66,6 @@ def depth_identity(layers: int) -> DepthMap:
     return depth_copy(range(layers), layers)
 
 
-def require_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def require_same_device(**models: torch.nn.Module) -> None:
     """An in-place operator reads one model and writes another: both must live on one device."""
     devices = {name: next(model.parameters()).device for name, model in models.items()}

@@ -7,9 +7,9 @@ import torch
 
 from growlib.apply import apply_map
 from growlib.models import adapter_for
-from growlib.operators.common import (depth_copy, map_dims, map_model, require_int, require_same_device,
-                                      resized_dims)
+from growlib.operators.common import depth_copy, map_dims, map_model, require_same_device, resized_dims
 from growlib.schema import DepthMap, GrowthMap
+from growlib.validate import require_int
 
 GROW_METHODS = ("stack", "interleave", "copy_top")
 PARITIES = ("even", "odd")

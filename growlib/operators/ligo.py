@@ -53,10 +53,10 @@ from growlib.models import adapter_for
 #: fit's progress: a line at the first and last step and at most every PROGRESS_INTERVAL_S seconds between
 _progress = logging.getLogger("growlib.ligo")
 PROGRESS_INTERVAL_S = 30.0
-from growlib.operators.common import require_int
 from growlib.operators.depth import GROW_METHODS, grow_depth_map
 from growlib.operators.width import widen_map
 from growlib.schema import IN, OUT, WIDTH_ROLES, Schema, SlotSpec
+from growlib.validate import require_choice, require_int, require_number
 
 LIGO_WIDTH_INITS = ("net2net", "hypercloning", "bert2bert_fpi", "bert2bert_aki")
 LIGO_DEPTH_INITS = GROW_METHODS
@@ -116,12 +116,6 @@ class _Assembly:
     direct: bool
 
 
-def _choice(name: str, value, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
 def lift_to_query_heads(kv_map: torch.Tensor, group: int, head_dim: int) -> torch.Tensor:
     """A (kv2, kv1) map over key/value units as the (kv2 * group, kv1 * group) map over query units.
 
@@ -168,9 +162,9 @@ class LiGO(nn.Module):
             raise TypeError(f"small_model must be a Hugging Face model (torch.nn.Module), got "
                             f"{type(small_model).__name__}")
         adapter = adapter_for(small_model, "small_model")
-        _choice("depth_init", depth_init, LIGO_DEPTH_INITS)
-        _choice("width_init", width_init, LIGO_WIDTH_INITS)
-        _choice("tie", tie, TIES)
+        require_choice("depth_init", depth_init, LIGO_DEPTH_INITS)
+        require_choice("width_init", width_init, LIGO_WIDTH_INITS)
+        require_choice("tie", tie, TIES)
         seed = require_int("seed", seed, minimum=0)
         if width_init == "bert2bert_aki":
             raise ValueError(
@@ -465,18 +459,13 @@ class LiGO(nn.Module):
         its state before ``fit``.  Progress goes to the ``growlib.ligo`` logger (the command line shows it)."""
         steps = require_int("steps", steps)
         grad_accum = require_int("grad_accum", grad_accum)
-        _choice("optimizer", optimizer, OPTIMIZERS)
+        require_choice("optimizer", optimizer, OPTIMIZERS)
         warmup_steps = max(1, round(0.1 * steps)) if warmup_steps is None else require_int(
             "warmup_steps", warmup_steps, minimum=0)
         if warmup_steps > steps:
             raise ValueError(f"warmup_steps must be <= steps={steps}, got {warmup_steps}")
-        for name, value in (("lr", lr), ("weight_decay", weight_decay)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-        if not lr > 0 or not math.isfinite(lr):
-            raise ValueError(f"lr must be a positive number, got {lr}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        require_number("lr", lr, positive=True)
+        require_number("weight_decay", weight_decay, minimum=0)
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
         micro_batches = _MicroBatches(batches, self._device())

@@ -13,9 +13,10 @@ import torch
 
 from growlib.apply import apply_map
 from growlib.models import adapter_for
-from growlib.operators.common import (RESIZABLE, copy_map, depth_copy, map_dims, map_model, merge_map, require_int,
+from growlib.operators.common import (RESIZABLE, copy_map, depth_copy, map_dims, map_model, merge_map,
                                       require_same_device, resized_dims)
 from growlib.schema import DepthMap, GrowthMap
+from growlib.validate import require_fraction, require_int
 
 DEPTH_PAIRINGS = ("adjacent", "stack")
 
@@ -147,10 +148,7 @@ def interpolate_(fine: torch.nn.Module, coarse: torch.nn.Module, alpha: float,
     The end points are exact, whatever the other side holds: ``alpha=0`` leaves ``fine`` bit-identical (even
     where ``coarse`` holds NaN), ``alpha=1`` overwrites it with ``decoalesce(coarse)`` (even where ``fine``
     holds inf: 0 * inf would be NaN in a blend)."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    require_fraction("alpha", alpha, allow_zero=True)
     adapter = adapter_for(fine, "fine")
     if adapter_for(coarse, "coarse") is not adapter:
         raise ValueError(f"coarse is a {type(coarse).__name__} but fine is a {type(fine).__name__}")

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 
 from growlib.models import adapter_for
-from growlib.operators.common import (copy_map, depth_identity, expand_heads, map_dims, map_model, require_int,
-                                      resized_dims)
+from growlib.operators.common import copy_map, depth_identity, expand_heads, map_dims, map_model, resized_dims
 from growlib.schema import GrowthMap, WIDTH_ROLES
+from growlib.validate import require_int
 
 WIDEN_METHODS = ("net2net", "bert2bert_fpi", "bert2bert_aki", "hypercloning")
 #: Methods that are a single growth map (every method but the layer-coupled AKI).

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 from growlib.schedules.multilevel import baseline, ode_multilevel, vcycle
 from growlib.schedules.progressive import ligo, msg, mslt, stack
+from growlib.validate import require_int
 
 #: in growlib.names.SCHEDULE_NAMES' order (tests/test_cli_fast.py checks it)
 SCHEDULES = {"baseline": baseline, "vcycle": vcycle, "ode_multilevel": ode_multilevel, "mslt": mslt,
@@ -111,8 +112,7 @@ def build_schedule(name: str, total_steps: int, final_layers: int, **options):
     if name not in SCHEDULES:
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {name!r}")
     for label, value in (("total_steps", total_steps), ("final_layers", final_layers)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{label} must be an int >= 1, got {value!r}")
+        require_int(label, value)
     builder = SCHEDULES[name]
     accepted = inspect.signature(builder).parameters
     unknown = set(options) - set(accepted)

@@ -11,14 +11,7 @@ from growlib.operators.depth import restrict_map
 from growlib.operators.multilevel import coalesce_map
 from growlib.optim import dual_map
 from growlib.schedules.protocol import OPTIMIZER_POLICIES, RunState, Stage, Transition
-
-
-def check_fraction(name: str, value, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (0 <= value <= 1 if allow_zero else 0 < value <= 1):
-        raise ValueError(f"{name} must lie in {'[0' if allow_zero else '(0'}, 1], got {value}")
-    return float(value)
+from growlib.validate import require_fraction, require_int, require_number
 
 
 def check_budget(parts: dict[str, float]) -> None:
@@ -117,19 +110,17 @@ def vcycle(total_steps: int, final_layers: int, levels: int = 2, down_fraction: 
         optimizer_policy: reset | keep | map: the optimizer state at each transition
     """
     check_optimizer_policy(optimizer_policy)
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-        raise ValueError(f"levels must be an int >= 2, got {levels!r}")
+    require_int("levels", levels, 2)
     if final_layers % 2 ** (levels - 1):
         raise ValueError(f"levels={levels} halves the depth {levels - 1} times, so the model's {final_layers} "
                          f"layers must be a multiple of {2 ** (levels - 1)}")
-    check_fraction("alpha", alpha, allow_zero=True)
-    if isinstance(coarse_lr_scale, bool) or not isinstance(coarse_lr_scale, (int, float)) or coarse_lr_scale <= 0:
-        raise ValueError(f"coarse_lr_scale must be a positive number, got {coarse_lr_scale!r}")
-    check_fraction("down_fraction", down_fraction)
-    check_fraction("coarsest_fraction", coarsest_fraction)
+    require_fraction("alpha", alpha, allow_zero=True)
+    require_number("coarse_lr_scale", coarse_lr_scale, positive=True)
+    require_fraction("down_fraction", down_fraction)
+    require_fraction("coarsest_fraction", coarsest_fraction)
     if up_fraction is None:
         up_fraction = (1.0 - coarsest_fraction - down_fraction * (levels - 1)) / (levels - 1)
-    check_fraction("up_fraction", up_fraction)
+    require_fraction("up_fraction", up_fraction)
     check_budget({f"{levels - 1} x down_fraction": down_fraction * (levels - 1), "coarsest_fraction": coarsest_fraction,
                   f"{levels - 1} x up_fraction": up_fraction * (levels - 1)})
     down, coarsest, up = split_steps(total_steps, [down_fraction, coarsest_fraction, up_fraction])
@@ -187,14 +178,13 @@ def ode_multilevel(total_steps: int, final_layers: int, cycles: int = 1, pre_sha
     if not isinstance(coherence, bool):
         raise TypeError(f"coherence must be a bool, got {type(coherence).__name__}")
     check_optimizer_policy(optimizer_policy)
-    if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
-        raise ValueError(f"cycles must be an int >= 1, got {cycles!r}")
+    require_int("cycles", cycles)
     if final_layers % 2:
         raise ValueError(f"the coarse model keeps every other layer, so the model needs an even number of "
                          f"layers, got {final_layers}")
-    check_fraction("pre_share", pre_share, allow_zero=True)
-    check_fraction("coarse_share", coarse_share)
-    post_share = check_fraction("the post share (1 - pre_share - coarse_share)", 1.0 - pre_share - coarse_share)
+    require_fraction("pre_share", pre_share, allow_zero=True)
+    require_fraction("coarse_share", coarse_share)
+    post_share = require_fraction("the post share (1 - pre_share - coarse_share)", 1.0 - pre_share - coarse_share)
     per_cycle = [split_steps(total_steps, [s / cycles for s in (pre_share, coarse_share, post_share)])
                  for _ in range(cycles)]
     leftover = total_steps - sum(map(sum, per_cycle))

@@ -13,8 +13,9 @@ from growlib.models import adapter_for
 from growlib.frozen import restore_layers, route_frozen_bottom
 from growlib.operators.common import layer_stack
 from growlib.operators.ligo import LIGO_DEPTH_INITS, LIGO_WIDTH_INITS, TIES
-from growlib.schedules.multilevel import split_steps, check_budget, check_fraction
+from growlib.schedules.multilevel import check_budget, split_steps
 from growlib.schedules.protocol import RunState, Stage, Transition
+from growlib.validate import require_fraction, require_int, require_number
 
 
 def embeddings_tied_to_head(model: torch.nn.Module) -> bool:
@@ -72,7 +73,7 @@ def _check_fractions(stage_fractions: list[float], layer_counts: list[int], join
         raise ValueError(f"stage_fractions needs one entry per layer count ({len(layer_counts)}), got "
                          f"{len(stage_fractions)}")
     for i, fraction in enumerate(stage_fractions):
-        check_fraction(f"stage_fractions[{i}]", fraction)
+        require_fraction(f"stage_fractions[{i}]", fraction)
     check_budget({"stage_fractions": sum(stage_fractions), "joint_fraction": joint})
 
 
@@ -114,7 +115,7 @@ def mslt(total_steps: int, final_layers: int, layer_counts: list[int] | None = N
     _check_freezing(frozen_forward, freeze_embeddings)
     layer_counts = layer_counts or sorted({max(1, final_layers // 2), final_layers})
     _check_layers(layer_counts, final_layers)
-    check_fraction("joint_fraction", joint_fraction, allow_zero=True)
+    require_fraction("joint_fraction", joint_fraction, allow_zero=True)
     for previous, layers in zip(layer_counts, layer_counts[1:]):
         if layers - previous > previous:
             raise ValueError(f"layer_counts {layer_counts}: growing {previous} -> {layers} layers would copy more "
@@ -211,7 +212,7 @@ def msg(total_steps: int, final_layers: int, layer_counts: list[int] | None = No
     """
     layer_counts = layer_counts or sorted({max(1, final_layers // 4), max(1, final_layers // 2), final_layers})
     _check_layers(layer_counts, final_layers)
-    check_fraction("ramp_fraction", ramp_fraction)
+    require_fraction("ramp_fraction", ramp_fraction)
     stage_fractions = stage_fractions or [1.0 / len(layer_counts)] * len(layer_counts)
     _check_fractions(stage_fractions, layer_counts)
     steps = split_steps(total_steps, stage_fractions)
@@ -266,20 +267,17 @@ def ligo(total_steps: int, final_layers: int, small_layers: int | None = None, s
     """
     small_layers = max(1, final_layers // 2) if small_layers is None else small_layers
     fit_steps = max(1, min(100, total_steps // 20)) if fit_steps is None else fit_steps
-    if isinstance(small_layers, bool) or not isinstance(small_layers, int) or not 1 <= small_layers <= final_layers:
-        raise ValueError(f"small_layers must be an int in [1, {final_layers}], got {small_layers!r}")
-    check_fraction("small_width", small_width)
+    require_int("small_layers", small_layers, 1, final_layers)
+    require_fraction("small_width", small_width)
     for name, value, choices in (("depth_init", depth_init, LIGO_DEPTH_INITS), ("tie", tie, TIES),
                                  ("width_init", width_init, tuple(m for m in LIGO_WIDTH_INITS if m != "bert2bert_aki"))):
         if value not in choices:  # checked now: LiGO itself is built only after the small model's training
             raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    check_fraction("small_fraction", small_fraction)
+    require_fraction("small_fraction", small_fraction)
     if small_fraction == 1.0:
         raise ValueError("small_fraction must leave part of the budget to the large model, got 1")
-    if isinstance(fit_steps, bool) or not isinstance(fit_steps, int) or fit_steps < 1:
-        raise ValueError(f"fit_steps must be an int >= 1, got {fit_steps!r}")
-    if isinstance(fit_lr, bool) or not isinstance(fit_lr, (int, float)) or not fit_lr > 0:
-        raise ValueError(f"fit_lr must be a positive number, got {fit_lr!r}")
+    require_int("fit_steps", fit_steps)
+    require_number("fit_lr", fit_lr, positive=True)
     small_steps, large_steps = split_steps(total_steps, [small_fraction, 1.0 - small_fraction])
 
     def start_small(state: RunState) -> Transition:

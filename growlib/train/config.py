@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from growlib.schedules.protocol import LR_SCHEDULES, Stage
+from growlib.validate import require_choice, require_int, require_number
 
 NONFINITE_POLICIES = ("stop", "skip")
 #: TrainConfig fields that say how to react to faults, not what to compute: left out of a run's identity.
@@ -46,15 +47,10 @@ class TrainConfig:
     def __post_init__(self):
         for name, minimum in (("batch_size", 1), ("seq_len", 1), ("grad_accum", 1), ("eval_every", 1),
                               ("eval_batches", 1), ("warmup_steps", 0), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"TrainConfig.{name} must be an int >= {minimum}, got {value!r}")
+            require_int(f"TrainConfig.{name}", getattr(self, name), minimum)
         for name in ("lr", "min_lr_ratio", "weight_decay", "clip"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"TrainConfig.{name} must be a finite number, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+            require_number(f"TrainConfig.{name}", getattr(self, name))
+        require_number("TrainConfig.lr", self.lr, positive=True)
         for name in ("weight_decay", "clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0 (clip 0: no clipping), got {getattr(self, name)}")
@@ -63,11 +59,8 @@ class TrainConfig:
                              f"got {self.lr_schedule!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainConfig.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
-        if self.on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"TrainConfig.on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
-        value = self.max_consecutive_skips
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"TrainConfig.max_consecutive_skips must be an int >= 1, got {value!r}")
+        require_choice("TrainConfig.on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        require_int("TrainConfig.max_consecutive_skips", self.max_consecutive_skips)
 
 
 def run_identity_config(config: TrainConfig) -> dict:

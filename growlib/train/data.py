@@ -19,6 +19,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from growlib.validate import is_number, require_int
+
 VALIDATION_EVERY = 10      # every 10th document (in path order) is validation: splits never share a file
 SPECIAL_TOKENS = ("<pad>", "<mask>", "<bos>", "<eos>")
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "test", "tests", "idlelib", "tkinter", "lib2to3", "ensurepip"})
@@ -29,14 +31,6 @@ BPE_RECIPE = "bytelevel-bpe-v1"   # part of the cache key: change it when the tr
 # ----------------------------------------------------------------------------------------------------------
 # Validation helpers
 # ----------------------------------------------------------------------------------------------------------
-
-def _require_int(name: str, value, minimum: int | None = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
 
 def _require_texts(name: str, texts) -> list[str]:
     if isinstance(texts, str) or not isinstance(texts, Sequence):
@@ -259,7 +253,7 @@ def train_bpe(texts: Sequence[str], vocab_size: int, cache_dir) -> BPETokenizer:
     if the texts run out of merges).  No subsampling: the whole stdlib train split takes ~2 s on 2 CPU cores."""
     texts = _require_texts("texts", texts)
     min_vocab = 256 + len(SPECIAL_TOKENS)
-    vocab_size = _require_int("vocab_size", vocab_size, minimum=min_vocab)
+    vocab_size = require_int("vocab_size", vocab_size, minimum=min_vocab)
     if not isinstance(cache_dir, (str, os.PathLike)):
         raise TypeError(f"cache_dir must be a str or os.PathLike, got {type(cache_dir).__name__}")
     path = bpe_cache_path(texts, vocab_size, cache_dir)
@@ -346,7 +340,7 @@ class TokenData:
 
     def windows(self, starts: torch.Tensor, length: int) -> torch.Tensor:
         """(len(starts), length) int64: the tokens ``[s, s + length)`` for each start s."""
-        length = _require_int("length", length)
+        length = require_int("length", length)
         if starts.dim() != 1 or starts.is_floating_point():
             raise TypeError(f"starts must be a 1-D integer tensor, got {starts.dtype} {tuple(starts.shape)}")
         if len(starts) and (int(starts.min()) < 0 or int(starts.max()) + length > len(self)):
@@ -404,8 +398,8 @@ def _require_tokenizer(tokenizer) -> None:
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     """A CPU generator seeded from (seed, step) alone: the randomness of a step never depends on earlier ones."""
-    seed = _require_int("seed", seed, minimum=None)
-    step = _require_int("step", step, minimum=0)
+    seed = require_int("seed", seed, minimum=None)
+    step = require_int("step", step, minimum=0)
     digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
@@ -413,8 +407,8 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 def _check_windows(data, batch_size: int, seq_len: int) -> None:
     if not isinstance(data, TokenData):
         raise TypeError(f"data must be a TokenData, got {type(data).__name__}")
-    _require_int("batch_size", batch_size)
-    _require_int("seq_len", seq_len)
+    require_int("batch_size", batch_size)
+    require_int("seq_len", seq_len)
     if seq_len > len(data):
         raise ValueError(f"seq_len must be <= the split's {len(data)} tokens, got {seq_len}")
 
@@ -435,8 +429,8 @@ def causal_lm_batch(data: TokenData, step: int, batch_size: int, seq_len: int, s
 
 
 def _check_mask_prob(mask_prob) -> float:
-    if isinstance(mask_prob, bool) or not isinstance(mask_prob, (int, float)):
-        raise TypeError(f"mask_prob must be a float, got {type(mask_prob).__name__}")
+    if not is_number(mask_prob):
+        raise TypeError(f"mask_prob must be a number, got {type(mask_prob).__name__}")
     if not 0.0 < mask_prob < 1.0:
         raise ValueError(f"mask_prob must lie in (0, 1), got {mask_prob}")
     return float(mask_prob)
@@ -477,9 +471,8 @@ def _spread_indices(available: int, wanted: int, subset: int, subsets: int) -> t
     ``subsets`` disjoint ones: item ``i * stride + subset``.  Spread rather than the first ones, so that a fixed
     evaluation samples the whole split (the stdlib's validation files differ by a whole nat in loss from one to
     the next) and disjoint subsets of the same size measure how much an evaluation moves with its sample."""
-    subsets = _require_int("subsets", subsets)
-    if isinstance(subset, bool) or not isinstance(subset, int) or not 0 <= subset < subsets:
-        raise ValueError(f"subset must be an int in [0, {subsets}), got {subset!r}")
+    subsets = require_int("subsets", subsets)
+    require_int("subset", subset, 0, subsets - 1)
     count = min(available // subsets, wanted)
     if count == 0:
         raise ValueError(f"the validation split holds {available} windows or images, too few for {subsets} "
@@ -490,7 +483,7 @@ def _spread_indices(available: int, wanted: int, subset: int, subsets: int) -> t
 def _validation_windows(data: TokenData, batch_size: int, seq_len: int, max_batches: int, subset: int = 0,
                         subsets: int = 1) -> list[torch.Tensor]:
     _check_windows(data, batch_size, seq_len)
-    max_batches = _require_int("max_batches", max_batches)
+    max_batches = require_int("max_batches", max_batches)
     starts = _spread_indices(len(data) // seq_len, batch_size * max_batches, subset, subsets) * seq_len
     return [data.windows(chunk, seq_len) for chunk in starts.split(batch_size)]
 
@@ -549,7 +542,7 @@ def image_batch(images: torch.Tensor, labels: torch.Tensor, step: int, batch_siz
     """``batch_size`` random images (with replacement) drawn from (seed, step) alone, as ViT's keyword
     arguments ``pixel_values`` and ``labels``."""
     _check_images(images, labels)
-    _require_int("batch_size", batch_size)
+    require_int("batch_size", batch_size)
     index = torch.randint(len(labels), (batch_size,), generator=step_generator(seed, step))
     return {"pixel_values": images[index], "labels": labels[index]}
 
@@ -559,6 +552,6 @@ def image_validation_batches(images: torch.Tensor, labels: torch.Tensor, batch_s
     """Up to ``batch_size * max_batches`` images spread evenly over the split (all of them, in order, when
     they fit), in batches (the last may be smaller); ``subset`` / ``subsets`` as ``validation_batches``."""
     _check_images(images, labels)
-    _require_int("batch_size", batch_size)
-    chosen = _spread_indices(len(labels), batch_size * _require_int("max_batches", max_batches), subset, subsets)
+    require_int("batch_size", batch_size)
+    chosen = _spread_indices(len(labels), batch_size * require_int("max_batches", max_batches), subset, subsets)
     return [{"pixel_values": images[chunk], "labels": labels[chunk]} for chunk in chosen.split(batch_size)]

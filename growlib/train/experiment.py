@@ -34,6 +34,7 @@ from growlib.train.metrics import MetricsLog, RunResult, evaluate
 from growlib.train.runs import IDENTITY_FILE, RunFolder, RunFolderError, identity_differences
 from growlib.models import adapter_named
 from growlib.train.sizes import FAMILIES, build_model, parse_size
+from growlib.validate import is_int, require_int
 
 DEFAULT_CACHE = os.environ.get("GROWLIB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "growlib"))
 
@@ -63,9 +64,7 @@ class Experiment:
         if self.family not in FAMILIES:
             raise ValueError(f"Experiment.family must be one of {FAMILIES}, got {self.family!r}")
         for name in ("total_steps", "vocab_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Experiment.{name} must be an int >= 1, got {value!r}")
+            require_int(f"Experiment.{name}", getattr(self, name))
         parse_size(self.size)
         if self.bin_dtype not in D.BIN_DTYPES:
             raise ValueError(f"Experiment.bin_dtype must be one of {tuple(D.BIN_DTYPES)}, got {self.bin_dtype!r}")
@@ -358,7 +357,7 @@ def _check_compare_arguments(schedules, seeds, budget, tuning) -> None:
     unknown = [name for name in schedules if name not in SCHEDULES]
     if not schedules or unknown:
         raise InputError(f"schedules must be a non-empty list of {sorted(SCHEDULES)}, got {list(schedules)!r}")
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+    if not seeds or not all(is_int(s) for s in seeds):
         raise InputError(f"seeds must be a non-empty list of ints, got {seeds!r}")
     for what, items in (("schedules", schedules), ("seeds", seeds)):
         repeated = sorted({item for item in items if list(items).count(item) > 1}, key=str)

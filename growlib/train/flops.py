@@ -54,8 +54,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from growlib.frozen import find_rotary_embedding
 from growlib.models import Adapter, adapter_for
-from growlib.operators.common import require_int
 from growlib.schema import IN, Schema
+from growlib.validate import require_int
 
 
 @dataclass(frozen=True)

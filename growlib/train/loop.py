@@ -22,7 +22,6 @@ from typing import Callable
 import torch
 
 from growlib.apply import counting_map_flops
-from growlib.operators.common import require_int
 from growlib.optim import map_optimizer_state
 from growlib.schedules.protocol import RunState, Stage, Transition
 from growlib.train import faults
@@ -33,6 +32,7 @@ from growlib.train.distributed import (DeepSpeedSteps, TorchSteps, check_ranks_a
                                        rank_and_world, world_size)
 from growlib.train.guards import NonfiniteGuard, require_finite_parameters
 from growlib.train.metrics import Evaluation, MetricsLog, RunResult, evaluate, parameter_count
+from growlib.validate import require_int
 
 
 @dataclass

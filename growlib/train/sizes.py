@@ -6,6 +6,7 @@ import json
 import os
 
 from growlib import names
+from growlib.validate import require_int
 
 #: (layers, hidden, heads, intermediate) per size; ``base`` is the real BERT-Base / GPT-2 small shape.
 SIZES = {
@@ -46,8 +47,7 @@ def parse_size(size: str | dict) -> dict:
     if unknown:
         raise ValueError(f"size takes keys layers, hidden, heads, intermediate, kv_heads; got unknown {sorted(unknown)}")
     for key, value in s.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"size's {key} must be an int >= 1, got {value!r}")
+        require_int(f"size's {key}", value)
     if s["hidden"] % s["heads"] or s["heads"] % s.get("kv_heads", s["heads"]):
         raise ValueError(f"size's hidden must be a multiple of heads, and heads a multiple of kv_heads; got {s}")
     return s

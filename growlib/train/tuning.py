@@ -16,6 +16,8 @@ import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from growlib.validate import is_int, is_number
+
 if TYPE_CHECKING:  # loop imports torch, which the command line's argument checks do without
     from growlib.train.metrics import RunResult
 
@@ -44,18 +46,16 @@ class Tuning:
 
     def __post_init__(self):
         grid, seeds = tuple(self.lr_grid), tuple(self.seeds)
-        if not grid or any(isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m <= 0
-                           for m in grid):
+        if not grid or any(not is_number(m) or not math.isfinite(m) or m <= 0 for m in grid):
             raise ValueError(f"lr_grid must be a non-empty list of positive learning-rate multipliers, got "
                              f"{list(self.lr_grid)!r}")
         if len(set(grid)) != len(grid):
             raise ValueError(f"lr_grid must not repeat a multiplier, got {list(grid)!r}")
-        if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        if not seeds or any(not is_int(s) or s < 0 for s in seeds):
             raise ValueError(f"tuning seeds must be a non-empty list of ints >= 0, got {list(self.seeds)!r}")
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"tuning seeds must not repeat, got {list(seeds)!r}")
-        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or \
-                not 0 < self.fraction <= 1:
+        if not is_number(self.fraction) or not 0 < self.fraction <= 1:
             raise ValueError(f"tuning fraction must be in (0, 1] (the share of each arm's budget a tuning run "
                              f"trains), got {self.fraction!r}")
         if isinstance(self.extend, bool) or not isinstance(self.extend, int) or self.extend < 0:

@@ -50,5 +50,5 @@ def test_errors_name_the_parameter():
         growlib.rope_split_qkv(randn(1, 3, 21, seed=33), *rotary_tables(1, 3, 4, seed=34), num_heads=2, num_kv_heads=1)
     with pytest.raises(ValueError, match="cos must have shape"):
         growlib.rope_split_qkv(randn(1, 3, 16, seed=33), *rotary_tables(1, 4, 4, seed=34), num_heads=2, num_kv_heads=1)
-    with pytest.raises(ValueError, match="num_kv_heads must be a positive int"):
+    with pytest.raises(ValueError, match="num_kv_heads must be an int >= 1"):
         growlib.rope_split_qkv(randn(1, 3, 16, seed=33), *rotary_tables(1, 3, 4, seed=34), num_heads=4, num_kv_heads=0)

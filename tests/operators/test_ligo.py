@@ -399,7 +399,7 @@ def test_a_target_config_of_another_family_or_type_is_refused():
     ({"depth_init": "zip"}, ValueError, "depth_init must be one of"),
     ({"width_init": "copy"}, ValueError, "width_init must be one of"),
     ({"tie": "none"}, ValueError, "tie must be one of"),
-    ({"seed": -1}, ValueError, "seed must be >= 0"),
+    ({"seed": -1}, ValueError, "seed must be an int >= 0"),
     ({"width_init": "bert2bert_aki"}, ValueError, "layer l \\+ 1"),
 ])
 def test_bad_options_are_refused(kwargs, error, match):
@@ -414,8 +414,8 @@ def test_hypercloning_needs_whole_multiples():
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    ({"steps": 0}, ValueError, "steps must be >= 1"),
-    ({"grad_accum": 0}, ValueError, "grad_accum must be >= 1"),
+    ({"steps": 0}, ValueError, "steps must be an int >= 1"),
+    ({"grad_accum": 0}, ValueError, "grad_accum must be an int >= 1"),
     ({"optimizer": "adam"}, ValueError, "optimizer must be one of"),
     ({"steps": 3, "warmup_steps": 4}, ValueError, "warmup_steps must be <= steps=3"),
     ({"lr": 0.0}, ValueError, "lr must be a positive number"),

@@ -103,7 +103,7 @@ def test_round_trip_is_exact_in_half_precision(family, dtype, backend):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"width": 5}, "width=5 must divide"),
-    ({"width": 0}, "width must be >= 1"),
+    ({"width": 0}, "width must be an int >= 1"),
     ({"width": 2.0}, "width must be an int"),
     ({"depth": 3}, "depth=3 must divide the number of layers"),
     ({"depth_pairing": "zip"}, "depth_pairing"),

@@ -58,7 +58,7 @@ def test_net2net_is_seeded():
     ({"hidden": 72, "method": "hypercloning"}, "multiple of 48"),
     ({"hidden": 50}, "pass heads"),
     ({"hidden": 60, "heads": 5, "method": "copy"}, "method"),
-    ({"intermediate": 0}, "intermediate must be >= 1"),
+    ({"intermediate": 0}, "intermediate must be an int >= 1"),
 ])
 def test_widen_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

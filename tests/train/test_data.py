@@ -359,7 +359,7 @@ def test_validation_subsets_are_disjoint_and_the_first_is_the_default_set(byte_v
     too_many = len(byte_val) // 50 + 1
     with pytest.raises(ValueError, match=f"too few for {too_many} disjoint subsets"):
         D.validation_batches(byte_val, 3, 50, 4, subset=0, subsets=too_many)
-    with pytest.raises(ValueError, match=r"subset must be an int in \[0, 5\)"):
+    with pytest.raises(ValueError, match=r"subset must be an int in \[0, 4\], got 5"):
         D.validation_batches(byte_val, 3, 50, 4, subset=5, subsets=5)
 
 

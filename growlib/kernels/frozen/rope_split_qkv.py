@@ -28,6 +28,7 @@ import triton.language as tl
 from growlib.kernels import launch
 from growlib.kernels.backend import compute_dtype
 from growlib.kernels.frozen.checks import check_floating_tensor, check_forward_only, fused_backend
+from growlib.validate import require_int
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -157,9 +158,8 @@ def rope_split_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, n
     if qkv.dim() != 3:
         raise ValueError(f"qkv must be 3-D (batch, seq, (heads + 2 * kv_heads) * head_dim), got shape "
                          f"{tuple(qkv.shape)}")
-    for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    require_int("num_heads", num_heads)
+    require_int("num_kv_heads", num_kv_heads)
     batch, seq_len, width = qkv.shape
     n_heads = num_heads + 2 * num_kv_heads
     if width % n_heads:
