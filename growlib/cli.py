@@ -1,5 +1,6 @@
 """Command line: ``growlib demo`` (the operators on real HF model classes), ``growlib train`` (one schedule),
-``growlib compare`` (every schedule against training from scratch on the same budget), ``growlib check-kernels``
+``growlib compare`` (every schedule against training from scratch on the same budget), ``growlib grow`` (a saved
+model into a larger one), ``growlib check-kernels``
 (every Triton kernel against its PyTorch reference on this machine; see growlib/kernels/check.py)."""
 
 from __future__ import annotations
@@ -200,10 +201,8 @@ def _experiment(args):
                              on_nonfinite=args.on_nonfinite)
         return Experiment(family=args.model, size=args.size, total_steps=_budget_steps(args), config=config,
                           data=args.data, vocab_size=args.vocab_size, bin_dtype=args.bin_dtype)
-    except (ValueError, FileNotFoundError) as error:
-        message = _as_flags(str(error))
-        raise UsageError(message if message.startswith("--") or "size" not in message else f"--size: {message}") \
-            from error
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        raise UsageError(_as_flags(str(error))) from error
 
 
 def _int_list(flag: str, text: str) -> list[int]:
@@ -477,7 +476,33 @@ def build_parser() -> argparse.ArgumentParser:
                                        "on this machine (CUDA, else the CPU through Triton's interpreter)")
     check_kernels_arguments(check_parser)
     _debug_argument(check_parser)
+    grow_parser = commands.add_parser("grow", help="grow a saved HF model into a larger one, saved the same way",
+                                      **defaults_shown)
+    grow_arguments(grow_parser)
+    _debug_argument(grow_parser)
     return parser
+
+
+def grow_arguments(parser: argparse.ArgumentParser) -> None:
+    """grow's arguments: the folders, the target sizes (each defaults to the source's) and the methods."""
+    parser.add_argument("src", metavar="SRC", help="a save_pretrained folder of a supported model")
+    parser.add_argument("out", metavar="OUT", help="the folder to write the grown model to (must not exist)")
+    for flag, what in (("layers", "layers"), ("hidden", "hidden size"), ("intermediate", "MLP width"),
+                       ("heads", "attention heads (the head size is kept)")):
+        parser.add_argument(f"--{flag}", type=int, default=None, help=f"the grown model's {what} (default: SRC's)")
+    parser.add_argument("--depth-method", choices=names.DEPTH_METHODS, default="stack",
+                        help="how new layers are made: stack (StackBERT / G_stack), interleave, copy_top (MSLT)")
+    parser.add_argument("--width-method", choices=names.WIDTH_METHODS, default="hypercloning",
+                        help="how new units are made (hypercloning preserves the function)")
+    parser.add_argument("--ligo-steps", type=int, default=0,
+                        help="fit LiGO for this many steps on --data instead (both methods as its initialisation)")
+    parser.add_argument("--data", default=None,
+                        help="text (file, folder or hf:NAME[:CONFIG]) to fit LiGO on and to measure function "
+                             "preservation on (default: random tokens)")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per batch (fit and check)")
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (fit and check)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random copies, LiGO and the check batch")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
 def describe_schedules(only: str | None = None) -> str:
@@ -543,12 +568,28 @@ def _compare(args) -> int:
     return 0
 
 
+def _grow(args) -> int:
+    from growlib.grow import grow_checkpoint
+
+    _show_progress_logs()
+    try:
+        grow_checkpoint(args.src, args.out, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
+                        heads=args.heads, depth_method=args.depth_method, width_method=args.width_method,
+                        ligo_steps=args.ligo_steps, data=args.data, batch_size=args.batch_size,
+                        seq_len=args.seq_len, seed=args.seed, overwrite=args.overwrite)
+    except (ValueError, TypeError) as error:  # a size the operators refuse (e.g. heads that do not divide)
+        raise UsageError(str(error)) from error
+    return 0
+
+
 def _dispatch(args) -> int:
     if args.command == "demo":
         return demo(args.model, args.seed)
     if args.command == "schedules":
         print(describe_schedules(args.name))
         return 0
+    if args.command == "grow":
+        return _grow(args)
     if args.command == "check-kernels":
         from growlib.kernels import check as kernel_check
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import torch
 
+from growlib import names
 from growlib.apply import apply_map
 from growlib.models import adapter_for
 from growlib.operators.common import depth_copy, map_dims, map_model, require_same_device, resized_dims
 from growlib.schema import DepthMap, GrowthMap
 from growlib.validate import require_int
 
-GROW_METHODS = ("stack", "interleave", "copy_top")
+GROW_METHODS = names.DEPTH_METHODS
 PARITIES = ("even", "odd")
 #: The schema names of every residual branch's last projection, into which the ODE step size is folded.  All
 #: adapters use these names and mark exactly these specs ``residual_out`` (tests/operators/test_map_builders.py),

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import torch
 
+from growlib import names
 from growlib.models import adapter_for
 from growlib.operators.common import copy_map, depth_identity, expand_heads, map_dims, map_model, resized_dims
 from growlib.schema import GrowthMap, WIDTH_ROLES
 from growlib.validate import require_int
 
-WIDEN_METHODS = ("net2net", "bert2bert_fpi", "bert2bert_aki", "hypercloning")
+WIDEN_METHODS = names.WIDTH_METHODS
 #: Methods that are a single growth map (every method but the layer-coupled AKI).
 WIDEN_MAP_METHODS = ("net2net", "bert2bert_fpi", "hypercloning")
 

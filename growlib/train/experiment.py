@@ -65,7 +65,7 @@ class Experiment:
             raise ValueError(f"Experiment.family must be one of {FAMILIES}, got {self.family!r}")
         for name in ("total_steps", "vocab_size"):
             require_int(f"Experiment.{name}", getattr(self, name))
-        parse_size(self.size)
+        parse_size(self.size, "Experiment.size")
         if self.bin_dtype not in D.BIN_DTYPES:
             raise ValueError(f"Experiment.bin_dtype must be one of {tuple(D.BIN_DTYPES)}, got {self.bin_dtype!r}")
         if not isinstance(self.config, TrainConfig):

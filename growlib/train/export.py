@@ -60,7 +60,7 @@ def export_model(run_path: str, model: torch.nn.Module, tokenizer) -> None:
         for role in ("bos", "eos", "pad"):
             setattr(model.config, f"{role}_token_id", getattr(tokenizer, f"{role}_token_id"))
     try:
-        with _quiet_progress_bars():  # a one-shard bar per run would fill compare's log
+        with quiet_progress_bars():  # a one-shard bar per run would fill compare's log
             model.save_pretrained(partial)
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
@@ -79,7 +79,7 @@ def export_model(run_path: str, model: torch.nn.Module, tokenizer) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_progress_bars():
+def quiet_progress_bars():
     """transformers' progress bars off for the duration, as they were afterwards."""
     from transformers.utils import logging as hf_logging
 
@@ -139,7 +139,7 @@ def load_run(path: str | os.PathLike) -> LoadedRun:
         raise ValueError(f"load_run: {os.path.join(folder, _MODEL_CONFIG)} names architecture {architecture!r}; "
                          f"expected one of the model classes growlib trains: {sorted(supported)}")
     adapter = supported[architecture]
-    with _quiet_progress_bars():  # transformers' per-tensor loading bar
+    with quiet_progress_bars():  # transformers' per-tensor loading bar
         model = adapter.finish(adapter.model_class(architecture).from_pretrained(folder))
     has_tokenizer = os.path.isfile(os.path.join(folder, _TOKENIZER_CONFIG))
     with open(os.path.join(folder, IDENTITY_FILE)) as f:

@@ -17,11 +17,11 @@ SIZES = {
 FAMILIES = names.FAMILIES
 
 
-def _size(size: str | dict) -> dict:
+def _size(size: str | dict, name: str) -> dict:
     if isinstance(size, dict):
         return size
     if not isinstance(size, str):
-        raise ValueError(f"size must be one of {sorted(SIZES)}, inline JSON, a JSON file or a dict, got {size!r}")
+        raise ValueError(f"{name} must be one of {sorted(SIZES)}, inline JSON, a JSON file or a dict, got {size!r}")
     if size in SIZES:
         layers, hidden, heads, ffn = SIZES[size]
         return {"layers": layers, "hidden": hidden, "heads": heads, "intermediate": ffn}
@@ -32,24 +32,26 @@ def _size(size: str | dict) -> dict:
             with open(size) as f:
                 return json.load(f)
     except json.JSONDecodeError as error:
-        raise ValueError(f"size {size!r} is not valid JSON: {error}") from None
-    raise ValueError(f"size must be one of {sorted(SIZES)}, inline JSON, a JSON file or a dict, got {size!r}")
+        raise ValueError(f"{name} {size!r} is not valid JSON: {error}") from None
+    raise ValueError(f"{name} must be one of {sorted(SIZES)}, inline JSON, a JSON file or a dict, got {size!r}")
 
 
-def parse_size(size: str | dict) -> dict:
-    """``size`` as a dict of layers, hidden, heads, intermediate (and kv_heads); ValueError naming it otherwise."""
-    s = _size(size)
+def parse_size(size: str | dict, name: str = "size") -> dict:
+    """``size`` as a dict of layers, hidden, heads, intermediate (and kv_heads); ValueError naming it (``name``:
+    how the caller calls it, e.g. ``Experiment.size``) otherwise."""
+    s = _size(size, name)
     missing = {"layers", "hidden", "heads", "intermediate"} - set(s) if isinstance(s, dict) else set()
     if not isinstance(s, dict) or missing:
-        raise ValueError(f"size needs keys layers, hidden, heads, intermediate; got {size!r}"
+        raise ValueError(f"{name} needs keys layers, hidden, heads, intermediate; got {size!r}"
                          + (f", missing {sorted(missing)}" if missing else ""))
     unknown = set(s) - {"layers", "hidden", "heads", "intermediate", "kv_heads"}
     if unknown:
-        raise ValueError(f"size takes keys layers, hidden, heads, intermediate, kv_heads; got unknown {sorted(unknown)}")
+        raise ValueError(f"{name} takes keys layers, hidden, heads, intermediate, kv_heads; got unknown "
+                         f"{sorted(unknown)}")
     for key, value in s.items():
-        require_int(f"size's {key}", value)
+        require_int(f"{name}'s {key}", value)
     if s["hidden"] % s["heads"] or s["heads"] % s.get("kv_heads", s["heads"]):
-        raise ValueError(f"size's hidden must be a multiple of heads, and heads a multiple of kv_heads; got {s}")
+        raise ValueError(f"{name}'s hidden must be a multiple of heads, and heads a multiple of kv_heads; got {s}")
     return s
 
 

@@ -31,7 +31,7 @@ def deepspeed_file(tmp_path, config):
 @pytest.mark.parametrize("argv,expected", [
     (["train", "--batch-size", "0"], "--batch-size must be an int >= 1, got 0"),
     (["train", "--lr", "-1"], "--lr must be a positive number"),
-    (["train", "--size", '{"layers": 4}'], "--size: size needs keys layers, hidden, heads, intermediate"),
+    (["train", "--size", '{"layers": 4}'], "--size needs keys layers, hidden, heads, intermediate"),
     (["train", "--size", '{"layers": 4, "hidden": 30, "heads": 4, "intermediate": 8}'],
      "hidden must be a multiple of heads"),
     (["train", "--size", "{nope"], "is not valid JSON"),
