@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _HOMES = {
     "apply_map": "growlib.apply",
     "FrozenStack": "growlib.frozen", "freeze_forward": "growlib.frozen",
+    "grow_checkpoint": "growlib.grow", "GrowReport": "growlib.grow",
     "schema_of": "growlib.operators.common",
     "grow_depth": "growlib.operators.depth", "grow_depth_map": "growlib.operators.depth",
     "prolong_": "growlib.operators.depth", "prolong_map": "growlib.operators.depth",

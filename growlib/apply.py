@@ -125,6 +125,7 @@ def apply_map(gmap: GrowthMap, source: Schema, target: Schema, *, alpha: float |
     check_map_fits(gmap, source, target)
     tables = _TableBuilder()
     groups = defaultdict(list)  # (device, dst dtype, src dtype) -> tasks
+    remapped: dict = {}  # row maps re-indexed for head-split sources, each built once
     for spec in target.specs:
         out = target.tensors[spec.key]
         if spec.layer is None:
@@ -137,16 +138,18 @@ def apply_map(gmap: GrowthMap, source: Schema, target: Schema, *, alpha: float |
             if not sources:  # a layer the map sets to zero
                 sources = [(source.tensor(spec.name, 0), 0.0)]
         first = sources[0][0]
-        row_map = gmap.width_for(spec.axes[0].role, spec.axes[0].side, first.shape[0])
-        col_map = (gmap.width_for(spec.axes[1].role, spec.axes[1].side, first.shape[1])
+        rows, cols = _rows_cols(first, spec)
+        row_map = gmap.width_for(spec.axes[0].role, spec.axes[0].side, rows)
+        col_map = (gmap.width_for(spec.axes[1].role, spec.axes[1].side, cols)
                    if len(spec.axes) == 2 else _SINGLE_COLUMN)
-        if (row_map.n_out, col_map.n_out) != _as_2d(out).shape:
+        if (row_map.n_out, col_map.n_out) != _rows_cols(out, spec):
             raise ValueError(f"target tensor {spec.name!r} (layer {spec.layer}) has shape {tuple(out.shape)}, "
                              f"but the map produces {(row_map.n_out, col_map.n_out)}")
-        task = (_as_2d(out), [(_as_2d(s), w) for s, w in sources], tables.start_of(row_map), tables.start_of(col_map))
-        _charge(_task_flops(tuple(_as_2d(out).shape), _as_2d(first).shape[0], len(sources), row_map, col_map,
-                            alpha is not None))
-        groups[(out.device, out.dtype, first.dtype)].append(task)
+        source_views, source_rows = _source_views(sources, spec, row_map, remapped)
+        row_start, col_start = tables.start_of(source_rows), tables.start_of(col_map)
+        for block, offset in _target_blocks(out, spec):
+            groups[(out.device, out.dtype, first.dtype)].append((block, source_views, row_start + offset, col_start))
+        _charge(_task_flops(_rows_cols(out, spec), rows, len(sources), row_map, col_map, alpha is not None))
 
     built_tables = {}
     for (device, _, _), tasks in groups.items():
@@ -169,3 +172,52 @@ def apply_map(gmap: GrowthMap, source: Schema, target: Schema, *, alpha: float |
 
 def _as_2d(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 2 else t.unsqueeze(1)
+
+
+# A head-split view (SlotSpec.head_split: (heads, head_dim[, in]), heads unevenly spaced in storage, e.g. GPT-NeoX's
+# per-head fused QKV) is no 2-D tensor, so the kernel sees it differently on each side, still without a copy:
+# as a target, one task per head ((head_dim, in) is an ordinary 2-D view), each reading its rows of the row map;
+# as a source, the 2-D view of every row from its first head's first to its last head's last (the other
+# projections' rows in between included), with the row map re-indexed to skip those.
+
+def _is_head_split(t: torch.Tensor, spec) -> bool:
+    return t.dim() == len(spec.axes) + 1
+
+
+def _rows_cols(t: torch.Tensor, spec) -> tuple[int, int]:
+    """The (rows, cols) a tensor has as a map sees it (its canonical shape, a vector as one column)."""
+    if _is_head_split(t, spec):
+        return t.shape[0] * t.shape[1], (t.shape[2] if t.dim() == 3 else 1)
+    return tuple(_as_2d(t).shape)
+
+
+def _target_blocks(out: torch.Tensor, spec) -> list[tuple[torch.Tensor, int]]:
+    """The 2-D tensors the kernel writes for one target tensor, each with the offset of its first row in the
+    row map: the tensor itself, or each head of a head-split one."""
+    if not _is_head_split(out, spec):
+        return [(_as_2d(out), 0)]
+    head_dim = out.shape[1]
+    return [(_as_2d(out[h]), h * head_dim) for h in range(out.shape[0])]
+
+
+def _source_views(sources, spec, row_map: SparseRows, remapped: dict):
+    """The kernel's 2-D source tensors of one task and the row map indexing them (re-indexed for head-split
+    sources: unit (h, t) is row h * stride + t of the view spanning all heads)."""
+    first = sources[0][0]
+    if not _is_head_split(first, spec):
+        return [(_as_2d(s), w) for s, w in sources], row_map
+    heads, head_dim = first.shape[:2]
+    strides = {tuple(s.stride()) for s, _ in sources}
+    head_stride, row_stride = first.stride()[:2]
+    if len(strides) != 1 or row_stride <= 0 or head_stride % row_stride:
+        # heads not a whole number of rows apart: read a contiguous copy (sources are only read)
+        return [(_as_2d(s.reshape(heads * head_dim, *s.shape[2:])), w) for s, w in sources], row_map
+    spacing = head_stride // row_stride
+    span = (heads - 1) * spacing + head_dim
+    views = [(_as_2d(torch.as_strided(s, (span, *s.shape[2:]), (row_stride, *s.stride()[2:]))), w)
+             for s, w in sources]
+    key = (id(row_map), head_dim, spacing)
+    if key not in remapped:
+        index = row_map.index // head_dim * spacing + row_map.index % head_dim
+        remapped[key] = (row_map, SparseRows(index, row_map.weight, span))
+    return views, remapped[key][1]

@@ -120,7 +120,8 @@ _FLAG_OF_FIELD = {
     "TrainConfig.eval_every": "--eval-every", "TrainConfig.eval_batches": "--eval-batches",
     "TrainConfig.on_nonfinite": "--on-nonfinite", "Experiment.family": "--model", "Experiment.size": "--size",
     "Experiment.total_steps": "--steps", "Experiment.data": "--data", "Experiment.vocab_size": "--vocab-size",
-    "Experiment.bin_dtype": "--bin-dtype",
+    "Experiment.bin_dtype": "--bin-dtype", "Experiment.init_from": "--init-from",
+    "Experiment.tokenizer": "--tokenizer", "Experiment.target_config": "--target-config",
 }
 
 
@@ -129,10 +130,21 @@ def _as_flags(message: str) -> str:
 
 
 def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=names.FAMILIES, default="gpt2", help="model family (HF class it trains)")
-    parser.add_argument("--size", default="tiny",
-                        help="tiny | small | base, or JSON (inline or a file) with layers, hidden, heads, "
-                             "intermediate and, for llama, kv_heads")
+    parser.add_argument("--model", choices=names.FAMILIES, default=None,
+                        help="model family (HF class it trains) (default: gpt2, or --init-from's)")
+    parser.add_argument("--size", default=None,
+                        help="the full model: tiny | small | base, or JSON (inline or a file) with layers, hidden, "
+                             "heads, intermediate and, for grouped-query families (llama, qwen2, mistral), kv_heads (default: tiny, or with --init-from the "
+                             "checkpoint's own sizes)")
+    parser.add_argument("--init-from", default=None, metavar="DIR",
+                        help="a save_pretrained folder (e.g. growlib grow's output) the schedule's first stage "
+                             "starts from: a growth schedule's small model, a multilevel one's fine model, the "
+                             "baseline's start; the full model is its config at --size")
+    parser.add_argument("--tokenizer", default=None, metavar="DIR",
+                        help="a folder holding a Hugging Face tokenizer to tokenize --data with and save with the "
+                             "run (default: --init-from's own, else a BPE trained on the data)")
+    parser.add_argument("--target-config", default=None, metavar="FILE",
+                        help="a config.json giving the full model (a growth schedule's target) instead of --size")
     parser.add_argument("--data", default=None,
                         help="a text file or folder, a .bin file of token ids, or hf:NAME[:CONFIG], a Hugging "
                              "Face dataset's text column (needs the datasets package) (default: Python's own stdlib "
@@ -189,6 +201,20 @@ def _budget_steps(args) -> int:
     return args.tokens // per_step
 
 
+def _checkpoint_family(args) -> str | None:
+    """--init-from's (else --target-config's) family, read from its config.json: the default of --model."""
+    config_file = (os.path.join(args.init_from, "config.json") if args.init_from is not None
+                   else args.target_config)
+    if config_file is None:
+        return None
+    if not os.path.isfile(config_file):
+        flag = "--init-from" if args.init_from is not None else "--target-config"
+        raise UsageError(f"{flag}: no such file: {config_file!r} (a save_pretrained folder holds config.json)")
+    with open(config_file) as f:
+        model_type = json.load(f).get("model_type")
+    return model_type if model_type in names.FAMILIES else None  # else Experiment names the file's family
+
+
 def _experiment(args):
     """The Experiment the flags describe; every value checked here, before any data or model exists."""
     from growlib.train.experiment import Experiment
@@ -199,7 +225,11 @@ def _experiment(args):
                              batch_size=args.batch_size, seq_len=args.seq_len,
                              eval_every=args.eval_every, eval_batches=args.eval_batches,
                              on_nonfinite=args.on_nonfinite)
-        return Experiment(family=args.model, size=args.size, total_steps=_budget_steps(args), config=config,
+        starts_elsewhere = args.init_from is not None or args.target_config is not None
+        return Experiment(family=args.model or _checkpoint_family(args) or "gpt2",
+                          size=args.size or (None if starts_elsewhere else "tiny"), total_steps=_budget_steps(args),
+                          config=config, init_from=args.init_from, tokenizer=args.tokenizer,
+                          target_config=args.target_config,
                           data=args.data, vocab_size=args.vocab_size, bin_dtype=args.bin_dtype)
     except (ValueError, TypeError, FileNotFoundError) as error:
         raise UsageError(_as_flags(str(error))) from error
@@ -248,11 +278,20 @@ def _set_threads(requested: int | None) -> None:
               file=sys.stderr)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (it may have been replaced since, e.g. by a
+    test's capture), not to the stream it found when it was made."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _show_progress_logs() -> None:
     """Data preparation and LiGO's fit report to the ``growlib`` loggers; the command line prints them."""
     logger = logging.getLogger("growlib")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -329,13 +368,14 @@ def _schedule_options(schedule: str, pairs: list[str]) -> dict:
         raise UsageError(str(error)) from None
 
 
-def _check_schedule(args, steps: int, options: dict) -> None:
+def _check_schedule(args, experiment, steps: int, options: dict) -> None:
     """Build the schedule's stages now: an option out of range, or a budget too small for the schedule, fails
-    here, naming --schedule-args or the budget's flag."""
+    here, naming --schedule-args or the budget's flag; a checkpoint (--init-from) that does not fit the first
+    stage fails too."""
     from growlib.schedules import build_schedule
-    from growlib.train.sizes import parse_size
+    from growlib.train.experiment import build_stages, check_start, full_layers
 
-    layers = parse_size(args.size)["layers"]
+    layers = full_layers(experiment)
     try:
         build_schedule(args.schedule, steps, layers, **options)
     except ValueError as error:
@@ -345,6 +385,7 @@ def _check_schedule(args, steps: int, options: dict) -> None:
         except ValueError:
             raise UsageError(f"--schedule {args.schedule} with {budget}: {error}") from None
         raise UsageError(f"--schedule-args {' '.join(args.schedule_args)}: {error}") from None
+    check_start(experiment, build_stages(experiment, args.schedule, steps, options))
 
 
 #: Exit status of a run stopped by SIGINT / SIGTERM (128 + SIGINT, as shells report Ctrl-C).
@@ -530,7 +571,7 @@ def _train(args) -> int:
                          "folder, --overwrite deletes it and starts over")
     experiment = _experiment(args)
     options = _schedule_options(args.schedule, args.schedule_args)
-    _check_schedule(args, experiment.total_steps, dict(options))
+    _check_schedule(args, experiment, experiment.total_steps, dict(options))
     deepspeed = _deepspeed_config(args.deepspeed, experiment)
     if deepspeed is not None and (args.resume or args.checkpoint_every):
         raise UsageError("--deepspeed runs write no checkpoints (ZeRO partitions the optimizer state): drop "

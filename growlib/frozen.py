@@ -8,7 +8,12 @@ everything around the matmuls runs as fused kernels (growlib/kernels/frozen/):
   layer is fused with the norm that opens the next one;
 * bias + GELU and SwiGLU as one elementwise pass over the MLP's first matmul (``bias_activation``,
   ``gated_activation``);
-* the QKV split with RoPE, writing q, k, v in attention's layout (``rope_split_qkv``).
+* the QKV split with RoPE, writing q, k, v in attention's layout (``rope_split_qkv``); partial RoPE (GPT-NeoX /
+  Pythia rotate the first part of each head, which the kernel cannot pair up) splits q, k, v as views and
+  rotates on the torch side (``_partial_rope``).
+
+Layers run pre-LN, post-LN (``Adapter.post_ln``) or with a parallel residual (``PackedLayer.parallel_residual``,
+GPT-NeoX: h + attn(norm1(h)) + mlp(norm2(h))).
 
 Matmuls stay with torch (cuBLAS) and attention is ``torch.nn.functional.scaled_dot_product_attention``.
 """
@@ -77,6 +82,23 @@ def find_rotary_embedding(model: torch.nn.Module) -> torch.nn.Module:
         raise ValueError(f"model ({type(model).__name__}) must hold exactly one 'rotary_emb' module for its rotary "
                          f"layers, found {len(found)}")
     return found[0]
+
+
+def _sliding_window(mask: torch.Tensor | None, layer: PackedLayer, seq: int, device) -> torch.Tensor | None:
+    """``mask`` narrowed to a causal layer's sliding window: query q sees key k only if k > q - window (HF's
+    ``sliding_window_overlay``).  Unchanged while the window covers the sequence.  A query row left with no key
+    (a right-padding position whose window holds only padding) sees its whole window instead, as
+    ``FrozenStack._attention_mask`` lets rows that see nothing see everything: it stays finite."""
+    window = layer.sliding_window
+    if window is None or seq <= window:
+        return mask
+    positions = torch.arange(seq, device=device)
+    offset = positions[:, None] - positions[None, :]  # query - key
+    band = (offset >= 0) & (offset < window)
+    if mask is None:
+        return band
+    seen = mask & band
+    return seen | (band & ~seen.any(dim=-1, keepdim=True))
 
 
 def _version(t: torch.Tensor) -> int:
@@ -156,11 +178,19 @@ class FrozenStack(torch.nn.Module):
         hidden = {layer.out.weight.shape[1 if layer.out.in_major else 0] for layer in packed}  # out: -> hidden
         if len(hidden) != 1:
             raise ValueError(f"the layers have different hidden sizes {sorted(hidden)}: they cannot form one stack")
-        if adapter.rotary and len({layer.head_dim for layer in packed}) != 1:
-            raise ValueError(f"the {adapter.family} layers have different head sizes: one rotary embedding cannot "
-                             "serve them")
+        if adapter.rotary and len({(layer.head_dim, layer.rotary_dims) for layer in packed}) != 1:
+            raise ValueError(f"the {adapter.family} layers have different head sizes or rotary dimensions: one "
+                             "rotary embedding cannot serve them")
+        parallel = {layer.parallel_residual for layer in packed}
+        if len(parallel) != 1:
+            raise ValueError(f"the {adapter.family} layers mix parallel and sequential residual branches: they "
+                             "cannot form one stack")
         self.family, self.dtype, self.device = adapter.family, dtype, devices.pop()
         self._post_ln_layers = adapter.post_ln
+        self._parallel_layers = parallel.pop()
+        if self._post_ln_layers and self._parallel_layers:
+            raise ValueError(f"the {adapter.family} layers are post-LN with parallel residual branches, which "
+                             "freeze_forward does not run")
         self.hidden_size, self.num_layers = hidden.pop(), len(layers)
         self._layers = packed
         if adapter.rotary:
@@ -223,7 +253,8 @@ class FrozenStack(torch.nn.Module):
             x = hidden_states.to(self.dtype).reshape(batch * seq, hidden)
             mask = self._attention_mask(attention_mask, batch, seq)
             rope = self._rope(position_ids, seq) if self._rotary is not None else None
-            run = self._post_ln if self._post_ln_layers else self._pre_ln
+            run = (self._post_ln if self._post_ln_layers else self._parallel if self._parallel_layers
+                   else self._pre_ln)
             out = run(x, batch, seq, mask, rope)
         return out.view(batch, seq, hidden).to(hidden_states.dtype)
 
@@ -248,11 +279,14 @@ class FrozenStack(torch.nn.Module):
     def _attention(self, layer: PackedLayer, x: torch.Tensor, batch: int, seq: int, mask, rope) -> torch.Tensor:
         qkv = layer.qkv(x).view(batch, seq, -1)
         h, kv = layer.heads, layer.kv_heads
-        if layer.rotary:
+        if layer.rotary and layer.rotary_dims in (None, layer.head_dim):
             q, k, v = rope_split_qkv(qkv, *rope, num_heads=h, num_kv_heads=kv)
         else:
             heads = qkv.view(batch, seq, h + 2 * kv, layer.head_dim).transpose(1, 2)
             q, k, v = heads[:, :h], heads[:, h:h + kv], heads[:, h + kv:]
+            if layer.rotary:
+                q, k = _partial_rope(q, *rope), _partial_rope(k, *rope)
+        mask = _sliding_window(mask, layer, seq, x.device)
         extra = {}
         if kv != h:
             # As HF does: SDPA's own GQA where its fused kernels take it (no mask), repeated kv heads otherwise.
@@ -270,16 +304,23 @@ class FrozenStack(torch.nn.Module):
             return gated_activation(pre, layer.up_bias, activation=layer.activation)
         return bias_activation(pre, layer.up_bias, activation=layer.activation)
 
+    def _parallel(self, h, batch, seq, mask, rope) -> torch.Tensor:
+        """GPT-NeoX's parallel residual: h = h + attn(norm1(h)) + mlp(norm2(h)), both branches reading h."""
+        for layer in self._layers:
+            attn_out = layer.out(self._attention(layer, layer.norm1(h), batch, seq, mask, rope))
+            h = layer.down(self._mlp(layer, layer.norm2(h))).add_(attn_out).add_(h)
+        return h
+
     def _post_ln(self, h, batch, seq, mask, rope) -> torch.Tensor:
-        """BERT: h = LN1(h + attn(h)); h = LN2(h + mlp(h))."""
+        """BERT, RoBERTa: h = LN1(h + attn(h)); h = LN2(h + mlp(h))."""
         for layer in self._layers:
             h = layer.norm1(layer.out(self._attention(layer, h, batch, seq, mask, rope)), h)
             h = layer.norm2(layer.down(self._mlp(layer, h)), h)
         return h
 
     def _pre_ln(self, h, batch, seq, mask, rope) -> torch.Tensor:
-        """GPT-2, ViT, Llama: h += attn(norm1(h)); h += mlp(norm2(h)).  Each residual add comes out of the norm
-        that follows it: norm2 of the same layer, or norm1 of the next."""
+        """GPT-2, ViT, Llama, Qwen2, Mistral: h += attn(norm1(h)); h += mlp(norm2(h)).  Each residual add comes
+        out of the norm that follows it: norm2 of the same layer, or norm1 of the next."""
         normed = self._layers[0].norm1(h)
         for i, layer in enumerate(self._layers):
             normed, h = layer.norm2(layer.out(self._attention(layer, normed, batch, seq, mask, rope)), h,
@@ -296,14 +337,29 @@ class FrozenStack(torch.nn.Module):
                 f"device={self.device}")
 
 
+def _partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Partial RoPE (GPT-NeoX / Pythia) on the torch side: the first ``cos.shape[-1]`` dimensions of each head of
+    ``x`` (batch, heads, seq, head_dim) rotated as HF's ``apply_rotary_pos_emb`` does, the rest passed through.
+    The fused ``rope_split_qkv`` kernel rotates whole heads (it pairs j with j + head_dim / 2, where partial
+    RoPE pairs j with j + rotary_dims / 2), so these layers split q, k, v as views and rotate here.  In fp32
+    (fp64 for fp64), like the kernel."""
+    n = cos.shape[-1]
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rot = x[..., :n].to(compute)
+    turned = torch.cat((-rot[..., n // 2:], rot[..., :n // 2]), dim=-1)
+    rot = rot * cos.to(compute).unsqueeze(1) + turned * sin.to(compute).unsqueeze(1)
+    return torch.cat((rot.to(x.dtype), x[..., n:]), dim=-1)
+
+
 def freeze_forward(layers, model: torch.nn.Module | None = None, *, dtype: torch.dtype | None = None) -> FrozenStack:
     """A forward-only module running a contiguous stack of frozen HF layers (any adapter's layer class:
-    BertLayer, GPT2Block, LlamaDecoderLayer, ViTLayer) with fused kernels: ``(hidden_states, attention_mask=None, position_ids=None)
-    -> hidden_states``.
+    BertLayer, GPT2Block, LlamaDecoderLayer, ViTLayer, RobertaLayer, Qwen2DecoderLayer, MistralDecoderLayer,
+    GPTNeoXLayer, OPTDecoderLayer, DeiTLayer) with fused
+    kernels: ``(hidden_states, attention_mask=None, position_ids=None) -> hidden_states``.
 
     ``layers``: a list, tuple or nn.ModuleList (e.g. ``model.model.layers[:6]``) of consecutive layers of one
     family.  ``model``: optional, the model holding them; it vouches for the stack's contiguity and lends its
-    rotary embedding to Llama layers (otherwise one is built from the layers' config, which is the same
+    rotary embedding to rotary layers (Llama's, ...; otherwise one is built from the layers' config, which is the same
     unless the model's was changed at run time).  ``dtype``: the compute dtype (default: the layers').
 
     The stack runs without autograd and as in eval mode (no dropout): its output has no graph, so it can feed

@@ -160,7 +160,7 @@ def grow_checkpoint(source: str, out: str, *, layers: int | None = None, hidden:
 
     model, adapter = load_pretrained(source)
     dims = adapter.dims(model.config)
-    seq_len = min(seq_len, dims.get("pos", seq_len))  # no longer than the model's positions
+    seq_len = min(seq_len, adapter.max_seq_len(model.config) or seq_len)  # no longer than its positions serve
     target = _target_dims(dims, layers, hidden, intermediate, heads, width_method, seed)
     has_tokenizer = any(os.path.isfile(os.path.join(source, name)) for name in TOKENIZER_FILES)
     tokenizer = AutoTokenizer.from_pretrained(source) if has_tokenizer else None

@@ -46,7 +46,14 @@ class SlotSpec:
 
     ``view`` turns the HF storage tensor into the canonical (out, in) view without copying, e.g. a
     transpose for GPT-2's Conv1D or a slice of its fused ``c_attn``.  ``residual_out`` marks the last
-    projection of a residual branch: the ODE multilevel operators fold the residual step size into it."""
+    projection of a residual branch: the ODE multilevel operators fold the residual step size into it.
+
+    ``head_split``: the view keeps the heads of its first, head-structured axis (``attn`` or ``kv``) apart,
+    (heads, head_dim[, in]) instead of (heads * head_dim[, in]).  That is for storage no 2-D view can express:
+    GPT-NeoX fuses Q, K and V per head ([q_h, k_h, v_h] for each head h), so the rows of one head of Q lie
+    3 * head_dim rows after the previous one's and Q is a strided 3-D view.  ``canonical_shape`` gives the
+    (out, in) shape every map works with; ``growlib.apply`` runs such a tensor head by head, still without a
+    copy."""
 
     name: str
     layer: int | None
@@ -54,6 +61,7 @@ class SlotSpec:
     axes: tuple[Axis, ...]
     view: Callable[[torch.Tensor], torch.Tensor]
     residual_out: bool = False
+    head_split: bool = False
 
     @property
     def key(self) -> tuple[str, int | None]:
@@ -91,6 +99,26 @@ class Schema:
         return sum(t.numel() for t in self.tensors.values())
 
 
+#: The head-structured roles, and the size in ``dims`` that counts their heads.
+HEAD_ROLES = {"attn": "heads", "kv": "kv_heads"}
+
+
+def canonical_shape(spec: SlotSpec, dims: Mapping[str, int]) -> tuple[int, ...]:
+    """The (out[, in]) shape of a slot: one size per axis, from its role."""
+    return tuple(dims[a.role] for a in spec.axes)
+
+
+def stored_shape(spec: SlotSpec, dims: Mapping[str, int]) -> tuple[int, ...]:
+    """The shape of a slot's view: its canonical shape, or (heads, head_dim[, in]) for a ``head_split`` one."""
+    shape = canonical_shape(spec, dims)
+    if not spec.head_split:
+        return shape
+    role = spec.axes[0].role
+    if role not in HEAD_ROLES:
+        raise ValueError(f"{spec.name!r} is head_split, but its first axis has role {role!r}, which has no heads")
+    return (dims[HEAD_ROLES[role]], dims["head_dim"], *shape[1:])
+
+
 def bind_specs(family: str, dims: dict[str, int], specs: Sequence[SlotSpec],
                named_tensors: Mapping[str, torch.Tensor], tied_embeddings: bool) -> Schema:
     """Build a schema by applying each spec's view to the named tensor it reads.
@@ -102,7 +130,7 @@ def bind_specs(family: str, dims: dict[str, int], specs: Sequence[SlotSpec],
         if spec.source not in named_tensors:
             raise KeyError(f"{family} schema needs tensor {spec.source!r}, which is missing")
         view = spec.view(named_tensors[spec.source])
-        expected = tuple(dims[a.role] for a in spec.axes)
+        expected = stored_shape(spec, dims)
         if tuple(view.shape) != expected:
             raise ValueError(
                 f"{family} tensor {spec.source!r} viewed as {spec.name!r}: expected shape {expected} from the "

@@ -28,3 +28,20 @@ def backend(request):
         pytest.skip("CPU-model Triton cases run under the interpreter; GPU runs cover tests/kernels")
     with growlib.use_backend(request.param):
         yield request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    """Leave out the interpreted Triton case of tests parametrized by a family whose views are plain 2-D ones
+    (tests/factories.py REFERENCE_ONLY_FAMILIES: OPT, DeiT): the kernels see nothing in them the first four
+    families do not already send, and each such case costs about a second of the interpreter.  They run on the
+    PyTorch reference; the summary counts the cases left out as deselected."""
+    from tests.factories import REFERENCE_ONLY_FAMILIES
+
+    def reference_only(item):
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        return params.get("backend") == "triton" and params.get("family") in REFERENCE_ONLY_FAMILIES
+
+    left_out = [item for item in items if reference_only(item)]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not reference_only(item)]

@@ -30,7 +30,7 @@ def test_parsing_and_help_import_neither_torch_nor_transformers():
 def test_python_dash_m_growlib_is_the_command_line():
     done = subprocess.run([sys.executable, "-m", "growlib", "--help"], capture_output=True, text=True)
     assert done.returncode == 0
-    assert "{demo,train,compare,schedules,check-kernels}" in done.stdout
+    assert "{demo,train,compare,schedules,check-kernels,grow}" in done.stdout
 
 
 def test_the_light_name_lists_are_what_the_registries_implement():

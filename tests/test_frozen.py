@@ -1,7 +1,8 @@
-"""growlib.freeze_forward against the Hugging Face layers it replaces, for BERT, GPT-2, Llama and ViT.
+"""growlib.freeze_forward against the Hugging Face layers it replaces, for every family.
 
 Stacks are slices from the middle of tiny random models (awkward sizes: hidden 48, intermediate 70, GQA for
-Llama); inputs cover seq 1, seq 17, batch 3 and padding masks.  Each case runs with the PyTorch references
+Llama, Qwen2 and Mistral, sliding windows of 6 and 7 positions); inputs cover seq 1, seq 17, batch 3 and
+padding masks.  Each case runs with the PyTorch references
 and with the Triton kernels (the interpreter on CPU)."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import transformers as T
 from transformers import masking_utils
 
 import growlib
-from growlib.frozen import FrozenStack
+from growlib.frozen import FrozenStack, find_rotary_embedding
 from growlib.operators.common import layer_stack
 from tests.factories import FAMILIES, MODEL_CLASSES, _randomize, tiny_config, tiny_model
 
@@ -23,10 +24,20 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:Runt
 HIDDEN = 48
 
 
+def sliding_window(model, family, layer):
+    """The window HF's model gives ``layer``: Mistral's config.sliding_window in every layer, Qwen2's in the
+    layers its config.layer_types mark sliding; None otherwise."""
+    if family == "mistral":
+        return model.config.sliding_window
+    if family == "qwen2" and model.config.layer_types[layer.self_attn.layer_idx] == "sliding_attention":
+        return model.config.sliding_window
+    return None
+
+
 def hf_forward(model, family, layers, hidden, attention_mask=None, position_ids=None):
     """The HF layers, called the way their model calls them (its own mask builders and rotary embedding)."""
     with torch.no_grad():
-        if family in ("bert", "vit"):
+        if family in ("bert", "vit", "roberta", "deit"):
             mask = masking_utils.create_bidirectional_mask(config=model.config, inputs_embeds=hidden,
                                                            attention_mask=attention_mask)
             for layer in layers:
@@ -36,13 +47,17 @@ def hf_forward(model, family, layers, hidden, attention_mask=None, position_ids=
             position_ids = torch.arange(hidden.shape[1]).unsqueeze(0)
         # No cache, passed by position: transformers 5.17 names that parameter past_key_values, 5.24 cache.
         mask = masking_utils.create_causal_mask(model.config, hidden, attention_mask, None, position_ids=position_ids)
-        if family == "gpt2":
+        if family in ("gpt2", "opt"):
             for layer in layers:
                 hidden = layer(hidden, attention_mask=mask)
             return hidden
-        rotary = model.model.rotary_emb(hidden, position_ids)
+        rotary = find_rotary_embedding(model)(hidden, position_ids)
+        if any(sliding_window(model, family, layer) for layer in layers):
+            sliding = masking_utils.create_sliding_window_causal_mask(model.config, hidden, attention_mask, None,
+                                                                      position_ids=position_ids)
         for layer in layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary)
+            layer_mask = sliding if sliding_window(model, family, layer) else mask
+            hidden = layer(hidden, attention_mask=layer_mask, position_ids=position_ids, position_embeddings=rotary)
         return hidden
 
 
@@ -72,22 +87,24 @@ def relative_error(got, expected):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 17)], ids=["seq1", "batch3-seq17"])
 def test_matches_hf_layers_fp32(backend, family, shape):
-    """Layers 1..2 of a 4-layer model; BERT with padding (a full, a short and a one-token sequence)."""
+    """Layers 1..2 of a 4-layer model; BERT and RoBERTa with padding (a full, a short and a one-token
+    sequence); Mistral's and Qwen2's windows (7, 6) shorter than 17 tokens."""
     model = tiny_model(family, layers=4)
     stack = layer_stack(model)[1:3]
     hidden = hidden_states(*shape)
-    mask = padding_mask(3, 17, [17, 9, 1]) if family == "bert" and shape[0] == 3 else None
+    mask = padding_mask(3, 17, [17, 9, 1]) if family in ("bert", "roberta") and shape[0] == 3 else None
     expected = hf_forward(model, family, stack, hidden, mask)
     got = growlib.freeze_forward(stack, model)(hidden, mask)
     assert got.shape == expected.shape and got.dtype == torch.float32
     assert relative_error(got, expected) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral", "gpt_neox", "opt"])
 @pytest.mark.parametrize("left", [False, True], ids=["right-pad", "left-pad"])
 def test_causal_layers_with_padding_masks(backend, family, left):
-    """Padding plus causal masking.  Left-padded query rows that may see no token at all are padding, which
-    the stack lets see every key instead (so they stay finite); the real tokens must match HF exactly."""
+    """Padding plus causal masking (and Mistral's and Qwen2's sliding windows, 7 and 6 < 11 tokens).  Query rows
+    that may see no token at all (left padding; right padding whose window holds only padding) are padding,
+    which the stack lets see keys anyway (so they stay finite); the real tokens must match HF exactly."""
     model = tiny_model(family, layers=2)
     stack = layer_stack(model)
     hidden = hidden_states(3, 11)
@@ -117,8 +134,31 @@ def test_llama_position_ids_gqa_and_config_rope_scaling(backend):
     assert relative_error(growlib.freeze_forward(stack)(hidden), default_positions) < 1e-5
 
 
+@pytest.mark.parametrize("fraction, parallel", [(1.0, True), (0.25, False), (0.5, True)],
+                         ids=["whole-heads-parallel", "quarter-sequential", "half-parallel"])
+def test_gpt_neox_rotary_fraction_and_residual_layout(backend, fraction, parallel):
+    """GPT-NeoX rotates whole heads (the fused rope_split_qkv kernel) or, like Pythia, their first dimensions
+    only (rotated on the torch side: a quarter of 12 is 3, which HF's tables round up to 4), and adds its branches
+    in parallel or one after the other; with per-sequence position ids."""
+    config = tiny_config("gpt_neox", layers=3)
+    config.rope_parameters["partial_rotary_factor"] = fraction
+    config.use_parallel_residual = parallel
+    torch.manual_seed(0)
+    model = T.GPTNeoXForCausalLM(config).eval()
+    _randomize(model, 0)
+    stack = model.gpt_neox.layers[1:]
+    hidden = hidden_states(2, 9)
+    position_ids = torch.stack([torch.arange(9), torch.arange(9) + 30])
+    expected = hf_forward(model, "gpt_neox", stack, hidden, position_ids=position_ids)
+    frozen = growlib.freeze_forward(stack)
+    packed = [(layer.rotary_dims, layer.parallel_residual) for layer in frozen._layers]
+    assert packed == [(int(12 * fraction), parallel)] * 2
+    assert relative_error(frozen(hidden, position_ids=position_ids), expected) < 1e-5
+
+
 @pytest.mark.parametrize("family, activation", [("bert", "gelu_new"), ("gpt2", "gelu"), ("vit", "relu"),
-                                                ("llama", "gelu_pytorch_tanh")])
+                                                ("llama", "gelu_pytorch_tanh"), ("roberta", "relu"),
+                                                ("mistral", "gelu_pytorch_tanh")])
 def test_config_activation_and_eps_are_respected(backend, family, activation):
     """Another activation than the family's usual one, and norm eps values large enough to matter."""
     config = tiny_config(family, layers=2)
@@ -145,7 +185,7 @@ def test_matches_hf_layers_bf16_three_way(backend, family):
     interpreter truncates where the GPU rounds), in the largest and the root-mean-square error."""
     model = tiny_model(family, layers=4)
     hidden = hidden_states(3, 17, dtype=torch.bfloat16)
-    mask = padding_mask(3, 17, [17, 12, 4]) if family == "bert" else None
+    mask = padding_mask(3, 17, [17, 12, 4]) if family in ("bert", "roberta") else None
     model64, model16 = copy.deepcopy(model).double(), copy.deepcopy(model).to(torch.bfloat16)
     exact = hf_forward(model64, family, layer_stack(model64), hidden.double(), mask)
     hf16 = hf_forward(model16, family, layer_stack(model16), hidden, mask)
@@ -155,6 +195,26 @@ def test_matches_hf_layers_bf16_three_way(backend, family):
     ours, theirs = (got.double() - exact).abs(), (hf16.double() - exact).abs()
     assert float(ours.max()) <= 2 * float(theirs.max()) + atol
     assert float(ours.pow(2).mean().sqrt()) <= 2 * float(theirs.pow(2).mean().sqrt()) + atol
+
+
+@pytest.mark.parametrize("family, windows", [("qwen2", [None, 6]), ("mistral", [7, 7])])
+def test_sliding_window_layers_see_only_their_window(backend, family, windows):
+    """Each layer takes its own window (Qwen2: none in layer 0, 6 above; Mistral: 7 in every layer); the
+    windows change the output at 17 tokens, and the stack matches HF with them, by default positions or
+    given ones."""
+    model = tiny_model(family, layers=2)
+    stack = layer_stack(model)
+    frozen = growlib.freeze_forward(stack, model)
+    assert [layer.sliding_window for layer in frozen._layers] == windows
+    hidden = hidden_states(2, 17)
+    expected = hf_forward(model, family, stack, hidden)
+    assert relative_error(frozen(hidden), expected) < 1e-5
+    position_ids = torch.stack([torch.arange(17), torch.arange(17) + 5])
+    expected_at = hf_forward(model, family, stack, hidden, position_ids=position_ids)
+    assert relative_error(frozen(hidden, position_ids=position_ids), expected_at) < 1e-5
+    unwindowed = copy.deepcopy(model)
+    unwindowed.config.sliding_window = None
+    assert relative_error(hf_forward(unwindowed, family, layer_stack(unwindowed), hidden), expected) > 1e-3
 
 
 def test_compute_dtype_differs_from_the_weights(backend):

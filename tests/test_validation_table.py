@@ -7,12 +7,14 @@ as the table: ``function | bad input -> Exception``."""
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
 import transformers as T
 
 import growlib
+from growlib import names
 from growlib.schedules import build_schedule
 from growlib.train.experiment import Experiment, compare
 from growlib.schedules.protocol import RunState, Stage, Transition
@@ -395,7 +397,7 @@ TABLE = [
      ValueError, r"TrainConfig.on_nonfinite='skip' is not supported with deepspeed"),
     # --- Experiment / compare -------------------------------------------------------------------------------
     ("Experiment", "unknown family", lambda: experiment(family="t5"),
-     ValueError, r"Experiment.family must be one of \('gpt2', 'bert', 'llama', 'vit'\), got 't5'"),
+     ValueError, rf"Experiment.family must be one of {re.escape(repr(names.FAMILIES))}, got 't5'"),
     ("Experiment", "total_steps=0", lambda: experiment(total_steps=0),
      ValueError, r"Experiment.total_steps must be an int >= 1, got 0"),
     ("Experiment", "vocab_size=0", lambda: experiment(vocab_size=0),

@@ -357,8 +357,14 @@ def valid_orders(maps: Mapping[str, torch.Tensor]) -> list[tuple[str, ...]]:
 
 
 def cheapest_order(stack_shape: Sequence[int], maps: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
-    """The valid order of the steps in ``maps`` with the fewest multiply-adds (see ``step_costs``)."""
-    return min(valid_orders(maps), key=lambda order: sum(step_costs(stack_shape, maps, order)))
+    """The valid order of the steps in ``maps`` with the fewest multiply-adds (see ``step_costs``); ties go to
+    the earliest.  A plain loop rather than ``min(key=...)``, which torch.compile cannot trace."""
+    best, best_cost = None, None
+    for order in valid_orders(maps):
+        cost = sum(step_costs(stack_shape, maps, order))
+        if best_cost is None or cost < best_cost:
+            best, best_cost = order, cost
+    return best
 
 
 def expand(stack: torch.Tensor, maps: Mapping[str, torch.Tensor],
@@ -395,27 +401,41 @@ def expand_backward(grad_out: torch.Tensor, stages: Sequence[torch.Tensor], maps
 # PyTorch reference
 # ----------------------------------------------------------------------------------------------------------
 
+def _reference_step(step: str, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """One step of the chain with torch's own matmuls (a shared width map broadcast over the layers, no copy)."""
+    layers, rows, cols = x.shape
+    if step == "depth":
+        return (matrix @ x.reshape(layers, rows * cols)).reshape(matrix.shape[0], rows, cols)
+    if step == "rows":
+        return matrix @ x
+    return x @ matrix.mT
+
+
 def kron_expand_reference(W: torch.Tensor, E: torch.Tensor, F: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     """Reference of ``kron_expand``: ``out[l] = E_l (sum_j D[l, j] W[j]) F_l^T``.
 
     W (L1, O1, I1), D (L2, L1), E (O2, O1) shared by all layers or (L2, O2, O1) one per output layer, F
-    likewise (I2, I1) or (L2, I2, I1) -> (L2, O2, I2) in W's dtype.  A plain einsum chain computed in fp32
-    (fp64 for fp64 inputs) so that it is an oracle for the kernels rather than a second bf16 computation;
-    autograd through it gives the gradients of all four inputs.  The depth mix runs first, on the small
-    matrices (per-layer maps need it first), so no (L2, L1, ...) product is ever formed."""
-    compute = compute_dtype(W.dtype)
-    mixed = torch.einsum("lj,jab->lab", D.to(compute), W.to(compute))
-    rows = torch.einsum("loa,lab->lob" if E.dim() == 3 else "oa,lab->lob", E.to(compute), mixed)
-    return torch.einsum("lob,lib->loi" if F.dim() == 3 else "lob,ib->loi", rows, F.to(compute)).to(W.dtype)
+    likewise (I2, I1) or (L2, I2, I1) -> (L2, O2, I2) in W's dtype.  Computed in fp32 (fp64 for fp64 inputs) so
+    that it is an oracle for the kernels rather than a second bf16 computation; autograd through it gives the
+    gradients of all four inputs.  The three steps run in the kernel's order (``cheapest_order``: the fewest
+    multiply-adds, e.g. both width products on the L1 small layers before the depth mix when growing), which is
+    also the CPU's fastest."""
+    return _reference_chain(W, {"depth": D, "rows": E, "cols": F})
 
 
 def kron_expand_vector_reference(w: torch.Tensor, E: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     """Reference of ``kron_expand_vector``, the 1-D form for biases and norms:
     ``out[l] = E_l sum_j D[l, j] w[j]``; w (L1, O1), D (L2, L1), E (O2, O1) or (L2, O2, O1) -> (L2, O2) in w's
-    dtype, computed in fp32 (fp64 for fp64 inputs) like ``kron_expand``."""
-    compute = compute_dtype(w.dtype)
-    mixed = torch.einsum("lj,ja->la", D.to(compute), w.to(compute))
-    return torch.einsum("loa,la->lo" if E.dim() == 3 else "oa,la->lo", E.to(compute), mixed).to(w.dtype)
+    dtype, computed like ``kron_expand_reference``."""
+    return _reference_chain(w.unsqueeze(-1), {"depth": D, "rows": E}).squeeze(-1)
+
+
+def _reference_chain(stack: torch.Tensor, maps: dict[str, torch.Tensor]) -> torch.Tensor:
+    compute = compute_dtype(stack.dtype)
+    x = stack.to(compute)
+    for step in cheapest_order(stack.shape, maps):
+        x = _reference_step(step, x, maps[step].to(compute))
+    return x.to(stack.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -208,7 +208,11 @@ def map_task(out: torch.Tensor, sources: Sequence[torch.Tensor], depth_weights: 
              r_idx: torch.Tensor, r_w: torch.Tensor, c_idx: torch.Tensor, c_w: torch.Tensor,
              alpha: float | None, rms: bool) -> None:
     """One task of ``structured_map``, with its table rows already sliced: pure tensor code, so
-    ``torch.compile`` can trace it (the benchmarks compile it)."""
+    ``torch.compile`` can trace it (the benchmarks compile it).
+
+    The sums are nested and accumulated in the kernel's order (D (E (W F^T)), each level term by term), and
+    each of the K x K terms is gathered straight at the output's size: a few output-sized accumulators are
+    all it holds, never (out rows, K, out columns, K) as a gather of all terms at once would be."""
     compute = compute_dtype(out.dtype)
     r_idx, r_w, c_idx, c_w = r_idx.long(), r_w.to(compute), c_idx.long(), c_w.to(compute)
     d_w = depth_weights.to(compute)
@@ -219,10 +223,16 @@ def map_task(out: torch.Tensor, sources: Sequence[torch.Tensor], depth_weights: 
         x = source.to(compute)
         if rms:
             x = x.clamp_min(0).sqrt()
-        # gathered[a, k, b, m] = x[r_idx[a, k], c_idx[b, m]]; nested sums in the kernel's order (D (E (W F^T)))
-        gathered = x[r_idx][:, :, c_idx]
-        per_row_copy = (gathered * c_w).sum(-1)
-        acc += d_w[d] * (per_row_copy * r_w.unsqueeze(-1)).sum(1)
+        layer_acc = torch.zeros_like(acc)
+        row_acc = torch.empty_like(acc)
+        for k in range(r_idx.shape[1]):
+            rows = r_idx[:, k, None]
+            row_acc.zero_()
+            for m in range(c_idx.shape[1]):
+                # row_acc[a, b] += cw[b, m] * x[r_idx[a, k], c_idx[b, m]]: one gather of the output's size
+                row_acc.addcmul_(x[rows, c_idx[None, :, m]], c_w[:, m])
+            layer_acc.addcmul_(row_acc, r_w[:, k:k + 1])
+        acc.addcmul_(layer_acc, d_w[d])
     if alpha is not None:
         old = out.to(compute)
         if rms:

@@ -7,11 +7,18 @@ import torch
 
 from .base import Adapter
 from .bert import BertAdapter
+from .deit import DeiTAdapter
 from .gpt2 import GPT2Adapter
+from .gpt_neox import GPTNeoXAdapter
 from .llama import LlamaAdapter
+from .mistral import MistralAdapter
+from .opt import OPTAdapter
+from .qwen2 import Qwen2Adapter
+from .roberta import RobertaAdapter
 from .vit import ViTAdapter
 
-ADAPTERS: tuple[Adapter, ...] = (BertAdapter(), GPT2Adapter(), LlamaAdapter(), ViTAdapter())
+ADAPTERS: tuple[Adapter, ...] = (BertAdapter(), GPT2Adapter(), LlamaAdapter(), ViTAdapter(), RobertaAdapter(),
+                                 Qwen2Adapter(), MistralAdapter(), GPTNeoXAdapter(), OPTAdapter(), DeiTAdapter())
 
 
 def adapter_for(model: torch.nn.Module, name: str = "model") -> Adapter:

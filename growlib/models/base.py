@@ -2,10 +2,10 @@
 
 An adapter declares everything growlib needs to know about one Hugging Face family: how its parameters map onto
 the schema (``dims``, ``specs``), how to build it at another size (``config_at``) or at a training size
-(``training_model``), where its norms sit (pre- or post-LN), whether it uses rotary embeddings, what it is
-trained on (``task``), its config fields, its layer class and how to pack such a layer for the frozen stack
-(``pack_layer``).  The HF classes are named, not imported: transformers' modeling modules load only when a
-model is built, so ``import growlib`` stays cheap."""
+(``training_model``), where its norms sit (pre- or post-LN, or a parallel residual), whether it uses rotary
+embeddings (and on how much of each head), what it is trained on (``task``), its config fields, its layer class
+and how to pack such a layer for the frozen stack (``pack_layer``).  The HF classes are named, not imported:
+transformers' modeling modules load only when a model is built, so ``import growlib`` stays cheap."""
 
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ class Adapter:
     Subclasses set the class attributes below and implement ``dims``, ``specs``, ``config_at``,
     ``training_model``, ``layer_attention`` and ``pack_layer``."""
 
+    #: the family's name, which is its Hugging Face ``model_type`` (what a config.json names it by)
     family: str = ""
     #: the transformers module defining the family's classes, imported only when a class is needed
     modeling_module: str = ""
@@ -67,6 +68,9 @@ class Adapter:
     config_field_overrides: dict[str, str] = {}
     #: LiGO's tie groups: the schema modules whose output width maps are learned per key/value group
     kv_tie_groups: dict[str, str] = {"attn.k": "k", "attn.v": "v"}
+    #: image families: the learned tokens put before the patches (ViT's class token; DeiT's class and
+    #: distillation tokens), so a sequence is patches + prefix_tokens long
+    prefix_tokens: int = 0
 
     def supports(self, model: torch.nn.Module) -> bool:
         cls = type(model)
@@ -103,6 +107,17 @@ class Adapter:
         heads, intermediate (and kv_heads); dropout off, so runs are comparable step for step."""
         raise NotImplementedError
 
+    def parallel_residual(self, config) -> bool:
+        """Whether a layer adds both branches to its input, ``x + attn(ln1(x)) + mlp(ln2(x))`` (GPT-NeoX's
+        ``use_parallel_residual``: the MLP reads the layer's input, not the attention's output), rather than
+        running them one after the other (``r = x + attn(ln1(x))``, then ``r + mlp(ln2(r))``, or post-LN)."""
+        return False
+
+    def rotary_fraction(self, config) -> float:
+        """Rotary families: the fraction of each head's dimensions RoPE rotates (its first
+        ``int(head_dim * fraction)``; GPT-NeoX / Pythia rotate a quarter), the rest passing through."""
+        return 1.0
+
     def finish(self, model: torch.nn.Module) -> torch.nn.Module:
         """What growlib sets on every model of the family it builds or loads (e.g. GPT-2's loss type); returns it."""
         return model
@@ -128,6 +143,12 @@ class Adapter:
         ``add_pooling_layer``), so a model of another size is built with the same ones; passed to ``specs``."""
         return {}
 
+    def max_seq_len(self, config) -> int | None:
+        """The longest token sequence a model of ``config`` embeds (None: no position table limits it, e.g.
+        RoPE): by default the rows of its position table (``dims()['pos']``).  RoBERTa numbers positions from
+        ``pad_token_id + 1``, so its table serves that many fewer tokens."""
+        return self.dims(config).get("pos")
+
     # -- shared ----------------------------------------------------------------------------------------
     def schema(self, model: torch.nn.Module, named_tensors: dict[str, torch.Tensor] | None = None) -> Schema:
         """The schema of ``model``: canonical views of its parameters, or of ``named_tensors`` (same names
@@ -150,13 +171,18 @@ class Adapter:
         emb, head = model.get_input_embeddings(), model.get_output_embeddings()
         return head is not None and head.weight is emb.weight
 
-    def new_model(self, like: torch.nn.Module, dims: dict[str, int]) -> torch.nn.Module:
-        """A model of ``like``'s class, device and dtype at the given sizes, built the ordinary way (so HF
-        ties its weights and fills its buffers); the caller overwrites every parameter."""
+    def new_model(self, like: torch.nn.Module, dims: dict[str, int], initialise: bool = True) -> torch.nn.Module:
+        """A model of ``like``'s class, device and dtype at the given sizes, built the ordinary way (so HF ties its
+        weights and fills its buffers).  ``initialise`` False when the caller writes every parameter (a growth
+        map's target): HF's random initialisation, which is about half of building a model, is skipped and the
+        parameters hold whatever memory held until then."""
         config = self.config_at(like.config, dims)
         reference = next(like.parameters())
-        with torch.device(reference.device):
-            model = type(like)(config, **self.build_options(like))
+        if initialise:
+            with torch.device(reference.device):
+                model = type(like)(config, **self.build_options(like))
+        else:
+            model = build_uninitialised(type(like), config, reference.device, **self.build_options(like))
         model.to(dtype=reference.dtype)
         model.train(like.training)
         if getattr(like, "loss_type", None):  # e.g. GPT-2's, which transformers cannot infer from its class name
@@ -176,14 +202,28 @@ class Adapter:
         return config
 
 
+def build_uninitialised(model_class: type, config, device: torch.device, **options) -> torch.nn.Module:
+    """``model_class(config)`` on ``device`` without HF's random initialisation (transformers' own
+    ``no_init_weights``, as it loads checkpoints), its weights tied again afterwards: for a model whose every
+    parameter is about to be overwritten."""
+    from transformers.initialization import no_init_weights
+
+    with torch.device(device), no_init_weights():
+        model = model_class(config, **options)
+    model.tie_weights()
+    return model
+
+
 def weight_and_bias(name: str, layer: int | None, source: str, out_role: str, in_role: str | None,
                     has_bias: bool, view: Callable = identity, bias_view: Callable = identity,
-                    residual_out: bool = False) -> list[SlotSpec]:
-    """Specs for a linear layer: ``name.weight`` (out_role, in_role) and optionally ``name.bias``."""
+                    residual_out: bool = False, head_split: bool = False) -> list[SlotSpec]:
+    """Specs for a linear layer: ``name.weight`` (out_role, in_role) and optionally ``name.bias``; with
+    ``head_split`` the views keep the heads of out_role apart (see ``SlotSpec.head_split``)."""
     axes = (out_(out_role),) if in_role is None else (out_(out_role), in_(in_role))
-    specs = [SlotSpec(f"{name}.weight", layer, f"{source}.weight", axes, view, residual_out)]
+    specs = [SlotSpec(f"{name}.weight", layer, f"{source}.weight", axes, view, residual_out, head_split)]
     if has_bias:
-        specs.append(SlotSpec(f"{name}.bias", layer, f"{source}.bias", (out_(out_role),), bias_view, residual_out))
+        specs.append(SlotSpec(f"{name}.bias", layer, f"{source}.bias", (out_(out_role),), bias_view, residual_out,
+                              head_split))
     return specs
 
 

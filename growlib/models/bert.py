@@ -15,6 +15,9 @@ class BertAdapter(Adapter):
     layer_class_name = "BertLayer"
     post_ln = True
     task = "masked_lm"
+    #: the family in messages, and the attribute holding the encoder in the masked-LM class
+    display_name = "BERT"
+    encoder_prefix = "bert"
 
     def dims(self, config) -> dict[str, int]:
         heads = config.num_attention_heads
@@ -25,11 +28,12 @@ class BertAdapter(Adapter):
                 "pos": config.max_position_embeddings, "type": config.type_vocab_size}
 
     def build_options(self, model):
-        return {"add_pooling_layer": model.pooler is not None} if type(model).__name__ == "BertModel" else {}
+        base_model = type(model).__name__ == self.model_class_names[1]
+        return {"add_pooling_layer": model.pooler is not None} if base_model else {}
 
     def specs(self, model_class, config, tied, add_pooling_layer: bool = True):
-        masked_lm = model_class.__name__ == "BertForMaskedLM"
-        p = "bert." if masked_lm else ""
+        masked_lm = model_class.__name__ == self.model_class_names[0]
+        p = f"{self.encoder_prefix}." if masked_lm else ""
         specs = [
             SlotSpec("embed.tokens", None, f"{p}embeddings.word_embeddings.weight", (out_("vocab"), out_("model")),
                      lambda t: t),
@@ -52,22 +56,28 @@ class BertAdapter(Adapter):
                 *norm("ln2", i, l + "output.LayerNorm", True),
             ]
         if masked_lm:
-            specs += [
-                *weight_and_bias("head.transform", None, "cls.predictions.transform.dense", "model", "model", True),
-                *norm("head.norm", None, "cls.predictions.transform.LayerNorm", True, head_norm_side(tied)),
-                SlotSpec("head.out.bias", None, "cls.predictions.decoder.bias", (out_("vocab"),), lambda t: t),
-            ]
-            if not tied:
-                # Untied, HF keeps ``cls.predictions.bias`` as a separate (unused) parameter: carry it along.
-                specs += [SlotSpec("head.out.weight", None, "cls.predictions.decoder.weight",
-                                   (out_("vocab"), in_("model")), lambda t: t),
-                          SlotSpec("head.untied_bias", None, "cls.predictions.bias", (out_("vocab"),), lambda t: t)]
+            specs += self.mlm_head_specs(tied)
         elif add_pooling_layer:
             specs += weight_and_bias("head.pooler", None, "pooler.dense", "model", "model", True)
         return specs
 
+    def mlm_head_specs(self, tied: bool, head: str = "cls.predictions.", transform: str = "transform.dense",
+                       norm_name: str = "transform.LayerNorm") -> list[SlotSpec]:
+        """The masked-LM head: transform (dense, GELU, norm), then the decoder (the token embedding when tied)."""
+        specs = [
+            *weight_and_bias("head.transform", None, head + transform, "model", "model", True),
+            *norm("head.norm", None, head + norm_name, True, head_norm_side(tied)),
+            SlotSpec("head.out.bias", None, head + "decoder.bias", (out_("vocab"),), lambda t: t),
+        ]
+        if not tied:
+            # Untied, HF keeps the head's ``bias`` as a separate (unused) parameter: carry it along.
+            specs += [SlotSpec("head.out.weight", None, head + "decoder.weight", (out_("vocab"), in_("model")),
+                               lambda t: t),
+                      SlotSpec("head.untied_bias", None, head + "bias", (out_("vocab"),), lambda t: t)]
+        return specs
+
     def config_at(self, config, dims):
-        require_multi_head_attention("BERT", dims)
+        require_multi_head_attention(self.display_name, dims)
         return self.copied(config, hidden_size=dims["model"], intermediate_size=dims["ffn"],
                            num_attention_heads=dims["heads"], num_hidden_layers=dims["layers"])
 
@@ -97,6 +107,6 @@ class BertAdapter(Adapter):
             up=packing.pack_linear(layer.intermediate.dense, dtype, with_bias=False),
             up_bias=packing.packed(layer.intermediate.dense.bias, dtype),
             down=packing.pack_linear(layer.output.dense, dtype),
-            activation=packing.fused_activation_name(attn.config.hidden_act, "BERT"), gated=False,
+            activation=packing.fused_activation_name(attn.config.hidden_act, self.display_name), gated=False,
             heads=attn.num_attention_heads, kv_heads=attn.num_attention_heads, head_dim=attn.attention_head_size,
             scale=float(attn.scaling), causal=bool(attn.is_causal), rotary=False)

@@ -15,6 +15,9 @@ class LlamaAdapter(Adapter):
     layer_class_name = "LlamaDecoderLayer"
     rotary = True
     task = "causal_lm"
+    #: the family in messages, and the class of the rotary embedding its base model builds
+    display_name = "Llama"
+    rotary_class_name = "LlamaRotaryEmbedding"
 
     def dims(self, config) -> dict[str, int]:
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -24,9 +27,9 @@ class LlamaAdapter(Adapter):
                 "layers": config.num_hidden_layers, "vocab": config.vocab_size}
 
     def specs(self, model_class, config, tied):
-        with_head = model_class.__name__ == "LlamaForCausalLM"
+        with_head = model_class.__name__ == self.model_class_names[0]
         p = "model." if with_head else ""
-        attn_bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias, o_bias = self.attention_biases(config)
         mlp_bias = bool(getattr(config, "mlp_bias", False))
         specs = [SlotSpec("embed.tokens", None, f"{p}embed_tokens.weight", (out_("vocab"), out_("model")),
                           lambda t: t)]
@@ -34,17 +37,22 @@ class LlamaAdapter(Adapter):
             l = f"{p}layers.{i}."
             specs += [
                 *norm("ln1", i, l + "input_layernorm", False),
-                *weight_and_bias("attn.q", i, l + "self_attn.q_proj", "attn", "model", attn_bias),
-                *weight_and_bias("attn.k", i, l + "self_attn.k_proj", "kv", "model", attn_bias),
-                *weight_and_bias("attn.v", i, l + "self_attn.v_proj", "kv", "model", attn_bias),
-                *weight_and_bias("attn.o", i, l + "self_attn.o_proj", "model", "attn", attn_bias,
-                                 residual_out=True),
+                *weight_and_bias("attn.q", i, l + "self_attn.q_proj", "attn", "model", qkv_bias),
+                *weight_and_bias("attn.k", i, l + "self_attn.k_proj", "kv", "model", qkv_bias),
+                *weight_and_bias("attn.v", i, l + "self_attn.v_proj", "kv", "model", qkv_bias),
+                *weight_and_bias("attn.o", i, l + "self_attn.o_proj", "model", "attn", o_bias, residual_out=True),
                 *norm("ln2", i, l + "post_attention_layernorm", False),
                 *weight_and_bias("mlp.gate", i, l + "mlp.gate_proj", "ffn", "model", mlp_bias),
                 *weight_and_bias("mlp.up", i, l + "mlp.up_proj", "ffn", "model", mlp_bias),
                 *weight_and_bias("mlp.down", i, l + "mlp.down_proj", "model", "ffn", mlp_bias, residual_out=True),
             ]
         return specs + causal_lm_head(f"{p}norm", False, with_head, tied)
+
+    def attention_biases(self, config) -> tuple[bool, bool]:
+        """Whether the q/k/v projections and the output projection have biases (Llama: ``attention_bias``
+        for all four)."""
+        bias = bool(getattr(config, "attention_bias", False))
+        return bias, bias
 
     def config_at(self, config, dims):
         return self.copied(config, hidden_size=dims["model"], intermediate_size=dims["ffn"],
@@ -71,7 +79,7 @@ class LlamaAdapter(Adapter):
 
     def rotary_embedding(self, layer):
         # The class a LlamaModel builds from the same config: the same frequencies and RoPE scaling.
-        return self.model_class("LlamaRotaryEmbedding")(layer.self_attn.config)
+        return self.model_class(self.rotary_class_name)(layer.self_attn.config)
 
     def pack_layer(self, layer, dtype: torch.dtype) -> packing.PackedLayer:
         attn, mlp, config = layer.self_attn, layer.mlp, layer.self_attn.config
@@ -83,6 +91,6 @@ class LlamaAdapter(Adapter):
             up=packing.PackedLinear(packing.fused([mlp.gate_proj.weight, mlp.up_proj.weight], dtype, "gate/up"), None),
             up_bias=packing.fused([mlp.gate_proj.bias, mlp.up_proj.bias], dtype, "gate/up"),
             down=packing.pack_linear(mlp.down_proj, dtype),
-            activation=packing.fused_activation_name(config.hidden_act, "Llama"), gated=True,
+            activation=packing.fused_activation_name(config.hidden_act, self.display_name), gated=True,
             heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=attn.head_dim,
             scale=float(attn.scaling), causal=True, rotary=True)

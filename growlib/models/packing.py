@@ -48,7 +48,8 @@ class PackedLinear:
 @dataclass
 class PackedLayer:
     norm1: PackedNorm      # pre-LN: before attention; post-LN (BERT): after the attention residual add
-    norm2: PackedNorm      # pre-LN: before the MLP;   post-LN: after the MLP residual add
+    norm2: PackedNorm      # pre-LN: before the MLP (parallel residual: on the layer's input); post-LN: after
+                           # the MLP residual add
     qkv: PackedLinear      # rows: H query heads, then KV key heads, then KV value heads
     out: PackedLinear
     up: PackedLinear       # no bias: the bias is added in the activation pass
@@ -62,6 +63,11 @@ class PackedLayer:
     scale: float
     causal: bool
     rotary: bool
+    rotary_dims: int | None = None    # RoPE rotates the first rotary_dims of each head (None: all of it)
+    parallel_residual: bool = False   # h + attn(norm1(h)) + mlp(norm2(h)) (GPT-NeoX), not one branch after the other
+    #: sliding-window attention (Mistral, Qwen2's sliding layers): each query sees only the last
+    #: ``sliding_window`` positions, itself included; None: every position its mask allows
+    sliding_window: int | None = None
 
 
 def packed(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -37,6 +37,7 @@ class ViTAdapter(Adapter):
     model_class_names = ("ViTForImageClassification", "ViTModel")
     layer_class_name = "ViTLayer"
     task = "image_classification"
+    prefix_tokens = 1
 
     def dims(self, config) -> dict[str, int]:
         heads = config.num_attention_heads
@@ -45,15 +46,16 @@ class ViTAdapter(Adapter):
         patches = (height // patch_height) * (width // patch_width)
         return {"model": config.hidden_size, "ffn": config.intermediate_size, "attn": heads * head_dim,
                 "kv": heads * head_dim, "heads": heads, "kv_heads": heads, "head_dim": head_dim,
-                "layers": config.num_hidden_layers, "pos": patches + 1,
+                "layers": config.num_hidden_layers, "pos": patches + self.prefix_tokens,
                 "patch": config.num_channels * patch_height * patch_width, "labels": config.num_labels}
 
     def build_options(self, model):
-        return {"add_pooling_layer": model.pooler is not None} if type(model).__name__ == "ViTModel" else {}
+        base = type(model).__name__ == self.model_class_names[-1]  # ViTModel (DeiTModel)
+        return {"add_pooling_layer": model.pooler is not None} if base else {}
 
     def specs(self, model_class, config, tied, add_pooling_layer: bool = True):
-        classifier = model_class.__name__ == "ViTForImageClassification"
-        p = "vit." if classifier else ""
+        classifier = model_class.__name__ != self.model_class_names[-1]
+        p = f"{self.family}." if classifier else ""
         qkv_bias = bool(getattr(config, "qkv_bias", True))
         specs = [
             SlotSpec("embed.cls", None, f"{p}embeddings.cls_token", (out_("model"),), _class_token),

@@ -80,7 +80,7 @@ def map_model(model: torch.nn.Module, gmap: GrowthMap) -> torch.nn.Module:
     Frozen stays frozen: a parameter of the new model is frozen when every parameter it is computed from
     was (so growing or coalescing a partly frozen model does not silently make it all trainable again)."""
     adapter = adapter_for(model)
-    target = adapter.new_model(model, gmap.target_dims)
+    target = adapter.new_model(model, gmap.target_dims, initialise=False)  # the map writes every parameter
     source_schema, target_schema = adapter.schema(model), adapter.schema(target)
     apply_map(gmap, source_schema, target_schema)
     _carry_requires_grad(model, source_schema, target, target_schema, gmap)

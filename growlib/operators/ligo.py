@@ -47,15 +47,16 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from growlib.kernels.kron_expand import kron_expand, kron_expand_vector
+from growlib.kernels.kron_expand import STEPS, cheapest_order, kron_expand, kron_expand_vector
 from growlib.models import adapter_for
+from growlib.models.base import build_uninitialised
 
 #: fit's progress: a line at the first and last step and at most every PROGRESS_INTERVAL_S seconds between
 _progress = logging.getLogger("growlib.ligo")
 PROGRESS_INTERVAL_S = 30.0
 from growlib.operators.depth import GROW_METHODS, grow_depth_map
 from growlib.operators.width import widen_map
-from growlib.schema import IN, OUT, WIDTH_ROLES, Schema, SlotSpec
+from growlib.schema import IN, OUT, WIDTH_ROLES, Schema, SlotSpec, canonical_shape
 from growlib.validate import require_choice, require_int, require_number
 
 LIGO_WIDTH_INITS = ("net2net", "hypercloning", "bert2bert_fpi", "bert2bert_aki")
@@ -220,6 +221,8 @@ class LiGO(nn.Module):
                 self._fixed_tasks.append(_FixedTask(spec.name, source, maps))
                 continue
             stack = torch.stack([small.tensor(spec.name, j).detach() for j in range(small.num_layers)])
+            if spec.head_split:  # (layers, heads, head_dim[, in]) -> (layers, heads * head_dim[, in])
+                stack = stack.flatten(1, 2)
             source = self._frozen(stack, compute)
             depth_key = spec.name.replace(".", "_")
             # clone: ``to`` returns its input when nothing changes, and parameters must not share storage
@@ -234,9 +237,10 @@ class LiGO(nn.Module):
 
     # -- construction ----------------------------------------------------------------------------------
     def _build_large(self, device: torch.device) -> nn.Module:
-        """An ordinary HF model of the target config (its own parameters are replaced by the expansion)."""
-        with torch.device(device):
-            model = self._model_class(copy.deepcopy(self.target_config), **self._build_options)
+        """An ordinary HF model of the target config, uninitialised: its parameters are replaced by the
+        expansion."""
+        model = build_uninitialised(self._model_class, copy.deepcopy(self.target_config), device,
+                                    **self._build_options)
         if self._loss_type:
             model.loss_type = self._loss_type
         return model.to(dtype=self._large_dtype)
@@ -306,7 +310,7 @@ class LiGO(nn.Module):
         return ref
 
     def _check_shape(self, spec: SlotSpec, large: Schema, maps, layer: int | None) -> None:
-        expected = tuple(large.tensor(spec.name, layer).shape)
+        expected = canonical_shape(spec, large.dims)
         produced = tuple(large.dims[axis.role] if ref is None else self._matrix(ref).shape[0]
                          for axis, ref in zip(spec.axes, maps))
         if produced != expected:
@@ -402,23 +406,26 @@ class LiGO(nn.Module):
                 first = canonical[plan.specs[0].key]
                 tensor = first.new_zeros(plan.shape)
                 for spec in plan.specs:  # in-place writes through views: autograd routes the gradient back
-                    spec.view(tensor).copy_(canonical[spec.key])
+                    view = spec.view(tensor)
+                    view.copy_(canonical[spec.key].reshape(view.shape))  # a head-split view: heads apart
             params[source] = tensor.to(self._large_dtype)
         return params
 
     def flops_per_expansion(self, backward: bool = False) -> int:
         """FLOPs of one ``expanded()`` as the torch backend runs it (a multiply-add is 2 FLOPs): per tensor name
-        one ``kron_expand`` over all large layers, the depth mix, then E, then F (per-layer maps cost what a
-        shared map does); outside the layers E W F^T in the cheaper order.  With ``backward`` the gradients of
+        one ``kron_expand`` over all large layers, its three steps in the cheapest valid order as both backends
+        run them (per-layer maps cost what a shared map does); outside the layers E W F^T in the cheaper order.  With ``backward`` the gradients of
         E, F and D are added (the small weights are frozen, so the first product of each chain has no input
-        gradient).  The Triton kernel may run the steps in a cheaper valid order; lifts, stacks, reshapes and
-        gathers move data and are not counted."""
+        gradient).  Lifts, stacks, reshapes and gathers move data and are not counted."""
         forward_total = backward_total = 0
         for task in self._layer_tasks:
             stack = getattr(self, task.source)
-            steps = [(0, len(task.maps))] + [(axis + 1, self._matrix_or_identity(ref, n, stack).shape[0])
-                                             for axis, (ref, n) in enumerate(zip(task.maps[0], stack.shape[1:]))]
-            forward, backward_flops = _chain_flops(tuple(stack.shape), steps)
+            widths = {step: self._layer_maps(tuple(maps[axis] for maps in task.maps), stack.shape[axis + 1], stack)
+                      for axis, step in enumerate(("rows", "cols")[:stack.dim() - 1])}
+            chain = {"depth": self.depth[task.depth], **widths}
+            shape = tuple(stack.shape) if stack.dim() == 3 else (*stack.shape, 1)
+            steps = [(STEPS.index(step), chain[step].shape[-2]) for step in cheapest_order(shape, chain)]
+            forward, backward_flops = _chain_flops(shape, steps)
             forward_total += forward
             backward_total += backward_flops
         for task in self._fixed_tasks:

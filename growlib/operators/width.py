@@ -115,4 +115,6 @@ def _take_new_rows_from_next_layer(schema, small_dims: dict[str, int]) -> None:
                     continue
                 old = small_dims[spec.axes[0].role]
                 upper = schema.tensor(spec.name, layer + 1)
+                if spec.head_split:  # (heads, head_dim, ...): the new units are whole new heads
+                    old //= small_dims["head_dim"]
                 schema.tensor(spec.name, layer)[old:].copy_(upper[old:])

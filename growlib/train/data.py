@@ -214,6 +214,62 @@ class BPETokenizer(_SpecialTokens):
         """The text of ``ids``; special tokens are dropped."""
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the whole tokenizer (vocabulary, merges, settings): what its token ids depend on."""
+        return hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()
+
+
+class HFTokenizer(_SpecialTokens):
+    """A Hugging Face tokenizer (``--tokenizer DIR``, or the one saved with ``--init-from``'s checkpoint) behind the
+    interface growlib's data code reads: ids, the special ids, encode / decode.  ``hf`` is the tokenizer itself,
+    which a run saves with its model."""
+
+    def __init__(self, hf, folder: str):
+        self.hf, self.folder = hf, folder
+        self.eos_id = hf.eos_token_id if hf.eos_token_id is not None else hf.sep_token_id
+        if self.eos_id is None:
+            raise ValueError(f"tokenizer: the tokenizer in {folder} has neither an eos nor a sep token to end "
+                             "documents with")
+        self.bos_id = hf.bos_token_id if hf.bos_token_id is not None else self.eos_id
+        self.pad_id = hf.pad_token_id if hf.pad_token_id is not None else self.eos_id
+        self.mask_id = hf.mask_token_id  # None: the tokenizer cannot mask (a causal LM's)
+
+    @classmethod
+    def from_folder(cls, folder) -> HFTokenizer:
+        from transformers import AutoTokenizer
+
+        path = _require_path("tokenizer", folder)
+        if not path.is_dir():
+            raise ValueError(f"tokenizer: {str(path)!r} is not a folder holding a Hugging Face tokenizer")
+        try:
+            return cls(AutoTokenizer.from_pretrained(str(path)), str(path))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"tokenizer: no Hugging Face tokenizer could be read from {str(path)!r}: {error}"
+                             ) from None
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.hf.all_special_ids)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf(self._require_text(text), add_special_tokens=False)["input_ids"]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
+    def decode(self, ids) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the tokenizer's files: what its token ids depend on."""
+        from growlib.train.runs import folder_digest
+
+        return folder_digest(self.folder)
+
 
 def _texts_digest(texts: Sequence[str]) -> str:
     digest = hashlib.sha256()
@@ -222,6 +278,36 @@ def _texts_digest(texts: Sequence[str]) -> str:
         digest.update(len(data).to_bytes(8, "little"))   # length-prefixed: ["ab", "c"] != ["a", "bc"]
         digest.update(data)
     return digest.hexdigest()
+
+
+#: Bumped whenever what a cached token stream holds changes.
+TOKEN_CACHE_FORMAT = 1
+
+
+def tokenized_splits(train_texts: Sequence[str], validation_texts: Sequence[str], tokenizer,
+                     cache_dir) -> tuple[TokenData, TokenData]:
+    """Both splits tokenized (``TokenData.from_texts``), or read back from ``cache_dir/tokens`` when these very
+    texts were tokenized before by this very tokenizer: the file name hashes the texts' content, the tokenizer's
+    fingerprint and the cache format, so edited data or another tokenizer is tokenized again.  Written
+    atomically, so a concurrent run reads no file or a whole one."""
+    key = hashlib.sha256(f"{_texts_digest(train_texts)}|{_texts_digest(validation_texts)}|"
+                         f"{tokenizer.fingerprint()}|{TOKEN_CACHE_FORMAT}".encode()).hexdigest()[:32]
+    folder = Path(cache_dir) / "tokens"
+    paths = [folder / f"{key}-{split}.npy" for split in ("train", "validation")]
+    if all(path.exists() for path in paths):
+        return tuple(TokenData(np.load(path)) for path in paths)
+    splits = (TokenData.from_texts(train_texts, tokenizer), TokenData.from_texts(validation_texts, tokenizer))
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, split in zip(paths, splits):
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, np.asarray(split.ids))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return splits
 
 
 def bpe_cache_path(texts: Sequence[str], vocab_size: int, cache_dir) -> Path:
@@ -388,7 +474,7 @@ def _require_tokenizer(tokenizer) -> None:
     missing = [a for a in ("vocab_size", "encode_batch", "decode", "pad_id", "mask_id", "eos_id", "special_ids")
                if not hasattr(tokenizer, a)]
     if missing:
-        raise TypeError(f"tokenizer must be a BPETokenizer (or provide {missing}), got "
+        raise TypeError(f"tokenizer must be a BPETokenizer or HFTokenizer (or provide {missing}), got "
                         f"{type(tokenizer).__name__}")
 
 

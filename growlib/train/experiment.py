@@ -31,8 +31,9 @@ from growlib.train.config import TrainConfig, run_identity_config
 from growlib.train.distributed import rank_and_world
 from growlib.train.loop import planned_flops, run_schedule
 from growlib.train.metrics import MetricsLog, RunResult, evaluate
-from growlib.train.runs import IDENTITY_FILE, RunFolder, RunFolderError, identity_differences
-from growlib.models import adapter_named
+from growlib.train.runs import IDENTITY_FILE, RunFolder, RunFolderError, folder_digest, identity_differences
+from growlib.grow import TOKENIZER_FILES, load_pretrained
+from growlib.models import adapter_for, adapter_named
 from growlib.train.sizes import FAMILIES, build_model, parse_size
 from growlib.validate import is_int, require_int
 
@@ -47,10 +48,19 @@ _data_progress = logging.getLogger("growlib.data")
 class Experiment:
     """What every schedule of a comparison shares.  ``data`` is None for the embedded corpus (the Python
     standard library's sources), a text file or folder, or a pre-tokenized ``.bin`` file (``vocab_size`` then
-    gives its vocabulary)."""
+    gives its vocabulary).
+
+    To start from a saved model, ``init_from`` names its ``save_pretrained`` folder (e.g. ``growlib grow``'s
+    output): the schedule's first stage starts from its weights -- the small model of a growth schedule, the
+    fine model of a multilevel one, the baseline's starting point.  The full model (a growth schedule's target)
+    is then the checkpoint's config at ``size`` (None: the checkpoint's own sizes) or ``target_config`` (a
+    config.json).  ``tokenizer`` names a folder holding a Hugging Face tokenizer to tokenize the data with and
+    save with the run (default: the checkpoint's own with ``init_from``, else a BPE trained on the data).
+    ``init_weights`` False builds the full model from the checkpoint's config but trains it from scratch (what
+    ``compare``'s baseline does when the checkpoint is a growth schedule's smaller model)."""
 
     family: str = "gpt2"
-    size: str | dict = "tiny"
+    size: str | dict | None = "tiny"
     total_steps: int = 300
     config: TrainConfig = field(default_factory=TrainConfig)
     data: str | None = None
@@ -59,13 +69,31 @@ class Experiment:
     bin_dtype: str = "uint16"
     cache_dir: str = DEFAULT_CACHE
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    init_from: str | None = None
+    tokenizer: str | None = None
+    target_config: str | None = None
+    init_weights: bool = True
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"Experiment.family must be one of {FAMILIES}, got {self.family!r}")
         for name in ("total_steps", "vocab_size"):
             require_int(f"Experiment.{name}", getattr(self, name))
-        parse_size(self.size, "Experiment.size")
+        if self.size is None and self.init_from is None and self.target_config is None:
+            raise ValueError("Experiment.size may be None only with init_from or target_config, which give the sizes")
+        if self.size is not None and self.target_config is not None:
+            raise ValueError("Experiment.size and Experiment.target_config both give the full model: pass one")
+        if self.size is not None:
+            parse_size(self.size, "Experiment.size")
+        for name, config_file in (("init_from", self.init_from and os.path.join(self.init_from, "config.json")),
+                                  ("target_config", self.target_config)):
+            if config_file is not None and config_family(config_file, f"Experiment.{name}") != self.family:
+                raise ValueError(f"Experiment.{name}: {config_file} is a {config_family(config_file, name)} "
+                                 f"config, but Experiment.family is {self.family!r}")
+        if not isinstance(self.init_weights, bool):
+            raise TypeError(f"Experiment.init_weights must be a bool, got {type(self.init_weights).__name__}")
+        if self.tokenizer is not None and not os.path.isdir(self.tokenizer):
+            raise FileNotFoundError(f"Experiment.tokenizer: no such folder: {self.tokenizer!r}")
         if self.bin_dtype not in D.BIN_DTYPES:
             raise ValueError(f"Experiment.bin_dtype must be one of {tuple(D.BIN_DTYPES)}, got {self.bin_dtype!r}")
         if not isinstance(self.config, TrainConfig):
@@ -83,6 +111,18 @@ class Experiment:
     def task(self) -> str:
         """What the family trains on, as its adapter declares: causal_lm, masked_lm or image_classification."""
         return adapter_named(self.family).task
+
+
+def config_family(config_file: str, name: str) -> str:
+    """The family of a Hugging Face config.json (its ``model_type``, which is the adapter's family name); the
+    argument ``name`` is named when the file is missing or of a family growlib does not train."""
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{name}: no such file: {config_file!r} (a save_pretrained folder holds config.json)")
+    with open(config_file) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"{name}: {config_file} is a {model_type!r} config; growlib trains {FAMILIES}")
+    return model_type
 
 
 @dataclass
@@ -131,13 +171,154 @@ def prepare_data(exp: Experiment) -> PreparedData:
         return PreparedData(D.TokenData(ids[:cut]), D.TokenData(ids[cut:]), None, exp.vocab_size)
     report(f"reading {exp.data or 'the Python standard library sources'}")
     train_texts, val_texts = D.stdlib_corpus() if exp.data is None else D.load_texts(exp.data)
-    report(f"{len(train_texts):,} training and {len(val_texts):,} validation texts; BPE tokenizer of "
-           f"{exp.vocab_size} tokens (trained once, then cached under {exp.cache_dir})")
-    tokenizer = D.train_bpe(train_texts, exp.vocab_size, exp.cache_dir)
-    report("tokenizing")
-    train, validation = D.TokenData.from_texts(train_texts, tokenizer), D.TokenData.from_texts(val_texts, tokenizer)
+    tokenizer_folder = tokenizer_source(exp)
+    if tokenizer_folder is not None:
+        tokenizer = D.HFTokenizer.from_folder(tokenizer_folder)
+        report(f"{len(train_texts):,} training and {len(val_texts):,} validation texts; the tokenizer of "
+               f"{tokenizer_folder} ({tokenizer.vocab_size} tokens)")
+        if exp.task == "masked_lm" and tokenizer.mask_id is None:
+            raise InputError(f"tokenizer: the tokenizer of {tokenizer_folder} has no mask token, which "
+                             f"{exp.family} (masked tokens) needs")
+    else:
+        report(f"{len(train_texts):,} training and {len(val_texts):,} validation texts; BPE tokenizer of "
+               f"{exp.vocab_size} tokens (trained once, then cached under {exp.cache_dir})")
+        tokenizer = D.train_bpe(train_texts, exp.vocab_size, exp.cache_dir)
+    report("tokenizing (or reading the token ids cached from an earlier run)")
+    train, validation = D.tokenized_splits(train_texts, val_texts, tokenizer, exp.cache_dir)
     report(f"{len(train.ids):,} training and {len(validation.ids):,} validation tokens")
     return PreparedData(train, validation, tokenizer, tokenizer.vocab_size)
+
+
+def tokenizer_source(exp: Experiment) -> str | None:
+    """The folder whose Hugging Face tokenizer the data is tokenized with: ``tokenizer``, else the checkpoint's
+    own (``init_from``), which must then hold one; None: a BPE trained on the data."""
+    if exp.tokenizer is not None:
+        return exp.tokenizer
+    if exp.init_from is None:
+        return None
+    if not any(os.path.isfile(os.path.join(exp.init_from, name)) for name in TOKENIZER_FILES):
+        raise InputError(f"init_from: {exp.init_from} holds no tokenizer, and its vocabulary is some tokenizer's: "
+                         "pass --tokenizer DIR, the folder of the tokenizer it was trained with")
+    return exp.init_from
+
+
+def _size_dims(size: dict, dims: dict) -> dict:
+    """``dims`` with the role sizes a ``size`` dict gives (head size: hidden / heads)."""
+    heads = size["heads"]
+    return {**dims, "layers": size["layers"], "model": size["hidden"], "ffn": size["intermediate"], "heads": heads,
+            "kv_heads": size.get("kv_heads", heads), "head_dim": size["hidden"] // heads}
+
+
+def full_model(exp: Experiment, vocab_size: int) -> torch.nn.Module:
+    """The model the schedule trains at full size (a growth schedule's target), freshly initialised on
+    ``exp.device``: the size's model of the family, or the checkpoint's config at ``size`` (its own sizes when
+    None), or ``target_config``'s model."""
+    adapter = adapter_named(exp.family)
+    config = _full_config(exp)
+    if config is None:
+        return build_model(exp.family, exp.size, vocab_size, exp.config.seq_len).to(exp.device)
+    return adapter.finish(adapter.model_class()(config)).to(exp.device)
+
+
+def _full_config(exp: Experiment):
+    """The full model's config when a checkpoint or a config file gives it (None: ``size`` with growlib's own)."""
+    from transformers import AutoConfig
+
+    if exp.target_config is not None:
+        with open(exp.target_config) as f:
+            return AutoConfig.for_model(**json.load(f))
+    if exp.init_from is None:
+        return None
+    config = AutoConfig.from_pretrained(exp.init_from)
+    if exp.size is not None:
+        adapter = adapter_named(exp.family)
+        config = adapter.config_at(config, _size_dims(parse_size(exp.size), adapter.dims(config)))
+    return config
+
+
+def full_layers(exp: Experiment) -> int:
+    """The full model's layer count, without building it (the schedules are built, and checked, first)."""
+    if exp.size is not None:
+        return parse_size(exp.size)["layers"]
+    return adapter_named(exp.family).dims(_full_config(exp))["layers"]
+
+
+def starting_from(stages: list, folder: str) -> list:
+    """``stages`` with the first one's model given the weights saved in ``folder`` when it is entered (a dry run
+    checks the sizes only); InputError naming the sizes that differ from that stage's model."""
+    first = stages[0]
+
+    def enter(state: RunState):
+        transition = first.enter(state)
+        _require_same_sizes(folder, transition.model, first.name)
+        if not state.dry_run:
+            source, _ = load_pretrained(folder)
+            transition.model.load_state_dict(source.state_dict())
+        return transition
+
+    return [dataclasses.replace(first, enter=enter), *stages[1:]]
+
+
+def _require_same_sizes(folder: str, model: torch.nn.Module, stage: str) -> None:
+    from transformers import AutoConfig
+
+    adapter = adapter_for(model)
+    want, have = adapter.dims(AutoConfig.from_pretrained(folder)), adapter.dims(model.config)
+    differ = [f"{role} {want[role]} there, {have.get(role)} here" for role in want if want[role] != have.get(role)]
+    if differ:
+        raise InputError(f"init_from: the model in {folder} does not fit the schedule's first stage ({stage!r}): "
+                         f"{'; '.join(differ)}.  Choose the full size and the schedule's options so that its first "
+                         "stage has the checkpoint's sizes (`growlib schedules` lists the options)")
+
+
+def check_start(exp: Experiment, stages: list) -> None:
+    """With ``init_from``, check before any data is read that the checkpoint fits the first stage: the stage is
+    entered on a full model built on the meta device (no memory, no weights)."""
+    if exp.init_from is None or not exp.init_weights:
+        return
+    with torch.device("meta"):
+        model = full_model(dataclasses.replace(exp, device="meta"), exp.vocab_size)
+    stages[0].enter(RunState(model, dry_run=True))
+
+
+def require_vocabulary_fits(model: torch.nn.Module, prepared: PreparedData) -> None:
+    """The data's token ids must index the model's embedding: refuse a tokenizer and a checkpoint that disagree."""
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and prepared.vocab_size > vocab:
+        raise InputError(f"the data's tokenizer has {prepared.vocab_size} tokens, but the model's vocabulary holds "
+                         f"{vocab}: the checkpoint, the tokenizer and the data must share one vocabulary "
+                         "(--tokenizer: the checkpoint's own)")
+
+
+def starting_points(exp: Experiment) -> dict:
+    """What a run starts from besides its settings, for its identity: the checkpoint's files and the
+    tokenizer's (by content: a folder overwritten in place is another run), and the target config."""
+    tokenizer = exp.tokenizer if exp.tokenizer is not None else (exp.init_from if exp.init_from else None)
+    target = None
+    if exp.target_config is not None:
+        with open(exp.target_config) as f:
+            target = json.load(f)
+    return {"init_from": None if exp.init_from is None else folder_digest(exp.init_from),
+            "init_weights": exp.init_weights,
+            "tokenizer": None if tokenizer is None else folder_digest(tokenizer, TOKENIZER_FILES),
+            "target_config": target}
+
+
+def build_stages(exp: Experiment, schedule: str, total_steps: int, options: dict | None) -> list:
+    """The schedule's stages for the experiment's full model; with ``init_from`` (and ``init_weights``) its first
+    stage starts from the checkpoint's weights, which must have that stage's sizes."""
+    stages = build_schedule(schedule, total_steps, full_layers(exp), **(options or {}))
+    if exp.init_from is None or not exp.init_weights:
+        return stages
+    return starting_from(stages, exp.init_from)
+
+
+def checkpoint_is_full(exp: Experiment) -> bool:
+    """Whether ``init_from``'s model has the full model's sizes (else it is a growth schedule's small model)."""
+    from transformers import AutoConfig
+
+    adapter = adapter_named(exp.family)
+    return adapter.dims(AutoConfig.from_pretrained(exp.init_from)) == adapter.dims(_full_config(exp))
 
 
 def _batches(exp: Experiment, prepared: PreparedData, seed: int, subset: int = 0,
@@ -188,7 +369,8 @@ def run_identity(exp: Experiment, prepared: PreparedData, schedule: str, seed: i
     """Every setting that changes what a run trains (see growlib.train.runs), as JSON-able values."""
     return json.loads(json.dumps({
         "growlib": growlib.__version__, "checkpoint_version": CHECKPOINT_VERSION, "model": exp.family,
-        "size": parse_size(exp.size), "vocab_size": prepared.vocab_size, "data_fingerprint": prepared.fingerprint,
+        "size": None if exp.size is None else parse_size(exp.size), **starting_points(exp),
+        "vocab_size": prepared.vocab_size, "data_fingerprint": prepared.fingerprint,
         "schedule": schedule, "schedule_args": options or {}, "steps": exp.total_steps, "seed": seed,
         "training": run_identity_config(exp.config), "processes": rank_and_world()[1],
         "device": torch.device(exp.device).type, "deepspeed": deepspeed}, sort_keys=True, default=str))
@@ -202,7 +384,8 @@ def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = 
 
     The schedule and its options are checked first, then the data is prepared and the run folder checked
     against the run's identity, and only then is a model built."""
-    stages = build_schedule(schedule, exp.total_steps, parse_size(exp.size)["layers"], **(options or {}))
+    stages = build_stages(exp, schedule, exp.total_steps, options)
+    check_start(exp, stages)
     prepared = prepared or prepare_data(exp)
     identity = run_identity(exp, prepared, schedule, seed, options, deepspeed)
     folder = RunFolder(run_folder(out_dir, schedule, seed)) if out_dir else None
@@ -217,7 +400,8 @@ def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = 
             if main_rank:
                 folder.start(identity, resume=resume, overwrite=overwrite)  # --overwrite deletes model/ too
         torch.manual_seed(seed)
-        model = build_model(exp.family, exp.size, prepared.vocab_size, exp.config.seq_len).to(exp.device)
+        model = full_model(exp, prepared.vocab_size)
+        require_vocabulary_fits(model, prepared)
         train_batch, eval_batches = _batches(exp, prepared, seed)
         tokens_per_step = exp.config.batch_size * exp.config.grad_accum
 
@@ -263,8 +447,8 @@ def schedule_flops(exp: Experiment, schedule: str, total_steps: int, options: di
     freezing applied, charged its transition (maps, reported work such as fitting LiGO, optimizer state
     mapped) and its steps at the FLOPs per step of its shapes and frozen parts."""
     torch.manual_seed(0)
-    model = build_model(exp.family, exp.size, vocab_size, exp.config.seq_len).to(exp.device)
-    stages = build_schedule(schedule, total_steps, model.config.num_hidden_layers, **(options or {}))
+    model = full_model(exp, vocab_size)
+    stages = build_stages(exp, schedule, total_steps, options)
     tokens_per_step = exp.config.batch_size * exp.config.grad_accum
     return planned_flops(stages, RunState(model), exp.config,
                          lambda m: step_flops(m, tokens_per_step, _seq_len(exp)).total)
@@ -313,7 +497,8 @@ def _tuning_settings(exp: Experiment, prepared: PreparedData, schedule: str, see
                      options: dict | None) -> dict:
     """Everything that decides a tuning run's result, for its cache name: the experiment (its data by path and
     by the fingerprint of its tokens, so edited data is a new run), the schedule and its options, the seed."""
-    return {"growlib": growlib.__version__, "family": exp.family, "size": exp.size, "steps": exp.total_steps,
+    return {"growlib": growlib.__version__, "family": exp.family, "size": exp.size, **starting_points(exp),
+            "steps": exp.total_steps,
             "config": dataclasses.asdict(exp.config), "data": os.path.abspath(exp.data) if exp.data else None,
             "data_fingerprint": prepared.fingerprint,
             "vocab_size": prepared.vocab_size, "device": torch.device(exp.device).type, "schedule": schedule,
@@ -422,18 +607,24 @@ def compare(exp: Experiment, schedules: list[str], seeds: list[int], out_dir: st
     if "baseline" not in schedules:
         schedules = ["baseline"] + list(schedules)
     options = options or {}
-    steps = _steps_per_schedule(exp, schedules, options, budget, tuning, exp.vocab_size)  # before the data
+    bases = {name: exp for name in schedules}
+    if exp.init_from is not None and not checkpoint_is_full(exp):
+        bases["baseline"] = dataclasses.replace(exp, init_weights=False)
+        log(f"baseline: the full model from scratch (the model in {exp.init_from} is smaller: the other schedules "
+            "grow from it)")
+    steps = _steps_per_schedule(bases, options, budget, tuning, exp.vocab_size)  # before the data
     with RunFolder(out_dir).locked():
-        return _compare(exp, list(schedules), list(seeds), out_dir, options, budget, log, tuning, overwrite,
-                        checkpoint_every, progress, steps)
+        return _compare(bases, list(seeds), out_dir, options, budget, log, tuning, overwrite, checkpoint_every,
+                        progress, steps)
 
 
-def _steps_per_schedule(exp, schedules, options, budget, tuning, vocab_size) -> dict[str, int]:
+def _steps_per_schedule(bases, options, budget, tuning, vocab_size) -> dict[str, int]:
     """Each schedule's steps: the baseline's, or as many as spend the baseline's FLOPs.  Every schedule is
-    built at its budgets (its tuning runs' too), so one too small for it fails before anything trains."""
-    baseline_flops = schedule_flops(exp, "baseline", exp.total_steps, None, vocab_size)
+    built at its budgets (its tuning runs' too), so one too small for it fails before anything trains.
+    ``bases``: the experiment each schedule's arms are made from."""
+    baseline_flops = schedule_flops(bases["baseline"], "baseline", bases["baseline"].total_steps, None, vocab_size)
     steps = {}
-    for name in schedules:
+    for name, exp in bases.items():
         try:
             steps[name] = exp.total_steps
             if budget == "flops" and name != "baseline":
@@ -441,21 +632,23 @@ def _steps_per_schedule(exp, schedules, options, budget, tuning, vocab_size) -> 
                 steps[name] = round(exp.total_steps * baseline_flops / own)
             budgets = [steps[name]] + ([tuning.scaled(steps[name], exp.config.warmup_steps)[0]] if tuning else [])
             for total in budgets:
-                build_schedule(name, total, parse_size(exp.size)["layers"], **(options.get(name) or {}))
+                build_stages(exp, name, total, options.get(name))
         except ValueError as error:
             raise InputError(f"schedule {name!r} cannot run on this budget (the baseline's {exp.total_steps} steps"
                              f"{', its tuning runs a fraction of it' if tuning else ''}): {error}") from error
     return steps
 
 
-def _compare(exp, schedules, seeds, out_dir, options, budget, log, tuning, overwrite, checkpoint_every,
-             progress, steps) -> str:
+def _compare(bases, seeds, out_dir, options, budget, log, tuning, overwrite, checkpoint_every, progress,
+             steps) -> str:
+    exp, schedules = bases["baseline"], list(bases)
     prepared = prepare_data(exp)
     if prepared.vocab_size != exp.vocab_size:  # the tokenizer found fewer distinct tokens than asked
-        steps = _steps_per_schedule(exp, schedules, options, budget, tuning, prepared.vocab_size)
+        steps = _steps_per_schedule(bases, options, budget, tuning, prepared.vocab_size)
     for name in schedules:  # a folder of another run is refused now, not after hours of training
         for seed in seeds:
-            identity = run_identity(_arm(exp, steps[name], exp.config.lr), prepared, name, seed, options.get(name))
+            identity = run_identity(_arm(bases[name], steps[name], exp.config.lr), prepared, name, seed,
+                                    options.get(name))
             _how_to_start(RunFolder(run_folder(out_dir, name, seed)), identity, overwrite, ignore=("training.lr",))
 
     plan = RunPlan()
@@ -470,7 +663,7 @@ def _compare(exp, schedules, seeds, out_dir, options, budget, log, tuning, overw
             tune_steps, tune_warmup = tuning.scaled(steps[name], exp.config.warmup_steps)
             sweep[name] = {}
             def sweep_at(multiplier: float) -> float:
-                arm = _arm(exp, tune_steps, exp.config.lr * multiplier, tune_warmup)
+                arm = _arm(bases[name], tune_steps, exp.config.lr * multiplier, tune_warmup)
                 return T.mean_final_loss([_tuning_run(arm, prepared, name, seed, options.get(name),
                                                       os.path.join(out_dir, "tuning"), log, plan, progress)
                                           for seed in tuning.seeds])
@@ -498,7 +691,7 @@ def _compare(exp, schedules, seeds, out_dir, options, budget, log, tuning, overw
         if name in failures:
             continue
         for seed in seeds:
-            arm = _arm(exp, steps[name], lrs[name])
+            arm = _arm(bases[name], steps[name], lrs[name])
             try:
                 how = _how_to_start(RunFolder(run_folder(out_dir, name, seed)),
                                     run_identity(arm, prepared, name, seed, options.get(name)), overwrite)
@@ -527,6 +720,8 @@ def _compare(exp, schedules, seeds, out_dir, options, budget, log, tuning, overw
     header = (f"{exp.family} {exp.size}, baseline {exp.total_steps} steps x {exp.config.batch_size} x "
               f"{exp.config.seq_len} tokens, budget: same {budget}, seeds {seeds}, data {exp.data or 'python stdlib'}; "
               f"{protocol}; {noise.describe() if noise else 'eval noise: not measured (validation split too small)'}"
+              + (f"; starting from {exp.init_from}" + ("" if exp.init_weights else " (the baseline: from scratch)")
+                 if exp.init_from else "")
               + (f"; FAILED (not in the table): {failed}" if failures else ""))
     table = write_summary(summarize(results, lrs=lrs), out_dir, header)
     if tuning is not None:

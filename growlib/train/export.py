@@ -32,8 +32,10 @@ def export_path(run_path: str) -> str:
 def hf_tokenizer(tokenizer, model_max_length: int):
     """``tokenizer`` as a Hugging Face tokenizer (growlib's BPE becomes a fast tokenizer with the same vocabulary,
     merges and special tokens); None stays None.  Called when a run starts, so an export cannot fail on it."""
-    from growlib.train.data import SPECIAL_TOKENS, BPETokenizer
+    from growlib.train.data import SPECIAL_TOKENS, BPETokenizer, HFTokenizer
 
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer.hf
     if tokenizer is None or hasattr(tokenizer, "save_pretrained"):
         return tokenizer
     if not isinstance(tokenizer, BPETokenizer):

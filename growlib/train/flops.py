@@ -2,17 +2,20 @@
 
 The schedules are compared with training from scratch by the compute they spend, so every term here is a
 matrix product the model really computes, counted as ``torch.utils.flop_counter.FlopCounterMode`` counts it
-(a multiply-add is 2 FLOPs); the tests check that the two agree exactly on all four families.
+(a multiply-add is 2 FLOPs); the tests check that the two agree exactly on every family.
 
 Counted, per step of ``batch_size`` sequences of ``seq_len`` tokens (B sequences, S positions, T = B * S):
 
 - every linear map ``W`` (out x in) of the schema: ``2 * out * in`` per row it is applied to -- every token
   for the layers, the LM head (tied or not) and BERT's MLM transform; one row per sequence for a pooler and
-  for ViT's classifier (they read the class token only); one row per patch (S - 1 per sequence: the class
-  token is not projected) for ViT's patch embedding, a convolution with stride = kernel, i.e. a linear map;
+  for ViT's classifier (they read the class token only; so do DeiT's two, on its class and distillation
+  tokens); one row per patch (S - 1 per sequence, S - 2 for DeiT: the adapter's ``prefix_tokens`` are not
+  projected) for the patch embedding, a convolution with stride = kernel, i.e. a linear map.  GPT-NeoX's fused
+  per-head QKV is one matrix product, counted as its Q, K and V parts;
 - attention, per layer: ``2 * S * attn`` per token for the scores Q K^T and as much for scores @ V.  HF's
-  eager attention computes the full S x S score matrices, masked or causal alike (grouped-query keys and
-  values are repeated to every query head first), and flop_counter counts its SDPA kernels the same way.
+  eager attention computes the full S x S score matrices, masked, causal or sliding-window alike (grouped-query
+  keys and values are repeated to every query head first), and flop_counter counts its SDPA kernels the same
+  way.
   Fused kernels may do otherwise (skip fully masked blocks, recompute the scores in the backward pass); the
   count is the model's, not a kernel's;
 - Llama's rotary angle table (S positions x head_dim / 2 inverse frequencies), built once per forward pass
@@ -34,8 +37,10 @@ operand requires grad.  Hence
   softmaxed scores and V for the context) iff that operand requires grad;
 - an activation requires grad iff some parameter with ``requires_grad`` lies upstream of it.  That is traced
   through each family's forward pass: embeddings, layers 0 .. L-1 (pre- or post-LN, as the family's adapter
-  declares: post-LN for BERT), head; a norm's output requires grad if its input or its gain / bias does, a linear
-  map's output if its input, weight or bias does, an attention product's output if either operand does.
+  declares: post-LN for BERT and RoBERTa; or a parallel residual, GPT-NeoX's, whose MLP reads the layer's
+  input), head; a norm's output requires grad if its input or its gain / bias
+  does, a linear map's output if its input, weight or bias does, an attention product's output if either
+  operand does.
 
 So with the embeddings and lower layers frozen (MSLT) the frozen layers cost their forward pass only --
 unless a norm or bias below them is trainable.  The first trainable layer computes weight gradients, and
@@ -112,7 +117,7 @@ def step_flops(model: torch.nn.Module, batch_size: int, seq_len: int | None = No
     require_int("batch_size", batch_size)
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    seq_len = _checked_seq_len(schema, adapter, seq_len)
+    seq_len = _checked_seq_len(schema, adapter, seq_len, adapter.max_seq_len(model.config))
     params = dict(model.named_parameters(remove_duplicate=False))
     trainable = {spec.key for spec in schema.specs if params[spec.source].requires_grad}
     step = _Step(schema, adapter, trainable, batch_size, seq_len, training)
@@ -120,8 +125,10 @@ def step_flops(model: torch.nn.Module, batch_size: int, seq_len: int | None = No
     x = _embeddings(step)
     if adapter.rotary:
         _rotary_angles(step, model, seq_len)
+    traced_layer = (_post_ln_layer if adapter.post_ln else
+                    _parallel_layer if adapter.parallel_residual(model.config) else _pre_ln_layer)
     for layer in range(schema.num_layers):
-        x = _post_ln_layer(step, layer, x) if adapter.post_ln else _pre_ln_layer(step, layer, x)
+        x = traced_layer(step, layer, x)
     _head(step, x)
 
     linear_weights = {spec.key for spec in schema.specs
@@ -133,18 +140,19 @@ def step_flops(model: torch.nn.Module, batch_size: int, seq_len: int | None = No
     return FlopsBreakdown(batch_size, seq_len, tuple(step.ops))
 
 
-def _checked_seq_len(schema: Schema, adapter: Adapter, seq_len: int | None) -> int:
+def _checked_seq_len(schema: Schema, adapter: Adapter, seq_len: int | None, longest: int | None) -> int:
+    """``longest``: the most tokens the model's positions serve (the adapter's ``max_seq_len``)."""
     positions = schema.dims.get("pos")
     if adapter.task == "image_classification":
         if seq_len is not None and seq_len != positions:
-            raise ValueError(f"seq_len of a ViT is its patches + 1 class token: expected {positions} from the "
-                             f"config, got {seq_len}")
+            raise ValueError(f"seq_len of a {schema.family} model is its patches + {adapter.prefix_tokens} "
+                             f"learned token(s): expected {positions} from the config, got {seq_len}")
         return positions
     if seq_len is None:
         raise TypeError(f"seq_len is required for a {schema.family} model")
     require_int("seq_len", seq_len)
-    if positions is not None and seq_len > positions:
-        raise ValueError(f"seq_len must be at most the {schema.family} model's {positions} positions, "
+    if longest is not None and seq_len > longest:
+        raise ValueError(f"seq_len must be at most the {schema.family} model's {longest} positions, "
                          f"got {seq_len}")
     return seq_len
 
@@ -159,7 +167,7 @@ class _Step:
         self.schema, self.adapter, self.trainable, self.training = schema, adapter, trainable, training
         self.specs = {spec.key: spec for spec in schema.specs}
         self.rows = {"tokens": batch_size * seq_len, "sequences": batch_size,
-                     "patches": batch_size * (seq_len - 1)}
+                     "patches": batch_size * (seq_len - adapter.prefix_tokens)}
         self.attention = 2 * batch_size * seq_len * seq_len * schema.dims["attn"]
         self.ops: list[OpFlops] = []
         self.used: set = set()
@@ -227,6 +235,13 @@ def _pre_ln_layer(step: _Step, layer: int, x: bool) -> bool:
     return _mlp(step, layer, r or step.any_trainable("ln2", layer)) or r
 
 
+def _parallel_layer(step: _Step, layer: int, x: bool) -> bool:
+    """x + attn(ln1(x)) + mlp(ln2(x)): GPT-NeoX's parallel residual, both branches reading the layer's input."""
+    a = _attention(step, layer, x or step.any_trainable("ln1", layer))
+    m = _mlp(step, layer, x or step.any_trainable("ln2", layer))
+    return a or m or x
+
+
 def _post_ln_layer(step: _Step, layer: int, x: bool) -> bool:
     """ln1(x + attn(x)), then ln2(r + mlp(r)): BERT."""
     r = _attention(step, layer, x) or x or step.any_trainable("ln1", layer)
@@ -245,3 +260,5 @@ def _head(step: _Step, x: bool) -> None:
         weight = "embed.tokens" if step.schema.tied_embeddings else "head.out.weight"
         rows = "sequences" if step.adapter.task == "image_classification" else "tokens"
         step.linear("head.out", None, x, rows=rows, weight=weight)
+    if step.has("head.distillation.weight"):  # DeiT's second classifier, on the distillation token
+        step.linear("head.distillation", None, x, rows="sequences")

@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -42,7 +44,32 @@ SETTING_NAMES = {
     "deepspeed": "--deepspeed", "training.lr": "--lr", "training.warmup_steps": "--warmup",
     "training.batch_size": "--batch-size", "training.seq_len": "--seq-len", "training.eval_every": "--eval-every",
     "training.eval_batches": "--eval-batches", "training.lr_schedule": "--lr-schedule",
+    "init_from": "--init-from (the checkpoint's files)", "tokenizer": "--tokenizer (the tokenizer's files)",
+    "target_config": "--target-config",
 }
+
+
+def folder_digest(folder: str, names: tuple[str, ...] | None = None) -> str:
+    """SHA-256 over a folder's files (only those of ``names`` that are there, when given), by name and content:
+    the same folder rewritten with other weights has another digest.  Remembered per (path, size, mtime) of
+    every file, so a comparison's many runs read a large checkpoint once."""
+    folder = os.path.abspath(folder)
+    files = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name))
+                   and (names is None or name in names) and not name.startswith("."))
+    stats = tuple((name, os.stat(os.path.join(folder, name)).st_size, os.stat(os.path.join(folder, name)).st_mtime_ns)
+                  for name in files)
+    return _digest(folder, stats)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(folder: str, stats: tuple) -> str:
+    digest = hashlib.sha256()
+    for name, _, _ in stats:
+        digest.update(name.encode() + b"\0")
+        with open(os.path.join(folder, name), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _flatten(settings: dict, prefix: str = "") -> dict:

@@ -65,10 +65,12 @@ def test_restrict_keeps_every_other_layer_with_doubled_residual_step(family, par
             assert torch.equal(coarse_schema.tensor(spec.name), fine_schema.tensor(spec.name))
 
 
-def test_restricted_pre_ln_model_is_the_coarse_euler_discretisation():
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+def test_restricted_pre_ln_model_is_the_coarse_euler_discretisation(family):
     """Pre-LN: x + 2 F(x) per coarse layer.  With the skipped fine layers' residual branches silenced and
-    the kept ones halved, the fine model computes exactly what the coarse model computes."""
-    fine = tiny_model("gpt2", layers=4)
+    the kept ones halved, the fine model computes exactly what the coarse model computes.  GPT-NeoX's parallel
+    residual (F(x) = attn(ln1(x)) + mlp(ln2(x))) is the same Euler step."""
+    fine = tiny_model(family, layers=4)
     coarse = growlib.restrict(fine, parity="even")
     schema = growlib.schema_of(fine)
     with torch.no_grad():
@@ -82,7 +84,7 @@ def test_restricted_pre_ln_model_is_the_coarse_euler_discretisation():
                 schema.tensor(name, layer).mul_(2.0)
     inputs = example_inputs(fine)
     assert relative_error(logits(fine, inputs), logits(coarse_from_silenced, inputs)) < 1e-5
-    assert coarse.config.n_layer == 2
+    assert growlib.schema_of(coarse).num_layers == 2
 
 
 @pytest.mark.parametrize("family", FAMILIES)

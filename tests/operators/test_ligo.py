@@ -15,9 +15,11 @@ from torch.utils.flop_counter import FlopCounterMode
 import growlib
 from growlib.kernels import launch
 from growlib.operators import ligo as ligo_module
-from tests.factories import example_inputs, logits, relative_error, tiny_config, tiny_model
+from tests.factories import GQA_FAMILIES, example_inputs, logits, relative_error, tiny_config, tiny_model
 
-# (label, family, small model kwargs): tied and untied heads, grouped-query attention, bias-free Llama.
+# (label, family, small model kwargs): tied and untied heads, grouped-query attention, bias-free Llama, Qwen2's
+# q/k/v biases and sliding layers, Mistral's sliding window, GPT-NeoX's per-head fused QKV (head-split views),
+# OPT's offset position table, DeiT's distillation token.
 CASES = [
     ("bert", "bert", {}),
     ("gpt2-tied", "gpt2", {"tied": True}),
@@ -25,6 +27,12 @@ CASES = [
     ("llama-gqa", "llama", {"kv_heads": 2}),
     ("llama-gqa-tied", "llama", {"kv_heads": 2, "tied": True}),
     ("vit", "vit", {}),
+    ("roberta", "roberta", {}),
+    ("qwen2-gqa", "qwen2", {"kv_heads": 2}),
+    ("mistral-gqa-tied", "mistral", {"kv_heads": 2, "tied": True}),
+    ("gpt_neox", "gpt_neox", {}),
+    ("opt-tied", "opt", {}),
+    ("deit", "deit", {}),
 ]
 CASE_IDS = [c[0] for c in CASES]
 SMALL = {"hidden": 48, "heads": 4, "layers": 2, "ffn": 70}
@@ -35,9 +43,9 @@ def small_model(family, extra, seed=0):
 
 
 def target_config(family, extra, hidden=96, heads=8, layers=4, ffn=140):
-    """The small model's config grown; Llama keeps its 2 query heads per key/value head."""
+    """The small model's config grown; Llama, Qwen2 and Mistral keep their 2 query heads per key/value head."""
     extra = dict(extra)
-    if family == "llama":
+    if family in GQA_FAMILIES:
         extra["kv_heads"] = heads // 2
     return tiny_config(family, hidden=hidden, heads=heads, layers=layers, ffn=ffn, **extra)
 
@@ -277,8 +285,8 @@ def test_compiled_expansion_and_its_backward_match_eager(backend):
 
 # -- fitting ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("label,family,extra", [CASES[0], CASES[1], CASES[3], CASES[5]],
-                         ids=[CASE_IDS[i] for i in (0, 1, 3, 5)])
+@pytest.mark.parametrize("label,family,extra", [CASES[i] for i in (0, 1, 3, 5, 7, 9)],
+                         ids=[CASE_IDS[i] for i in (0, 1, 3, 5, 7, 9)])
 def test_fit_lowers_the_large_model_loss(label, family, extra):
     small = small_model(family, extra)
     ligo = growlib.LiGO(small, target_config(family, extra, hidden=72, heads=6, ffn=101, layers=3))
@@ -346,7 +354,8 @@ def test_accumulated_micro_batches_equal_one_large_batch():
 
 # -- the result ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("label,family,extra", [CASES[1], CASES[3], CASES[0]], ids=[CASE_IDS[i] for i in (1, 3, 0)])
+@pytest.mark.parametrize("label,family,extra", [CASES[i] for i in (1, 3, 0, 6, 7, 9)],
+                         ids=[CASE_IDS[i] for i in (1, 3, 0, 6, 7, 9)])
 def test_materialized_model_round_trips_through_save_pretrained(label, family, extra, tmp_path):
     small = small_model(family, extra)
     ligo = growlib.LiGO(small, target_config(family, extra))

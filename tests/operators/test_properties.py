@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import growlib
 from growlib.models import adapter_for
-from tests.factories import FAMILIES, example_inputs, logits, relative_error, tiny_config, tiny_model
+from tests.factories import FAMILIES, GQA_FAMILIES, example_inputs, logits, relative_error, tiny_config, tiny_model
 
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TRITON_SETTINGS = settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -23,10 +23,10 @@ def model_shapes(draw, families=FAMILIES):
     them."""
     family = draw(st.sampled_from(families))
     heads = 2 * draw(st.integers(1, 2))
-    kv_heads = heads // draw(st.sampled_from([1, 2])) if family == "llama" else heads
+    kv_heads = heads // draw(st.sampled_from([1, 2])) if family in GQA_FAMILIES else heads
     if kv_heads % 2:
         kv_heads = heads
-    head_dim = draw(st.sampled_from([2, 5, 6] if family != "llama" else [2, 6, 10]))  # RoPE needs even
+    head_dim = draw(st.sampled_from([2, 5, 6] if family not in GQA_FAMILIES else [2, 6, 10]))  # RoPE needs even
     shape = {"hidden": heads * head_dim, "heads": heads, "kv_heads": kv_heads, "ffn": 2 * draw(st.integers(1, 40)),
              "layers": 2 * draw(st.integers(1, 2))}
     if family != "vit":

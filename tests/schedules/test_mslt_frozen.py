@@ -25,12 +25,13 @@ def training_batch(model):
     inputs = example_inputs(model, batch=3, seq=17)
     if "pixel_values" in inputs:
         return {**inputs, "labels": torch.tensor([1, 0, 2])}
-    if model.config.model_type == "bert":
+    if model.config.model_type in ("bert", "roberta"):
         return {**inputs, "attention_mask": torch.ones_like(inputs["input_ids"]), "labels": inputs["input_ids"]}
     return {**inputs, "labels": inputs["input_ids"]}
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert", "llama", "vit"])
+@pytest.mark.parametrize("family", ["gpt2", "bert", "llama", "vit", "roberta", "qwen2", "mistral", "gpt_neox", "opt",
+                                    "deit"])
 def test_frozen_bottom_gives_the_trainable_top_the_same_loss_and_gradients(family, backend):
     model = tiny_model(family, layers=4).eval()
     batch = training_batch(model)

@@ -82,5 +82,6 @@ def test_the_command_lines_defaults_are_the_apis():
     for command in ("train", "compare"):
         args = cli.build_parser().parse_args([command, "--out", "x"])
         assert {field: getattr(config, field) for field in flags} == {f: getattr(args, a) for f, a in flags.items()}
-        assert (args.model, args.size, args.vocab_size, args.bin_dtype, args.data) == (
-            experiment.family, experiment.size, experiment.vocab_size, experiment.bin_dtype, experiment.data)
+        from_flags = cli._experiment(args)
+        for field in ("family", "size", "vocab_size", "bin_dtype", "data", "init_from", "tokenizer", "target_config"):
+            assert getattr(from_flags, field) == getattr(experiment, field), field

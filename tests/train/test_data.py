@@ -469,3 +469,25 @@ def test_uint32_ids_read_as_uint16_are_refused_and_read_right_as_uint32(tmp_path
     assert len(prepared.train) + len(prepared.validation) == 5000
     with pytest.raises(ValueError, match="Experiment.bin_dtype must be one of"):
         Experiment(data=str(path), bin_dtype="int8")
+
+
+def test_token_ids_are_cached_per_texts_and_tokenizer(tmp_path, monkeypatch):
+    """A second run reads the token ids back; other texts or another tokenizer tokenize again."""
+    texts = (["def f(x):\n    return x\n"] * 40, ["print(1)\n"] * 5)
+    bpe = D.train_bpe(texts[0], 300, tmp_path)
+    first = D.tokenized_splits(*texts, bpe, tmp_path)
+    assert len(list((tmp_path / "tokens").glob("*.npy"))) == 2
+
+    def no_tokenizing(*args):
+        raise AssertionError("tokenized again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(D.TokenData, "from_texts", no_tokenizing)
+        again = D.tokenized_splits(*texts, bpe, tmp_path)
+    assert all(np.array_equal(a.ids, b.ids) for a, b in zip(first, again))
+    D.tokenized_splits(texts[0] + ["x = 1\n"], texts[1], bpe, tmp_path)            # edited data
+    other = D.train_bpe(["while True: yield lambda y: y ** 2\n"] * 40, 300, tmp_path)
+    assert other.fingerprint() != bpe.fingerprint()
+    D.tokenized_splits(*texts, other, tmp_path)                                      # another tokenizer
+    assert len(list((tmp_path / "tokens").glob("*.npy"))) == 6
+    assert not list((tmp_path / "tokens").glob("*.tmp"))

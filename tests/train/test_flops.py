@@ -13,9 +13,9 @@ import transformers as T
 from torch.utils.flop_counter import FlopCounterMode
 
 import growlib
-from growlib.models import adapter_for
+from growlib.models import adapter_for, adapter_named
 from growlib.train.flops import step_flops
-from tests.factories import FAMILIES, tiny_config
+from tests.factories import FAMILIES, IMAGE_CLASSES, tiny_config
 
 BATCH, SEQ = 3, 16
 
@@ -30,11 +30,36 @@ CASES = {
     "llama-base": ("llama", T.LlamaModel, {}),
     "vit-cls": ("vit", T.ViTForImageClassification, {}),
     "vit-base": ("vit", T.ViTModel, {}),
+    "roberta-mlm": ("roberta", T.RobertaForMaskedLM, {}),
+    "roberta-untied": ("roberta", T.RobertaForMaskedLM, {"tied": False}),
+    "roberta-base": ("roberta", T.RobertaModel, {}),
+    "qwen2-lm": ("qwen2", T.Qwen2ForCausalLM, {}),
+    "qwen2-base": ("qwen2", T.Qwen2Model, {}),
+    "mistral-lm": ("mistral", T.MistralForCausalLM, {}),
+    "mistral-base": ("mistral", T.MistralModel, {}),
+    "gpt_neox-lm": ("gpt_neox", T.GPTNeoXForCausalLM, {}),
+    "gpt_neox-tied": ("gpt_neox", T.GPTNeoXForCausalLM, {"tied": True}),
+    "gpt_neox-base": ("gpt_neox", T.GPTNeoXModel, {}),
+    "opt-lm": ("opt", T.OPTForCausalLM, {}),
+    "opt-untied": ("opt", T.OPTForCausalLM, {"tied": False}),
+    "opt-base": ("opt", T.OPTModel, {}),
+    "deit-cls": ("deit", T.DeiTForImageClassification, {}),
+    "deit-teacher": ("deit", T.DeiTForImageClassificationWithTeacher, {}),
+    "deit-base": ("deit", T.DeiTModel, {}),
 }
+
+
+#: The cases of the costliest tests (random freezing, gradients through biases and norms: seven runs each): one
+#: class each for GPT-NeoX, OPT and DeiT (the LM heads, and DeiT's teacher class, which holds both its
+#: classifiers): their tied / untied and base variants differ only in the head, which every other test here
+#: checks; leaving them out keeps the suite's time in check.
+HEAVY_CASES = [case for case in CASES if case not in ("gpt_neox-tied", "gpt_neox-base", "opt-untied", "opt-base",
+                                                      "deit-cls", "deit-base")]
 
 
 def test_every_family_has_a_case():
     assert {family for family, _, _ in CASES.values()} == set(FAMILIES)
+    assert {CASES[case][0] for case in HEAVY_CASES} == set(FAMILIES)
 
 
 def build(case):
@@ -46,14 +71,14 @@ def build(case):
 
 
 def inputs(model):
-    if isinstance(model, (T.ViTForImageClassification, T.ViTModel)):
+    if isinstance(model, IMAGE_CLASSES):
         size = model.config.image_size
         return {"pixel_values": torch.randn(BATCH, 3, size, size)}
     return {"input_ids": torch.randint(0, model.config.vocab_size, (BATCH, SEQ))}
 
 
 def seq_len(model):
-    return None if isinstance(model, (T.ViTForImageClassification, T.ViTModel)) else SEQ
+    return None if isinstance(model, IMAGE_CLASSES) else SEQ
 
 
 def counted(model):
@@ -107,17 +132,17 @@ def test_frozen_embeddings_and_bottom_layer_match_flop_counter(case):
 
     ops = {(op.name, op.layer): op for op in flops.ops}
     assert all(op.backward_input == op.backward_weight == 0 for op in flops.ops if op.layer == 0)
-    # layer 1 reads a frozen residual stream: post-LN BERT's projections get no input gradient, pre-LN
-    # models' do (their trainable ln1 sits in between)
+    # layer 1 reads a frozen residual stream: post-LN BERT's (and RoBERTa's) projections get no input gradient,
+    # pre-LN models' do (their trainable ln1 sits in between)
     q1 = ops[("attn.q", 1)]
     assert q1.backward_weight == q1.forward
-    assert q1.backward_input == (0 if CASES[case][0] == "bert" else q1.forward)
+    assert q1.backward_input == (0 if adapter_named(CASES[case][0]).post_ln else q1.forward)
     if growlib.schema_of(model).tied_embeddings:
         assert ops[("head.out", None)].backward_weight == 0  # the tied head is the frozen embedding
 
 
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", HEAVY_CASES)
 def test_random_freezing_matches_flop_counter(case, seed):
     """Any subset of frozen parameters -- norms and biases alone included -- counts what autograd runs."""
     model = build(case)
@@ -138,7 +163,7 @@ PATTERNS = {
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", HEAVY_CASES)
 def test_gradients_through_biases_and_norms_match_flop_counter(case, pattern):
     model = build(case)
     train_only(model, PATTERNS[pattern])
@@ -197,6 +222,34 @@ def test_rejects_bad_arguments():
         step_flops(model, BATCH, SEQ, training=1)
     with pytest.raises(ValueError, match="expected 10 from the config, got 16"):
         step_flops(build("vit-cls"), BATCH, SEQ)
+
+
+def test_roberta_positions_serve_their_rows_less_the_padding_offset():
+    """RoBERTa numbers positions from pad_token_id + 1: 40 rows with padding id 1 serve 38 tokens."""
+    model = build("roberta-mlm")
+    assert (model.config.max_position_embeddings, model.config.pad_token_id) == (40, 1)
+    assert analytic(model).seq_len == SEQ and step_flops(model, 1, 38).seq_len == 38
+    model(input_ids=torch.full((1, 38), 5))  # the last of them still has a row
+    with pytest.raises(ValueError, match="at most the roberta model's 38 positions, got 39"):
+        step_flops(model, 1, 39)
+
+
+def test_deit_counts_patches_after_its_two_learned_tokens_and_both_classifiers():
+    model = build("deit-teacher")
+    flops = analytic(model)
+    ops = {(op.name, op.layer): op for op in flops.ops}
+    patches, d = (12 // 4) ** 2, 48
+    assert flops.seq_len == patches + 2  # the class and the distillation token
+    assert ops[("embed.patch", None)].forward == 2 * BATCH * patches * d * 3 * 4 * 4
+    assert ops[("head.out", None)].forward == ops[("head.distillation", None)].forward == 2 * BATCH * d * 5
+    assert ops[("attn.scores", 0)].forward == 2 * BATCH * (patches + 2) ** 2 * d
+
+
+def test_opt_positions_serve_their_rows_less_the_offset_of_two():
+    model = build("opt-lm")
+    assert growlib.schema_of(model).dims["pos"] == 42 and step_flops(model, 1, 40).seq_len == 40
+    with pytest.raises(ValueError, match="at most the opt model's 40 positions, got 41"):
+        step_flops(model, 1, 41)
 
 
 def test_linear_map_outside_the_traced_forward_raises(monkeypatch):
