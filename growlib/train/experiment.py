@@ -282,12 +282,20 @@ def check_start(exp: Experiment, stages: list) -> None:
 
 
 def require_vocabulary_fits(model: torch.nn.Module, prepared: PreparedData) -> None:
-    """The data's token ids must index the model's embedding: refuse a tokenizer and a checkpoint that disagree."""
+    """The data's token ids must index the model's embedding, and a model that knows a pad id (BERT's attention,
+    RoBERTa's positions, which count from it) must know the tokenizer's: refuse a tokenizer and a model that
+    disagree."""
     vocab = getattr(model.config, "vocab_size", None)
     if vocab is not None and prepared.vocab_size > vocab:
         raise InputError(f"the data's tokenizer has {prepared.vocab_size} tokens, but the model's vocabulary holds "
                          f"{vocab}: the checkpoint, the tokenizer and the data must share one vocabulary "
                          "(--tokenizer: the checkpoint's own)")
+    model_pad, tokenizer = getattr(model.config, "pad_token_id", None), prepared.tokenizer
+    tokenizer_pad = tokenizer.hf.pad_token_id if isinstance(tokenizer, D.HFTokenizer) else None
+    if model_pad is not None and tokenizer_pad is not None and model_pad != tokenizer_pad:
+        raise InputError(f"the tokenizer pads with id {tokenizer_pad}, but the {type(model).__name__} is built for "
+                         f"pad id {model_pad}: start from a checkpoint made with this tokenizer (--init-from), or "
+                         "use a tokenizer whose pad id is the model's")
 
 
 def starting_points(exp: Experiment) -> dict:

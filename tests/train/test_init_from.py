@@ -142,3 +142,18 @@ def test_compare_grows_from_the_checkpoint_against_a_baseline_from_scratch(check
     assert "| stack |" in table and "| baseline |" in table
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert f"starting from {checkpoint[0]} (the baseline: from scratch)" in summary
+
+
+def test_a_tokenizer_whose_pad_id_the_model_does_not_know_is_refused(checkpoint, tmp_path):
+    """RoBERTa counts positions from its pad id: a model built for pad 0 must not train on a tokenizer padding
+    with another id (its <eos> here)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint[0])
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(tmp_path / "eos-pads")
+    exp = experiment(checkpoint, family="roberta", init_from=None, tokenizer=str(tmp_path / "eos-pads"),
+                     size=LAYERS_2)
+    with pytest.raises(InputError, match=r"pads with id 3, but the RobertaForMaskedLM is built for pad id 0"):
+        train(exp, "baseline")
+
