@@ -207,12 +207,12 @@ def _checkpoint_family(args) -> str | None:
                    else args.target_config)
     if config_file is None:
         return None
-    if not os.path.isfile(config_file):
-        flag = "--init-from" if args.init_from is not None else "--target-config"
-        raise UsageError(f"{flag}: no such file: {config_file!r} (a save_pretrained folder holds config.json)")
-    with open(config_file) as f:
-        model_type = json.load(f).get("model_type")
-    return model_type if model_type in names.FAMILIES else None  # else Experiment names the file's family
+    from growlib.train.sizes import config_family
+
+    try:
+        return config_family(config_file, "--init-from" if args.init_from is not None else "--target-config")
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from None
 
 
 def _experiment(args):

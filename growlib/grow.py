@@ -52,16 +52,15 @@ def load_pretrained(folder: str):
     folder and the supported classes otherwise."""
     from transformers import AutoConfig
 
-    from growlib.models import ADAPTERS
+    from growlib.models import adapter_of_class, supported_class_names
     from growlib.train.export import quiet_progress_bars
 
     if not os.path.isfile(os.path.join(str(folder), "config.json")):
         raise InputError(f"SRC {folder!r} is not a save_pretrained folder: it has no config.json")
-    supported = {name: adapter for adapter in ADAPTERS for name in adapter.model_class_names}
     architecture = (AutoConfig.from_pretrained(folder).architectures or [None])[0]
-    if architecture not in supported:
-        raise InputError(f"SRC {folder!r} holds a {architecture}; growlib grows {sorted(supported)}")
-    adapter = supported[architecture]
+    adapter = adapter_of_class(architecture)
+    if adapter is None:
+        raise InputError(f"SRC {folder!r} holds a {architecture}; growlib grows {supported_class_names()}")
     with quiet_progress_bars():
         model = adapter.model_class(architecture).from_pretrained(folder)
     return adapter.finish(model).eval(), adapter
@@ -90,7 +89,7 @@ def _token_batch(adapter, model, tokenizer, data: str | None, batch_size: int, s
                                                     else config.image_size))
         return {"pixel_values": torch.randn(shape, generator=generator)}, f"{batch_size} random images"
     if data is not None:
-        ids = _tokenized(data, tokenizer)
+        ids = torch.as_tensor(_tokenized(data, tokenizer).ids, dtype=torch.int64)
         if len(ids) >= batch_size * seq_len:
             return ({"input_ids": ids[:batch_size * seq_len].view(batch_size, seq_len)},
                     f"{batch_size} x {seq_len} tokens of {data}")
@@ -98,15 +97,14 @@ def _token_batch(adapter, model, tokenizer, data: str | None, batch_size: int, s
     return {"input_ids": ids}, f"{batch_size} x {seq_len} random tokens"
 
 
-def _tokenized(data: str, tokenizer) -> torch.Tensor:
-    from growlib.train.data import load_texts
+def _tokenized(data: str, tokenizer):
+    """``data``'s training texts as one token stream (a TokenData), tokenized as ``growlib train`` does."""
+    from growlib.train.data import TokenData, load_texts
 
     if tokenizer is None:
         raise InputError("--data needs the source's tokenizer: SRC has no tokenizer files")
     train_texts, _ = load_texts(data)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = [i for text in train_texts for i in tokenizer(text)["input_ids"] + eos]
-    return torch.tensor(ids, dtype=torch.int64)
+    return TokenData.from_texts(train_texts, tokenizer)
 
 
 def _relative_logit_error(source, grown, inputs) -> float:
@@ -127,7 +125,7 @@ def _fitted_ligo(model, adapter, target: dict, depth_method: str, width_method: 
                          f"on {adapter.task}")
     if data is None:
         raise InputError("--ligo-steps needs --data to fit on")
-    stream = D.TokenData(_tokenized(data, tokenizer))
+    stream = _tokenized(data, tokenizer)
     batches = [D.causal_lm_batch(stream, step, batch_size, seq_len, seed) for step in range(steps)]
     ligo = LiGO(model, adapter.config_at(model.config, target), depth_init=depth_method, width_init=width_method,
                 seed=seed)
@@ -158,12 +156,14 @@ def grow_checkpoint(source: str, out: str, *, layers: int | None = None, hidden:
     import growlib
     from transformers import AutoTokenizer
 
+    from growlib.train.data import HFTokenizer
+
     model, adapter = load_pretrained(source)
     dims = adapter.dims(model.config)
     seq_len = min(seq_len, adapter.max_seq_len(model.config) or seq_len)  # no longer than its positions serve
     target = _target_dims(dims, layers, hidden, intermediate, heads, width_method, seed)
     has_tokenizer = any(os.path.isfile(os.path.join(source, name)) for name in TOKENIZER_FILES)
-    tokenizer = AutoTokenizer.from_pretrained(source) if has_tokenizer else None
+    tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(source), source) if has_tokenizer else None
     _progress.info(f"grow: {source}: {type(model).__name__}, {dims['layers']} layers x {dims['model']}, "
                    f"ffn {dims['ffn']}, {dims['heads']} heads")
 

@@ -40,6 +40,17 @@ def adapter_named(family: str) -> Adapter:
     raise ValueError(f"family must be one of {tuple(a.family for a in ADAPTERS)}, got {family!r}")
 
 
+def adapter_of_class(name: str) -> Adapter | None:
+    """The adapter mapping the HF model class called ``name`` (as a checkpoint or config.json names it); None
+    when no family's.  A name, not a class: what is read from disk can name no other callable."""
+    return next((adapter for adapter in ADAPTERS if name in adapter.model_class_names), None)
+
+
+def supported_class_names() -> list[str]:
+    """Every HF model class some adapter maps, sorted: for messages that list them."""
+    return sorted(name for adapter in ADAPTERS for name in adapter.model_class_names)
+
+
 def layer_adapter(layer: torch.nn.Module) -> Adapter | None:
     """The adapter whose layer class ``layer`` is (None when no family's)."""
     return next((adapter for adapter in ADAPTERS if adapter.is_layer(layer)), None)

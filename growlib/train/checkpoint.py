@@ -129,13 +129,13 @@ def model_record(model: torch.nn.Module) -> dict:
 def model_from_record(record: dict, like: torch.nn.Module) -> torch.nn.Module:
     """Rebuild a checkpointed model of the same family as ``like`` (the schedule's initial model).  The class
     is looked up among the model classes growlib supports only: a checkpoint cannot name any other callable."""
-    from growlib.models import ADAPTERS
+    from growlib.models import adapter_of_class, supported_class_names
 
-    supported = {name: adapter for adapter in ADAPTERS for name in adapter.model_class_names}
-    if record["class"] not in supported:
+    adapter = adapter_of_class(record["class"])
+    if adapter is None:
         raise ValueError(f"checkpoint model class {record['class']!r} is not one growlib supports "
-                         f"({sorted(supported)})")
-    cls = supported[record["class"]].model_class(record["class"])
+                         f"({supported_class_names()})")
+    cls = adapter.model_class(record["class"])
     config = type(like.config).from_dict(record["config"])
     model = cls(config).to(next(like.parameters()).device)
     model.load_state_dict(record["state"], strict=True)

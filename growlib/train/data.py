@@ -299,15 +299,13 @@ def tokenized_splits(train_texts: Sequence[str], validation_texts: Sequence[str]
     splits = (TokenData.from_texts(train_texts, tokenizer), TokenData.from_texts(validation_texts, tokenizer))
     folder.mkdir(parents=True, exist_ok=True)
     for path, split in zip(paths, splits):
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, np.asarray(split.ids))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _write_atomically(path, lambda tmp, ids=np.asarray(split.ids): _save_npy(tmp, ids))
     return splits
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a name that lacks it
+        np.save(f, array)
 
 
 def bpe_cache_path(texts: Sequence[str], vocab_size: int, cache_dir) -> Path:
@@ -347,15 +345,21 @@ def train_bpe(texts: Sequence[str], vocab_size: int, cache_dir) -> BPETokenizer:
         return BPETokenizer.from_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_bpe_tokenizer(texts, vocab_size)
+    _write_atomically(path, tokenizer.save)
+    return BPETokenizer(tokenizer)
+
+
+def _write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then renamed to it: a concurrent reader sees no file
+    or the whole file, never half of one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:
-        tokenizer.save(tmp)
-        os.replace(tmp, path)       # atomic: a concurrent reader sees no file or the whole file
+        write(tmp)
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return BPETokenizer(tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from growlib.train.metrics import MetricsLog, RunResult, evaluate
 from growlib.train.runs import IDENTITY_FILE, RunFolder, RunFolderError, folder_digest, identity_differences
 from growlib.grow import TOKENIZER_FILES, load_pretrained
 from growlib.models import adapter_for, adapter_named
-from growlib.train.sizes import FAMILIES, build_model, parse_size
+from growlib.train.sizes import FAMILIES, build_model, config_family, parse_size
 from growlib.validate import is_int, require_int
 
 DEFAULT_CACHE = os.environ.get("GROWLIB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "growlib"))
@@ -111,18 +111,6 @@ class Experiment:
     def task(self) -> str:
         """What the family trains on, as its adapter declares: causal_lm, masked_lm or image_classification."""
         return adapter_named(self.family).task
-
-
-def config_family(config_file: str, name: str) -> str:
-    """The family of a Hugging Face config.json (its ``model_type``, which is the adapter's family name); the
-    argument ``name`` is named when the file is missing or of a family growlib does not train."""
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{name}: no such file: {config_file!r} (a save_pretrained folder holds config.json)")
-    with open(config_file) as f:
-        model_type = json.load(f).get("model_type")
-    if model_type not in FAMILIES:
-        raise ValueError(f"{name}: {config_file} is a {model_type!r} config; growlib trains {FAMILIES}")
-    return model_type
 
 
 @dataclass

@@ -133,14 +133,13 @@ def load_run(path: str | os.PathLike) -> LoadedRun:
                                 "such an export")
     from transformers import AutoConfig, AutoTokenizer
 
-    from growlib.models import ADAPTERS
+    from growlib.models import adapter_of_class, supported_class_names
 
-    supported = {name: adapter for adapter in ADAPTERS for name in adapter.model_class_names}
     architecture = (AutoConfig.from_pretrained(folder).architectures or [None])[0]
-    if architecture not in supported:
+    adapter = adapter_of_class(architecture)
+    if adapter is None:
         raise ValueError(f"load_run: {os.path.join(folder, _MODEL_CONFIG)} names architecture {architecture!r}; "
-                         f"expected one of the model classes growlib trains: {sorted(supported)}")
-    adapter = supported[architecture]
+                         f"expected one of the model classes growlib trains: {supported_class_names()}")
     with quiet_progress_bars():  # transformers' per-tensor loading bar
         model = adapter.finish(adapter.model_class(architecture).from_pretrained(folder))
     has_tokenizer = os.path.isfile(os.path.join(folder, _TOKENIZER_CONFIG))

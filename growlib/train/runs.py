@@ -56,8 +56,8 @@ def folder_digest(folder: str, names: tuple[str, ...] | None = None) -> str:
     folder = os.path.abspath(folder)
     files = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name))
                    and (names is None or name in names) and not name.startswith("."))
-    stats = tuple((name, os.stat(os.path.join(folder, name)).st_size, os.stat(os.path.join(folder, name)).st_mtime_ns)
-                  for name in files)
+    stats = tuple((name, info.st_size, info.st_mtime_ns)
+                  for name, info in ((name, os.stat(os.path.join(folder, name))) for name in files))
     return _digest(folder, stats)
 
 

@@ -55,6 +55,18 @@ def parse_size(size: str | dict, name: str = "size") -> dict:
     return s
 
 
+def config_family(config_file: str, name: str) -> str:
+    """The family of a Hugging Face config.json (its ``model_type``, which is the adapter's family name); the
+    argument ``name`` is named when the file is missing or of a family growlib does not train."""
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{name}: no such file: {config_file!r} (a save_pretrained folder holds config.json)")
+    with open(config_file) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"{name}: {config_file} is a {model_type!r} config; growlib trains {FAMILIES}")
+    return model_type
+
+
 def build_model(family: str, size: str | dict, vocab_size: int, seq_len: int):
     """A freshly initialised HF model of ``family`` (its adapter's ``training_model``); ``size`` gives layers,
     hidden, heads, intermediate (and kv_heads).  ViT is shaped for the embedded digits images (``vocab_size`` and
