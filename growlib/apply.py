@@ -117,6 +117,19 @@ def check_map_fits(gmap: GrowthMap, source: Schema, target: Schema) -> None:
                                  f"{schema.dims.get(role)}")
 
 
+def depth_sources(gmap: GrowthMap, spec) -> list[tuple[tuple[str, int | None], float]] | None:
+    """The source slots (schema keys) one target slot is computed from, each with its depth weight; None when
+    the map leaves the slot as it is (a depth row of None)."""
+    if spec.layer is None:
+        return [((spec.name, None), 1.0)]
+    row = gmap.depth_for(spec.name).rows[spec.layer]
+    if row is None:
+        return None
+    if not row:  # a layer the map sets to zero: any source slot, weighed 0
+        return [((spec.name, 0), 0.0)]
+    return [((spec.name, j), w) for j, w in row]
+
+
 def apply_map(gmap: GrowthMap, source: Schema, target: Schema, *, alpha: float | None = None,
               rms: bool = False) -> None:
     """Write ``target <- gmap(source)`` in place; with ``alpha``, ``target <- (1-alpha) target + alpha gmap(source)``.
@@ -128,15 +141,10 @@ def apply_map(gmap: GrowthMap, source: Schema, target: Schema, *, alpha: float |
     remapped: dict = {}  # row maps re-indexed for head-split sources, each built once
     for spec in target.specs:
         out = target.tensors[spec.key]
-        if spec.layer is None:
-            sources = [(source.tensor(spec.name, None), 1.0)]
-        else:
-            row = gmap.depth_for(spec.name).rows[spec.layer]
-            if row is None:
-                continue
-            sources = [(source.tensor(spec.name, j), w) for j, w in row]
-            if not sources:  # a layer the map sets to zero
-                sources = [(source.tensor(spec.name, 0), 0.0)]
+        keys = depth_sources(gmap, spec)
+        if keys is None:
+            continue
+        sources = [(source.tensor(*key), w) for key, w in keys]
         first = sources[0][0]
         rows, cols = _rows_cols(first, spec)
         row_map = gmap.width_for(spec.axes[0].role, spec.axes[0].side, rows)

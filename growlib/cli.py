@@ -544,6 +544,11 @@ def grow_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (fit and check)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random copies, LiGO and the check batch")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--stream", action="store_true",
+                        help="grow from SRC's safetensors files to OUT's one parameter at a time, never holding "
+                             "either model (for checkpoints larger than memory; no LiGO, no function check)")
+    parser.add_argument("--max-shard-mb", type=int, default=5000,
+                        help="with --stream: the most megabytes per output safetensors file (default 5000)")
 
 
 def describe_schedules(only: str | None = None) -> str:
@@ -612,12 +617,15 @@ def _compare(args) -> int:
 def _grow(args) -> int:
     from growlib.grow import grow_checkpoint
 
+    if args.max_shard_mb < 1:
+        raise UsageError(f"--max-shard-mb must be >= 1, got {args.max_shard_mb}")
     _show_progress_logs()
     try:
         grow_checkpoint(args.src, args.out, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
                         heads=args.heads, depth_method=args.depth_method, width_method=args.width_method,
                         ligo_steps=args.ligo_steps, data=args.data, batch_size=args.batch_size,
-                        seq_len=args.seq_len, seed=args.seed, overwrite=args.overwrite)
+                        seq_len=args.seq_len, seed=args.seed, overwrite=args.overwrite, stream=args.stream,
+                        max_shard_bytes=args.max_shard_mb * 10**6)
     except (ValueError, TypeError) as error:  # a size the operators refuse (e.g. heads that do not divide)
         raise UsageError(str(error)) from error
     return 0

@@ -8,6 +8,7 @@ place at the end; an existing folder is replaced only when asked (``overwrite``)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from growlib.errors import InputError
+from growlib.grow_stream import DEFAULT_MAX_SHARD_BYTES, growth_map, meta_model, stream_grow
 from growlib.operators.depth import GROW_METHODS
 from growlib.operators.width import WIDEN_METHODS
 from growlib.validate import require_choice, require_int
@@ -41,26 +43,37 @@ class GrowReport:
     source_dims: dict
     target_dims: dict
     method: str
-    relative_logit_error: float
+    relative_logit_error: float | None
     checked_on: str
     parameters: int
     seconds: float
+    streamed: bool = False
+    #: streamed: the most bytes of tensors held at once (one grown parameter and the source tensors it reads)
+    largest_group_bytes: int | None = None
 
 
-def load_pretrained(folder: str):
-    """(model, adapter) from a ``save_pretrained`` folder of a family growlib supports; InputError naming the
-    folder and the supported classes otherwise."""
+def read_source(folder: str):
+    """(config, adapter, architecture) of a ``save_pretrained`` folder of a family growlib supports, its weights
+    not read; InputError naming the folder and the supported classes otherwise."""
     from transformers import AutoConfig
 
     from growlib.models import adapter_of_class, supported_class_names
-    from growlib.train.export import quiet_progress_bars
 
     if not os.path.isfile(os.path.join(str(folder), "config.json")):
         raise InputError(f"SRC {folder!r} is not a save_pretrained folder: it has no config.json")
-    architecture = (AutoConfig.from_pretrained(folder).architectures or [None])[0]
+    config = AutoConfig.from_pretrained(folder)
+    architecture = (config.architectures or [None])[0]
     adapter = adapter_of_class(architecture)
     if adapter is None:
         raise InputError(f"SRC {folder!r} holds a {architecture}; growlib grows {supported_class_names()}")
+    return config, adapter, architecture
+
+
+def load_pretrained(folder: str):
+    """(model, adapter) from a ``save_pretrained`` folder of a family growlib supports (see ``read_source``)."""
+    from growlib.train.export import quiet_progress_bars
+
+    _, adapter, architecture = read_source(folder)
     with quiet_progress_bars():
         model = adapter.model_class(architecture).from_pretrained(folder)
     return adapter.finish(model).eval(), adapter
@@ -136,23 +149,47 @@ def _fitted_ligo(model, adapter, target: dict, depth_method: str, width_method: 
 def grow_checkpoint(source: str, out: str, *, layers: int | None = None, hidden: int | None = None,
                     intermediate: int | None = None, heads: int | None = None, depth_method: str = "stack",
                     width_method: str = "hypercloning", ligo_steps: int = 0, data: str | None = None,
-                    batch_size: int = 4, seq_len: int = 64, seed: int = 0, overwrite: bool = False) -> GrowReport:
+                    batch_size: int = 4, seq_len: int = 64, seed: int = 0, overwrite: bool = False,
+                    stream: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> GrowReport:
     """Grow the model saved in ``source`` to the given sizes (each None: the source's) and save it to ``out``.
 
     Width first (``width_method``), then depth (``depth_method``); with ``ligo_steps`` > 0 LiGO instead, both
     methods as its initialisation, fitted for that many steps on ``data``.  The function-preservation error is
-    measured on ``data`` (or random tokens) and written to ``out/growlib_grow.json`` with the sizes."""
+    measured on ``data`` (or random tokens) and written to ``out/growlib_grow.json`` with the sizes.
+
+    ``stream``: never hold either model, for checkpoints larger than memory (``growlib.grow_stream``): the
+    weights go from the source's safetensors files to ``out``'s parameter by parameter, bit-identical to the
+    in-memory result, in shards of at most ``max_shard_bytes``; no function check runs (it needs both models).
+    Without it, a growth that would not fit in the memory available is refused before any weight is read."""
     started = time.perf_counter()
     require_choice("depth_method", depth_method, GROW_METHODS)
     require_choice("width_method", width_method, WIDEN_METHODS)
     require_int("ligo_steps", ligo_steps, 0)
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("max_shard_bytes", max_shard_bytes)):
         require_int(name, value)
     if os.path.exists(out) and not overwrite:
         raise InputError(f"OUT {out!r} already exists: choose another folder, or pass --overwrite to replace it")
     if data is not None and not (data.startswith("hf:") or os.path.exists(data)):
         raise InputError(f"--data {data!r}: no such file or folder")
+    if stream and (ligo_steps or data is not None):
+        raise InputError("--stream never holds the model, so it cannot fit LiGO (--ligo-steps) or check the "
+                         "function on --data: drop those, or grow without --stream")
 
+    config, adapter, architecture = read_source(source)
+    dims = adapter.dims(config)
+    target = _target_dims(dims, layers, hidden, intermediate, heads, width_method, seed)
+    _progress.info(f"grow: {source}: {architecture}, {dims['layers']} layers x {dims['model']}, "
+                   f"ffn {dims['ffn']}, {dims['heads']} heads")
+    if stream:
+        return _grow_streamed(source, out, config, adapter, architecture, target, width_method, depth_method,
+                              seed, overwrite, max_shard_bytes, started)
+    _require_memory_for(source, adapter, architecture, config, target)
+    return _grow_in_memory(source, out, adapter, target, width_method, depth_method, ligo_steps, data, batch_size,
+                           seq_len, seed, overwrite, started)
+
+
+def _grow_in_memory(source, out, adapter, target, width_method, depth_method, ligo_steps, data, batch_size,
+                    seq_len, seed, overwrite, started) -> GrowReport:
     import growlib
     from transformers import AutoTokenizer
 
@@ -161,11 +198,8 @@ def grow_checkpoint(source: str, out: str, *, layers: int | None = None, hidden:
     model, adapter = load_pretrained(source)
     dims = adapter.dims(model.config)
     seq_len = min(seq_len, adapter.max_seq_len(model.config) or seq_len)  # no longer than its positions serve
-    target = _target_dims(dims, layers, hidden, intermediate, heads, width_method, seed)
     has_tokenizer = any(os.path.isfile(os.path.join(source, name)) for name in TOKENIZER_FILES)
     tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(source), source) if has_tokenizer else None
-    _progress.info(f"grow: {source}: {type(model).__name__}, {dims['layers']} layers x {dims['model']}, "
-                   f"ffn {dims['ffn']}, {dims['heads']} heads")
 
     if ligo_steps:
         method = f"ligo ({ligo_steps} steps; init {width_method} + {depth_method})"
@@ -193,28 +227,89 @@ def grow_checkpoint(source: str, out: str, *, layers: int | None = None, hidden:
                         target_dims=adapter.dims(grown.config), method=method, relative_logit_error=error,
                         checked_on=checked_on, parameters=sum(p.numel() for p in grown.parameters()),
                         seconds=time.perf_counter() - started)
-    _save(grown, source, out, report, overwrite)
+    from growlib.train.export import quiet_progress_bars
+
+    with _staged(out, overwrite) as staging:
+        with quiet_progress_bars():
+            grown.save_pretrained(staging)
+        _finish_folder(staging, source, report)
     _progress.info(f"grow: saved {out} ({report.parameters / 1e6:.1f}M parameters, {report.seconds:.1f} s)")
     return report
 
 
-def _save(model, source: str, out: str, report: GrowReport, overwrite: bool) -> None:
-    """Write the model, the tokenizer files and the report into a temporary folder, then rename it to ``out``."""
+def _grow_streamed(source, out, config, adapter, architecture, target, width_method, depth_method, seed,
+                   overwrite, max_shard_bytes, started) -> GrowReport:
+    gmap = growth_map(adapter.dims(config), target, width_method, depth_method, seed)
+    _progress.info(f"grow: streaming to {target['layers']} layers x {target['model']}, ffn {target['ffn']} "
+                   f"({width_method} + {depth_method}), one parameter at a time")
+    with _staged(out, overwrite) as staging:
+        written = stream_grow(source, staging, adapter, architecture, config, gmap, max_shard_bytes)
+        report = GrowReport(source=os.path.abspath(source), architecture=architecture,
+                            source_dims=adapter.dims(config), target_dims=dict(gmap.target_dims),
+                            method=f"{width_method} + {depth_method}", relative_logit_error=None,
+                            checked_on="not checked: --stream never holds the model (the streamed weights equal "
+                                       "the in-memory growth's bit for bit)",
+                            parameters=written.parameters, seconds=time.perf_counter() - started,
+                            streamed=True, largest_group_bytes=written.largest_group_bytes)
+        _finish_folder(staging, source, report)
+    _progress.info(f"grow: saved {out} ({report.parameters / 1e6:.1f}M parameters in {len(written.files)} "
+                   f"file(s), at most {written.largest_group_bytes / 2**20:.0f} MiB of tensors held at once, "
+                   f"{report.seconds:.1f} s)")
+    return report
+
+
+def _require_memory_for(source: str, adapter, architecture: str, config, target: dict) -> None:
+    """Refuse an in-memory growth that needs more than the memory available (source and grown model held
+    together), naming both and --stream, rather than let the machine kill the process half-way."""
+    available = _available_memory_bytes()
+    if available is None:
+        return
+    source_model = meta_model(adapter, architecture, config)
+    target_model = meta_model(adapter, architecture, adapter.config_at(config, target),
+                              **adapter.build_options(source_model))
+    source_bytes = sum(os.path.getsize(os.path.join(source, name)) for name in os.listdir(source)
+                       if name.endswith((".safetensors", ".bin")))
+    growth = sum(p.numel() for p in target_model.parameters()) / sum(p.numel() for p in source_model.parameters())
+    needed = source_bytes * (1 + growth)
+    if needed > available:
+        raise InputError(f"growing {source!r} in memory holds the source and the grown model together, about "
+                         f"{needed / 2**30:.1f} GiB, but {available / 2**30:.1f} GiB are available: pass --stream "
+                         f"to grow it file to file")
+
+
+def _available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def _staged(out: str, overwrite: bool):
+    """A temporary folder beside ``out`` to write into, renamed to ``out`` when the block succeeds (replacing
+    an existing ``out`` only with ``overwrite``) and removed either way."""
     out = os.path.abspath(out)
     staging = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    from growlib.train.export import quiet_progress_bars
-
+    os.makedirs(staging)
     try:
-        with quiet_progress_bars():
-            model.save_pretrained(staging)
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(source, name)):
-                shutil.copy2(os.path.join(source, name), os.path.join(staging, name))
-        with open(os.path.join(staging, REPORT_FILE), "w") as f:
-            json.dump(asdict(report), f, indent=2)
+        yield staging
         if os.path.exists(out) and overwrite:
             shutil.rmtree(out)
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _finish_folder(staging: str, source: str, report: GrowReport) -> None:
+    """The source's tokenizer files and the report, beside the weights."""
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy2(os.path.join(source, name), os.path.join(staging, name))
+    with open(os.path.join(staging, REPORT_FILE), "w") as f:
+        json.dump(asdict(report), f, indent=2)
