@@ -482,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
                               help="optimizer steps between checkpoints (default 50; not with --deepspeed)")
     train_parser.add_argument("--deepspeed", default=None, metavar="CONFIG.json",
                               help="train through DeepSpeed (ZeRO stage 0-2) with this config; launch with torchrun")
+    train_parser.add_argument("--fsdp", action="store_true",
+                              help="shard every stage's model, gradients and optimizer state across the torchrun "
+                                   "processes (FSDP2); transitions and checkpoints see it whole")
     _debug_argument(train_parser)
     compare_parser = commands.add_parser("compare", help="every schedule against the baseline, same budget",
                                          **defaults_shown)
@@ -581,13 +584,20 @@ def _train(args) -> int:
     if deepspeed is not None and (args.resume or args.checkpoint_every):
         raise UsageError("--deepspeed runs write no checkpoints (ZeRO partitions the optimizer state): drop "
                          "--resume and --checkpoint-every")
+    if args.fsdp and deepspeed is not None:
+        raise UsageError("--fsdp and --deepspeed exclude each other: choose one engine")
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise UsageError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N")
+    if args.fsdp and options.get("coherence"):
+        raise UsageError("--fsdp does not support ode_multilevel's coherence=true (its term multiplies whole "
+                         "parameters): drop one of them")
     checkpoint_every = 0 if deepspeed is not None else (50 if args.checkpoint_every is None else args.checkpoint_every)
     progress = _progress(args)
     experiment.device = _init_distributed(deepspeed is not None) or experiment.device
     with _exit_on_fault("train", args.debug):
         result = run_experiment(experiment, args.schedule, args.seed, options, out_dir=args.out, resume=args.resume,
                                 checkpoint_every=checkpoint_every, progress=progress(f"{args.schedule} seed {args.seed}"),
-                                deepspeed=deepspeed, overwrite=args.overwrite)
+                                deepspeed=deepspeed, overwrite=args.overwrite, fsdp=args.fsdp)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(f"{args.schedule}: {result.steps} steps, {result.flops:.3g} FLOPs, {result.wall_seconds:.1f} s, "
               f"final validation loss {result.final_val_loss:.4f}")

@@ -73,8 +73,10 @@ class Adapter:
     prefix_tokens: int = 0
 
     def supports(self, model: torch.nn.Module) -> bool:
-        cls = type(model)
-        return cls.__module__ == self.modeling_module and cls.__name__ in self.model_class_names
+        """Whether ``model`` is one of the family's classes (or a class made from one, as FSDP's fully_shard
+        makes ``FSDPGPT2LMHeadModel``)."""
+        return any(c.__module__ == self.modeling_module and c.__name__ in self.model_class_names
+                   for c in type(model).__mro__)
 
     def is_layer(self, module: torch.nn.Module) -> bool:
         """Whether ``module`` is one of the family's transformer layers (or a subclass of its layer class)."""

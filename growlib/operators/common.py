@@ -18,14 +18,14 @@ def schema_of(model: torch.nn.Module) -> Schema:
 
 
 def layer_stack(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The model's list of transformer layers (``transformer.h``, ``model.layers``, ``encoder.layer``, ...),
-    found through the schema: the module holding layer 0's parameters under the index ``0``."""
-    first = next(spec.source for spec in schema_of(model).specs if spec.layer == 0)
-    parts = first.split(".")
-    layers = model.get_submodule(".".join(parts[:parts.index("0")]))
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise TypeError(f"expected the layers of {type(model).__name__} in a ModuleList, found {type(layers).__name__}")
-    return layers
+    """The model's list of transformer layers (``transformer.h``, ``model.layers``, ``encoder.layer``, ...): the
+    first ModuleList whose every entry is one of the family's layers.  Found from the modules alone, so it also
+    works on a model whose parameters FSDP has sharded."""
+    adapter = adapter_for(model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and all(map(adapter.is_layer, module)):
+            return module
+    raise TypeError(f"found no list of {adapter.layer_class_name} layers in {type(model).__name__}")
 
 
 def copy_map(source_of: Sequence[int], n_in: int) -> WidthMap:

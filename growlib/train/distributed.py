@@ -11,7 +11,7 @@ import contextlib
 import torch
 
 from growlib.schedules.protocol import linear_term_value
-from growlib.train.config import TrainConfig, trainable_parameters
+from growlib.train.config import TrainConfig, make_optimizer, trainable_parameters
 from growlib.train.guards import first_nonfinite
 
 
@@ -148,6 +148,109 @@ class TorchSteps:
 
     def close(self) -> None:
         """Nothing to release: a DDP wrapper goes with its stage."""
+
+
+class FSDPSteps(TorchSteps):
+    """Optimizer steps under FSDP2 (``torch.distributed.fsdp.fully_shard``): every layer and then the rest of the
+    model sharded across the ranks, parameters, gradients and optimizer state alike (mixed precision on the GPU:
+    bf16 compute, fp32 gradient reduction).  The stage's model is sharded in place, so evaluation and the
+    stage's hooks see the live weights; its optimizer is rebuilt over the shards, carrying the state the
+    transition's policy gave it.
+
+    The transitions read whole parameters, so at a transition, a checkpoint and the end of a run ``gathered``
+    assembles the whole model and optimizer on every rank (the full-gather variant: each rank holds one whole
+    model and its optimizer state for that moment).  Layers MSLT runs forward-only (``route_frozen_bottom``)
+    stay whole on every rank: their fused stack reads their weights directly."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig):
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from growlib.models import adapter_for
+        from growlib.operators.common import layer_stack
+
+        self.model_class, self.build_options = type(model), adapter_for(model).build_options(model)
+        carried = _full_optimizer_state(model, optimizer)
+        routed = getattr(model, "growlib_frozen_bottom", None)
+        whole = {id(layer) for layer in routed[2]} if routed else set()
+        ignored = {p for layer in routed[2] for p in layer.parameters()} if routed else set()
+        cuda = next(model.parameters()).is_cuda
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda
+                  else MixedPrecisionPolicy())
+        for layer in layer_stack(model):
+            if id(layer) not in whole:
+                fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy, ignored_params=ignored or None)
+        optimizer = make_optimizer(model, config)
+        if carried is not None:
+            set_optimizer_state_dict(model, optimizer, carried, options=_full_state())
+        self.model, self.optimizer, self.config, self.wrapped = model, optimizer, config, model
+
+    def micro_batch(self, batch: dict, linear_term: dict, last: bool) -> torch.Tensor:
+        if linear_term:
+            raise ValueError("ode_multilevel's coherence term is not supported under --fsdp (it multiplies whole "
+                             "parameters): set coherence=false")
+        self.model.set_requires_gradient_sync(last)  # reduce-scatter once per accumulated step
+        return super().micro_batch(batch, linear_term, last)
+
+    def clip_and_find_nonfinite_gradient(self) -> str | None:
+        """As TorchSteps, over sharded gradients: the total norm is reduced across ranks (every rank decides
+        alike); the search for the broken parameter looks at this rank's shards."""
+        grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        if not grads:
+            return None
+        total_norm = torch.nn.utils.get_total_norm(grads)
+        if hasattr(total_norm, "full_tensor"):
+            total_norm = total_norm.full_tensor()
+        if not bool(torch.isfinite(total_norm)):
+            return first_nonfinite((name, p.grad) for name, p in self.model.named_parameters() if p.requires_grad) \
+                or "(in another rank's shard)"
+        if self.config.clip > 0:
+            scale = min(1.0, float(self.config.clip / (total_norm + 1e-6)))
+            for g in grads:
+                g.mul_(scale)
+        return None
+
+    def gathered(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """The stage's model and optimizer assembled whole on every rank, as plain (unsharded) objects with the
+        same weights, frozen parameters and optimizer state: what transitions and checkpoints read."""
+        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                             set_optimizer_state_dict)
+
+        from growlib.models.base import build_uninitialised
+
+        weights = get_model_state_dict(self.model, options=_full_state())
+        moments = get_optimizer_state_dict(self.model, self.optimizer, options=_full_state())
+        device = next(iter(weights.values())).device
+        plain = build_uninitialised(self.model_class, self.model.config, device, **self.build_options)
+        plain.load_state_dict(weights, strict=True)
+        trainable = {name: p.requires_grad for name, p in self.model.named_parameters()}
+        for name, p in plain.named_parameters():
+            p.requires_grad_(trainable[name])
+        plain.train(self.model.training)
+        if getattr(self.model, "loss_type", None):
+            plain.loss_type = self.model.loss_type
+        optimizer = make_optimizer(plain, self.config)
+        if moments.get("state"):
+            set_optimizer_state_dict(plain, optimizer, moments, options=_full_state())
+        for group in optimizer.param_groups:
+            group["lr"] = self.optimizer.param_groups[0]["lr"]
+        return plain, optimizer
+
+
+def _full_state():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True)
+
+
+def _full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+    """The optimizer's state keyed by parameter names (None if it has none yet), to load into its sharded twin."""
+    if not optimizer.state:
+        return None
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_full_state())
 
 
 def deepspeed_config(user_config: dict, config: TrainConfig) -> dict:

@@ -348,20 +348,21 @@ def _batches(exp: Experiment, prepared: PreparedData, seed: int, subset: int = 0
 def run(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = None,
         prepared: PreparedData | None = None, out_dir: str | None = None, resume: bool = False,
         checkpoint_every: int = 50, progress: Callable[[dict], None] | None = None,
-        deepspeed: dict | None = None, overwrite: bool = False) -> RunResult:
+        deepspeed: dict | None = None, overwrite: bool = False, fsdp: bool = False) -> RunResult:
     """Train ``schedule`` on the experiment; metrics and checkpoints go to ``out_dir`` when given;
-    ``deepspeed`` (a DeepSpeed config dict) trains through DeepSpeed engines, without checkpoints.
+    ``deepspeed`` (a DeepSpeed config dict) trains through DeepSpeed engines, without checkpoints; ``fsdp``
+    shards every stage's model with FSDP2 (under torchrun).
 
     The run's folder is ``out_dir/<schedule>-seed<seed>`` (growlib.train.runs): ``resume`` continues the run
     it holds, which must be this very run (same identity) with a checkpoint; otherwise it must hold no run,
     unless ``overwrite`` deletes it.  One process at a time trains in a folder.  A run in a folder ends with its
     final model (and tokenizer) exported to its model/ (growlib.train.export; ``load_run`` reads it back)."""
     return train(exp, schedule, seed, options, prepared, out_dir, resume, checkpoint_every, progress, deepspeed,
-                 overwrite)[0]
+                 overwrite, fsdp)[0]
 
 
 def run_identity(exp: Experiment, prepared: PreparedData, schedule: str, seed: int, options: dict | None,
-                 deepspeed: dict | None = None) -> dict:
+                 deepspeed: dict | None = None, fsdp: bool = False) -> dict:
     """Every setting that changes what a run trains (see growlib.train.runs), as JSON-able values."""
     return json.loads(json.dumps({
         "growlib": growlib.__version__, "checkpoint_version": CHECKPOINT_VERSION, "model": exp.family,
@@ -369,13 +370,15 @@ def run_identity(exp: Experiment, prepared: PreparedData, schedule: str, seed: i
         "vocab_size": prepared.vocab_size, "data_fingerprint": prepared.fingerprint,
         "schedule": schedule, "schedule_args": options or {}, "steps": exp.total_steps, "seed": seed,
         "training": run_identity_config(exp.config), "processes": rank_and_world()[1],
-        "device": torch.device(exp.device).type, "deepspeed": deepspeed}, sort_keys=True, default=str))
+        "device": torch.device(exp.device).type, "deepspeed": deepspeed,
+        **({"fsdp": True} if fsdp else {})}, sort_keys=True, default=str))  # runs from before --fsdp resume
 
 
 def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = None,
           prepared: PreparedData | None = None, out_dir: str | None = None, resume: bool = False,
           checkpoint_every: int = 50, progress: Callable[[dict], None] | None = None,
-          deepspeed: dict | None = None, overwrite: bool = False) -> tuple[RunResult, torch.nn.Module]:
+          deepspeed: dict | None = None, overwrite: bool = False, fsdp: bool = False
+          ) -> tuple[RunResult, torch.nn.Module]:
     """``run``, returning the trained model too (``compare`` measures the evaluation's noise on it).
 
     The schedule and its options are checked first, then the data is prepared and the run folder checked
@@ -383,7 +386,7 @@ def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = 
     stages = build_stages(exp, schedule, exp.total_steps, options)
     check_start(exp, stages)
     prepared = prepared or prepare_data(exp)
-    identity = run_identity(exp, prepared, schedule, seed, options, deepspeed)
+    identity = run_identity(exp, prepared, schedule, seed, options, deepspeed, fsdp)
     folder = RunFolder(run_folder(out_dir, schedule, seed)) if out_dir else None
     tokenizer = hf_tokenizer(prepared.tokenizer, exp.config.seq_len) if folder else None
     main_rank = rank_and_world()[0] == 0
@@ -409,7 +412,7 @@ def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = 
                               step_flops=flops, metrics=MetricsLog(folder.metrics if folder else None),
                               checkpoint_path=folder.checkpoint if folder and deepspeed is None else None,
                               checkpoint_every=checkpoint_every if folder else 0, resume=resume,
-                              schedule_name=schedule, progress=progress, deepspeed=deepspeed,
+                              schedule_name=schedule, progress=progress, deepspeed=deepspeed, fsdp=fsdp,
                               tokens_per_sample=step_flops(model, 1, _seq_len(exp)).seq_len, identity=identity)
         if folder is not None:
             if main_rank and not os.path.isdir(export_path(folder.path)):

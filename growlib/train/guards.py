@@ -16,14 +16,22 @@ from growlib.train.config import TrainConfig
 def first_nonfinite(named_tensors) -> str | None:
     """The name of the first (name, tensor) pair whose tensor holds NaN or inf (None tensors are skipped)."""
     for name, tensor in named_tensors:
-        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # FSDP: this rank's shard
+        if local is not None and not bool(torch.isfinite(local).all()):
             return name
     return None
 
 
 def require_finite_parameters(model: torch.nn.Module, where: str) -> None:
-    """Raise FloatingPointError naming the first parameter holding NaN or inf, and ``where`` that was found."""
+    """Raise FloatingPointError naming the first parameter holding NaN or inf, and ``where`` that was found.
+    Under torchrun every rank decides alike (a NaN in one rank's FSDP shard stops them all)."""
     broken = first_nonfinite(model.named_parameters())
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([float(broken is not None)], device=next(model.parameters()).device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and broken is None:
+            broken = "(in another rank's shard)"
     if broken is not None:
         raise FloatingPointError(f"parameter {broken!r} holds NaN or inf {where}")
 

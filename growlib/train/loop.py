@@ -28,8 +28,8 @@ from growlib.train import faults
 from growlib.train.checkpoint import (CheckpointWriteError, load_checkpoint, model_from_record, model_record,
                                       require_same_run, save_checkpoint_atomically)
 from growlib.train.config import TrainConfig, learning_rate, make_optimizer, run_identity_config
-from growlib.train.distributed import (DeepSpeedSteps, TorchSteps, check_ranks_agree, is_main, mean_over_ranks,
-                                       rank_and_world, world_size)
+from growlib.train.distributed import (DeepSpeedSteps, FSDPSteps, TorchSteps, check_ranks_agree, is_main,
+                                       mean_over_ranks, rank_and_world, world_size)
 from growlib.train.guards import NonfiniteGuard, require_finite_parameters
 from growlib.train.metrics import Evaluation, MetricsLog, RunResult, evaluate, parameter_count
 from growlib.validate import require_int
@@ -169,7 +169,7 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                  step_flops: Callable[[torch.nn.Module], float], metrics: MetricsLog | None = None,
                  checkpoint_path: str | None = None, checkpoint_every: int = 0, resume: bool = False,
                  schedule_name: str = "", progress: Callable[[dict], None] | None = None,
-                 deepspeed: dict | None = None, tokens_per_sample: int | None = None,
+                 deepspeed: dict | None = None, fsdp: bool = False, tokens_per_sample: int | None = None,
                  identity: dict | None = None) -> RunResult:
     """Train through ``stages`` starting from ``state.model``.
 
@@ -180,7 +180,8 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
     sees its patches + class token, whatever ``seq_len`` says).
     With ``resume`` and an existing checkpoint, the run continues exactly where it stopped; a damaged
     checkpoint raises ValueError before anything changes.  ``deepspeed`` (a DeepSpeed JSON config as a dict)
-    trains every stage through a DeepSpeed engine instead of DDP.
+    trains every stage through a DeepSpeed engine instead of DDP; ``fsdp`` shards every stage's model with FSDP2
+    (growlib.train.distributed.FSDPSteps), whole again on every rank for transitions and checkpoints.
 
     Numerical faults: a NaN / inf loss or gradient (``config.on_nonfinite``: stop or skip the step) and a NaN /
     inf parameter right after a transition or in a model about to be checkpointed (always stop) raise
@@ -196,7 +197,7 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
         run = _ScheduleRun(stages, state, config, train_batch=train_batch, eval_batches=eval_batches,
                            step_flops=step_flops, metrics=metrics, checkpoint_path=checkpoint_path,
                            checkpoint_every=checkpoint_every, resume=resume, schedule_name=schedule_name,
-                           progress=progress, deepspeed=deepspeed, tokens_per_sample=tokens_per_sample,
+                           progress=progress, deepspeed=deepspeed, fsdp=fsdp, tokens_per_sample=tokens_per_sample,
                            identity=identity, stop_requests=stop_requests)
         checkpoint = run.start()
         first_stage = checkpoint["stage"] if checkpoint is not None else 0
@@ -216,7 +217,9 @@ class _ScheduleRun:
 
     def __init__(self, stages: list[Stage], state: RunState, config: TrainConfig, *, train_batch, eval_batches,
                  step_flops, metrics, checkpoint_path, checkpoint_every, resume, schedule_name, progress, deepspeed,
-                 tokens_per_sample, identity, stop_requests: _StopRequests):
+                 fsdp, tokens_per_sample, identity, stop_requests: _StopRequests):
+        if deepspeed is not None and fsdp:
+            raise ValueError("deepspeed and fsdp exclude each other: choose one engine")
         if deepspeed is not None and (resume or checkpoint_every):
             raise ValueError("checkpoint_every and resume must be off with deepspeed: ZeRO partitions the "
                              "optimizer state across ranks, and growlib's checkpoints hold it whole")
@@ -227,7 +230,7 @@ class _ScheduleRun:
         self.train_batch, self.eval_batches, self.step_flops = train_batch, eval_batches, step_flops
         self.metrics = metrics or MetricsLog(None)
         self.checkpoint_path, self.checkpoint_every, self.resume = checkpoint_path, checkpoint_every, resume
-        self.schedule_name, self.progress, self.deepspeed = schedule_name, progress, deepspeed
+        self.schedule_name, self.progress, self.deepspeed, self.fsdp = schedule_name, progress, deepspeed, fsdp
         self.tokens_per_sample = (config.seq_len if tokens_per_sample is None
                                   else require_int("tokens_per_sample", tokens_per_sample))
         self.identity = {"schedule": schedule_name, "stages": [[s.name, s.steps] for s in stages],
@@ -283,6 +286,7 @@ class _ScheduleRun:
         """Enter stage ``index`` from the current state (``enter_stage``), charging the transition's FLOPs on
         every rank and its wall time; the new model is checked before anything trains on it."""
         stage = self.stages[index]
+        self.gather_sharded_model()
         self.state.sample_batch = lambda ahead=0: self.train_batch(self.global_step * self.config.grad_accum + ahead)
         started = time.perf_counter()
 
@@ -300,14 +304,28 @@ class _ScheduleRun:
         self.optimizer = entered.optimizer
         self.flops_per_step = entered.flops_per_step * world_size()
 
+    def gather_sharded_model(self) -> None:
+        """Under FSDP: make the run's model and optimizer whole, plain objects again (on every rank), for the
+        transition or the caller that reads them next; the sharded ones go with their step backend."""
+        if isinstance(self.steps, FSDPSteps):
+            self.state.model, self.state.optimizer = self.steps.gathered()
+            self.optimizer = self.state.optimizer
+            self.steps.close()
+            self.steps = None
+
     def train_stage(self, index: int, first_step: int) -> None:
         """Train stage ``index`` from ``first_step`` to its end through a new step backend (DDP or DeepSpeed)."""
         model = self.state.model
         model.train()
         if self.steps is not None:
             self.steps.close()
-        self.steps = (DeepSpeedSteps(model, self.optimizer, self.config, self.deepspeed)
-                      if self.deepspeed is not None else TorchSteps(model, self.optimizer, self.config))
+        if self.deepspeed is not None:
+            self.steps = DeepSpeedSteps(model, self.optimizer, self.config, self.deepspeed)
+        elif self.fsdp:
+            self.steps = FSDPSteps(model, self.optimizer, self.config)  # shards the model in place
+            self.optimizer = self.state.optimizer = self.steps.optimizer
+        else:
+            self.steps = TorchSteps(model, self.optimizer, self.config)
         for step_in_stage in range(first_step, self.stages[index].steps):
             self.train_step(index, step_in_stage)
 
@@ -377,15 +395,17 @@ class _ScheduleRun:
         state = self.state
         require_finite_parameters(state.model, f"after step {self.global_step} (stage "
                                                f"{self.stages[stage_index].name!r}); not writing a checkpoint of it")
+        model, optimizer = (self.steps.gathered() if isinstance(self.steps, FSDPSteps)
+                            else (state.model, self.optimizer))
         if is_main():
             try:
                 save_checkpoint_atomically({
                     "stage": stage_index, "step_in_stage": step_in_stage, "global_step": self.global_step,
                     "flops": self.flops, "wall": self.wall, "evals": [tuple(e) for e in self.evals],
-                    "model": model_record(state.model), "kept": {k: model_record(m) for k, m in state.kept.items()},
+                    "model": model_record(model), "kept": {k: model_record(m) for k, m in state.kept.items()},
                     "linear_term": state.linear_term, "kept_optimizer_states": state.kept_optimizer_states,
                     "notes": state.notes, "consecutive_skips": self.guard.consecutive_skips,
-                    "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+                    "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                     "identity": self.identity}, self.checkpoint_path)
             except CheckpointWriteError as error:
@@ -397,6 +417,7 @@ class _ScheduleRun:
 
     def finish(self) -> RunResult:
         """Release the last step backend, checkpoint the final state (unless just done) and total the run."""
+        self.gather_sharded_model()
         if self.steps is not None:
             self.steps.close()
         if (self.checkpoint_path and self.deepspeed is None and self.last_checkpoint != self.global_step

@@ -41,7 +41,7 @@ SETTING_NAMES = {
     "size": "--size", "vocab_size": "--vocab-size", "data_fingerprint": "--data (the tokenized data)",
     "schedule": "--schedule", "schedule_args": "--schedule-args", "steps": "--steps / --tokens",
     "seed": "--seed", "processes": "number of processes (torchrun --nproc_per_node)", "device": "device",
-    "deepspeed": "--deepspeed", "training.lr": "--lr", "training.warmup_steps": "--warmup",
+    "deepspeed": "--deepspeed", "fsdp": "--fsdp", "training.lr": "--lr", "training.warmup_steps": "--warmup",
     "training.batch_size": "--batch-size", "training.seq_len": "--seq-len", "training.eval_every": "--eval-every",
     "training.eval_batches": "--eval-batches", "training.lr_schedule": "--lr-schedule",
     "init_from": "--init-from (the checkpoint's files)", "tokenizer": "--tokenizer (the tokenizer's files)",

@@ -66,6 +66,20 @@ def test_a_deepspeed_config_growlib_cannot_honour_is_refused_up_front(tmp_path, 
     assert "--deepspeed " + config + ": deepspeed config: remove 'optimizer'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra,world,expected", [
+    ([], "1", "--fsdp shards the model across processes: launch with torchrun"),
+    (["--deepspeed", "DS"], "2", "--fsdp and --deepspeed exclude each other"),
+    (["--schedule", "ode_multilevel", "--schedule-args", "coherence=true"], "2",
+     "--fsdp does not support ode_multilevel's coherence=true"),
+])
+def test_fsdp_refuses_what_it_cannot_run_before_anything_starts(extra, world, expected, tmp_path, capsys,
+                                                                monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", world)
+    extra = [deepspeed_file(tmp_path, {}) if arg == "DS" else arg for arg in extra]
+    assert cli.main(["train", "--fsdp", *extra, "--out", str(tmp_path / "out")]) == cli.EXIT_USAGE
+    assert expected in capsys.readouterr().err
+
+
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(cli.UsageError, match="--batch-size must be an int >= 1") as error:
         cli.main(["train", "--batch-size", "0", "--debug", "--out", str(tmp_path / "out")])

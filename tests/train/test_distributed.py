@@ -1,14 +1,18 @@
-"""Two torchrun processes on the CPU (gloo) train a V-cycle through its transitions with DDP and with
-DeepSpeed ZeRO stages 1 and 2, the engine rebuilt around each stage's model.  All three compute the same
-averaged gradients, so their losses agree step for step."""
+"""Two torchrun processes on the CPU (gloo) train through every transition with DDP, DeepSpeed ZeRO stages 1 and
+2, and FSDP2 (the engine rebuilt around each stage's model; FSDP's model made whole again for each transition
+and checkpoint).  All compute the same averaged gradients on the same batches, so their losses agree step for
+step; an FSDP run whose rank is SIGKILLed mid-run resumes to exactly the uninterrupted run's losses."""
 
 from __future__ import annotations
 
 import inspect
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -18,50 +22,110 @@ pytestmark = pytest.mark.distributed
 
 SIZE = {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64}
 STEPS = 40
+#: the schedules run under FSDP and compared with DDP: every kind of transition (coalesce / de-coalesce +
+#: interpolate, restrict / prolong, new layers on top with the bottom frozen and run forward-only, LiGO's fit)
+FSDP_SCHEDULES = {"vcycle": [], "ode_multilevel": [], "ligo": [],
+                  "mslt": ["--schedule-args", "frozen_forward=true", "freeze_embeddings=true"]}
 
 
-def train(tmp_path, name: str, port: int, *extra: str) -> list[dict]:
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun_train(tmp_path, name: str, schedule: str, *extra: str, env: dict | None = None,
+                   background: bool = False):
+    """``growlib train`` under ``torchrun --nproc_per_node 2``: the finished process, or the running one."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(inspect.getsource(inspect))
     size = tmp_path / "size.json"
     size.write_text(json.dumps(SIZE))
-    out = tmp_path / name
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               "-m", "growlib.cli", "train", "--model", "gpt2", "--size", str(size), "--data", str(corpus),
-               "--vocab-size", "300", "--steps", str(STEPS), "--batch-size", "4", "--seq-len", "32",
-               "--eval-every", "10", "--eval-batches", "2", "--schedule", "vcycle", "--out", str(out), *extra]
-    env = {**os.environ, "GROWLIB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "growlib.cli", "train", "--model", "gpt2", "--size", str(size), "--data",
+               str(corpus), "--vocab-size", "300", "--steps", str(STEPS), "--batch-size", "4", "--seq-len", "32",
+               "--eval-every", "10", "--eval-batches", "2", "--schedule", schedule, "--out", str(tmp_path / name),
+               *extra]
+    env = {**os.environ, "GROWLIB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", **(env or {})}
+    if background:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def records(tmp_path, name: str, schedule: str, kind: str = "train") -> list[dict]:
+    lines = (tmp_path / name / f"{schedule}-seed0" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def train(tmp_path, name: str, schedule: str = "vcycle", *extra: str) -> list[dict]:
+    done = torchrun_train(tmp_path, name, schedule, *extra)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("final validation loss") == 1  # rank 0 alone reports
-    records = [json.loads(line) for line in (out / "vcycle-seed0" / "metrics.jsonl").read_text().splitlines()]
-    train_records = [r for r in records if r["kind"] == "train"]
+    train_records = records(tmp_path, name, schedule)
     assert [r["step"] for r in train_records] == list(range(1, STEPS + 1))  # rank 0 alone writes the metrics
-    assert {r["stage"] for r in train_records} == {"level0-down", "level1-coarsest", "level0-up"}
     assert train_records[-1]["tokens"] == STEPS * 4 * 32 * 2  # both ranks' tokens
     return train_records
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("ddp")
-    records = train(tmp_path, "out", 29517, "--checkpoint-every", str(STEPS))
-    checkpoint = load_checkpoint(str(tmp_path / "out" / "vcycle-seed0" / "checkpoint.pt"))
-    assert checkpoint["global_step"] == STEPS
-    return records
+def ddp_runs(tmp_path_factory):
+    """DDP's records of every schedule FSDP is compared on (the V-cycle's with a final checkpoint)."""
+    runs = {}
+    for schedule, options in FSDP_SCHEDULES.items():
+        tmp_path = tmp_path_factory.mktemp(f"ddp-{schedule}")
+        runs[schedule] = train(tmp_path, "out", schedule, "--checkpoint-every", str(STEPS), *options)
+        checkpoint = load_checkpoint(str(tmp_path / "out" / f"{schedule}-seed0" / "checkpoint.pt"))
+        assert checkpoint["global_step"] == STEPS
+    return runs
 
 
-def test_two_process_ddp_runs_a_vcycle_through_its_transitions(ddp_run):
-    assert ddp_run[-1]["loss"] < ddp_run[0]["loss"]
+def test_two_process_ddp_runs_a_vcycle_through_its_transitions(ddp_runs):
+    assert {r["stage"] for r in ddp_runs["vcycle"]} == {"level0-down", "level1-coarsest", "level0-up"}
+    assert ddp_runs["vcycle"][-1]["loss"] < ddp_runs["vcycle"][0]["loss"]
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
-def test_two_process_deepspeed_zero_matches_ddp(ddp_run, tmp_path, zero_stage):
+def test_two_process_deepspeed_zero_matches_ddp(ddp_runs, tmp_path, zero_stage):
     pytest.importorskip("deepspeed")
     config = tmp_path / "deepspeed.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": zero_stage}}))
-    records = train(tmp_path, "out", 29520 + zero_stage, "--deepspeed", str(config))
+    got = train(tmp_path, "out", "vcycle", "--deepspeed", str(config))
     assert not (tmp_path / "out" / "vcycle-seed0" / "checkpoint.pt").exists()
-    ddp_losses = [r["loss"] for r in ddp_run]
-    assert [r["loss"] for r in records] == pytest.approx(ddp_losses, rel=1e-4)
-    assert [r["flops"] for r in records] == [r["flops"] for r in ddp_run]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ddp_runs["vcycle"]], rel=1e-4)
+    assert [r["flops"] for r in got] == [r["flops"] for r in ddp_runs["vcycle"]]
+
+
+@pytest.mark.parametrize("schedule", FSDP_SCHEDULES)
+def test_two_process_fsdp_matches_ddp_through_every_transition(ddp_runs, tmp_path, schedule):
+    got = train(tmp_path, "out", schedule, "--fsdp", "--checkpoint-every", "20", *FSDP_SCHEDULES[schedule])
+    expected = ddp_runs[schedule]
+    assert [r["stage"] for r in got] == [r["stage"] for r in expected]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], rel=1e-4)
+    assert [r["flops"] for r in got] == [r["flops"] for r in expected]
+    checkpoint = load_checkpoint(str(tmp_path / "out" / f"{schedule}-seed0" / "checkpoint.pt"))
+    assert checkpoint["global_step"] == STEPS  # whole, as a single process writes it
+
+
+def test_an_fsdp_run_whose_rank_is_killed_resumes_to_the_uninterrupted_losses(tmp_path):
+    options = ("--fsdp", "--checkpoint-every", "10", "--schedule-args", "frozen_forward=true",
+               "freeze_embeddings=true")
+    uninterrupted = train(tmp_path, "whole", "mslt", *options)
+    running = torchrun_train(tmp_path, "killed", "mslt", *options, background=True,
+                             env={"GROWLIB_FAULT_INJECT": "sleep_at_step:25:1", "GROWLIB_DIST_TIMEOUT_S": "4"})
+    output, started = "", time.monotonic()
+    while "fault injection: sleep_at_step:25 on rank 1" not in output:  # rank 1 waits before step 25
+        line = running.stdout.readline()
+        assert line or running.poll() is None, output[-3000:]
+        output += line
+        assert time.monotonic() - started < 300, output[-3000:]
+    os.kill(int(output.rsplit("(pid ", 1)[1].split(")")[0]), signal.SIGKILL)
+    output += running.communicate(timeout=120)[0]
+    assert running.returncode != 0
+    assert "rank 0 of 2: a collective operation failed" in output, output[-3000:]
+    assert [r["step"] for r in records(tmp_path, "killed", "mslt")][-1] == 24  # it got that far
+    resumed = train(tmp_path, "killed", "mslt", *options, "--resume")
+    assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in uninterrupted]
+    def evaluations(name):
+        return [(r["step"], r["flops"], r["val_loss"]) for r in records(tmp_path, name, "mslt", "eval")]
+
+    assert evaluations("killed") == evaluations("whole")
