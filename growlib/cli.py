@@ -479,9 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
                               help="delete the run already in OUT/<schedule>-seed<seed> and start over (without it, "
                                    "starting where a run lies is refused)")
     train_parser.add_argument("--checkpoint-every", type=int, default=None,
-                              help="optimizer steps between checkpoints (default 50; not with --deepspeed)")
+                              help="optimizer steps between checkpoints (default 50)")
     train_parser.add_argument("--deepspeed", default=None, metavar="CONFIG.json",
-                              help="train through DeepSpeed (ZeRO stage 0-2) with this config; launch with torchrun")
+                              help="train through DeepSpeed (ZeRO stage 0-3) with this config; launch with torchrun")
     train_parser.add_argument("--fsdp", action="store_true",
                               help="shard every stage's model, gradients and optimizer state across the torchrun "
                                    "processes (FSDP2); transitions and checkpoints see it whole")
@@ -581,9 +581,6 @@ def _train(args) -> int:
     options = _schedule_options(args.schedule, args.schedule_args)
     _check_schedule(args, experiment, experiment.total_steps, dict(options))
     deepspeed = _deepspeed_config(args.deepspeed, experiment)
-    if deepspeed is not None and (args.resume or args.checkpoint_every):
-        raise UsageError("--deepspeed runs write no checkpoints (ZeRO partitions the optimizer state): drop "
-                         "--resume and --checkpoint-every")
     if args.fsdp and deepspeed is not None:
         raise UsageError("--fsdp and --deepspeed exclude each other: choose one engine")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -591,7 +588,7 @@ def _train(args) -> int:
     if args.fsdp and options.get("coherence"):
         raise UsageError("--fsdp does not support ode_multilevel's coherence=true (its term multiplies whole "
                          "parameters): drop one of them")
-    checkpoint_every = 0 if deepspeed is not None else (50 if args.checkpoint_every is None else args.checkpoint_every)
+    checkpoint_every = 50 if args.checkpoint_every is None else args.checkpoint_every
     progress = _progress(args)
     experiment.device = _init_distributed(deepspeed is not None) or experiment.device
     with _exit_on_fault("train", args.debug):

@@ -47,18 +47,31 @@ def freeze_below(layers: int, frozen_forward: bool | None = None, freeze_embeddi
     _check_freezing(frozen_forward, freeze_embeddings)
 
     def freeze(model: torch.nn.Module) -> None:
-        embeddings_frozen = (freeze_embeddings if freeze_embeddings is not None
-                             else bool(frozen_forward) or not embeddings_tied_to_head(model))
+        embeddings_frozen = _embeddings_frozen(model, frozen_forward, freeze_embeddings)
         schema = growlib.schema_of(model)
         for spec in schema.specs:
             frozen = ((embeddings_frozen and spec.name.startswith("embed."))
                       or (spec.layer is not None and spec.layer < layers))
             if frozen:
                 model.get_parameter(spec.source).requires_grad_(False)
-        if embeddings_frozen if frozen_forward is None else frozen_forward:
+        if uses_frozen_stack(model, frozen_forward, freeze_embeddings):
             on_gpu = next(model.parameters()).is_cuda
             route_frozen_bottom(model, layers, dtype=torch.bfloat16 if on_gpu else None)
     return freeze
+
+
+def _embeddings_frozen(model: torch.nn.Module, frozen_forward: bool | None, freeze_embeddings: bool | None) -> bool:
+    if freeze_embeddings is not None:
+        return freeze_embeddings
+    return bool(frozen_forward) or not embeddings_tied_to_head(model)
+
+
+def uses_frozen_stack(model: torch.nn.Module, frozen_forward: bool | None = None,
+                      freeze_embeddings: bool | None = None) -> bool:
+    """Whether MSLT with these options runs ``model``'s frozen layers through the fused forward-only stack."""
+    if frozen_forward is not None:
+        return frozen_forward
+    return _embeddings_frozen(model, frozen_forward, freeze_embeddings)
 
 
 def _check_layers(layer_counts: list[int], final_layers: int) -> None:

@@ -121,6 +121,45 @@ def load_checkpoint(path: str) -> dict:
     return payload
 
 
+def engine_file_digests(folder: str, tag: str) -> dict[str, str]:
+    """{file name: SHA-256} of every file a DeepSpeed engine wrote to ``folder/tag`` (its checkpoint's files,
+    recorded in growlib's checkpoint so that a resumed run loads exactly them)."""
+    root = os.path.join(folder, tag)
+    digests = {}
+    for name in sorted(os.listdir(root)):
+        digest = hashlib.sha256()
+        with open(os.path.join(root, name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digests[name] = digest.hexdigest()
+    return digests
+
+
+def verified_engine_checkpoint(folder: str, record: dict) -> str:
+    """The tag of the engine checkpoint ``record`` names, once every file it lists is found in ``folder/tag``
+    with its SHA-256; ValueError naming the file otherwise (nothing is loaded)."""
+    tag = record["tag"]
+    root = os.path.join(folder, tag)
+    found = engine_file_digests(folder, tag) if os.path.isdir(root) else {}
+    for name, digest in record["sha256"].items():
+        if name not in found:
+            raise ValueError(f"the DeepSpeed checkpoint {root} lacks {name}, which the run's checkpoint names; "
+                             "nothing was loaded (restore the folder, or start the run over)")
+        if found[name] != digest:
+            raise ValueError(f"the DeepSpeed checkpoint file {os.path.join(root, name)} is corrupted (its SHA-256 "
+                             "differs from the one the run's checkpoint recorded); nothing was loaded")
+    return tag
+
+
+def remove_engine_checkpoints(folder: str, keep: str) -> None:
+    """Remove every engine checkpoint in ``folder`` but ``keep`` (the one growlib's checkpoint now names)."""
+    import shutil
+
+    for tag in os.listdir(folder):
+        if tag != keep:
+            shutil.rmtree(os.path.join(folder, tag), ignore_errors=True)
+
+
 def model_record(model: torch.nn.Module) -> dict:
     """What a checkpoint holds of a model: its class name, config and weights."""
     return {"class": type(model).__name__, "config": model.config.to_dict(), "state": model.state_dict()}

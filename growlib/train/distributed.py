@@ -7,6 +7,7 @@ trains; everything here is a no-op or a pass-through in a single process on the 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -99,6 +100,9 @@ def _sync_gradients(model: torch.nn.Module, last_micro_batch: bool):
 class TorchSteps:
     """Optimizer steps with plain PyTorch, or DDP under torchrun: autocast, accumulation, clipping."""
 
+    #: whether the model's parameters are split across ranks (then ``gathered`` makes them whole)
+    sharded = False
+
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig):
         self.model, self.optimizer, self.config = model, optimizer, config
         self.wrapped = _data_parallel(model)
@@ -162,6 +166,8 @@ class FSDPSteps(TorchSteps):
     model and its optimizer state for that moment).  Layers MSLT runs forward-only (``route_frozen_bottom``)
     stay whole on every rank: their fused stack reads their weights directly."""
 
+    sharded = True
+
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig):
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -217,25 +223,33 @@ class FSDPSteps(TorchSteps):
         from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                              set_optimizer_state_dict)
 
-        from growlib.models.base import build_uninitialised
-
         weights = get_model_state_dict(self.model, options=_full_state())
         moments = get_optimizer_state_dict(self.model, self.optimizer, options=_full_state())
-        device = next(iter(weights.values())).device
-        plain = build_uninitialised(self.model_class, self.model.config, device, **self.build_options)
-        plain.load_state_dict(weights, strict=True)
-        trainable = {name: p.requires_grad for name, p in self.model.named_parameters()}
-        for name, p in plain.named_parameters():
-            p.requires_grad_(trainable[name])
-        plain.train(self.model.training)
-        if getattr(self.model, "loss_type", None):
-            plain.loss_type = self.model.loss_type
+        plain = _plain_copy(self.model, self.model_class, self.build_options, weights)
         optimizer = make_optimizer(plain, self.config)
         if moments.get("state"):
             set_optimizer_state_dict(plain, optimizer, moments, options=_full_state())
         for group in optimizer.param_groups:
             group["lr"] = self.optimizer.param_groups[0]["lr"]
         return plain, optimizer
+
+
+def _plain_copy(model: torch.nn.Module, model_class: type, build_options: dict,
+                weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain model of ``model_class`` holding ``weights`` (a whole state dict), with ``model``'s frozen
+    parameters, training mode and loss type: a sharded model made whole again."""
+    from growlib.models.base import build_uninitialised
+
+    device = next(iter(weights.values())).device
+    plain = build_uninitialised(model_class, model.config, device, **build_options)
+    plain.load_state_dict(weights, strict=True)
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    for name, p in plain.named_parameters():
+        p.requires_grad_(trainable[name])
+    plain.train(model.training)
+    if getattr(model, "loss_type", None):
+        plain.loss_type = model.loss_type
+    return plain
 
 
 def _full_state():
@@ -256,8 +270,8 @@ def _full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimiz
 def deepspeed_config(user_config: dict, config: TrainConfig) -> dict:
     """The user's DeepSpeed JSON with the keys growlib owns filled in from ``config``.
 
-    growlib builds the optimizer and sets each stage's learning rate, and its transitions read and write whole
-    parameters, so an ``optimizer`` / ``scheduler`` section or ZeRO stage 3 is refused rather than ignored."""
+    growlib builds the optimizer and sets each stage's learning rate, so an ``optimizer`` / ``scheduler``
+    section is refused rather than ignored."""
     if not isinstance(user_config, dict):
         raise TypeError(f"deepspeed config must be a dict (the parsed JSON), got {type(user_config).__name__}")
     if not isinstance(config, TrainConfig):
@@ -270,9 +284,8 @@ def deepspeed_config(user_config: dict, config: TrainConfig) -> dict:
             raise ValueError(f"deepspeed config: remove {key!r}; growlib builds AdamW and sets the learning rate "
                              "of every stage (use --lr / --warmup)")
     stage = user_config.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2):
-        raise ValueError(f"deepspeed config: zero_optimization.stage must be 0, 1 or 2, got {stage!r}; stage 3 "
-                         "partitions the parameters, which growlib's transitions read whole")
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed config: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     owned = {"train_micro_batch_size_per_gpu": config.batch_size, "gradient_accumulation_steps": config.grad_accum,
              "gradient_clipping": config.clip}
     for key, value in owned.items():
@@ -287,25 +300,44 @@ def deepspeed_config(user_config: dict, config: TrainConfig) -> dict:
 
 
 class DeepSpeedSteps:
-    """Optimizer steps through a DeepSpeed engine (ZeRO stage 0-2) built around the stage's model.
+    """Optimizer steps through a DeepSpeed engine (ZeRO stage 0-3) built around the stage's model.
 
     DeepSpeed scales the loss for accumulation, all-reduces or reduce-scatters gradients, clips and steps at
     the accumulation boundary.  A new engine is built at every transition; the old one's gradient hooks are
-    removed so a model kept for later (the V-cycle's fine model) is not reduced twice."""
+    removed so a model kept for later (the V-cycle's fine model) is not reduced twice.  Under ZeRO-3 the engine
+    partitions the parameters themselves, so ``gathered`` assembles the model whole on every rank for
+    transitions and checkpoints (as FSDPSteps does).  The engine's own checkpoint (``save`` / ``load``: every
+    rank's partition of the optimizer state) travels beside growlib's."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
                  user_config: dict):
         import deepspeed
 
+        from growlib.models import adapter_for
+
+        self.zero_stage = user_config.get("zero_optimization", {}).get("stage", 0)
+        if self.zero_stage == 3 and getattr(model, "growlib_frozen_bottom", None):
+            raise ValueError("ZeRO stage 3 partitions the weights MSLT's forward-only stack reads directly: "
+                             "pass --schedule-args frozen_forward=false (the frozen layers then run as ordinary "
+                             "layers without gradients)")
         self.model, self.config = model, config
+        self.model_class, self.build_options = type(model), adapter_for(model).build_options(model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(user_config, config))
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model's parameters are partitioned across ranks (ZeRO-3)."""
+        return self.zero_stage == 3
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
     def micro_batch(self, batch: dict, linear_term: dict, last: bool) -> torch.Tensor:
+        if linear_term and self.sharded:
+            raise ValueError("ode_multilevel's coherence term is not supported under ZeRO stage 3 (it multiplies "
+                             "whole parameters): set coherence=false")
         with autocast(self.model):
             loss = self.engine(**batch).loss
         self.engine.backward(loss + linear_term_value(self.model, linear_term))
@@ -325,6 +357,29 @@ class DeepSpeedSteps:
 
     def skip(self) -> None:
         raise AssertionError("on_nonfinite='skip' is refused with deepspeed before training starts")
+
+    def gathered(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """ZeRO-3: the stage's model assembled whole on every rank as a plain model, and a fresh optimizer for
+        it (DeepSpeed runs take the ``reset`` policy only: the engine's optimizer state stays partitioned)."""
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
+            weights = {name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()}
+        plain = _plain_copy(self.model, self.model_class, self.build_options, weights)
+        return plain, make_optimizer(plain, self.config)
+
+    def save(self, folder: str, tag: str) -> None:
+        """Every rank writes its partition of the engine's state (model and optimizer) to ``folder/tag``."""
+        self.engine.save_checkpoint(folder, tag=tag, save_latest=False)
+        if world_size() > 1:
+            torch.distributed.barrier()  # every rank's files are whole before rank 0 reads them
+
+    def load(self, folder: str, tag: str) -> None:
+        """Restore the engine's state written by ``save`` (same number of ranks, same stage)."""
+        loaded, _ = self.engine.load_checkpoint(folder, tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+        if loaded is None:
+            raise ValueError(f"DeepSpeed could not load its checkpoint {os.path.join(folder, tag)}")
 
     def close(self) -> None:
         self.engine.destroy()

@@ -350,7 +350,7 @@ def run(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = No
         checkpoint_every: int = 50, progress: Callable[[dict], None] | None = None,
         deepspeed: dict | None = None, overwrite: bool = False, fsdp: bool = False) -> RunResult:
     """Train ``schedule`` on the experiment; metrics and checkpoints go to ``out_dir`` when given;
-    ``deepspeed`` (a DeepSpeed config dict) trains through DeepSpeed engines, without checkpoints; ``fsdp``
+    ``deepspeed`` (a DeepSpeed config dict) trains through DeepSpeed engines; ``fsdp``
     shards every stage's model with FSDP2 (under torchrun).
 
     The run's folder is ``out_dir/<schedule>-seed<seed>`` (growlib.train.runs): ``resume`` continues the run
@@ -401,6 +401,7 @@ def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = 
         torch.manual_seed(seed)
         model = full_model(exp, prepared.vocab_size)
         require_vocabulary_fits(model, prepared)
+        _require_engine_supports(schedule, options or {}, model, deepspeed)
         train_batch, eval_batches = _batches(exp, prepared, seed)
         tokens_per_step = exp.config.batch_size * exp.config.grad_accum
 
@@ -410,7 +411,7 @@ def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = 
         state = RunState(model)
         result = run_schedule(stages, state, exp.config, train_batch=train_batch, eval_batches=eval_batches,
                               step_flops=flops, metrics=MetricsLog(folder.metrics if folder else None),
-                              checkpoint_path=folder.checkpoint if folder and deepspeed is None else None,
+                              checkpoint_path=folder.checkpoint if folder else None,
                               checkpoint_every=checkpoint_every if folder else 0, resume=resume,
                               schedule_name=schedule, progress=progress, deepspeed=deepspeed, fsdp=fsdp,
                               tokens_per_sample=step_flops(model, 1, _seq_len(exp)).seq_len, identity=identity)
@@ -419,6 +420,19 @@ def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = 
                 export_model(folder.path, state.model, tokenizer)  # the final model, also when read back
             _barrier()
     return result, state.model
+
+
+def _require_engine_supports(schedule: str, options: dict, model: torch.nn.Module, deepspeed: dict | None) -> None:
+    """ZeRO-3 partitions the weights MSLT's fused forward-only stack reads directly: refuse that combination
+    before anything trains (the stack runs by default when the embeddings freeze, i.e. for untied models)."""
+    from growlib.schedules.progressive import uses_frozen_stack
+
+    zero_stage = (deepspeed or {}).get("zero_optimization", {}).get("stage", 0)
+    if zero_stage == 3 and schedule == "mslt" and uses_frozen_stack(model, options.get("frozen_forward"),
+                                                                     options.get("freeze_embeddings")):
+        raise InputError("--schedule mslt runs its frozen layers through a fused forward-only stack that reads "
+                         "their weights directly, which ZeRO stage 3 partitions: pass --schedule-args "
+                         "frozen_forward=false (the frozen layers then run as ordinary layers without gradients)")
 
 
 def run_folder(out_dir: str, schedule: str, seed: int) -> str:

@@ -25,13 +25,15 @@ from growlib.apply import counting_map_flops
 from growlib.optim import map_optimizer_state
 from growlib.schedules.protocol import RunState, Stage, Transition
 from growlib.train import faults
-from growlib.train.checkpoint import (CheckpointWriteError, load_checkpoint, model_from_record, model_record,
-                                      require_same_run, save_checkpoint_atomically)
+from growlib.train.checkpoint import (CheckpointWriteError, engine_file_digests, load_checkpoint, model_from_record,
+                                      model_record, remove_engine_checkpoints, require_same_run,
+                                      save_checkpoint_atomically, verified_engine_checkpoint)
 from growlib.train.config import TrainConfig, learning_rate, make_optimizer, run_identity_config
 from growlib.train.distributed import (DeepSpeedSteps, FSDPSteps, TorchSteps, check_ranks_agree, is_main,
                                        mean_over_ranks, rank_and_world, world_size)
 from growlib.train.guards import NonfiniteGuard, require_finite_parameters
 from growlib.train.metrics import Evaluation, MetricsLog, RunResult, evaluate, parameter_count
+from growlib.train.runs import ENGINE_DIR
 from growlib.validate import require_int
 
 
@@ -220,9 +222,6 @@ class _ScheduleRun:
                  fsdp, tokens_per_sample, identity, stop_requests: _StopRequests):
         if deepspeed is not None and fsdp:
             raise ValueError("deepspeed and fsdp exclude each other: choose one engine")
-        if deepspeed is not None and (resume or checkpoint_every):
-            raise ValueError("checkpoint_every and resume must be off with deepspeed: ZeRO partitions the "
-                             "optimizer state across ranks, and growlib's checkpoints hold it whole")
         if deepspeed is not None and config.on_nonfinite == "skip":
             raise ValueError("TrainConfig.on_nonfinite='skip' is not supported with deepspeed: the engine clips and "
                              "steps by itself, so growlib checks only the loss there and stops on a non-finite one")
@@ -243,7 +242,10 @@ class _ScheduleRun:
         self.last_checkpoint = 0
         self.guard = NonfiniteGuard(config)
         self.optimizer: torch.optim.Optimizer | None = None
-        self.steps: TorchSteps | DeepSpeedSteps | None = None
+        self.steps: TorchSteps | FSDPSteps | DeepSpeedSteps | None = None
+        #: DeepSpeed's own checkpoints (each rank's partition of the optimizer state) live beside growlib's
+        self.engine_folder = os.path.join(os.path.dirname(checkpoint_path), ENGINE_DIR) if checkpoint_path else None
+        self.engine_checkpoint: str | None = None  # the engine state a resumed stage loads
         self.flops_per_step = 0.0
 
     def start(self) -> dict | None:
@@ -276,7 +278,10 @@ class _ScheduleRun:
         if stage.freeze:
             stage.freeze(model)
         self.optimizer = self.state.optimizer = make_optimizer(model, self.config)
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("engine") is not None:  # DeepSpeed's optimizer state: loaded into the engine train_stage builds
+            self.engine_checkpoint = verified_engine_checkpoint(self.engine_folder, checkpoint["engine"])
+        else:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["rng"])
         if checkpoint["cuda_rng"]:
             torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
@@ -307,7 +312,7 @@ class _ScheduleRun:
     def gather_sharded_model(self) -> None:
         """Under FSDP: make the run's model and optimizer whole, plain objects again (on every rank), for the
         transition or the caller that reads them next; the sharded ones go with their step backend."""
-        if isinstance(self.steps, FSDPSteps):
+        if self.steps is not None and self.steps.sharded:
             self.state.model, self.state.optimizer = self.steps.gathered()
             self.optimizer = self.state.optimizer
             self.steps.close()
@@ -321,6 +326,9 @@ class _ScheduleRun:
             self.steps.close()
         if self.deepspeed is not None:
             self.steps = DeepSpeedSteps(model, self.optimizer, self.config, self.deepspeed)
+            if self.engine_checkpoint is not None:  # resuming: the engine's own state, as it was checkpointed
+                self.steps.load(self.engine_folder, self.engine_checkpoint)
+                self.engine_checkpoint = None
         elif self.fsdp:
             self.steps = FSDPSteps(model, self.optimizer, self.config)  # shards the model in place
             self.optimizer = self.state.optimizer = self.steps.optimizer
@@ -382,21 +390,28 @@ class _ScheduleRun:
         stop = self.stop_requests.pending(next(self.state.model.parameters()).device)
         if not stop:
             return
-        can_checkpoint = bool(self.checkpoint_path) and self.deepspeed is None
+        can_checkpoint = bool(self.checkpoint_path)
         if can_checkpoint and self.last_checkpoint != self.global_step:
             self.write_checkpoint(index, step_in_stage + 1)
         where = (f"checkpoint {self.checkpoint_path} holds step {self.global_step}: --resume continues from there"
-                 if can_checkpoint else "no checkpoint (none is written without a run folder or with "
-                 "DeepSpeed): this run cannot be resumed")
+                 if can_checkpoint else "no checkpoint (none is written without a run folder): this run cannot "
+                 "be resumed")
         raise RunInterrupted(f"{stop} at step {self.global_step} of {self.total_steps}; {where}", self.global_step)
 
     def write_checkpoint(self, stage_index: int, step_in_stage: int) -> None:
-        """Checkpoint the current state (on the main rank) as being at ``step_in_stage`` of that stage."""
+        """Checkpoint the current state (on the main rank) as being at ``step_in_stage`` of that stage.  A sharded
+        model is gathered whole first (every rank); under DeepSpeed every rank also writes its partition of the
+        engine's state to ``engine/step<N>`` beside the checkpoint, which names those files with their SHA-256."""
         state = self.state
-        require_finite_parameters(state.model, f"after step {self.global_step} (stage "
-                                               f"{self.stages[stage_index].name!r}); not writing a checkpoint of it")
-        model, optimizer = (self.steps.gathered() if isinstance(self.steps, FSDPSteps)
+        model, optimizer = (self.steps.gathered() if self.steps is not None and self.steps.sharded
                             else (state.model, self.optimizer))
+        require_finite_parameters(model, f"after step {self.global_step} (stage "
+                                         f"{self.stages[stage_index].name!r}); not writing a checkpoint of it")
+        engine = None
+        if isinstance(self.steps, DeepSpeedSteps):
+            tag = f"step{self.global_step}"
+            self.steps.save(self.engine_folder, tag)
+            engine = {"tag": tag, "sha256": engine_file_digests(self.engine_folder, tag)} if is_main() else None
         if is_main():
             try:
                 save_checkpoint_atomically({
@@ -405,7 +420,8 @@ class _ScheduleRun:
                     "model": model_record(model), "kept": {k: model_record(m) for k, m in state.kept.items()},
                     "linear_term": state.linear_term, "kept_optimizer_states": state.kept_optimizer_states,
                     "notes": state.notes, "consecutive_skips": self.guard.consecutive_skips,
-                    "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                    "optimizer": None if engine else optimizer.state_dict(), "engine": engine,
+                    "rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                     "identity": self.identity}, self.checkpoint_path)
             except CheckpointWriteError as error:
@@ -413,6 +429,8 @@ class _ScheduleRun:
                              else "there is no earlier checkpoint to resume")
                 raise CheckpointWriteError(error.errno, f"{error.strerror} (step {self.global_step}); once there is "
                                            f"space, {resumable}") from error
+            if engine:
+                remove_engine_checkpoints(self.engine_folder, keep=engine["tag"])
         self.last_checkpoint = self.global_step
 
     def finish(self) -> RunResult:
@@ -420,8 +438,7 @@ class _ScheduleRun:
         self.gather_sharded_model()
         if self.steps is not None:
             self.steps.close()
-        if (self.checkpoint_path and self.deepspeed is None and self.last_checkpoint != self.global_step
-                and self.stages):
+        if self.checkpoint_path and self.last_checkpoint != self.global_step and self.stages:
             self.write_checkpoint(len(self.stages) - 1, self.stages[-1].steps)
         return RunResult(steps=self.global_step, flops=self.flops, wall_seconds=self.wall,
                          final_val_loss=self.evals[-1].val_loss if self.evals else float("nan"), evals=self.evals)

@@ -83,4 +83,4 @@ def evaluate(model: torch.nn.Module, batches: list[dict]) -> float:
 
 def parameter_count(model: torch.nn.Module) -> int:
     """Distinct parameter elements (a tied embedding counts once), frozen ones included."""
-    return sum(p.numel() for p in model.parameters())
+    return sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters())  # ZeRO-3: p is empty

@@ -1,7 +1,7 @@
-"""Two torchrun processes on the CPU (gloo) train through every transition with DDP, DeepSpeed ZeRO stages 1 and
-2, and FSDP2 (the engine rebuilt around each stage's model; FSDP's model made whole again for each transition
-and checkpoint).  All compute the same averaged gradients on the same batches, so their losses agree step for
-step; an FSDP run whose rank is SIGKILLed mid-run resumes to exactly the uninterrupted run's losses."""
+"""Two torchrun processes on the CPU (gloo) train through every transition with DDP, DeepSpeed ZeRO stages 1, 2
+and 3, and FSDP2 (the engine rebuilt around each stage's model; a sharded model made whole again for each
+transition and checkpoint).  All compute the same averaged gradients on the same batches, so their losses agree
+step for step; a run whose rank is SIGKILLed mid-run resumes to exactly the uninterrupted run's losses."""
 
 from __future__ import annotations
 
@@ -69,11 +69,13 @@ def train(tmp_path, name: str, schedule: str = "vcycle", *extra: str) -> list[di
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
-    """DDP's records of every schedule FSDP is compared on (the V-cycle's with a final checkpoint)."""
+    """DDP's training records of every schedule the sharded engines are compared on (and, under
+    "<schedule>:eval", its evaluations)."""
     runs = {}
     for schedule, options in FSDP_SCHEDULES.items():
         tmp_path = tmp_path_factory.mktemp(f"ddp-{schedule}")
         runs[schedule] = train(tmp_path, "out", schedule, "--checkpoint-every", str(STEPS), *options)
+        runs[f"{schedule}:eval"] = records(tmp_path, "out", schedule, "eval")
         checkpoint = load_checkpoint(str(tmp_path / "out" / f"{schedule}-seed0" / "checkpoint.pt"))
         assert checkpoint["global_step"] == STEPS
     return runs
@@ -90,25 +92,49 @@ def test_two_process_deepspeed_zero_matches_ddp(ddp_runs, tmp_path, zero_stage):
     config = tmp_path / "deepspeed.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": zero_stage}}))
     got = train(tmp_path, "out", "vcycle", "--deepspeed", str(config))
-    assert not (tmp_path / "out" / "vcycle-seed0" / "checkpoint.pt").exists()
+    checkpoint = load_checkpoint(str(tmp_path / "out" / "vcycle-seed0" / "checkpoint.pt"))  # the final one
+    assert checkpoint["global_step"] == STEPS and checkpoint["engine"]["tag"] == f"step{STEPS}"
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ddp_runs["vcycle"]], rel=1e-4)
     assert [r["flops"] for r in got] == [r["flops"] for r in ddp_runs["vcycle"]]
 
 
+def engine_flags(tmp_path, engine: str) -> list[str]:
+    """The command-line flags that pick ``engine``: fsdp, or zero<N> (DeepSpeed at that ZeRO stage)."""
+    if engine == "fsdp":
+        return ["--fsdp"]
+    pytest.importorskip("deepspeed")
+    config = tmp_path / "deepspeed.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": int(engine[-1])}}))
+    return ["--deepspeed", str(config)]
+
+
+def schedule_flags(schedule: str, engine: str) -> list[str]:
+    """ZeRO-3 partitions the weights MSLT's fused frozen stack reads: there its frozen layers run as HF layers
+    (the same function: measured within 1e-7 of the stack's losses)."""
+    flags = FSDP_SCHEDULES[schedule]
+    return [flag.replace("frozen_forward=true", "frozen_forward=false") for flag in flags] if engine == "zero3" \
+        else flags
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
 @pytest.mark.parametrize("schedule", FSDP_SCHEDULES)
-def test_two_process_fsdp_matches_ddp_through_every_transition(ddp_runs, tmp_path, schedule):
-    got = train(tmp_path, "out", schedule, "--fsdp", "--checkpoint-every", "20", *FSDP_SCHEDULES[schedule])
+def test_sharded_engines_match_ddp_through_every_transition(ddp_runs, tmp_path, schedule, engine):
+    got = train(tmp_path, "out", schedule, *engine_flags(tmp_path, engine), "--checkpoint-every", "20",
+                *schedule_flags(schedule, engine))
     expected = ddp_runs[schedule]
     assert [r["stage"] for r in got] == [r["stage"] for r in expected]
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], rel=1e-4)
     assert [r["flops"] for r in got] == [r["flops"] for r in expected]
+    evals = records(tmp_path, "out", schedule, "eval")
+    assert [r["parameters"] for r in evals] == [r["parameters"] for r in ddp_runs[f"{schedule}:eval"]]
     checkpoint = load_checkpoint(str(tmp_path / "out" / f"{schedule}-seed0" / "checkpoint.pt"))
-    assert checkpoint["global_step"] == STEPS  # whole, as a single process writes it
+    assert checkpoint["global_step"] == STEPS  # the model whole, as a single process writes it
+    assert (checkpoint["engine"] is not None) == engine.startswith("zero")
 
 
-def test_an_fsdp_run_whose_rank_is_killed_resumes_to_the_uninterrupted_losses(tmp_path):
-    options = ("--fsdp", "--checkpoint-every", "10", "--schedule-args", "frozen_forward=true",
-               "freeze_embeddings=true")
+@pytest.mark.parametrize("engine", ["fsdp", "zero2", "zero3"])
+def test_a_run_whose_rank_is_killed_resumes_to_the_uninterrupted_losses(tmp_path, engine):
+    options = (*engine_flags(tmp_path, engine), "--checkpoint-every", "10", *schedule_flags("mslt", engine))
     uninterrupted = train(tmp_path, "whole", "mslt", *options)
     running = torchrun_train(tmp_path, "killed", "mslt", *options, background=True,
                              env={"GROWLIB_FAULT_INJECT": "sleep_at_step:25:1", "GROWLIB_DIST_TIMEOUT_S": "4"})
@@ -125,7 +151,11 @@ def test_an_fsdp_run_whose_rank_is_killed_resumes_to_the_uninterrupted_losses(tm
     assert [r["step"] for r in records(tmp_path, "killed", "mslt")][-1] == 24  # it got that far
     resumed = train(tmp_path, "killed", "mslt", *options, "--resume")
     assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in uninterrupted]
+
     def evaluations(name):
         return [(r["step"], r["flops"], r["val_loss"]) for r in records(tmp_path, name, "mslt", "eval")]
 
     assert evaluations("killed") == evaluations("whole")
+    if engine.startswith("zero"):  # only the checkpointed engine state is kept
+        assert sorted(os.listdir(tmp_path / "killed" / "mslt-seed0" / "engine" / f"step{STEPS}")) \
+            and not (tmp_path / "killed" / "mslt-seed0" / "engine" / "step20").exists()

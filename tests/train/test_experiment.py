@@ -113,7 +113,7 @@ def test_vit_refuses_text_data():
 @pytest.mark.parametrize("user,match", [
     ({"optimizer": {"type": "Adam"}}, "remove 'optimizer'"),
     ({"scheduler": {}}, "remove 'scheduler'"),
-    ({"zero_optimization": {"stage": 3}}, "stage must be 0, 1 or 2"),
+    ({"zero_optimization": {"stage": 4}}, "stage must be 0, 1, 2 or 3"),
     ({"train_micro_batch_size_per_gpu": 3}, "disagrees"),
     ({"train_batch_size": 7}, "train_batch_size"),
 ])
