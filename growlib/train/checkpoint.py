@@ -160,9 +160,13 @@ def remove_engine_checkpoints(folder: str, keep: str) -> None:
             shutil.rmtree(os.path.join(folder, tag), ignore_errors=True)
 
 
-def model_record(model: torch.nn.Module) -> dict:
-    """What a checkpoint holds of a model: its class name, config and weights."""
-    return {"class": type(model).__name__, "config": model.config.to_dict(), "state": model.state_dict()}
+def model_record(model: torch.nn.Module, weights: bool = True) -> dict:
+    """What a checkpoint holds of a model: its class name (the HF class's, also for a model FSDP sharded), config
+    and weights (None with ``weights=False``: a sharded engine's own checkpoint holds them)."""
+    from growlib.models import adapter_of_class
+
+    name = next((c.__name__ for c in type(model).__mro__ if adapter_of_class(c.__name__)), type(model).__name__)
+    return {"class": name, "config": model.config.to_dict(), "state": model.state_dict() if weights else None}
 
 
 def model_from_record(record: dict, like: torch.nn.Module) -> torch.nn.Module:
@@ -177,7 +181,8 @@ def model_from_record(record: dict, like: torch.nn.Module) -> torch.nn.Module:
     cls = adapter.model_class(record["class"])
     config = type(like.config).from_dict(record["config"])
     model = cls(config).to(next(like.parameters()).device)
-    model.load_state_dict(record["state"], strict=True)
+    if record["state"] is not None:  # None: the engine's checkpoint restores the weights once it is built
+        model.load_state_dict(record["state"], strict=True)
     if getattr(like, "loss_type", None):  # e.g. GPT-2's, which transformers cannot infer from its class name
         model.loss_type = like.loss_type
     return model

@@ -161,9 +161,9 @@ class FSDPSteps(TorchSteps):
     stage's hooks see the live weights; its optimizer is rebuilt over the shards, carrying the state the
     transition's policy gave it.
 
-    The transitions read whole parameters, so at a transition, a checkpoint and the end of a run ``gathered``
-    assembles the whole model and optimizer on every rank (the full-gather variant: each rank holds one whole
-    model and its optimizer state for that moment).  Layers MSLT runs forward-only (``route_frozen_bottom``)
+    The transitions read whole parameters, so at a transition and at the end of a run ``gathered`` assembles the
+    whole model and optimizer on every rank (the full-gather variant: each rank holds one whole model and its
+    optimizer state for that moment); a checkpoint is each rank's shards (``save``, torch.distributed.checkpoint).  Layers MSLT runs forward-only (``route_frozen_bottom``)
     stay whole on every rank: their fused stack reads their weights directly."""
 
     sharded = True
@@ -216,6 +216,27 @@ class FSDPSteps(TorchSteps):
             for g in grads:
                 g.mul_(scale)
         return None
+
+    def save(self, folder: str, tag: str) -> None:
+        """Every rank writes its shards of the model and optimizer state to ``folder/tag``
+        (torch.distributed.checkpoint: one file per rank and the metadata)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=os.path.join(folder, tag))
+        torch.distributed.barrier()  # every rank's files are whole before rank 0 reads them
+
+    def load(self, folder: str, tag: str) -> None:
+        """Restore the shards ``save`` wrote (same number of ranks: the run's identity holds it)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=os.path.join(folder, tag))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
 
     def gathered(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """The stage's model and optimizer assembled whole on every rank, as plain (unsharded) objects with the
@@ -306,7 +327,7 @@ class DeepSpeedSteps:
     the accumulation boundary.  A new engine is built at every transition; the old one's gradient hooks are
     removed so a model kept for later (the V-cycle's fine model) is not reduced twice.  Under ZeRO-3 the engine
     partitions the parameters themselves, so ``gathered`` assembles the model whole on every rank for
-    transitions and checkpoints (as FSDPSteps does).  The engine's own checkpoint (``save`` / ``load``: every
+    transitions (as FSDPSteps does).  The engine's own checkpoint (``save`` / ``load``: every
     rank's partition of the optimizer state) travels beside growlib's."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,

@@ -278,7 +278,7 @@ class _ScheduleRun:
         if stage.freeze:
             stage.freeze(model)
         self.optimizer = self.state.optimizer = make_optimizer(model, self.config)
-        if checkpoint.get("engine") is not None:  # DeepSpeed's optimizer state: loaded into the engine train_stage builds
+        if checkpoint.get("engine") is not None:  # sharded state: loaded into the engine train_stage builds
             self.engine_checkpoint = verified_engine_checkpoint(self.engine_folder, checkpoint["engine"])
         else:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -326,14 +326,14 @@ class _ScheduleRun:
             self.steps.close()
         if self.deepspeed is not None:
             self.steps = DeepSpeedSteps(model, self.optimizer, self.config, self.deepspeed)
-            if self.engine_checkpoint is not None:  # resuming: the engine's own state, as it was checkpointed
-                self.steps.load(self.engine_folder, self.engine_checkpoint)
-                self.engine_checkpoint = None
         elif self.fsdp:
             self.steps = FSDPSteps(model, self.optimizer, self.config)  # shards the model in place
             self.optimizer = self.state.optimizer = self.steps.optimizer
         else:
             self.steps = TorchSteps(model, self.optimizer, self.config)
+        if self.engine_checkpoint is not None:  # resuming: the shards of model and optimizer as checkpointed
+            self.steps.load(self.engine_folder, self.engine_checkpoint)
+            self.engine_checkpoint = None
         for step_in_stage in range(first_step, self.stages[index].steps):
             self.train_step(index, step_in_stage)
 
@@ -399,28 +399,30 @@ class _ScheduleRun:
         raise RunInterrupted(f"{stop} at step {self.global_step} of {self.total_steps}; {where}", self.global_step)
 
     def write_checkpoint(self, stage_index: int, step_in_stage: int) -> None:
-        """Checkpoint the current state (on the main rank) as being at ``step_in_stage`` of that stage.  A sharded
-        model is gathered whole first (every rank); under DeepSpeed every rank also writes its partition of the
-        engine's state to ``engine/step<N>`` beside the checkpoint, which names those files with their SHA-256."""
+        """Checkpoint the current state (on the main rank) as being at ``step_in_stage`` of that stage.  Under FSDP
+        and DeepSpeed every rank writes its shard of the model and optimizer state (torch.distributed.checkpoint,
+        DeepSpeed's own) to ``engine/step<N>`` beside the checkpoint, which names those files with their SHA-256
+        and holds the rest of the run's state."""
         state = self.state
-        model, optimizer = (self.steps.gathered() if self.steps is not None and self.steps.sharded
-                            else (state.model, self.optimizer))
-        require_finite_parameters(model, f"after step {self.global_step} (stage "
-                                         f"{self.stages[stage_index].name!r}); not writing a checkpoint of it")
+        require_finite_parameters(state.model, f"after step {self.global_step} (stage "
+                                               f"{self.stages[stage_index].name!r}); not writing a checkpoint of it")
         engine = None
-        if isinstance(self.steps, DeepSpeedSteps):
+        if isinstance(self.steps, (FSDPSteps, DeepSpeedSteps)):  # each rank writes its shard of the state
             tag = f"step{self.global_step}"
             self.steps.save(self.engine_folder, tag)
             engine = {"tag": tag, "sha256": engine_file_digests(self.engine_folder, tag)} if is_main() else None
+            model, optimizer = model_record(state.model, weights=False), None
+        else:
+            model, optimizer = model_record(state.model), self.optimizer.state_dict()
         if is_main():
             try:
                 save_checkpoint_atomically({
                     "stage": stage_index, "step_in_stage": step_in_stage, "global_step": self.global_step,
                     "flops": self.flops, "wall": self.wall, "evals": [tuple(e) for e in self.evals],
-                    "model": model_record(model), "kept": {k: model_record(m) for k, m in state.kept.items()},
+                    "model": model, "kept": {k: model_record(m) for k, m in state.kept.items()},
                     "linear_term": state.linear_term, "kept_optimizer_states": state.kept_optimizer_states,
                     "notes": state.notes, "consecutive_skips": self.guard.consecutive_skips,
-                    "optimizer": None if engine else optimizer.state_dict(), "engine": engine,
+                    "optimizer": optimizer, "engine": engine,
                     "rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                     "identity": self.identity}, self.checkpoint_path)
@@ -434,11 +436,12 @@ class _ScheduleRun:
         self.last_checkpoint = self.global_step
 
     def finish(self) -> RunResult:
-        """Release the last step backend, checkpoint the final state (unless just done) and total the run."""
+        """Checkpoint the final state (unless just done), make the model whole, release the last step backend
+        and total the run."""
+        if self.checkpoint_path and self.last_checkpoint != self.global_step and self.stages:
+            self.write_checkpoint(len(self.stages) - 1, self.stages[-1].steps)
         self.gather_sharded_model()
         if self.steps is not None:
             self.steps.close()
-        if self.checkpoint_path and self.last_checkpoint != self.global_step and self.stages:
-            self.write_checkpoint(len(self.stages) - 1, self.stages[-1].steps)
         return RunResult(steps=self.global_step, flops=self.flops, wall_seconds=self.wall,
                          final_val_loss=self.evals[-1].val_loss if self.evals else float("nan"), evals=self.evals)

@@ -111,3 +111,28 @@ def test_resuming_from_a_damaged_checkpoint_changes_nothing(trained_run, tmp_pat
             checkpoint_path=str(checkpoint), checkpoint_every=4, resume=True, schedule_name="baseline")
     assert {p: p.read_bytes() for p in (checkpoint, metrics)} == before  # the log was not truncated either
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_an_engine_checkpoint_is_loaded_only_when_every_file_it_names_is_intact(tmp_path):
+    from growlib.train.checkpoint import engine_file_digests, remove_engine_checkpoints, verified_engine_checkpoint
+
+    for tag in ("step10", "step20"):
+        (tmp_path / tag).mkdir()
+        for rank in (0, 1):
+            (tmp_path / tag / f"rank{rank}_optim_states.pt").write_bytes(bytes([rank]) * 1000 + tag.encode())
+    record = {"tag": "step20", "sha256": engine_file_digests(str(tmp_path), "step20")}
+    assert sorted(record["sha256"]) == ["rank0_optim_states.pt", "rank1_optim_states.pt"]
+    assert verified_engine_checkpoint(str(tmp_path), record) == "step20"
+    remove_engine_checkpoints(str(tmp_path), keep="step20")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step20"]
+
+    damaged = tmp_path / "step20" / "rank1_optim_states.pt"
+    damaged.write_bytes(b"\x01" * 999 + b"X" + b"step20")
+    with pytest.raises(ValueError, match="rank1_optim_states.pt is corrupted"):
+        verified_engine_checkpoint(str(tmp_path), record)
+    damaged.unlink()
+    with pytest.raises(ValueError, match="lacks rank1_optim_states.pt"):
+        verified_engine_checkpoint(str(tmp_path), record)
+    shutil.rmtree(tmp_path / "step20")
+    with pytest.raises(ValueError, match="lacks rank0_optim_states.pt"):
+        verified_engine_checkpoint(str(tmp_path), record)
