@@ -158,3 +158,12 @@ def test_a_run_whose_rank_is_killed_resumes_to_the_uninterrupted_losses(tmp_path
     assert evaluations("killed") == evaluations("whole")
     engine_folder = tmp_path / "killed" / "mslt-seed0" / "engine"  # only the last checkpoint's shards are kept
     assert os.listdir(engine_folder / f"step{STEPS}") and not (engine_folder / "step20").exists()
+
+
+def test_fsdp_maps_the_optimizer_state_through_transitions_as_ddp_does(tmp_path):
+    """optimizer_policy=map reads AdamW's moments whole at every transition: FSDP gathers them, maps them and
+    loads the result into the new stage's sharded optimizer."""
+    options = ("--schedule-args", "optimizer_policy=map")
+    expected = train(tmp_path, "ddp", "vcycle", *options)
+    got = train(tmp_path, "fsdp", "vcycle", "--fsdp", *options)
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], rel=1e-4)
