@@ -550,7 +550,7 @@ def grow_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream", action="store_true",
                         help="grow from SRC's safetensors files to OUT's one parameter at a time, never holding "
                              "either model (for checkpoints larger than memory; no LiGO, no function check)")
-    parser.add_argument("--max-shard-mb", type=int, default=5000,
+    parser.add_argument("--max-shard-mb", type=int, default=None,
                         help="with --stream: the most megabytes per output safetensors file (default 5000)")
 
 
@@ -572,7 +572,7 @@ def describe_schedules(only: str | None = None) -> str:
 def _train(args) -> int:
     import torch
 
-    from growlib.train.experiment import run as run_experiment
+    from growlib.train.experiment import require_engine_supports, run as run_experiment
 
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other: --resume continues the run in the "
@@ -581,13 +581,9 @@ def _train(args) -> int:
     options = _schedule_options(args.schedule, args.schedule_args)
     _check_schedule(args, experiment, experiment.total_steps, dict(options))
     deepspeed = _deepspeed_config(args.deepspeed, experiment)
-    if args.fsdp and deepspeed is not None:
-        raise UsageError("--fsdp and --deepspeed exclude each other: choose one engine")
+    require_engine_supports(args.schedule, dict(options), deepspeed, args.fsdp)  # before any data is read
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         raise UsageError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N")
-    if args.fsdp and options.get("coherence"):
-        raise UsageError("--fsdp does not support ode_multilevel's coherence=true (its term multiplies whole "
-                         "parameters): drop one of them")
     checkpoint_every = 50 if args.checkpoint_every is None else args.checkpoint_every
     progress = _progress(args)
     experiment.device = _init_distributed(deepspeed is not None) or experiment.device
@@ -624,15 +620,18 @@ def _compare(args) -> int:
 def _grow(args) -> int:
     from growlib.grow import grow_checkpoint
 
-    if args.max_shard_mb < 1:
-        raise UsageError(f"--max-shard-mb must be >= 1, got {args.max_shard_mb}")
+    if args.max_shard_mb is not None and not args.stream:
+        raise UsageError("--max-shard-mb sizes the files --stream writes: add --stream, or drop it")
+    max_shard_mb = 5000 if args.max_shard_mb is None else args.max_shard_mb
+    if max_shard_mb < 1:
+        raise UsageError(f"--max-shard-mb must be >= 1, got {max_shard_mb}")
     _show_progress_logs()
     try:
         grow_checkpoint(args.src, args.out, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
                         heads=args.heads, depth_method=args.depth_method, width_method=args.width_method,
                         ligo_steps=args.ligo_steps, data=args.data, batch_size=args.batch_size,
                         seq_len=args.seq_len, seed=args.seed, overwrite=args.overwrite, stream=args.stream,
-                        max_shard_bytes=args.max_shard_mb * 10**6)
+                        max_shard_bytes=max_shard_mb * 10**6)
     except (ValueError, TypeError) as error:  # a size the operators refuse (e.g. heads that do not divide)
         raise UsageError(str(error)) from error
     return 0

@@ -183,7 +183,8 @@ def grow_checkpoint(source: str, out: str, *, layers: int | None = None, hidden:
     if stream:
         return _grow_streamed(source, out, config, adapter, architecture, target, width_method, depth_method,
                               seed, overwrite, max_shard_bytes, started)
-    _require_memory_for(source, adapter, architecture, config, target)
+    _require_memory_for(source, adapter, architecture, config, target,
+                        streamable=not (ligo_steps or data is not None or width_method == "bert2bert_aki"))
     return _grow_in_memory(source, out, adapter, target, width_method, depth_method, ligo_steps, data, batch_size,
                            seq_len, seed, overwrite, started)
 
@@ -258,23 +259,34 @@ def _grow_streamed(source, out, config, adapter, architecture, target, width_met
     return report
 
 
-def _require_memory_for(source: str, adapter, architecture: str, config, target: dict) -> None:
+def _require_memory_for(source: str, adapter, architecture: str, config, target: dict, streamable: bool) -> None:
     """Refuse an in-memory growth that needs more than the memory available (source and grown model held
-    together), naming both and --stream, rather than let the machine kill the process half-way."""
+    together), naming both (and --stream, where it can do what was asked), rather than let the machine kill the
+    process half-way."""
     available = _available_memory_bytes()
     if available is None:
         return
     source_model = meta_model(adapter, architecture, config)
     target_model = meta_model(adapter, architecture, adapter.config_at(config, target),
                               **adapter.build_options(source_model))
-    source_bytes = sum(os.path.getsize(os.path.join(source, name)) for name in os.listdir(source)
-                       if name.endswith((".safetensors", ".bin")))
     growth = sum(p.numel() for p in target_model.parameters()) / sum(p.numel() for p in source_model.parameters())
-    needed = source_bytes * (1 + growth)
+    needed = _weights_bytes(source) * (1 + growth)
     if needed > available:
+        remedy = ("pass --stream to grow it file to file" if streamable else
+                  "LiGO, --data and bert2bert_aki need both models in memory: grow on a machine with more memory")
         raise InputError(f"growing {source!r} in memory holds the source and the grown model together, about "
-                         f"{needed / 2**30:.1f} GiB, but {available / 2**30:.1f} GiB are available: pass --stream "
-                         f"to grow it file to file")
+                         f"{needed / 2**30:.1f} GiB, but {available / 2**30:.1f} GiB are available: {remedy}")
+
+
+def _weights_bytes(source: str) -> int:
+    """The bytes of the source's weights: its safetensors checkpoint's tensors, else its pytorch_model*.bin
+    files (a folder holding both formats, or other .bin files, is not counted twice)."""
+    from growlib.safetensors_files import INDEX_FILE, SINGLE_FILE, index_checkpoint
+
+    if os.path.isfile(os.path.join(source, SINGLE_FILE)) or os.path.isfile(os.path.join(source, INDEX_FILE)):
+        return sum(t.nbytes for t in index_checkpoint(source).values())
+    return sum(os.path.getsize(os.path.join(source, name)) for name in os.listdir(source)
+               if name.startswith("pytorch_model") and name.endswith(".bin"))
 
 
 def _available_memory_bytes() -> int | None:

@@ -133,12 +133,16 @@ def stream_grow(source: str, out_folder: str, adapter, architecture: str, config
 
 def _source_tensors(stored: dict[str, StoredTensor], model: torch.nn.Module, source: str) -> dict[str, StoredTensor]:
     """{parameter name (every alias of a shared tensor): where its bytes lie} for every parameter of the source
-    model, found under the name save_pretrained gives it (or the parameter's own name); a missing one or one of
-    another shape is refused."""
+    model, found under the name save_pretrained gives it, the parameter's own name, or either without the base
+    model's prefix; a missing one or one of another shape is refused."""
     saved_names = checkpoint_names(model)
+    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else None
     found_by_tensor, missing = {}, []
     for name, param in model.named_parameters():
-        entry = stored.get(saved_names[name], stored.get(name))
+        candidates = [saved_names[name], name]
+        if prefix:  # a base model's checkpoint (hub GPT-2's ``h.0...``), as from_pretrained also reads it
+            candidates += [c.removeprefix(prefix) for c in candidates if c.startswith(prefix)]
+        entry = next((stored[c] for c in candidates if c in stored), None)
         if entry is None:
             missing.append(saved_names[name])
         elif entry.shape != tuple(param.shape):

@@ -60,7 +60,14 @@ def _read_header(path: str) -> tuple[dict, int]:
             header = json.loads(f.read(header_bytes))
         except ValueError as error:
             raise InputError(f"{path} is not a safetensors file: its header is no JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path} is not a safetensors file: its header is a JSON {type(header).__name__}, not an "
+                         "object")
     header.pop("__metadata__", None)
+    for key, entry in header.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise InputError(f"{path} is not a safetensors file: the header's entry {key!r} lacks dtype, shape or "
+                             "data_offsets")
     return header, 8 + header_bytes
 
 
@@ -69,7 +76,14 @@ def index_checkpoint(folder: str) -> dict[str, StoredTensor]:
     single, index = os.path.join(folder, SINGLE_FILE), os.path.join(folder, INDEX_FILE)
     if os.path.isfile(index):
         with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+            try:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise InputError(f"{index} is no safetensors index: it needs a JSON object with a weight_map of "
+                                 "tensor names to file names") from None
+        missing = [name for name in files if not os.path.isfile(os.path.join(folder, name))]
+        if missing:
+            raise InputError(f"{index} names files that are not in {folder!r}: {missing}")
     elif os.path.isfile(single):
         files = [SINGLE_FILE]
     else:

@@ -81,6 +81,8 @@ def test_the_command_line_streams_and_names_a_bad_shard_size(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["grow", source, str(tmp_path / "other"), "--stream", "--max-shard-mb", "0"]) == cli.EXIT_USAGE
     assert "--max-shard-mb must be >= 1, got 0" in capsys.readouterr().err
+    assert cli.main(["grow", source, str(tmp_path / "other"), "--max-shard-mb", "10"]) == cli.EXIT_USAGE
+    assert "--max-shard-mb sizes the files --stream writes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("options,named", [
@@ -111,6 +113,18 @@ def test_streaming_refuses_a_checkpoint_without_safetensors_or_missing_a_tensor(
         grow_checkpoint(source, str(tmp_path / "b"), layers=4, stream=True)
 
 
+def test_a_checkpoint_saved_without_the_base_model_prefix_streams_as_it_loads(tmp_path):
+    source = saved(tmp_path, "gpt2")  # tied head: every tensor lives under transformer.
+    state = {name: read_tensor(entry) for name, entry in index_checkpoint(source).items()}
+    os.remove(os.path.join(source, "model.safetensors"))
+    bare = {name.removeprefix("transformer."): tensor for name, tensor in state.items()}  # as hub GPT-2 stores it
+    write_checkpoint(source, [PlannedTensor(n, tuple(t.shape), t.dtype) for n, t in bare.items()],
+                     lambda planned: bare[planned.name], 10**9)
+    grow_checkpoint(source, str(tmp_path / "in-memory"), layers=3)
+    grow_checkpoint(source, str(tmp_path / "streamed"), layers=3, stream=True)
+    assert_bit_identical("gpt2", str(tmp_path / "in-memory"), str(tmp_path / "streamed"))
+
+
 def test_a_failed_streamed_write_leaves_no_output_and_no_staging_folder(tmp_path, monkeypatch):
     import growlib.grow_stream as grow_stream
 
@@ -133,6 +147,8 @@ def test_growing_in_memory_what_does_not_fit_is_refused_naming_stream(tmp_path, 
     with pytest.raises(InputError, match=r"GiB are available: pass --stream"):
         grow_checkpoint(source, str(tmp_path / "grown"), layers=4)
     grow_checkpoint(source, str(tmp_path / "grown"), layers=4, stream=True)  # streaming needs no such room
+    with pytest.raises(InputError, match="LiGO, --data and bert2bert_aki need both models in memory"):
+        grow_checkpoint(source, str(tmp_path / "aki"), hidden=96, width_method="bert2bert_aki")
 
 
 # -- the safetensors files ------------------------------------------------------------------------------------
@@ -187,4 +203,17 @@ def test_damaged_files_are_refused_naming_the_file(tmp_path):
         index_checkpoint(str(tmp_path))
     path.write_bytes(whole[:8] + b"{" * (len(whole) - 8))
     with pytest.raises(InputError, match="no JSON"):
+        index_checkpoint(str(tmp_path))
+    for header, problem in ((b"[1, 2]", "a JSON list, not an object"), (b'{"w": {"dtype": "F32"}}', "lacks dtype")):
+        path.write_bytes(struct.pack("<Q", len(header)) + header)
+        with pytest.raises(InputError, match=problem):
+            index_checkpoint(str(tmp_path))
+
+
+def test_a_damaged_shard_index_is_refused_naming_it(tmp_path):
+    (tmp_path / INDEX_FILE).write_text('{"metadata": {}}')
+    with pytest.raises(InputError, match="needs a JSON object with a weight_map"):
+        index_checkpoint(str(tmp_path))
+    (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": {"w": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(InputError, match=r"names files that are not in .*model-00001-of-00002.safetensors"):
         index_checkpoint(str(tmp_path))

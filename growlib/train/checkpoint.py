@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 
 import torch
 
@@ -121,43 +122,81 @@ def load_checkpoint(path: str) -> dict:
     return payload
 
 
-def engine_file_digests(folder: str, tag: str) -> dict[str, str]:
-    """{file name: SHA-256} of every file a DeepSpeed engine wrote to ``folder/tag`` (its checkpoint's files,
-    recorded in growlib's checkpoint so that a resumed run loads exactly them)."""
+def _rank_share(names: list[str]) -> tuple[list[str], int]:
+    """This rank's share of ``names`` (every world-th one), and the number of ranks."""
+    dist = torch.distributed
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    return names[rank::world], world
+
+
+def sync_engine_files(folder: str, tag: str) -> None:
+    """fsync the files of an engine checkpoint (FSDP2's, DeepSpeed's), this rank its share, and the folder, so
+    that growlib's checkpoint, written after them, never names files a crash could leave half-written."""
     root = os.path.join(folder, tag)
+    share, _ = _rank_share(sorted(os.listdir(root)))
+    for name in share:
+        with open(os.path.join(root, name), "rb") as f:
+            os.fsync(f.fileno())
+    if hasattr(os, "O_DIRECTORY"):
+        handle = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+
+
+def engine_file_digests(folder: str, tag: str) -> dict[str, str]:
+    """{file name: SHA-256} of every file of the engine checkpoint (FSDP2's or DeepSpeed's, every rank's shards)
+    in ``folder/tag``, recorded in growlib's checkpoint so that a resumed run loads exactly them.  Under torchrun
+    every rank hashes its share of the files and every rank gets them all (a collective: call it on every rank)."""
+    root = os.path.join(folder, tag)
+    share, world = _rank_share(sorted(os.listdir(root)) if os.path.isdir(root) else [])
     digests = {}
-    for name in sorted(os.listdir(root)):
+    for name in share:
         digest = hashlib.sha256()
         with open(os.path.join(root, name), "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         digests[name] = digest.hexdigest()
-    return digests
+    if world > 1:
+        parts: list = [None] * world
+        torch.distributed.all_gather_object(parts, digests)
+        digests = {name: digest for part in parts for name, digest in part.items()}
+    return dict(sorted(digests.items()))
 
 
 def verified_engine_checkpoint(folder: str, record: dict) -> str:
     """The tag of the engine checkpoint ``record`` names, once every file it lists is found in ``folder/tag``
-    with its SHA-256; ValueError naming the file otherwise (nothing is loaded)."""
+    with its SHA-256; ValueError naming the file otherwise (nothing is loaded).  Every rank decides alike."""
     tag = record["tag"]
     root = os.path.join(folder, tag)
-    found = engine_file_digests(folder, tag) if os.path.isdir(root) else {}
+    found = engine_file_digests(folder, tag)
     for name, digest in record["sha256"].items():
         if name not in found:
-            raise ValueError(f"the DeepSpeed checkpoint {root} lacks {name}, which the run's checkpoint names; "
+            raise ValueError(f"the engine checkpoint {root} lacks {name}, which the run's checkpoint names; "
                              "nothing was loaded (restore the folder, or start the run over)")
         if found[name] != digest:
-            raise ValueError(f"the DeepSpeed checkpoint file {os.path.join(root, name)} is corrupted (its SHA-256 "
+            raise ValueError(f"the engine checkpoint file {os.path.join(root, name)} is corrupted (its SHA-256 "
                              "differs from the one the run's checkpoint recorded); nothing was loaded")
     return tag
 
 
+#: the folders engine checkpoints are written to, ``engine/step<N>``
+ENGINE_TAG = re.compile(r"step\d+")
+
+
+def engine_tag(step: int) -> str:
+    return f"step{step}"
+
+
 def remove_engine_checkpoints(folder: str, keep: str) -> None:
-    """Remove every engine checkpoint in ``folder`` but ``keep`` (the one growlib's checkpoint now names)."""
+    """Remove every engine checkpoint (``step<N>`` folder) in ``folder`` but ``keep``, the one growlib's
+    checkpoint now names; other files (DeepSpeed's conversion scripts) stay."""
     import shutil
 
-    for tag in os.listdir(folder):
-        if tag != keep:
-            shutil.rmtree(os.path.join(folder, tag), ignore_errors=True)
+    for name in os.listdir(folder):
+        if name != keep and ENGINE_TAG.fullmatch(name) and os.path.isdir(os.path.join(folder, name)):
+            shutil.rmtree(os.path.join(folder, name))
 
 
 def model_record(model: torch.nn.Module, weights: bool = True) -> dict:

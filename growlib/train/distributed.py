@@ -225,7 +225,7 @@ class FSDPSteps(TorchSteps):
 
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=os.path.join(folder, tag))
-        torch.distributed.barrier()  # every rank's files are whole before rank 0 reads them
+        torch.distributed.barrier()  # every rank's files are written before any is hashed
 
     def load(self, folder: str, tag: str) -> None:
         """Restore the shards ``save`` wrote (same number of ranks: the run's identity holds it)."""
@@ -238,14 +238,16 @@ class FSDPSteps(TorchSteps):
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
 
-    def gathered(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    def gathered(self, optimizer_state: bool = True) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """The stage's model and optimizer assembled whole on every rank, as plain (unsharded) objects with the
-        same weights, frozen parameters and optimizer state: what transitions and checkpoints read."""
+        same weights, frozen parameters and optimizer state (``optimizer_state=False``: a fresh optimizer, its
+        state not gathered): what transitions read."""
         from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                              set_optimizer_state_dict)
 
         weights = get_model_state_dict(self.model, options=_full_state())
-        moments = get_optimizer_state_dict(self.model, self.optimizer, options=_full_state())
+        moments = (get_optimizer_state_dict(self.model, self.optimizer, options=_full_state()) if optimizer_state
+                   else {})
         plain = _plain_copy(self.model, self.model_class, self.build_options, weights)
         optimizer = make_optimizer(plain, self.config)
         if moments.get("state"):
@@ -379,9 +381,10 @@ class DeepSpeedSteps:
     def skip(self) -> None:
         raise AssertionError("on_nonfinite='skip' is refused with deepspeed before training starts")
 
-    def gathered(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    def gathered(self, optimizer_state: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """ZeRO-3: the stage's model assembled whole on every rank as a plain model, and a fresh optimizer for
-        it (DeepSpeed runs take the ``reset`` policy only: the engine's optimizer state stays partitioned)."""
+        it (DeepSpeed runs take the ``reset`` policy only: the engine's optimizer state stays partitioned, so
+        ``optimizer_state`` is never gathered)."""
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
@@ -393,7 +396,7 @@ class DeepSpeedSteps:
         """Every rank writes its partition of the engine's state (model and optimizer) to ``folder/tag``."""
         self.engine.save_checkpoint(folder, tag=tag, save_latest=False)
         if world_size() > 1:
-            torch.distributed.barrier()  # every rank's files are whole before rank 0 reads them
+            torch.distributed.barrier()  # every rank's files are written before any is hashed
 
     def load(self, folder: str, tag: str) -> None:
         """Restore the engine's state written by ``save`` (same number of ranks, same stage)."""

@@ -383,6 +383,9 @@ def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = 
 
     The schedule and its options are checked first, then the data is prepared and the run folder checked
     against the run's identity, and only then is a model built."""
+    require_engine_supports(schedule, options or {}, deepspeed, fsdp)
+    if fsdp and rank_and_world()[1] <= 1:
+        raise InputError("fsdp shards the model across processes: run under torchrun with a process group")
     stages = build_stages(exp, schedule, exp.total_steps, options)
     check_start(exp, stages)
     prepared = prepared or prepare_data(exp)
@@ -401,7 +404,7 @@ def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = 
         torch.manual_seed(seed)
         model = full_model(exp, prepared.vocab_size)
         require_vocabulary_fits(model, prepared)
-        _require_engine_supports(schedule, options or {}, model, deepspeed)
+        require_engine_supports(schedule, options or {}, deepspeed, fsdp, model)
         train_batch, eval_batches = _batches(exp, prepared, seed)
         tokens_per_step = exp.config.batch_size * exp.config.grad_accum
 
@@ -422,14 +425,22 @@ def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = 
     return result, state.model
 
 
-def _require_engine_supports(schedule: str, options: dict, model: torch.nn.Module, deepspeed: dict | None) -> None:
-    """ZeRO-3 partitions the weights MSLT's fused forward-only stack reads directly: refuse that combination
-    before anything trains (the stack runs by default when the embeddings freeze, i.e. for untied models)."""
+def require_engine_supports(schedule: str, options: dict, deepspeed: dict | None, fsdp: bool,
+                            model: torch.nn.Module | None = None) -> None:
+    """Refuse, before anything trains, what the chosen engine cannot run: FSDP2 with DeepSpeed; ode_multilevel's
+    coherence term (it multiplies whole parameters) on sharded parameters; and, given the model, MSLT's fused
+    forward-only stack under ZeRO-3, which partitions the weights it reads (it runs by default when the
+    embeddings freeze, i.e. for untied models)."""
     from growlib.schedules.progressive import uses_frozen_stack
 
     zero_stage = (deepspeed or {}).get("zero_optimization", {}).get("stage", 0)
-    if zero_stage == 3 and schedule == "mslt" and uses_frozen_stack(model, options.get("frozen_forward"),
-                                                                     options.get("freeze_embeddings")):
+    if fsdp and deepspeed is not None:
+        raise InputError("--fsdp and --deepspeed exclude each other: choose one engine")
+    if (fsdp or zero_stage == 3) and options.get("coherence"):
+        raise InputError(f"{'--fsdp' if fsdp else 'ZeRO stage 3'} does not support ode_multilevel's coherence=true "
+                         "(its term multiplies whole parameters, which are sharded there): drop one of them")
+    if model is not None and zero_stage == 3 and schedule == "mslt" and uses_frozen_stack(
+            model, options.get("frozen_forward"), options.get("freeze_embeddings")):
         raise InputError("--schedule mslt runs its frozen layers through a fused forward-only stack that reads "
                          "their weights directly, which ZeRO stage 3 partitions: pass --schedule-args "
                          "frozen_forward=false (the frozen layers then run as ordinary layers without gradients)")

@@ -16,7 +16,8 @@ from growlib.train.config import TrainConfig
 def first_nonfinite(named_tensors) -> str | None:
     """The name of the first (name, tensor) pair whose tensor holds NaN or inf (None tensors are skipped)."""
     for name, tensor in named_tensors:
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # FSDP: this rank's shard
+        local = tensor.to_local() if hasattr(tensor, "to_local") else getattr(tensor, "ds_tensor", tensor)
+        # FSDP2: this rank's shard (a DTensor's local part); ZeRO-3: its partition (the parameter itself is empty)
         if local is not None and not bool(torch.isfinite(local).all()):
             return name
     return None

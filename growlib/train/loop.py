@@ -25,9 +25,9 @@ from growlib.apply import counting_map_flops
 from growlib.optim import map_optimizer_state
 from growlib.schedules.protocol import RunState, Stage, Transition
 from growlib.train import faults
-from growlib.train.checkpoint import (CheckpointWriteError, engine_file_digests, load_checkpoint, model_from_record,
-                                      model_record, remove_engine_checkpoints, require_same_run,
-                                      save_checkpoint_atomically, verified_engine_checkpoint)
+from growlib.train.checkpoint import (CheckpointWriteError, engine_file_digests, engine_tag, load_checkpoint,
+                                      model_from_record, model_record, remove_engine_checkpoints, require_same_run,
+                                      save_checkpoint_atomically, sync_engine_files, verified_engine_checkpoint)
 from growlib.train.config import TrainConfig, learning_rate, make_optimizer, run_identity_config
 from growlib.train.distributed import (DeepSpeedSteps, FSDPSteps, TorchSteps, check_ranks_agree, is_main,
                                        mean_over_ranks, rank_and_world, world_size)
@@ -243,7 +243,7 @@ class _ScheduleRun:
         self.guard = NonfiniteGuard(config)
         self.optimizer: torch.optim.Optimizer | None = None
         self.steps: TorchSteps | FSDPSteps | DeepSpeedSteps | None = None
-        #: DeepSpeed's own checkpoints (each rank's partition of the optimizer state) live beside growlib's
+        #: the engine checkpoints of FSDP2 and DeepSpeed (each rank's shards of model and optimizer state)
         self.engine_folder = os.path.join(os.path.dirname(checkpoint_path), ENGINE_DIR) if checkpoint_path else None
         self.engine_checkpoint: str | None = None  # the engine state a resumed stage loads
         self.flops_per_step = 0.0
@@ -258,6 +258,8 @@ class _ScheduleRun:
             return None
         checkpoint = load_checkpoint(self.checkpoint_path)
         require_same_run(checkpoint, self.identity, self.checkpoint_path)
+        if checkpoint.get("engine") is not None:  # sharded state, verified before anything changes
+            self.engine_checkpoint = verified_engine_checkpoint(self.engine_folder, checkpoint["engine"])
         self.last_checkpoint = self.global_step = checkpoint["global_step"]
         self.flops, self.wall = checkpoint["flops"], checkpoint["wall"]
         self.evals = [Evaluation(*e) for e in checkpoint["evals"]]
@@ -278,9 +280,7 @@ class _ScheduleRun:
         if stage.freeze:
             stage.freeze(model)
         self.optimizer = self.state.optimizer = make_optimizer(model, self.config)
-        if checkpoint.get("engine") is not None:  # sharded state: loaded into the engine train_stage builds
-            self.engine_checkpoint = verified_engine_checkpoint(self.engine_folder, checkpoint["engine"])
-        else:
+        if checkpoint.get("engine") is None:  # else the shards load into the engine train_stage builds
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["rng"])
         if checkpoint["cuda_rng"]:
@@ -309,17 +309,19 @@ class _ScheduleRun:
         self.optimizer = entered.optimizer
         self.flops_per_step = entered.flops_per_step * world_size()
 
-    def gather_sharded_model(self) -> None:
-        """Under FSDP: make the run's model and optimizer whole, plain objects again (on every rank), for the
-        transition or the caller that reads them next; the sharded ones go with their step backend."""
+    def gather_sharded_model(self, finishing: bool = False) -> None:
+        """Under FSDP2 / ZeRO-3: make the run's model and optimizer whole, plain objects again (on every rank), for
+        the transition or the caller that reads them next (``finishing``: the model only, no optimizer state is
+        read after the run); the sharded ones go with their step backend."""
         if self.steps is not None and self.steps.sharded:
-            self.state.model, self.state.optimizer = self.steps.gathered()
+            self.state.model, self.state.optimizer = self.steps.gathered(optimizer_state=not finishing)
             self.optimizer = self.state.optimizer
             self.steps.close()
             self.steps = None
 
     def train_stage(self, index: int, first_step: int) -> None:
-        """Train stage ``index`` from ``first_step`` to its end through a new step backend (DDP or DeepSpeed)."""
+        """Train stage ``index`` from ``first_step`` to its end through a new step backend (DDP, FSDP2 or
+        DeepSpeed)."""
         model = self.state.model
         model.train()
         if self.steps is not None:
@@ -408,9 +410,10 @@ class _ScheduleRun:
                                                f"{self.stages[stage_index].name!r}); not writing a checkpoint of it")
         engine = None
         if isinstance(self.steps, (FSDPSteps, DeepSpeedSteps)):  # each rank writes its shard of the state
-            tag = f"step{self.global_step}"
+            tag = engine_tag(self.global_step)
             self.steps.save(self.engine_folder, tag)
-            engine = {"tag": tag, "sha256": engine_file_digests(self.engine_folder, tag)} if is_main() else None
+            sync_engine_files(self.engine_folder, tag)
+            engine = {"tag": tag, "sha256": engine_file_digests(self.engine_folder, tag)}  # every rank hashes some
             model, optimizer = model_record(state.model, weights=False), None
         else:
             model, optimizer = model_record(state.model), self.optimizer.state_dict()
@@ -433,6 +436,8 @@ class _ScheduleRun:
                                            f"space, {resumable}") from error
             if engine:
                 remove_engine_checkpoints(self.engine_folder, keep=engine["tag"])
+        if engine and world_size() > 1:
+            torch.distributed.barrier()  # no rank goes on (or exits on a stop request) before the checkpoint is whole
         self.last_checkpoint = self.global_step
 
     def finish(self) -> RunResult:
@@ -440,7 +445,7 @@ class _ScheduleRun:
         and total the run."""
         if self.checkpoint_path and self.last_checkpoint != self.global_step and self.stages:
             self.write_checkpoint(len(self.stages) - 1, self.stages[-1].steps)
-        self.gather_sharded_model()
+        self.gather_sharded_model(finishing=True)
         if self.steps is not None:
             self.steps.close()
         return RunResult(steps=self.global_step, flops=self.flops, wall_seconds=self.wall,

@@ -32,7 +32,8 @@ METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
 #: the exported model's folder (growlib.train.export writes it)
 EXPORT_DIR = "model"
-#: DeepSpeed's own checkpoints (each rank's partition of the engine's state), beside growlib's checkpoint
+#: the engine checkpoints of FSDP2 and DeepSpeed (each rank's shards of model and optimizer state), beside
+#: growlib's checkpoint
 ENGINE_DIR = "engine"
 #: what makes a folder hold a run
 RUN_FILES = (IDENTITY_FILE, CHECKPOINT_FILE, METRICS_FILE, EXPORT_DIR, ENGINE_DIR)

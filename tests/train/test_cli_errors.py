@@ -23,6 +23,7 @@ def no_data(monkeypatch):
 
 
 def deepspeed_file(tmp_path, config):
+    tmp_path.mkdir(exist_ok=True)
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(config))
     return str(path)
@@ -66,17 +67,21 @@ def test_a_deepspeed_config_growlib_cannot_honour_is_refused_up_front(tmp_path, 
     assert "--deepspeed " + config + ": deepspeed config: remove 'optimizer'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra,world,expected", [
-    ([], "1", "--fsdp shards the model across processes: launch with torchrun"),
-    (["--deepspeed", "DS"], "2", "--fsdp and --deepspeed exclude each other"),
-    (["--schedule", "ode_multilevel", "--schedule-args", "coherence=true"], "2",
+@pytest.mark.parametrize("argv,world,expected", [
+    (["--fsdp"], "1", "--fsdp shards the model across processes: launch with torchrun"),
+    (["--fsdp", "--deepspeed", "ZERO2"], "2", "--fsdp and --deepspeed exclude each other"),
+    (["--fsdp", "--schedule", "ode_multilevel", "--schedule-args", "coherence=true"], "2",
      "--fsdp does not support ode_multilevel's coherence=true"),
+    (["--deepspeed", "ZERO3", "--schedule", "ode_multilevel", "--schedule-args", "coherence=true"], "2",
+     "ZeRO stage 3 does not support ode_multilevel's coherence=true"),
 ])
-def test_fsdp_refuses_what_it_cannot_run_before_anything_starts(extra, world, expected, tmp_path, capsys,
-                                                                monkeypatch):
+def test_a_sharded_engine_refuses_what_it_cannot_run_before_anything_starts(argv, world, expected, tmp_path, capsys,
+                                                                           monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", world)
-    extra = [deepspeed_file(tmp_path, {}) if arg == "DS" else arg for arg in extra]
-    assert cli.main(["train", "--fsdp", *extra, "--out", str(tmp_path / "out")]) == cli.EXIT_USAGE
+    configs = {f"ZERO{stage}": deepspeed_file(tmp_path / f"zero{stage}", {"zero_optimization": {"stage": stage}})
+               for stage in (2, 3)}
+    argv = [configs.get(arg, arg) for arg in argv]
+    assert cli.main(["train", *argv, "--out", str(tmp_path / "out")]) == cli.EXIT_USAGE
     assert expected in capsys.readouterr().err
 
 
