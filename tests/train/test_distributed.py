@@ -174,6 +174,18 @@ def test_a_run_whose_rank_is_killed_resumes_to_the_uninterrupted_losses(tmp_path
     assert running.returncode != 0
     assert "rank 0 of 2: a collective operation failed" in output, output[-3000:]
     assert [r["step"] for r in records(tmp_path, "killed", "mslt")][-1] == 24  # it got that far
+
+    # a shard altered on disk: the resume is refused and changes nothing, the metrics log included
+    metrics = tmp_path / "killed" / "mslt-seed0" / "metrics.jsonl"
+    logged = metrics.read_bytes()
+    shard = sorted((tmp_path / "killed" / "mslt-seed0" / "engine" / "step20").iterdir())[-1]
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[:-1] + bytes([intact[-1] ^ 1]))
+    refused = torchrun_train(tmp_path, "killed", "mslt", *options, "--resume")
+    assert refused.returncode != 0 and f"{shard.name} is corrupted" in refused.stdout + refused.stderr
+    assert metrics.read_bytes() == logged
+    shard.write_bytes(intact)
+
     resumed = train(tmp_path, "killed", "mslt", *options, "--resume")
     assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in uninterrupted]
 
