@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from markdown_table import write_table
+
 COMMANDS = {
     "python -c pass": ["-c", "pass"],
     "growlib --help": ["-m", "growlib", "--help"],
@@ -52,10 +54,7 @@ def main(argv: list[str] | None = None) -> int:
              "", "| command | median (s) | min-max (s) |", "|---|---|---|"]
     for label, values in times.items():
         lines.append(f"| `{label}` | {statistics.median(values):.3f} | {min(values):.3f}-{max(values):.3f} |")
-    table = "\n".join(lines) + "\n"
-    with open(args.out, "w") as f:
-        f.write(table)
-    print(table)
+    write_table(args.out, lines)
     return 0
 
 

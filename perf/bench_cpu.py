@@ -31,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 
+from markdown_table import write_table
+
 CASES = ("coalesce-growlib", "decoalesce-growlib", "decoalesce-initialised",
          "kron-attention-growlib", "kron-attention-einsum", "kron-ffn-growlib", "kron-ffn-einsum",
          "prepare-first", "prepare-second")
@@ -263,10 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{'-' if memory_only else f'{t / to:.2f}x'} | {f'{m / mo:.2f}x' if mo else 'n/a'} |")
     rows = [(int(layers), float(width)) for layers, width in (row.split("x") for row in args.grow_rows.split(","))]
     lines += _stream_rows(rows, args.threads)
-    table = "\n".join(lines) + "\n"
-    with open(args.out, "w") as f:
-        f.write(table)
-    print(table)
+    write_table(args.out, lines)
     return 0
 
 

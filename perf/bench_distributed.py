@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 
+from markdown_table import write_table
+
 ENGINES = ("ddp", "fsdp", "zero3")
 SCHEDULES = ("vcycle", "mslt", "ligo")
 SIZE = {"layers": 8, "hidden": 512, "heads": 8, "intermediate": 2048}
@@ -132,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                                         for s in per_rank))
             lines.append(f"| {span['kind']} {span['what']} | " + " | ".join(cells) + " |")
         lines.append("")
-    table = "\n".join(lines)
-    with open(args.out, "w") as f:
-        f.write(table)
-    print(table)
+    write_table(args.out, lines)
     return 0
 
 

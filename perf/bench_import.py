@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from markdown_table import write_table
+
 BASELINE = "import torch, transformers"
 IMPORTS = {
     "import torch": "import torch",
@@ -79,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| `{label}` | {statistics.median(values):.3f} | {min(values):.3f}-{max(values):.3f} | "
                      f"{ratio:.2f}x | {loaded} |")
     lines += ["", f"Over the target: {', '.join(over)}." if over else "Every growlib row is within the target."]
-    table = "\n".join(lines) + "\n"
-    with open(args.out, "w") as f:
-        f.write(table)
-    print(table)
+    write_table(args.out, lines)
     return 0
 
 
