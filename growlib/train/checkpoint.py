@@ -21,8 +21,9 @@ from growlib.train import faults
 from growlib.train.runs import identity_differences
 
 CHECKPOINT_FORMAT = "growlib-checkpoint"
-#: Bumped whenever what a checkpoint holds changes: 3 added the run's identity (``run_schedule(identity=)``).
-CHECKPOINT_VERSION = 3
+#: Bumped whenever what a checkpoint holds changes: 3 added the run's identity (``run_schedule(identity=)``), 4 the
+#: engine checkpoint (``engine``: the FSDP2 / DeepSpeed shards' tag and digests, the model's weights then there).
+CHECKPOINT_VERSION = 4
 #: How every checkpoint file begins (its header line is JSON with these keys first).
 _HEADER_START = b'{"format": "growlib-checkpoint"'
 _MAX_HEADER_BYTES = 4096

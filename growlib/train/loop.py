@@ -258,7 +258,7 @@ class _ScheduleRun:
             return None
         checkpoint = load_checkpoint(self.checkpoint_path)
         require_same_run(checkpoint, self.identity, self.checkpoint_path)
-        if checkpoint.get("engine") is not None:  # sharded state, verified before anything changes
+        if checkpoint["engine"] is not None:  # sharded state, verified before anything changes
             self.engine_checkpoint = verified_engine_checkpoint(self.engine_folder, checkpoint["engine"])
         self.last_checkpoint = self.global_step = checkpoint["global_step"]
         self.flops, self.wall = checkpoint["flops"], checkpoint["wall"]
@@ -280,7 +280,7 @@ class _ScheduleRun:
         if stage.freeze:
             stage.freeze(model)
         self.optimizer = self.state.optimizer = make_optimizer(model, self.config)
-        if checkpoint.get("engine") is None:  # else the shards load into the engine train_stage builds
+        if checkpoint["engine"] is None:  # else the shards load into the engine train_stage builds
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["rng"])
         if checkpoint["cuda_rng"]:
