@@ -484,7 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
                               help="train through DeepSpeed (ZeRO stage 0-3) with this config; launch with torchrun")
     train_parser.add_argument("--fsdp", action="store_true",
                               help="shard every stage's model, gradients and optimizer state across the torchrun "
-                                   "processes (FSDP2); transitions and checkpoints see it whole")
+                                   "processes (FSDP2); each rank writes its shards to the checkpoint")
+    train_parser.add_argument("--fsdp-transitions", choices=("shard-local", "gather"), default="shard-local",
+                              help="with --fsdp: shard-local builds each rank's shard of the new model where the "
+                                   "transition allows (coalesce, de-coalesce + interpolate, restrict, prolong, "
+                                   "stacking, under the reset optimizer policy) and gathers the model whole for "
+                                   "the others; gather always gathers it. Same models, different memory")
     _debug_argument(train_parser)
     compare_parser = commands.add_parser("compare", help="every schedule against the baseline, same budget",
                                          **defaults_shown)
@@ -584,13 +589,17 @@ def _train(args) -> int:
     require_engine_supports(args.schedule, dict(options), deepspeed, args.fsdp)  # before any data is read
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         raise UsageError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N")
+    if args.fsdp_transitions != "shard-local" and not args.fsdp:
+        raise UsageError(f"--fsdp-transitions {args.fsdp_transitions} chooses how FSDP2 runs make transitions: "
+                         "add --fsdp")
     checkpoint_every = 50 if args.checkpoint_every is None else args.checkpoint_every
     progress = _progress(args)
     experiment.device = _init_distributed(deepspeed is not None) or experiment.device
     with _exit_on_fault("train", args.debug):
         result = run_experiment(experiment, args.schedule, args.seed, options, out_dir=args.out, resume=args.resume,
                                 checkpoint_every=checkpoint_every, progress=progress(f"{args.schedule} seed {args.seed}"),
-                                deepspeed=deepspeed, overwrite=args.overwrite, fsdp=args.fsdp)
+                                deepspeed=deepspeed, overwrite=args.overwrite, fsdp=args.fsdp,
+                                fsdp_transitions=args.fsdp_transitions)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(f"{args.schedule}: {result.steps} steps, {result.flops:.3g} FLOPs, {result.wall_seconds:.1f} s, "
               f"final validation loss {result.final_val_loss:.4f}")

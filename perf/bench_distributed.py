@@ -1,10 +1,11 @@
-"""Memory per rank at every transition, under DDP, FSDP2 and DeepSpeed ZeRO-3: two torchrun processes on the CPU
-(gloo) train a GPT-2 (8 layers x 512) through the V-cycle, MSLT and LiGO, and each rank measures its own RSS
-around every transition (the sharded model gathered whole, the maps, the new model sharded again), around each
-stage's training and around the final checkpoint.  Peak: the process's high-water mark, reset before each
+"""Memory per rank at every transition, under DDP, FSDP2 (transitions gathered, or shard-local) and DeepSpeed
+ZeRO-3: two torchrun processes on the CPU (gloo) train a GPT-2 (8 layers x 512) through the V-cycle, MSLT and
+LiGO, and each rank measures its own RSS around every transition (gathered: the sharded model made whole, the
+maps, the new model sharded again; shard-local: each rank building its shard of the new model, one parameter
+at a time), around each stage's training and around the final checkpoint.  Peak: the process's high-water mark, reset before each
 measured span (Linux ``/proc/self/clear_refs``); before: the RSS when the span starts.
 
-Usage (from the repository root; about 10 minutes on 2 cores)::
+Usage (from the repository root; about 13 minutes on 2 cores)::
 
     python perf/bench_distributed.py --out perf/results/distributed_memory.md
 """
@@ -22,7 +23,7 @@ import tempfile
 
 from markdown_table import write_table
 
-ENGINES = ("ddp", "fsdp", "zero3")
+ENGINES = ("ddp", "fsdp-gather", "fsdp-shard-local", "zero3")
 SCHEDULES = ("vcycle", "mslt", "ligo")
 SIZE = {"layers": 8, "hidden": 512, "heads": 8, "intermediate": 2048}
 TRAIN_ARGS = ["--model", "gpt2", "--vocab-size", "2048", "--steps", "24", "--batch-size", "2", "--seq-len", "64",
@@ -73,7 +74,9 @@ def worker(engine: str, schedule: str, out: str) -> None:
     size = os.path.join(out, f"size-rank{os.environ['RANK']}.json")
     with open(size, "w") as f:
         json.dump(SIZE, f)
-    flags = {"ddp": [], "fsdp": ["--fsdp"], "zero3": ["--deepspeed", os.path.join(out, "zero3.json")]}[engine]
+    flags = {"ddp": [], "fsdp-gather": ["--fsdp", "--fsdp-transitions", "gather"],
+             "fsdp-shard-local": ["--fsdp", "--fsdp-transitions", "shard-local"],
+             "zero3": ["--deepspeed", os.path.join(out, "zero3.json")]}[engine]
     status = cli.main(["train", *TRAIN_ARGS, "--size", size, "--schedule", schedule, "--out",
                        os.path.join(out, f"{engine}-{schedule}"), *flags])
     if status:
@@ -119,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
              f"(~27M parameters: 107 MB of fp32 weights, 214 MB of AdamW state), 24 steps per schedule; "
              f"{platform.machine()}, {os.cpu_count()} CPUs.  Each span: the RSS when it starts and the peak during it "
              "(MiB, rank 0 / rank 1); +: the peak above the start.  DDP holds the whole model, gradients and "
-             "optimizer on every rank; FSDP2 and ZeRO-3 hold half of each, gather the model (FSDP2: and its "
-             "optimizer state) whole on every rank at a transition, and checkpoint each rank's shards.", ""]
+             "optimizer on every rank; FSDP2 and ZeRO-3 hold half of each and checkpoint each rank's shards.  At a "
+             "transition ZeRO-3 and fsdp-gather gather the model (FSDP2: and its optimizer state) whole on every "
+             "rank; fsdp-shard-local builds each rank's shard of the new model one parameter at a time where the "
+             "transition allows (the V-cycle's; MSLT's and LiGO's gather, as fsdp-gather does).", ""]
     for schedule in SCHEDULES:
         lines += [f"### {schedule}", "", "| span | " + " | ".join(ENGINES) + " |", "|---|" + "---|" * len(ENGINES)]
         spans = results[(ENGINES[0], schedule)][0]

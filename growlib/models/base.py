@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import copy
 import importlib
+import sys
 from typing import Callable
 
 import torch
 
 from growlib.schema import IN, OUT, Axis, Schema, SlotSpec, bind_specs
+from growlib.sharded import is_sharded
 
 
 def out_(role: str) -> Axis:
@@ -77,6 +79,12 @@ class Adapter:
         makes ``FSDPGPT2LMHeadModel``)."""
         return any(c.__module__ == self.modeling_module and c.__name__ in self.model_class_names
                    for c in type(model).__mro__)
+
+    @staticmethod
+    def unsharded_class(model: torch.nn.Module) -> type:
+        """``model``'s class, or for a model FSDP2 sharded, the class ``fully_shard`` made its class from."""
+        fsdp = sys.modules.get("torch.distributed.fsdp")
+        return next(c for c in type(model).__mro__ if fsdp is None or not issubclass(c, fsdp.FSDPModule))
 
     def is_layer(self, module: torch.nn.Module) -> bool:
         """Whether ``module`` is one of the family's transformer layers (or a subclass of its layer class)."""
@@ -154,16 +162,19 @@ class Adapter:
     # -- shared ----------------------------------------------------------------------------------------
     def schema(self, model: torch.nn.Module, named_tensors: dict[str, torch.Tensor] | None = None) -> Schema:
         """The schema of ``model``: canonical views of its parameters, or of ``named_tensors`` (same names
-        and shapes, e.g. optimizer state).  Every parameter must be covered by a spec."""
+        and shapes, e.g. optimizer state); of a model FSDP2 shards, meta tensors of its parameters' shapes.
+        Every parameter must be covered by a spec."""
         params = dict(model.named_parameters(remove_duplicate=False))
         tied = self.tied(model)
-        specs = self.specs(type(model), model.config, tied, **self.build_options(model))
+        specs = self.specs(self.unsharded_class(model), model.config, tied, **self.build_options(model))
         covered = {id(params[s.source]) for s in specs}
         missing = sorted(n for n, p in params.items() if id(p) not in covered)
         if missing:
             raise ValueError(f"the {self.family} adapter does not cover parameters {missing} of "
                              f"{type(model).__name__}; growlib refuses to drop them silently")
-        if named_tensors is None:
+        if named_tensors is None and is_sharded(model):  # each rank holds a shard: shapes only (growlib.sharded)
+            named_tensors = {n: torch.empty(p.shape, dtype=p.dtype, device="meta") for n, p in params.items()}
+        elif named_tensors is None:
             named_tensors = {n: p.detach() for n, p in params.items()}
         return bind_specs(self.family, self.dims(model.config), specs, named_tensors, tied)
 
@@ -182,9 +193,9 @@ class Adapter:
         reference = next(like.parameters())
         if initialise:
             with torch.device(reference.device):
-                model = type(like)(config, **self.build_options(like))
+                model = self.unsharded_class(like)(config, **self.build_options(like))
         else:
-            model = build_uninitialised(type(like), config, reference.device, **self.build_options(like))
+            model = build_uninitialised(self.unsharded_class(like), config, reference.device, **self.build_options(like))
         model.to(dtype=reference.dtype)
         model.train(like.training)
         if getattr(like, "loss_type", None):  # e.g. GPT-2's, which transformers cannot infer from its class name

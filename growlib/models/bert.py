@@ -28,7 +28,7 @@ class BertAdapter(Adapter):
                 "pos": config.max_position_embeddings, "type": config.type_vocab_size}
 
     def build_options(self, model):
-        base_model = type(model).__name__ == self.model_class_names[1]
+        base_model = self.unsharded_class(model).__name__ == self.model_class_names[1]
         return {"add_pooling_layer": model.pooler is not None} if base_model else {}
 
     def specs(self, model_class, config, tied, add_pooling_layer: bool = True):

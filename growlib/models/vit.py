@@ -50,7 +50,7 @@ class ViTAdapter(Adapter):
                 "patch": config.num_channels * patch_height * patch_width, "labels": config.num_labels}
 
     def build_options(self, model):
-        base = type(model).__name__ == self.model_class_names[-1]  # ViTModel (DeiTModel)
+        base = self.unsharded_class(model).__name__ == self.model_class_names[-1]  # ViTModel (DeiTModel)
         return {"add_pooling_layer": model.pooler is not None} if base else {}
 
     def specs(self, model_class, config, tied, add_pooling_layer: bool = True):

@@ -10,6 +10,7 @@ import torch
 from growlib.apply import apply_map
 from growlib.models import adapter_for
 from growlib.schema import DepthMap, GrowthMap, Schema, SparseRows, WidthMap
+from growlib.sharded import is_sharded, map_across_shards, new_sharded_model
 
 
 def schema_of(model: torch.nn.Module) -> Schema:
@@ -78,8 +79,15 @@ def map_model(model: torch.nn.Module, gmap: GrowthMap) -> torch.nn.Module:
     """A new model of ``model``'s class at ``gmap.target_dims``, its parameters computed by the map.
 
     Frozen stays frozen: a parameter of the new model is frozen when every parameter it is computed from
-    was (so growing or coalescing a partly frozen model does not silently make it all trainable again)."""
+    was (so growing or coalescing a partly frozen model does not silently make it all trainable again).  A
+    model FSDP2 shards gives a new model sharded alike, each rank building its own shard."""
     adapter = adapter_for(model)
+    if is_sharded(model):  # each rank builds its shard of the new model (growlib.sharded)
+        source_schema = adapter.schema(model)
+        target = new_sharded_model(adapter, model, gmap.target_dims, set_trainable=lambda new: _carry_requires_grad(
+            model, source_schema, new, adapter.schema(new), gmap))
+        map_across_shards(gmap, model, target)
+        return target
     target = adapter.new_model(model, gmap.target_dims, initialise=False)  # the map writes every parameter
     source_schema, target_schema = adapter.schema(model), adapter.schema(target)
     apply_map(gmap, source_schema, target_schema)

@@ -82,7 +82,7 @@ def coming_up(state: RunState, fine: torch.nn.Module, level_key: str) -> Transit
 
 
 def identity_stage(name: str, steps: int, lr_schedule: str = "restart") -> Stage:
-    return Stage(name, steps, lambda s: Transition(s.model), lr_schedule=lr_schedule)
+    return Stage(name, steps, lambda s: Transition(s.model), lr_schedule=lr_schedule, sharded_transition=True)
 
 
 def vcycle(total_steps: int, final_layers: int, levels: int = 2, down_fraction: float = 0.05,
@@ -139,13 +139,15 @@ def vcycle(total_steps: int, final_layers: int, levels: int = 2, down_fraction: 
             return coming_up(state, growlib.interpolate_(fine, state.model, alpha), f"level{level}")
         return enter
 
+    shard_local = optimizer_policy == "reset"  # the other policies carry optimizer state: gathered
     for level in range(1, levels - 1):
-        stages.append(Stage(f"level{level}-down", down, coalesce_into(level), lr_scale=coarse_lr_scale))
+        stages.append(Stage(f"level{level}-down", down, coalesce_into(level), lr_scale=coarse_lr_scale,
+                            sharded_transition=shard_local))
     stages.append(Stage(f"level{levels - 1}-coarsest", coarsest, coalesce_into(levels - 1),
-                        lr_scale=coarse_lr_scale))
+                        lr_scale=coarse_lr_scale, sharded_transition=shard_local))
     for level in range(levels - 2, -1, -1):
         stages.append(Stage(f"level{level}-up", up, interpolate_from(level),
-                            lr_scale=coarse_lr_scale if level else 1.0))
+                            lr_scale=coarse_lr_scale if level else 1.0, sharded_transition=shard_local))
     return stages
 
 
@@ -209,11 +211,14 @@ def ode_multilevel(total_steps: int, final_layers: int, cycles: int = 1, pre_sha
             return coming_up(state, growlib.prolong_(state.kept.pop("fine"), state.model, parity=parity), "fine")
         return enter
 
+    shard_local = optimizer_policy == "reset" and not coherence  # else optimizer state or gradients: gathered
     for cycle, (pre, coarse, post) in enumerate(per_cycle):
         parity = ("even", "odd")[cycle % 2]
         stages += [identity_stage(f"cycle{cycle}-pre", pre, lr_schedule) for _ in range(1 if pre else 0)]
-        stages += [Stage(f"cycle{cycle}-coarse-{parity}", coarse, restrict(parity), lr_schedule=lr_schedule)]
-        stages += [Stage(f"cycle{cycle}-post", post, prolong(parity), lr_schedule=lr_schedule)]
+        stages += [Stage(f"cycle{cycle}-coarse-{parity}", coarse, restrict(parity), lr_schedule=lr_schedule,
+                         sharded_transition=shard_local)]
+        stages += [Stage(f"cycle{cycle}-post", post, prolong(parity), lr_schedule=lr_schedule,
+                         sharded_transition=shard_local)]
     return stages
 
 

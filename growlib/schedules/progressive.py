@@ -169,7 +169,8 @@ def stack(total_steps: int, final_layers: int, layer_counts: list[int] | None = 
     stages = [Stage(f"layers{layer_counts[0]}", steps[0], _shallow_start(layer_counts[0]))]
     for layers, n in zip(layer_counts[1:], steps[1:]):
         stages.append(Stage(f"layers{layers}", n,
-                            lambda s, layers=layers: Transition(growlib.grow_depth(s.model, layers, "stack"))))
+                            lambda s, layers=layers: Transition(growlib.grow_depth(s.model, layers, "stack")),
+                            sharded_transition=True))
     return stages
 
 
@@ -233,7 +234,8 @@ def msg(total_steps: int, final_layers: int, layer_counts: list[int] | None = No
     for previous, layers, n in zip(layer_counts, layer_counts[1:], steps[1:]):
         stages.append(Stage(f"layers{layers}", n,
                             lambda s, layers=layers: Transition(growlib.grow_depth(s.model, layers, "stack")),
-                            before_step=ramp_masks(previous, max(1, round(n * ramp_fraction)))))
+                            before_step=ramp_masks(previous, max(1, round(n * ramp_fraction))),
+                            sharded_transition=True))
     return stages
 
 

@@ -12,6 +12,7 @@ import os
 import torch
 
 from growlib.schedules.protocol import linear_term_value
+from growlib.sharded import is_sharded, shard_model
 from growlib.train.config import TrainConfig, make_optimizer, trainable_parameters
 from growlib.train.guards import first_nonfinite
 
@@ -62,7 +63,8 @@ def check_ranks_agree(model: torch.nn.Module, stage: str) -> None:
     names, sums = [], []
     with torch.no_grad():
         for name, p in model.named_parameters():
-            x = p.detach().reshape(-1).double()
+            whole = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()  # FSDP2: one gathered at a time
+            x = whole.reshape(-1).double()
             weights = torch.arange(x.numel(), device=x.device, dtype=torch.float64).remainder_(997).add_(1)
             names.append(name)
             sums.append(torch.stack([x.sum(), x.square().sum(), (x * weights).sum()]))
@@ -161,36 +163,35 @@ class FSDPSteps(TorchSteps):
     stage's hooks see the live weights; its optimizer is rebuilt over the shards, carrying the state the
     transition's policy gave it.
 
-    The transitions read whole parameters, so at a transition and at the end of a run ``gathered`` assembles the
-    whole model and optimizer on every rank (the full-gather variant: each rank holds one whole model and its
-    optimizer state for that moment); a checkpoint is each rank's shards (``save``, torch.distributed.checkpoint).  Layers MSLT runs forward-only (``route_frozen_bottom``)
+    A transition that allows it (``Stage.sharded_transition``) reads the shards and gives a new model already
+    sharded, each rank having built its own shard (growlib.sharded: the shard-local variant), which is trained
+    with the optimizer the transition made.  The other transitions read whole parameters, so there and at the
+    end of a run ``gathered`` assembles the whole model and optimizer on every rank (the full-gather variant:
+    each rank holds one whole model and its optimizer state for that moment).  A checkpoint is each rank's
+    shards (``save``, torch.distributed.checkpoint).  Layers MSLT runs forward-only (``route_frozen_bottom``)
     stay whole on every rank: their fused stack reads their weights directly."""
 
     sharded = True
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig):
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         from growlib.models import adapter_for
-        from growlib.operators.common import layer_stack
 
-        self.model_class, self.build_options = type(model), adapter_for(model).build_options(model)
+        adapter = adapter_for(model)
+        self.model_class, self.build_options = adapter.unsharded_class(model), adapter.build_options(model)
+        self.model, self.config, self.wrapped = model, config, model
+        if is_sharded(model):  # built sharded by a shard-local transition, its optimizer over the shards
+            if getattr(model, "growlib_frozen_bottom", None):
+                raise ValueError("MSLT's forward-only stack reads whole layers, but this model was built sharded")
+            self.optimizer = optimizer
+            return
         carried = _full_optimizer_state(model, optimizer)
         routed = getattr(model, "growlib_frozen_bottom", None)
-        whole = {id(layer) for layer in routed[2]} if routed else set()
-        ignored = {p for layer in routed[2] for p in layer.parameters()} if routed else set()
-        cuda = next(model.parameters()).is_cuda
-        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda
-                  else MixedPrecisionPolicy())
-        for layer in layer_stack(model):
-            if id(layer) not in whole:
-                fully_shard(layer, mp_policy=policy)
-        fully_shard(model, mp_policy=policy, ignored_params=ignored or None)
-        optimizer = make_optimizer(model, config)
+        shard_model(model, on_cuda=next(model.parameters()).is_cuda, whole_layers=tuple(routed[2]) if routed else ())
+        self.optimizer = make_optimizer(model, config)
         if carried is not None:
-            set_optimizer_state_dict(model, optimizer, carried, options=_full_state())
-        self.model, self.optimizer, self.config, self.wrapped = model, optimizer, config, model
+            set_optimizer_state_dict(model, self.optimizer, carried, options=_full_state())
 
     def micro_batch(self, batch: dict, linear_term: dict, last: bool) -> torch.Tensor:
         if linear_term:
@@ -217,26 +218,35 @@ class FSDPSteps(TorchSteps):
                 g.mul_(scale)
         return None
 
-    def save(self, folder: str, tag: str) -> None:
-        """Every rank writes its shards of the model and optimizer state to ``folder/tag``
-        (torch.distributed.checkpoint: one file per rank and the metadata)."""
+    def save(self, folder: str, tag: str, kept: dict[str, torch.nn.Module]) -> None:
+        """Every rank writes its shards of the model and optimizer state, and of the sharded models the schedule
+        ``kept`` for later, to ``folder/tag`` (torch.distributed.checkpoint: one file per rank and the
+        metadata)."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=os.path.join(folder, tag))
+        dcp.save(self._state(kept), checkpoint_id=os.path.join(folder, tag))
         torch.distributed.barrier()  # every rank's files are written before any is hashed
 
-    def load(self, folder: str, tag: str) -> None:
-        """Restore the shards ``save`` wrote (same number of ranks: the run's identity holds it)."""
+    def load(self, folder: str, tag: str, kept: dict[str, torch.nn.Module]) -> None:
+        """Restore the shards ``save`` wrote (same number of ranks: the run's identity holds it), ``kept``
+        sharded as they were."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optimizer": optimizer_state}
+        state = self._state(kept)
         dcp.load(state, checkpoint_id=os.path.join(folder, tag))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
+        for key, model in kept.items():
+            set_model_state_dict(model, state["kept"][key])
+
+    def _state(self, kept: dict[str, torch.nn.Module]) -> dict:
+        """This rank's shards of the stage's model and optimizer and of the ``kept`` models, as DCP names them."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optimizer": optimizer_state,
+                "kept": {key: get_model_state_dict(model) for key, model in kept.items()}}
 
     def gathered(self, optimizer_state: bool = True) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """The stage's model and optimizer assembled whole on every rank, as plain (unsharded) objects with the
@@ -392,14 +402,19 @@ class DeepSpeedSteps:
         plain = _plain_copy(self.model, self.model_class, self.build_options, weights)
         return plain, make_optimizer(plain, self.config)
 
-    def save(self, folder: str, tag: str) -> None:
-        """Every rank writes its partition of the engine's state (model and optimizer) to ``folder/tag``."""
+    def save(self, folder: str, tag: str, kept: dict[str, torch.nn.Module]) -> None:
+        """Every rank writes its partition of the engine's state (model and optimizer) to ``folder/tag``.
+        DeepSpeed runs keep no sharded models (``kept`` is empty): their transitions gather."""
+        if kept:
+            raise ValueError(f"DeepSpeed cannot checkpoint the sharded models {sorted(kept)}")
         self.engine.save_checkpoint(folder, tag=tag, save_latest=False)
         if world_size() > 1:
             torch.distributed.barrier()  # every rank's files are written before any is hashed
 
-    def load(self, folder: str, tag: str) -> None:
+    def load(self, folder: str, tag: str, kept: dict[str, torch.nn.Module]) -> None:
         """Restore the engine's state written by ``save`` (same number of ranks, same stage)."""
+        if kept:
+            raise ValueError(f"DeepSpeed cannot restore the sharded models {sorted(kept)}")
         loaded, _ = self.engine.load_checkpoint(folder, tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
         if loaded is None:

@@ -29,7 +29,7 @@ from growlib.schedules.protocol import RunState
 from growlib.train.checkpoint import CHECKPOINT_VERSION
 from growlib.train.config import TrainConfig, run_identity_config
 from growlib.train.distributed import rank_and_world
-from growlib.train.loop import planned_flops, run_schedule
+from growlib.train.loop import FSDP_TRANSITIONS, planned_flops, run_schedule
 from growlib.train.metrics import MetricsLog, RunResult, evaluate
 from growlib.train.runs import IDENTITY_FILE, RunFolder, RunFolderError, folder_digest, identity_differences
 from growlib.grow import TOKENIZER_FILES, load_pretrained
@@ -348,17 +348,19 @@ def _batches(exp: Experiment, prepared: PreparedData, seed: int, subset: int = 0
 def run(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = None,
         prepared: PreparedData | None = None, out_dir: str | None = None, resume: bool = False,
         checkpoint_every: int = 50, progress: Callable[[dict], None] | None = None,
-        deepspeed: dict | None = None, overwrite: bool = False, fsdp: bool = False) -> RunResult:
+        deepspeed: dict | None = None, overwrite: bool = False, fsdp: bool = False,
+        fsdp_transitions: str = "shard-local") -> RunResult:
     """Train ``schedule`` on the experiment; metrics and checkpoints go to ``out_dir`` when given;
     ``deepspeed`` (a DeepSpeed config dict) trains through DeepSpeed engines; ``fsdp``
-    shards every stage's model with FSDP2 (under torchrun).
+    shards every stage's model with FSDP2 (under torchrun), its transitions shard-local where the stage allows
+    or gathered (``fsdp_transitions``: growlib.train.loop.run_schedule).
 
     The run's folder is ``out_dir/<schedule>-seed<seed>`` (growlib.train.runs): ``resume`` continues the run
     it holds, which must be this very run (same identity) with a checkpoint; otherwise it must hold no run,
     unless ``overwrite`` deletes it.  One process at a time trains in a folder.  A run in a folder ends with its
     final model (and tokenizer) exported to its model/ (growlib.train.export; ``load_run`` reads it back)."""
     return train(exp, schedule, seed, options, prepared, out_dir, resume, checkpoint_every, progress, deepspeed,
-                 overwrite, fsdp)[0]
+                 overwrite, fsdp, fsdp_transitions)[0]
 
 
 def run_identity(exp: Experiment, prepared: PreparedData, schedule: str, seed: int, options: dict | None,
@@ -377,8 +379,8 @@ def run_identity(exp: Experiment, prepared: PreparedData, schedule: str, seed: i
 def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = None,
           prepared: PreparedData | None = None, out_dir: str | None = None, resume: bool = False,
           checkpoint_every: int = 50, progress: Callable[[dict], None] | None = None,
-          deepspeed: dict | None = None, overwrite: bool = False, fsdp: bool = False
-          ) -> tuple[RunResult, torch.nn.Module]:
+          deepspeed: dict | None = None, overwrite: bool = False, fsdp: bool = False,
+          fsdp_transitions: str = "shard-local") -> tuple[RunResult, torch.nn.Module]:
     """``run``, returning the trained model too (``compare`` measures the evaluation's noise on it).
 
     The schedule and its options are checked first, then the data is prepared and the run folder checked
@@ -386,6 +388,8 @@ def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = 
     require_engine_supports(schedule, options or {}, deepspeed, fsdp)
     if fsdp and rank_and_world()[1] <= 1:
         raise InputError("fsdp shards the model across processes: run under torchrun with a process group")
+    if fsdp_transitions not in FSDP_TRANSITIONS:
+        raise InputError(f"fsdp_transitions must be one of {FSDP_TRANSITIONS}, got {fsdp_transitions!r}")
     stages = build_stages(exp, schedule, exp.total_steps, options)
     check_start(exp, stages)
     prepared = prepared or prepare_data(exp)
@@ -417,7 +421,7 @@ def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = 
                               checkpoint_path=folder.checkpoint if folder else None,
                               checkpoint_every=checkpoint_every if folder else 0, resume=resume,
                               schedule_name=schedule, progress=progress, deepspeed=deepspeed, fsdp=fsdp,
-                              tokens_per_sample=step_flops(model, 1, _seq_len(exp)).seq_len, identity=identity)
+                              fsdp_transitions=fsdp_transitions, tokens_per_sample=step_flops(model, 1, _seq_len(exp)).seq_len, identity=identity)
         if folder is not None:
             if main_rank and not os.path.isdir(export_path(folder.path)):
                 export_model(folder.path, state.model, tokenizer)  # the final model, also when read back

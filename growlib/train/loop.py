@@ -24,6 +24,7 @@ import torch
 from growlib.apply import counting_map_flops
 from growlib.optim import map_optimizer_state
 from growlib.schedules.protocol import RunState, Stage, Transition
+from growlib.sharded import is_sharded, reshard, shard_model
 from growlib.train import faults
 from growlib.train.checkpoint import (CheckpointWriteError, engine_file_digests, engine_tag, load_checkpoint,
                                       model_from_record, model_record, remove_engine_checkpoints, require_same_run,
@@ -35,6 +36,11 @@ from growlib.train.guards import NonfiniteGuard, require_finite_parameters
 from growlib.train.metrics import Evaluation, MetricsLog, RunResult, evaluate, parameter_count
 from growlib.train.runs import ENGINE_DIR
 from growlib.validate import require_int
+
+
+#: how FSDP2 runs make a transition: each rank building its shard of the new model where the stage allows, or
+#: every rank gathering the model whole first (``run_schedule``)
+FSDP_TRANSITIONS = ("shard-local", "gather")
 
 
 @dataclass
@@ -61,6 +67,10 @@ def enter_stage(stage: Stage, state: RunState, config: TrainConfig, step_flops: 
     with counting_map_flops() as maps:
         transition = stage.enter(state)
     model = transition.model
+    if is_sharded(model) and transition.optimizer_policy != "reset":
+        raise ValueError(f"stage {stage.name!r} built its model sharded (a shard-local transition), which starts a "
+                         f"fresh optimizer, but its optimizer policy is {transition.optimizer_policy!r}: declare "
+                         "Stage.sharded_transition only for transitions with the 'reset' policy")
     if check_model is not None:
         check_model(model)
     if stage.freeze:
@@ -171,8 +181,8 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
                  step_flops: Callable[[torch.nn.Module], float], metrics: MetricsLog | None = None,
                  checkpoint_path: str | None = None, checkpoint_every: int = 0, resume: bool = False,
                  schedule_name: str = "", progress: Callable[[dict], None] | None = None,
-                 deepspeed: dict | None = None, fsdp: bool = False, tokens_per_sample: int | None = None,
-                 identity: dict | None = None) -> RunResult:
+                 deepspeed: dict | None = None, fsdp: bool = False, fsdp_transitions: str = "shard-local",
+                 tokens_per_sample: int | None = None, identity: dict | None = None) -> RunResult:
     """Train through ``stages`` starting from ``state.model``.
 
     ``train_batch(global_step)`` must be deterministic in the step (that is the data position a checkpoint
@@ -183,7 +193,10 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
     With ``resume`` and an existing checkpoint, the run continues exactly where it stopped; a damaged
     checkpoint raises ValueError before anything changes.  ``deepspeed`` (a DeepSpeed JSON config as a dict)
     trains every stage through a DeepSpeed engine instead of DDP; ``fsdp`` shards every stage's model with FSDP2
-    (growlib.train.distributed.FSDPSteps), whole again on every rank for transitions and checkpoints.
+    (growlib.train.distributed.FSDPSteps).  ``fsdp_transitions``: ``shard-local`` (default) lets each rank build
+    its shard of the new model in the transitions that allow it (``Stage.sharded_transition``: growlib.sharded)
+    and gathers the model whole on every rank for the others; ``gather`` always gathers it.  Both give the same
+    models bit for bit; they differ in memory.
 
     Numerical faults: a NaN / inf loss or gradient (``config.on_nonfinite``: stop or skip the step) and a NaN /
     inf parameter right after a transition or in a model about to be checkpointed (always stop) raise
@@ -199,8 +212,8 @@ def run_schedule(stages: list[Stage], state: RunState, config: TrainConfig, *,
         run = _ScheduleRun(stages, state, config, train_batch=train_batch, eval_batches=eval_batches,
                            step_flops=step_flops, metrics=metrics, checkpoint_path=checkpoint_path,
                            checkpoint_every=checkpoint_every, resume=resume, schedule_name=schedule_name,
-                           progress=progress, deepspeed=deepspeed, fsdp=fsdp, tokens_per_sample=tokens_per_sample,
-                           identity=identity, stop_requests=stop_requests)
+                           progress=progress, deepspeed=deepspeed, fsdp=fsdp, fsdp_transitions=fsdp_transitions,
+                           tokens_per_sample=tokens_per_sample, identity=identity, stop_requests=stop_requests)
         checkpoint = run.start()
         first_stage = checkpoint["stage"] if checkpoint is not None else 0
         for index in range(first_stage, len(stages)):
@@ -219,9 +232,11 @@ class _ScheduleRun:
 
     def __init__(self, stages: list[Stage], state: RunState, config: TrainConfig, *, train_batch, eval_batches,
                  step_flops, metrics, checkpoint_path, checkpoint_every, resume, schedule_name, progress, deepspeed,
-                 fsdp, tokens_per_sample, identity, stop_requests: _StopRequests):
+                 fsdp, fsdp_transitions, tokens_per_sample, identity, stop_requests: _StopRequests):
         if deepspeed is not None and fsdp:
             raise ValueError("deepspeed and fsdp exclude each other: choose one engine")
+        if fsdp_transitions not in FSDP_TRANSITIONS:
+            raise ValueError(f"fsdp_transitions must be one of {FSDP_TRANSITIONS}, got {fsdp_transitions!r}")
         if deepspeed is not None and config.on_nonfinite == "skip":
             raise ValueError("TrainConfig.on_nonfinite='skip' is not supported with deepspeed: the engine clips and "
                              "steps by itself, so growlib checks only the loss there and stops on a non-finite one")
@@ -230,6 +245,7 @@ class _ScheduleRun:
         self.metrics = metrics or MetricsLog(None)
         self.checkpoint_path, self.checkpoint_every, self.resume = checkpoint_path, checkpoint_every, resume
         self.schedule_name, self.progress, self.deepspeed, self.fsdp = schedule_name, progress, deepspeed, fsdp
+        self.fsdp_transitions = fsdp_transitions
         self.tokens_per_sample = (config.seq_len if tokens_per_sample is None
                                   else require_int("tokens_per_sample", tokens_per_sample))
         self.identity = {"schedule": schedule_name, "stages": [[s.name, s.steps] for s in stages],
@@ -269,6 +285,9 @@ class _ScheduleRun:
         # checkpoint is the final one and nothing is left to train (compare measures evaluation noise on it)
         state = self.state
         state.kept = {k: model_from_record(r, state.model) for k, r in checkpoint["kept"].items()}
+        for key, kept in state.kept.items():
+            if checkpoint["kept"][key]["state"] is None:  # kept sharded: its shards load with the stage's
+                shard_model(kept, on_cuda=next(kept.parameters()).is_cuda)
         state.model = model_from_record(checkpoint["model"], state.model)
         state.linear_term, state.notes = checkpoint["linear_term"], checkpoint["notes"]
         state.kept_optimizer_states = checkpoint["kept_optimizer_states"]
@@ -291,7 +310,12 @@ class _ScheduleRun:
         """Enter stage ``index`` from the current state (``enter_stage``), charging the transition's FLOPs on
         every rank and its wall time; the new model is checked before anything trains on it."""
         stage = self.stages[index]
-        self.gather_sharded_model()
+        if isinstance(self.steps, FSDPSteps) and self.fsdp_transitions == "shard-local" and stage.sharded_transition:
+            reshard(self.state.model)  # the transition reads the shards (growlib.sharded); they stay sharded
+            self.steps.close()
+            self.steps = None
+        else:
+            self.gather_sharded_model()
         self.state.sample_batch = lambda ahead=0: self.train_batch(self.global_step * self.config.grad_accum + ahead)
         started = time.perf_counter()
 
@@ -334,7 +358,7 @@ class _ScheduleRun:
         else:
             self.steps = TorchSteps(model, self.optimizer, self.config)
         if self.engine_checkpoint is not None:  # resuming: the shards of model and optimizer as checkpointed
-            self.steps.load(self.engine_folder, self.engine_checkpoint)
+            self.steps.load(self.engine_folder, self.engine_checkpoint, self.sharded_kept())
             self.engine_checkpoint = None
         for step_in_stage in range(first_step, self.stages[index].steps):
             self.train_step(index, step_in_stage)
@@ -408,10 +432,10 @@ class _ScheduleRun:
         state = self.state
         require_finite_parameters(state.model, f"after step {self.global_step} (stage "
                                                f"{self.stages[stage_index].name!r}); not writing a checkpoint of it")
-        engine = None
+        engine, sharded_kept = None, self.sharded_kept()
         if isinstance(self.steps, (FSDPSteps, DeepSpeedSteps)):  # each rank writes its shard of the state
             tag = engine_tag(self.global_step)
-            self.steps.save(self.engine_folder, tag)
+            self.steps.save(self.engine_folder, tag, sharded_kept)
             sync_engine_files(self.engine_folder, tag)
             engine = {"tag": tag, "sha256": engine_file_digests(self.engine_folder, tag)}  # every rank hashes some
             model, optimizer = model_record(state.model, weights=False), None
@@ -422,7 +446,8 @@ class _ScheduleRun:
                 save_checkpoint_atomically({
                     "stage": stage_index, "step_in_stage": step_in_stage, "global_step": self.global_step,
                     "flops": self.flops, "wall": self.wall, "evals": [tuple(e) for e in self.evals],
-                    "model": model, "kept": {k: model_record(m) for k, m in state.kept.items()},
+                    "model": model, "kept": {k: model_record(m, weights=k not in sharded_kept)
+                                             for k, m in state.kept.items()},
                     "linear_term": state.linear_term, "kept_optimizer_states": state.kept_optimizer_states,
                     "notes": state.notes, "consecutive_skips": self.guard.consecutive_skips,
                     "optimizer": optimizer, "engine": engine,
@@ -439,6 +464,11 @@ class _ScheduleRun:
         if engine and world_size() > 1:
             torch.distributed.barrier()  # no rank goes on (or exits on a stop request) before the checkpoint is whole
         self.last_checkpoint = self.global_step
+
+    def sharded_kept(self) -> dict[str, torch.nn.Module]:
+        """The models the schedule keeps for later that are sharded (left by a shard-local transition): their
+        shards go into the engine checkpoint with the stage's."""
+        return {key: model for key, model in self.state.kept.items() if is_sharded(model)}
 
     def finish(self) -> RunResult:
         """Checkpoint the final state (unless just done), make the model whole, release the last step backend

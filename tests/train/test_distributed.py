@@ -157,11 +157,13 @@ def test_sharded_engines_match_ddp_through_every_transition(ddp_runs, tmp_path, 
     assert checkpoint["model"]["state"] is None and checkpoint["optimizer"] is None  # each rank wrote its shards
 
 
-@pytest.mark.parametrize("engine", ["fsdp", "zero2", "zero3"])
-def test_a_run_whose_rank_is_killed_resumes_to_the_uninterrupted_losses(tmp_path, engine):
-    options = (*engine_flags(tmp_path, engine), "--checkpoint-every", "10", *schedule_flags("mslt", engine))
-    uninterrupted = train(tmp_path, "whole", "mslt", *options)
-    running = torchrun_train(tmp_path, "killed", "mslt", *options, background=True,
+@pytest.mark.parametrize("engine,schedule", [("fsdp", "vcycle"), ("zero2", "mslt"), ("zero3", "mslt")])
+def test_a_run_whose_rank_is_killed_resumes_to_the_uninterrupted_losses(tmp_path, engine, schedule):
+    """Killed in MSLT's second stage, or (FSDP2) in the V-cycle's coarse level, where the fine model it keeps
+    for the way up is sharded too (left so by a shard-local transition) and checkpointed as shards."""
+    options = (*engine_flags(tmp_path, engine), "--checkpoint-every", "10", *schedule_flags(schedule, engine))
+    uninterrupted = train(tmp_path, "whole", schedule, *options)
+    running = torchrun_train(tmp_path, "killed", schedule, *options, background=True,
                              env={"GROWLIB_FAULT_INJECT": "sleep_at_step:25:1", "GROWLIB_DIST_TIMEOUT_S": "4"})
     output, started = "", time.monotonic()
     while "fault injection: sleep_at_step:25 on rank 1" not in output:  # rank 1 waits before step 25
@@ -173,28 +175,46 @@ def test_a_run_whose_rank_is_killed_resumes_to_the_uninterrupted_losses(tmp_path
     output += running.communicate(timeout=120)[0]
     assert running.returncode != 0
     assert "rank 0 of 2: a collective operation failed" in output, output[-3000:]
-    assert [r["step"] for r in records(tmp_path, "killed", "mslt")][-1] == 24  # it got that far
+    assert [r["step"] for r in records(tmp_path, "killed", schedule)][-1] == 24  # it got that far
+    run_folder = tmp_path / "killed" / f"{schedule}-seed0"
+    if schedule == "vcycle":  # the kept fine model is in the shards, not in growlib's checkpoint
+        kept = load_checkpoint(str(run_folder / "checkpoint.pt"))["kept"]
+        assert list(kept) == ["level0"] and kept["level0"]["state"] is None
 
     # a shard altered on disk: the resume is refused and changes nothing, the metrics log included
-    metrics = tmp_path / "killed" / "mslt-seed0" / "metrics.jsonl"
+    metrics = run_folder / "metrics.jsonl"
     logged = metrics.read_bytes()
-    shard = sorted((tmp_path / "killed" / "mslt-seed0" / "engine" / "step20").iterdir())[-1]
+    shard = sorted((run_folder / "engine" / "step20").iterdir())[-1]
     intact = shard.read_bytes()
     shard.write_bytes(intact[:-1] + bytes([intact[-1] ^ 1]))
-    refused = torchrun_train(tmp_path, "killed", "mslt", *options, "--resume")
+    refused = torchrun_train(tmp_path, "killed", schedule, *options, "--resume")
     assert refused.returncode != 0 and f"{shard.name} is corrupted" in refused.stdout + refused.stderr
     assert metrics.read_bytes() == logged
     shard.write_bytes(intact)
 
-    resumed = train(tmp_path, "killed", "mslt", *options, "--resume")
+    resumed = train(tmp_path, "killed", schedule, *options, "--resume")
     assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in uninterrupted]
 
     def evaluations(name):
-        return [(r["step"], r["flops"], r["val_loss"]) for r in records(tmp_path, name, "mslt", "eval")]
+        return [(r["step"], r["flops"], r["val_loss"]) for r in records(tmp_path, name, schedule, "eval")]
 
     assert evaluations("killed") == evaluations("whole")
-    engine_folder = tmp_path / "killed" / "mslt-seed0" / "engine"  # only the last checkpoint's shards are kept
+    engine_folder = run_folder / "engine"  # only the last checkpoint's shards are kept
     assert os.listdir(engine_folder / f"step{STEPS}") and not (engine_folder / "step20").exists()
+
+
+@pytest.mark.parametrize("schedule", ["vcycle", "stack"])
+def test_fsdp_shard_local_transitions_train_the_gathered_transitions_models_bit_for_bit(tmp_path, schedule):
+    """Each rank building its shard of the new model (coalesce, de-coalesce + interpolate; stacking) computes
+    what gathering the model whole computes: the two runs log the same losses, FLOPs and evaluations exactly."""
+    gathered = train(tmp_path, "gather", schedule, "--fsdp", "--fsdp-transitions", "gather")
+    shard_local = train(tmp_path, "local", schedule, "--fsdp", "--fsdp-transitions", "shard-local")
+    assert [(r["stage"], r["loss"], r["flops"]) for r in shard_local] == \
+        [(r["stage"], r["loss"], r["flops"]) for r in gathered]
+    def evaluations(name):
+        return [(r["step"], r["val_loss"], r["parameters"]) for r in records(tmp_path, name, schedule, "eval")]
+
+    assert evaluations("local") == evaluations("gather")
 
 
 def test_fsdp_maps_the_optimizer_state_through_transitions_as_ddp_does(tmp_path):

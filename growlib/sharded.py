@@ -1,0 +1,147 @@
+"""Maps between models that FSDP2 shards, without gathering either model whole.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) splits every parameter of a layer by rows across the ranks (a
+DTensor placed ``Shard(0)``).  A growth map computes each parameter of the new model from the parameters of
+the same name in the layers its depth row reads, so every rank can build its own shard of the new model one
+parameter at a time: gather that parameter's sources (``full_tensor``, the same collective on every rank, in
+the same order), run ``apply_map`` on schemas holding just those tensors (the arithmetic of the whole-model
+operators, so the result is bit-identical to theirs), keep this rank's rows, free the rest.  A rank never
+holds more than one parameter's sources and result whole beside its shards: the *shard-local* transition.
+The new model itself is built with its parameters on the meta device and sharded before they get memory.
+
+The operators (``map_model``, ``interpolate_``, ``prolong_``) take this path when either model is sharded;
+``shard_model`` is the sharding the training loop's FSDP2 backend uses, so a model built here is sharded as
+that backend would have sharded it."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator
+
+import torch
+
+from growlib.apply import apply_map, depth_sources
+from growlib.schema import GrowthMap, bind_specs
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 has sharded ``model`` (``fully_shard`` makes its class an ``FSDPModule``)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # never imported: nothing can be sharded
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
+def shard_model(model: torch.nn.Module, *, on_cuda: bool, whole_layers: tuple = ()) -> None:
+    """Shard ``model`` in place as growlib's FSDP2 training does: every layer, then the rest at the root; bf16
+    compute with fp32 gradient reduction on the GPU.  ``whole_layers`` stay whole on every rank (MSLT's
+    forward-only stack reads their weights directly)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from growlib.operators.common import layer_stack
+
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_cuda
+              else MixedPrecisionPolicy())
+    whole = {id(layer) for layer in whole_layers}
+    for layer in layer_stack(model):
+        if id(layer) not in whole:
+            fully_shard(layer, mp_policy=policy)
+    ignored = {p for layer in whole_layers for p in layer.parameters()}
+    fully_shard(model, mp_policy=policy, ignored_params=ignored or None)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the whole parameters FSDP2 keeps after a forward (the root's, after evaluation), so that every
+    parameter is its shard again."""
+    for module in model.modules():
+        if is_sharded(module):
+            module.reshard()
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside put each parameter on the meta device as it is registered (one parameter's memory
+    at a time), their buffers where they were made: a model to shard before its weights get memory."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, parameter):
+        register(module, name, parameter)
+        if parameter is not None and not parameter.is_meta:  # a meta one may be tied to another: kept as it is
+            module._parameters[name] = torch.nn.Parameter(parameter.to("meta"), parameter.requires_grad)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def new_sharded_model(adapter, like: torch.nn.Module, dims: dict[str, int],
+                      set_trainable=None) -> torch.nn.Module:
+    """A model of ``like``'s class at ``dims``, sharded as ``like`` is, its parameters' shards allocated but not
+    written (a map writes them).  ``set_trainable(model)`` marks its frozen parameters before sharding."""
+    from growlib.models.base import build_uninitialised
+
+    reference = next(like.parameters())
+    with _parameters_on_meta():
+        model = build_uninitialised(adapter.unsharded_class(like), adapter.config_at(like.config, dims), reference.device,
+                                    **adapter.build_options(like))
+    model.to(dtype=reference.dtype).train(like.training)
+    if getattr(like, "loss_type", None):
+        model.loss_type = like.loss_type
+    if set_trainable is not None:
+        set_trainable(model)
+    shard_model(model, on_cuda=reference.is_cuda)
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    model.to_empty(device=reference.device)  # allocates every rank's shards (and empties the buffers)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    return model
+
+
+def _whole(parameter: torch.Tensor) -> torch.Tensor:
+    """A parameter whole on this rank: gathered from every rank if it is sharded (a collective)."""
+    return parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
+
+
+def map_across_shards(gmap: GrowthMap, source: torch.nn.Module, target: torch.nn.Module, *,
+                      alpha: float | None = None) -> None:
+    """``apply_map(gmap, schema(source), schema(target), alpha=alpha)`` one target parameter at a time, where
+    either model may be sharded (see the module doc).  Every rank must call it with the same models."""
+    from growlib.models import adapter_for
+
+    adapter = adapter_for(target)
+    reshard(source)
+    reshard(target)
+    source_schema, target_schema = adapter.schema(source), adapter.schema(target)  # shapes only
+    source_params = dict(source.named_parameters(remove_duplicate=False))
+    target_params = dict(target.named_parameters(remove_duplicate=False))
+    specs_of: dict[int, list] = {}
+    for spec in target_schema.specs:
+        specs_of.setdefault(id(target_params[spec.source]), []).append(spec)
+    with torch.no_grad():
+        for name, parameter in target.named_parameters():
+            specs = [spec for spec in specs_of[id(parameter)] if depth_sources(gmap, spec) is not None]
+            if not specs:
+                continue  # the map leaves this parameter as it is
+            needed = {key for spec in specs for key, _ in depth_sources(gmap, spec)}
+            source_specs = [spec for spec in source_schema.specs if spec.key in needed]
+            sources = {param: _whole(source_params[param]) for param in sorted({s.source for s in source_specs})}
+            sharded = hasattr(parameter, "full_tensor")
+            blended = alpha is not None or len(specs) < len(specs_of[id(parameter)])
+            whole = (_whole(parameter).clone() if sharded and blended
+                     else torch.empty(parameter.shape, dtype=parameter.dtype, device=parameter.device) if sharded
+                     else parameter.detach())
+            apply_map(gmap, bind_specs(adapter.family, source_schema.dims, source_specs, sources,
+                                       source_schema.tied_embeddings),
+                      bind_specs(adapter.family, target_schema.dims, specs, {spec.source: whole for spec in specs},
+                                 target_schema.tied_embeddings), alpha=alpha)
+            if sharded:
+                _keep_own_rows(parameter, whole)
+
+
+def _keep_own_rows(parameter: torch.Tensor, whole: torch.Tensor) -> None:
+    """Write this rank's shard of ``parameter`` (a DTensor) from the whole tensor every rank computed."""
+    from torch.distributed.tensor import distribute_tensor
+
+    parameter.copy_(distribute_tensor(whole, parameter.device_mesh, parameter.placements, src_data_rank=None))
