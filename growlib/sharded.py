@@ -129,7 +129,7 @@ def map_across_shards(gmap: GrowthMap, source: torch.nn.Module, target: torch.nn
             sources = {param: _whole(source_params[param]) for param in sorted({s.source for s in source_specs})}
             sharded = hasattr(parameter, "full_tensor")
             blended = alpha is not None or len(specs) < len(specs_of[id(parameter)])
-            whole = (_whole(parameter).clone() if sharded and blended
+            whole = (_whole(parameter) if sharded and blended  # a gathered copy, written freely
                      else torch.empty(parameter.shape, dtype=parameter.dtype, device=parameter.device) if sharded
                      else parameter.detach())
             apply_map(gmap, bind_specs(adapter.family, source_schema.dims, source_specs, sources,

@@ -2,7 +2,8 @@
 schedules' transitions use (coalesce, interpolate_, restrict, prolong_, grow_depth) on it; every rank builds its
 own shard of the result.  Gathered, the result must equal the operator on the whole model bit for bit, for
 families with fused, separate and head-split attention weights, tied and untied heads, and row counts that do
-not split evenly over the ranks (vocabulary 101, width 30 or 36)."""
+not split evenly over the ranks (vocabulary 101, width 30 or 36).  A transition that builds its model sharded and
+would carry optimizer state into it is refused."""
 
 from __future__ import annotations
 
@@ -76,6 +77,28 @@ def _check_operators(family: str) -> None:
                    growlib.prolong_(fine, odd, parity="odd"))
 
 
+def _check_a_sharded_transition_refuses_to_carry_optimizer_state() -> None:
+    """A stage that builds its model sharded gets a fresh optimizer over the shards; a policy that would carry
+    state (here ``map``) is refused, naming the stage, rather than loaded into it."""
+    import growlib
+    from growlib.operators.multilevel import coalesce_map
+    from growlib.schedules.protocol import RunState, Stage, Transition
+    from growlib.train.config import TrainConfig
+    from growlib.train.loop import enter_stage
+    from tests.factories import tiny_model
+
+    fine = _sharded_copy(tiny_model("gpt2", hidden=30, heads=6, layers=4))
+    coarse_map = coalesce_map(growlib.schema_of(fine).dims)
+    stage = Stage("down", 1, lambda state: Transition(growlib.coalesce(state.model), coarse_map, "map"),
+                  sharded_transition=True)
+    try:
+        enter_stage(stage, RunState(fine), TrainConfig(), lambda model: 0.0)
+    except ValueError as error:
+        assert "stage 'down' built its model sharded" in str(error) and "'map'" in str(error), error
+    else:
+        raise AssertionError("a sharded transition carrying optimizer state was not refused")
+
+
 def _rank(rank: int, world: int, store_file: str, failures: str) -> None:
     import torch.distributed as dist
 
@@ -84,6 +107,7 @@ def _rank(rank: int, world: int, store_file: str, failures: str) -> None:
     try:
         for family in FAMILIES:
             _check_operators(family)
+        _check_a_sharded_transition_refuses_to_carry_optimizer_state()
     except BaseException:
         with open(f"{failures}.{rank}", "w") as f:
             f.write(traceback.format_exc())

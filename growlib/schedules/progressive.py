@@ -15,6 +15,7 @@ from growlib.operators.common import layer_stack
 from growlib.operators.ligo import LIGO_DEPTH_INITS, LIGO_WIDTH_INITS, TIES
 from growlib.schedules.multilevel import check_budget, split_steps
 from growlib.schedules.protocol import RunState, Stage, Transition
+from growlib.sharded import is_sharded
 from growlib.validate import require_fraction, require_int, require_number
 
 
@@ -55,6 +56,9 @@ def freeze_below(layers: int, frozen_forward: bool | None = None, freeze_embeddi
             if frozen:
                 model.get_parameter(spec.source).requires_grad_(False)
         if uses_frozen_stack(model, frozen_forward, freeze_embeddings):
+            if is_sharded(model):
+                raise ValueError("MSLT's forward-only stack reads whole layers, but the model is sharded: its "
+                                 "stage must declare a gathered transition (Stage.sharded_transition)")
             on_gpu = next(model.parameters()).is_cuda
             route_frozen_bottom(model, layers, dtype=torch.bfloat16 if on_gpu else None)
     return freeze
@@ -137,11 +141,15 @@ def mslt(total_steps: int, final_layers: int, layer_counts: list[int] | None = N
     _check_fractions(stage_fractions, layer_counts, joint_fraction)
     steps = split_steps(total_steps, stage_fractions + [joint_fraction])
     stages = [Stage(f"layers{layer_counts[0]}", steps[0], _shallow_start(layer_counts[0]))]
+    def without_frozen_stack(model: torch.nn.Module) -> bool:  # else the stack's whole layers: gathered
+        return not uses_frozen_stack(model, frozen_forward, freeze_embeddings)
+
     for previous, layers, n in zip(layer_counts, layer_counts[1:], steps[1:]):
         stages.append(Stage(f"layers{layers}", n,
                             lambda s, layers=layers: Transition(growlib.grow_depth(s.model, layers, "copy_top")),
-                            freeze=freeze_below(previous, frozen_forward, freeze_embeddings)))
-    stages.append(Stage("joint", steps[-1], _unfreeze_all))
+                            freeze=freeze_below(previous, frozen_forward, freeze_embeddings),
+                            sharded_transition=without_frozen_stack))
+    stages.append(Stage("joint", steps[-1], _unfreeze_all, sharded_transition=without_frozen_stack))
     return stages
 
 

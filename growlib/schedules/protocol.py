@@ -50,10 +50,11 @@ class Stage:
     marks the parameters that stay fixed; ``lr_scale`` multiplies the base learning rate; ``lr_schedule``
     restarts warmup + cosine at this stage or continues the run's one curve (``TrainConfig.lr_schedule``
     overrides it when set); ``before_step(model, step_in_stage)`` (optional) runs before every optimizer
-    step, also after a resume (e.g. MSG ramps its masks there).  ``sharded_transition``: ``enter`` reads and
-    writes weights only through growlib's map operators and takes the ``reset`` optimizer policy, so under
-    FSDP2 it may run on the sharded model, each rank building its shard of the new one (growlib.sharded);
-    otherwise the loop gathers the model whole first."""
+    step, also after a resume (e.g. MSG ramps its masks there).  ``sharded_transition`` (a bool, or a function
+    of the model being left that says): ``enter`` and ``freeze`` read and write weights only through growlib's
+    map operators and ``requires_grad``, with the ``reset`` optimizer policy, so under FSDP2 they may run on the
+    sharded model, each rank building its shard of the new one (growlib.sharded); otherwise the loop gathers the
+    model whole first."""
 
     name: str
     steps: int
@@ -62,7 +63,7 @@ class Stage:
     lr_scale: float = 1.0
     before_step: Callable[[torch.nn.Module, int], None] | None = None
     lr_schedule: str = "restart"
-    sharded_transition: bool = False
+    sharded_transition: bool | Callable[[torch.nn.Module], bool] = False
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:

@@ -310,7 +310,7 @@ class _ScheduleRun:
         """Enter stage ``index`` from the current state (``enter_stage``), charging the transition's FLOPs on
         every rank and its wall time; the new model is checked before anything trains on it."""
         stage = self.stages[index]
-        if isinstance(self.steps, FSDPSteps) and self.fsdp_transitions == "shard-local" and stage.sharded_transition:
+        if self.shard_local(stage):
             reshard(self.state.model)  # the transition reads the shards (growlib.sharded); they stay sharded
             self.steps.close()
             self.steps = None
@@ -332,6 +332,13 @@ class _ScheduleRun:
         self.wall += time.perf_counter() - started  # transitions cost time too (fitting LiGO)
         self.optimizer = entered.optimizer
         self.flops_per_step = entered.flops_per_step * world_size()
+
+    def shard_local(self, stage: Stage) -> bool:
+        """Whether the transition into ``stage`` runs on the FSDP2-sharded model (``Stage.sharded_transition``)."""
+        if not (isinstance(self.steps, FSDPSteps) and self.fsdp_transitions == "shard-local"):
+            return False
+        allowed = stage.sharded_transition
+        return bool(allowed(self.state.model) if callable(allowed) else allowed)
 
     def gather_sharded_model(self, finishing: bool = False) -> None:
         """Under FSDP2 / ZeRO-3: make the run's model and optimizer whole, plain objects again (on every rank), for

@@ -74,6 +74,8 @@ def test_a_deepspeed_config_growlib_cannot_honour_is_refused_up_front(tmp_path, 
      "--fsdp does not support ode_multilevel's coherence=true"),
     (["--deepspeed", "ZERO3", "--schedule", "ode_multilevel", "--schedule-args", "coherence=true"], "2",
      "ZeRO stage 3 does not support ode_multilevel's coherence=true"),
+    (["--fsdp-transitions", "gather"], "2", "--fsdp-transitions gather chooses how FSDP2 runs make transitions: "
+                                            "add --fsdp"),
 ])
 def test_a_sharded_engine_refuses_what_it_cannot_run_before_anything_starts(argv, world, expected, tmp_path, capsys,
                                                                            monkeypatch):

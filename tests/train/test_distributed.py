@@ -157,10 +157,12 @@ def test_sharded_engines_match_ddp_through_every_transition(ddp_runs, tmp_path, 
     assert checkpoint["model"]["state"] is None and checkpoint["optimizer"] is None  # each rank wrote its shards
 
 
-@pytest.mark.parametrize("engine,schedule", [("fsdp", "vcycle"), ("zero2", "mslt"), ("zero3", "mslt")])
+@pytest.mark.parametrize("engine,schedule", [("fsdp", "vcycle"), ("fsdp", "mslt"), ("zero2", "mslt"),
+                                             ("zero3", "mslt")])
 def test_a_run_whose_rank_is_killed_resumes_to_the_uninterrupted_losses(tmp_path, engine, schedule):
-    """Killed in MSLT's second stage, or (FSDP2) in the V-cycle's coarse level, where the fine model it keeps
-    for the way up is sharded too (left so by a shard-local transition) and checkpointed as shards."""
+    """Killed in MSLT's second stage (under FSDP2 with its forward-only stack of whole layers), or in the
+    V-cycle's coarse level, where the fine model it keeps for the way up is sharded too (left so by a shard-local
+    transition) and checkpointed as shards."""
     options = (*engine_flags(tmp_path, engine), "--checkpoint-every", "10", *schedule_flags(schedule, engine))
     uninterrupted = train(tmp_path, "whole", schedule, *options)
     running = torchrun_train(tmp_path, "killed", schedule, *options, background=True,
@@ -192,7 +194,9 @@ def test_a_run_whose_rank_is_killed_resumes_to_the_uninterrupted_losses(tmp_path
     assert metrics.read_bytes() == logged
     shard.write_bytes(intact)
 
-    resumed = train(tmp_path, "killed", schedule, *options, "--resume")
+    # the V-cycle resumes gathering its transitions: the restored sharded fine model takes the gathered coarse one
+    switched = ("--fsdp-transitions", "gather") if schedule == "vcycle" else ()
+    resumed = train(tmp_path, "killed", schedule, *options, *switched, "--resume")
     assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in uninterrupted]
 
     def evaluations(name):
@@ -203,10 +207,12 @@ def test_a_run_whose_rank_is_killed_resumes_to_the_uninterrupted_losses(tmp_path
     assert os.listdir(engine_folder / f"step{STEPS}") and not (engine_folder / "step20").exists()
 
 
-@pytest.mark.parametrize("schedule", ["vcycle", "stack"])
+@pytest.mark.parametrize("schedule", ["vcycle", "mslt"])
 def test_fsdp_shard_local_transitions_train_the_gathered_transitions_models_bit_for_bit(tmp_path, schedule):
-    """Each rank building its shard of the new model (coalesce, de-coalesce + interpolate; stacking) computes
-    what gathering the model whole computes: the two runs log the same losses, FLOPs and evaluations exactly."""
+    """Each rank building its shard of the new model (coalesce, de-coalesce + interpolate; MSLT's layers added
+    on top, the bottom frozen, then all unfrozen: GPT-2's tied embeddings keep MSLT off its forward-only stack)
+    computes what gathering the model whole computes: the two runs log the same losses, FLOPs and evaluations
+    exactly."""
     gathered = train(tmp_path, "gather", schedule, "--fsdp", "--fsdp-transitions", "gather")
     shard_local = train(tmp_path, "local", schedule, "--fsdp", "--fsdp-transitions", "shard-local")
     assert [(r["stage"], r["loss"], r["flops"]) for r in shard_local] == \
