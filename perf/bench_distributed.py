@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
              "optimizer on every rank; FSDP2 and ZeRO-3 hold half of each and checkpoint each rank's shards.  At a "
              "transition ZeRO-3 and fsdp-gather gather the model (FSDP2: and its optimizer state) whole on every "
              "rank; fsdp-shard-local builds each rank's shard of the new model one parameter at a time where the "
-             "transition allows (the V-cycle's; MSLT's and LiGO's gather, as fsdp-gather does).", ""]
+             "transition allows (the V-cycle's and MSLT's here: GPT-2's tied embeddings keep MSLT off its "
+             "forward-only stack; LiGO's gather, as fsdp-gather does).", ""]
     for schedule in SCHEDULES:
         lines += [f"### {schedule}", "", "| span | " + " | ".join(ENGINES) + " |", "|---|" + "---|" * len(ENGINES)]
         spans = results[(ENGINES[0], schedule)][0]
