@@ -46,6 +46,18 @@ def counting_map_flops() -> Iterator[MapFlops]:
         stack.remove(counter)
 
 
+@contextlib.contextmanager
+def uncounted_maps() -> Iterator[None]:
+    """Charge the maps applied inside to no ``counting_map_flops``: copies an engine makes for itself (FSDP2
+    building a sharded model anew), which the same schedule in one process does not make."""
+    stack = getattr(_counters, "stack", None)
+    _counters.stack = []
+    try:
+        yield
+    finally:
+        _counters.stack = stack
+
+
 def _charge(task_flops: float) -> None:
     for counter in getattr(_counters, "stack", ()):
         counter.flops += task_flops

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from growlib.apply import apply_map, depth_sources
+from growlib.apply import apply_map, depth_sources, uncounted_maps
 from growlib.schema import GrowthMap, bind_specs
 
 
@@ -79,12 +79,19 @@ def new_sharded_model(adapter, like: torch.nn.Module, dims: dict[str, int],
                       set_trainable=None) -> torch.nn.Module:
     """A model of ``like``'s class at ``dims``, sharded as ``like`` is, its parameters' shards allocated but not
     written (a map writes them).  ``set_trainable(model)`` marks its frozen parameters before sharding."""
+    return build_sharded(adapter.unsharded_class(like), adapter.config_at(like.config, dims), like,
+                         adapter.build_options(like), set_trainable)
+
+
+def build_sharded(model_class: type, config, like: torch.nn.Module, options: dict | None = None,
+                  set_trainable=None) -> torch.nn.Module:
+    """``model_class(config, **options)`` on ``like``'s device and dtype, in its training mode, sharded, its
+    parameters' shards allocated but not written (a map or a checkpoint writes them)."""
     from growlib.models.base import build_uninitialised
 
     reference = next(like.parameters())
     with _parameters_on_meta():
-        model = build_uninitialised(adapter.unsharded_class(like), adapter.config_at(like.config, dims), reference.device,
-                                    **adapter.build_options(like))
+        model = build_uninitialised(model_class, config, reference.device, **(options or {}))
     model.to(dtype=reference.dtype).train(like.training)
     if getattr(like, "loss_type", None):
         model.loss_type = like.loss_type
@@ -99,15 +106,35 @@ def new_sharded_model(adapter, like: torch.nn.Module, dims: dict[str, int],
     return model
 
 
+def rebuilt(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a sharded model built anew, each rank its shard (an identity map; not charged as a
+    transition's FLOPs: one process makes no such copy).  FSDP2 fixes a layer's gradient dtypes (bf16 compute,
+    fp32 reduction on the GPU) when the model first runs with that layer frozen; the copy trains every layer
+    that is trainable when it first runs."""
+    from growlib.models import adapter_for
+    from growlib.operators.common import depth_identity, map_model
+
+    dims = adapter_for(model).schema(model).dims
+    identity = GrowthMap(source_dims=dims, target_dims=dims, width={}, depth=depth_identity(dims["layers"]))
+    with uncounted_maps():
+        return map_model(model, identity)
+
+
 def _whole(parameter: torch.Tensor) -> torch.Tensor:
     """A parameter whole on this rank: gathered from every rank if it is sharded (a collective)."""
     return parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
 
 
+class RankDivergenceError(RuntimeError):
+    """The processes of a distributed run hold different models where they must hold the same one."""
+
+
 def map_across_shards(gmap: GrowthMap, source: torch.nn.Module, target: torch.nn.Module, *,
                       alpha: float | None = None) -> None:
     """``apply_map(gmap, schema(source), schema(target), alpha=alpha)`` one target parameter at a time, where
-    either model may be sharded (see the module doc).  Every rank must call it with the same models."""
+    either model may be sharded (see the module doc).  Every rank must call it with the same models.  The
+    ranks then compare checksums of the whole parameters they computed (RankDivergenceError names the first
+    that differs): each keeps only its rows, so rows computed differently would otherwise mix silently."""
     from growlib.models import adapter_for
 
     adapter = adapter_for(target)
@@ -119,6 +146,7 @@ def map_across_shards(gmap: GrowthMap, source: torch.nn.Module, target: torch.nn
     specs_of: dict[int, list] = {}
     for spec in target_schema.specs:
         specs_of.setdefault(id(target_params[spec.source]), []).append(spec)
+    checked: list[tuple[str, torch.Tensor]] = []
     with torch.no_grad():
         for name, parameter in target.named_parameters():
             specs = [spec for spec in specs_of[id(parameter)] if depth_sources(gmap, spec) is not None]
@@ -137,7 +165,31 @@ def map_across_shards(gmap: GrowthMap, source: torch.nn.Module, target: torch.nn
                       bind_specs(adapter.family, target_schema.dims, specs, {spec.source: whole for spec in specs},
                                  target_schema.tied_embeddings), alpha=alpha)
             if sharded:
+                checked.append((name, _checksum(whole)))
                 _keep_own_rows(parameter, whole)
+            del sources, whole  # before the next parameter's are gathered
+    _require_ranks_agree(checked)
+
+
+def _checksum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum (in float64), maximum and minimum: reductions that allocate nothing the size of ``tensor``."""
+    return torch.stack([tensor.sum(dtype=torch.float64), tensor.amax().double(), tensor.amin().double()])
+
+
+def _require_ranks_agree(checked: list[tuple[str, torch.Tensor]]) -> None:
+    """Raise RankDivergenceError if the ranks' checksums of one parameter differ (all-reduce MAX and MIN)."""
+    if not checked:
+        return
+    high = torch.stack([checksum for _, checksum in checked])
+    low = high.clone()
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    differing = ((high != low) & ~(high.isnan() & low.isnan())).any(dim=1).nonzero()
+    if len(differing):
+        raise RankDivergenceError(
+            f"the ranks computed different values of parameter {checked[int(differing[0])][0]!r} (and "
+            f"{len(differing) - 1} more) while each built its shard of the new model: the map must give every "
+            "rank the same result from the same gathered weights")
 
 
 def _keep_own_rows(parameter: torch.Tensor, whole: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ from growlib.operators.common import layer_stack
 from growlib.operators.ligo import LIGO_DEPTH_INITS, LIGO_WIDTH_INITS, TIES
 from growlib.schedules.multilevel import check_budget, split_steps
 from growlib.schedules.protocol import RunState, Stage, Transition
-from growlib.sharded import is_sharded
+from growlib.sharded import is_sharded, rebuilt
 from growlib.validate import require_fraction, require_int, require_number
 
 
@@ -154,10 +154,13 @@ def mslt(total_steps: int, final_layers: int, layer_counts: list[int] | None = N
 
 
 def _unfreeze_all(state: RunState) -> Transition:
-    restore_layers(state.model)
-    for p in state.model.parameters():
+    model = state.model
+    restore_layers(model)
+    for p in model.parameters():
         p.requires_grad_(True)
-    return Transition(state.model)
+    if is_sharded(model):  # FSDP2 would not train the layers it first ran frozen alike (growlib.sharded.rebuilt)
+        model = rebuilt(model)
+    return Transition(model)
 
 
 def stack(total_steps: int, final_layers: int, layer_counts: list[int] | None = None,

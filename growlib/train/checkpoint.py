@@ -22,8 +22,9 @@ from growlib.train.runs import identity_differences
 
 CHECKPOINT_FORMAT = "growlib-checkpoint"
 #: Bumped whenever what a checkpoint holds changes: 3 added the run's identity (``run_schedule(identity=)``), 4 the
-#: engine checkpoint (``engine``: the FSDP2 / DeepSpeed shards' tag and digests, the model's weights then there).
-CHECKPOINT_VERSION = 4
+#: engine checkpoint (``engine``: the FSDP2 / DeepSpeed shards' tag and digests, the model's weights then there),
+#: 5 kept models without weights (``state`` None: a sharded kept model, its shards in the engine checkpoint).
+CHECKPOINT_VERSION = 5
 #: How every checkpoint file begins (its header line is JSON with these keys first).
 _HEADER_START = b'{"format": "growlib-checkpoint"'
 _MAX_HEADER_BYTES = 4096
@@ -209,9 +210,10 @@ def model_record(model: torch.nn.Module, weights: bool = True) -> dict:
     return {"class": name, "config": model.config.to_dict(), "state": model.state_dict() if weights else None}
 
 
-def model_from_record(record: dict, like: torch.nn.Module) -> torch.nn.Module:
+def model_from_record(record: dict, like: torch.nn.Module, sharded: bool = False) -> torch.nn.Module:
     """Rebuild a checkpointed model of the same family as ``like`` (the schedule's initial model).  The class
-    is looked up among the model classes growlib supports only: a checkpoint cannot name any other callable."""
+    is looked up among the model classes growlib supports only: a checkpoint cannot name any other callable.
+    ``sharded``: built as FSDP2 shards, never whole (its weights then load from the engine checkpoint)."""
     from growlib.models import adapter_of_class, supported_class_names
 
     adapter = adapter_of_class(record["class"])
@@ -220,6 +222,10 @@ def model_from_record(record: dict, like: torch.nn.Module) -> torch.nn.Module:
                          f"({supported_class_names()})")
     cls = adapter.model_class(record["class"])
     config = type(like.config).from_dict(record["config"])
+    if sharded:
+        from growlib.sharded import build_sharded
+
+        return build_sharded(cls, config, like)
     model = cls(config).to(next(like.parameters()).device)
     if record["state"] is not None:  # None: the engine's checkpoint restores the weights once it is built
         model.load_state_dict(record["state"], strict=True)

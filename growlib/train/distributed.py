@@ -12,7 +12,7 @@ import os
 import torch
 
 from growlib.schedules.protocol import linear_term_value
-from growlib.sharded import is_sharded, shard_model
+from growlib.sharded import RankDivergenceError, is_sharded, shard_model
 from growlib.train.config import TrainConfig, make_optimizer, trainable_parameters
 from growlib.train.guards import first_nonfinite
 
@@ -49,25 +49,25 @@ def mean_over_ranks(value: torch.Tensor) -> float:
     return float(value)
 
 
-class RankDivergenceError(RuntimeError):
-    """The processes of a distributed run hold different models where they must hold the same one."""
-
-
 def check_ranks_agree(model: torch.nn.Module, stage: str) -> None:
     """After a transition every rank must hold the same model, computed from the same synchronised one.  DDP and
     DeepSpeed would silently overwrite the others with rank 0's when they wrap it, so compare cheap per-tensor
     checksums (float64 sum, sum of squares, position-weighted sum) across ranks (all_reduce MAX and MIN) and
-    raise RankDivergenceError naming the stage and the first tensor that differs."""
+    raise RankDivergenceError naming the stage and the first tensor that differs.  Parameters FSDP2 shards are
+    skipped: each rank holds other rows of them, checked as they were built (growlib.sharded)."""
     if world_size() == 1:
         return
     names, sums = [], []
     with torch.no_grad():
         for name, p in model.named_parameters():
-            whole = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()  # FSDP2: one gathered at a time
-            x = whole.reshape(-1).double()
+            if hasattr(p, "full_tensor"):
+                continue
+            x = p.detach().reshape(-1).double()
             weights = torch.arange(x.numel(), device=x.device, dtype=torch.float64).remainder_(997).add_(1)
             names.append(name)
             sums.append(torch.stack([x.sum(), x.square().sum(), (x * weights).sum()]))
+    if not sums:
+        return
     high = torch.stack(sums)
     low = high.clone()
     torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)

@@ -431,15 +431,18 @@ def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = 
 
 def require_engine_supports(schedule: str, options: dict, deepspeed: dict | None, fsdp: bool,
                             model: torch.nn.Module | None = None) -> None:
-    """Refuse, before anything trains, what the chosen engine cannot run: FSDP2 with DeepSpeed; ode_multilevel's
-    coherence term (it multiplies whole parameters) on sharded parameters; and, given the model, MSLT's fused
-    forward-only stack under ZeRO-3, which partitions the weights it reads (it runs by default when the
-    embeddings freeze, i.e. for untied models)."""
+    """Refuse, before anything trains, what the chosen engine cannot run: FSDP2 with DeepSpeed or on a torch
+    older than 2.6; ode_multilevel's coherence term (it multiplies whole parameters) on sharded parameters; and,
+    given the model, MSLT's fused forward-only stack under ZeRO-3, which partitions the weights it reads (it runs
+    by default when the embeddings freeze, i.e. for untied models)."""
     from growlib.schedules.progressive import uses_frozen_stack
 
     zero_stage = (deepspeed or {}).get("zero_optimization", {}).get("stage", 0)
     if fsdp and deepspeed is not None:
         raise InputError("--fsdp and --deepspeed exclude each other: choose one engine")
+    if fsdp and tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 6):
+        raise InputError(f"--fsdp needs torch >= 2.6 (FSDP2's fully_shard, DTensor's distribute_tensor with "
+                         f"src_data_rank), found {torch.__version__}")
     if (fsdp or zero_stage == 3) and options.get("coherence"):
         raise InputError(f"{'--fsdp' if fsdp else 'ZeRO stage 3'} does not support ode_multilevel's coherence=true "
                          "(its term multiplies whole parameters, which are sharded there): drop one of them")

@@ -11,6 +11,7 @@ growlib.train.config, .metrics, .checkpoint, .distributed and .guards."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -38,6 +39,8 @@ from growlib.train.runs import ENGINE_DIR
 from growlib.validate import require_int
 
 
+#: which transitions ran shard-local or gathered (the command line shows it)
+_transitions_log = logging.getLogger("growlib.train")
 #: how FSDP2 runs make a transition: each rank building its shard of the new model where the stage allows, or
 #: every rank gathering the model whole first (``run_schedule``)
 FSDP_TRANSITIONS = ("shard-local", "gather")
@@ -284,10 +287,9 @@ class _ScheduleRun:
         # in place, not a new RunState: the caller's ``state`` must end holding the run's model, also when the
         # checkpoint is the final one and nothing is left to train (compare measures evaluation noise on it)
         state = self.state
-        state.kept = {k: model_from_record(r, state.model) for k, r in checkpoint["kept"].items()}
-        for key, kept in state.kept.items():
-            if checkpoint["kept"][key]["state"] is None:  # kept sharded: its shards load with the stage's
-                shard_model(kept, on_cuda=next(kept.parameters()).is_cuda)
+        # a model kept sharded has no weights here: built as shards, it loads them with the stage's
+        state.kept = {k: model_from_record(r, state.model, sharded=r["state"] is None)
+                      for k, r in checkpoint["kept"].items()}
         state.model = model_from_record(checkpoint["model"], state.model)
         state.linear_term, state.notes = checkpoint["linear_term"], checkpoint["notes"]
         state.kept_optimizer_states = checkpoint["kept_optimizer_states"]
@@ -311,11 +313,15 @@ class _ScheduleRun:
         every rank and its wall time; the new model is checked before anything trains on it."""
         stage = self.stages[index]
         if self.shard_local(stage):
-            reshard(self.state.model)  # the transition reads the shards (growlib.sharded); they stay sharded
-            self.steps.close()
-            self.steps = None
-        else:
+            self.keep_sharded()
+            variant = "shard-local (each rank builds its shard of the new model)"
+        elif self.steps is not None and self.steps.sharded:
             self.gather_sharded_model()
+            variant = "gathered (the model made whole on every rank first)"
+        else:
+            variant = None
+        if variant and is_main():
+            _transitions_log.info(f"transition into stage {stage.name!r}: {variant}")
         self.state.sample_batch = lambda ahead=0: self.train_batch(self.global_step * self.config.grad_accum + ahead)
         started = time.perf_counter()
 
@@ -335,10 +341,22 @@ class _ScheduleRun:
 
     def shard_local(self, stage: Stage) -> bool:
         """Whether the transition into ``stage`` runs on the FSDP2-sharded model (``Stage.sharded_transition``)."""
-        if not (isinstance(self.steps, FSDPSteps) and self.fsdp_transitions == "shard-local"):
+        if not (self.fsdp and self.fsdp_transitions == "shard-local"):
             return False
         allowed = stage.sharded_transition
         return bool(allowed(self.state.model) if callable(allowed) else allowed)
+
+    def keep_sharded(self) -> None:
+        """Before a shard-local transition: the model as shards (the run's first model, plain until now, sharded
+        here, so that a model the first transition keeps for later is sharded too) and the old optimizer
+        released (the transition starts a fresh one)."""
+        if self.steps is not None:
+            reshard(self.state.model)
+            self.steps.close()
+            self.steps = None
+        elif not is_sharded(self.state.model):
+            shard_model(self.state.model, on_cuda=next(self.state.model.parameters()).is_cuda)
+        self.optimizer = self.state.optimizer = None
 
     def gather_sharded_model(self, finishing: bool = False) -> None:
         """Under FSDP2 / ZeRO-3: make the run's model and optimizer whole, plain objects again (on every rank), for

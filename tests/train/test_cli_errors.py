@@ -87,6 +87,14 @@ def test_a_sharded_engine_refuses_what_it_cannot_run_before_anything_starts(argv
     assert expected in capsys.readouterr().err
 
 
+def test_fsdp_on_a_torch_older_than_2_6_is_refused_naming_the_version(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr("torch.__version__", "2.5.1+cu124")
+    assert cli.main(["train", "--fsdp", "--out", str(tmp_path / "out")]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--fsdp needs torch >= 2.6" in err and "found 2.5.1+cu124" in err
+
+
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(cli.UsageError, match="--batch-size must be an int >= 1") as error:
         cli.main(["train", "--batch-size", "0", "--debug", "--out", str(tmp_path / "out")])

@@ -57,9 +57,16 @@ def records(tmp_path, name: str, schedule: str, kind: str = "train") -> list[dic
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def train(tmp_path, name: str, schedule: str = "vcycle", *extra: str) -> list[dict]:
+def train(tmp_path, name: str, schedule: str = "vcycle", *extra: str, transitions: dict | None = None) -> list[dict]:
+    """The run's training records; ``transitions`` (if given) receives {stage: how its transition ran} from
+    what a sharded engine logs: "shard-local" or "gathered"."""
     done = torchrun_train(tmp_path, name, schedule, *extra)
     assert done.returncode == 0, done.stderr[-3000:]
+    if transitions is not None:
+        for line in (done.stdout + done.stderr).splitlines():
+            if line.startswith("transition into stage "):
+                stage, variant = line.removeprefix("transition into stage ").split(": ")
+                transitions[stage.strip("'")] = variant.split()[0]
     assert done.stdout.count("final validation loss") == 1  # rank 0 alone reports
     train_records = records(tmp_path, name, schedule)
     assert [r["step"] for r in train_records] == list(range(1, STEPS + 1))  # rank 0 alone writes the metrics
@@ -144,8 +151,16 @@ def schedule_flags(schedule: str, engine: str) -> list[str]:
 @pytest.mark.parametrize("engine", ["fsdp", "zero3"])
 @pytest.mark.parametrize("schedule", FSDP_SCHEDULES)
 def test_sharded_engines_match_ddp_through_every_transition(ddp_runs, tmp_path, schedule, engine):
+    """FSDP2 builds each rank's shard of the new model in the V-cycle's and the ODE method's transitions and
+    gathers the model for LiGO's and those of MSLT's forward-only stack; ZeRO-3 gathers it for every one."""
+    transitions = {}
     got = train(tmp_path, "out", schedule, *engine_flags(tmp_path, engine), "--checkpoint-every", "20",
-                *schedule_flags(schedule, engine))
+                *schedule_flags(schedule, engine), transitions=transitions)
+    shard_local = engine == "fsdp" and schedule in ("vcycle", "ode_multilevel")
+    stages = [r["stage"] for r in got]
+    later_stages = sorted(set(stages) - {stages[0]})  # the first is built from the run's plain initial model
+    assert {stage: transitions.get(stage) for stage in later_stages} == \
+        {stage: "shard-local" if shard_local else "gathered" for stage in later_stages}
     expected = ddp_runs[schedule]
     assert [r["stage"] for r in got] == [r["stage"] for r in expected]
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], rel=1e-4)
@@ -207,14 +222,19 @@ def test_a_run_whose_rank_is_killed_resumes_to_the_uninterrupted_losses(tmp_path
     assert os.listdir(engine_folder / f"step{STEPS}") and not (engine_folder / "step20").exists()
 
 
-@pytest.mark.parametrize("schedule", ["vcycle", "mslt"])
+@pytest.mark.parametrize("schedule", ["vcycle", "mslt", "stack"])
 def test_fsdp_shard_local_transitions_train_the_gathered_transitions_models_bit_for_bit(tmp_path, schedule):
     """Each rank building its shard of the new model (coalesce, de-coalesce + interpolate; MSLT's layers added
     on top, the bottom frozen, then all unfrozen: GPT-2's tied embeddings keep MSLT off its forward-only stack)
     computes what gathering the model whole computes: the two runs log the same losses, FLOPs and evaluations
     exactly."""
-    gathered = train(tmp_path, "gather", schedule, "--fsdp", "--fsdp-transitions", "gather")
-    shard_local = train(tmp_path, "local", schedule, "--fsdp", "--fsdp-transitions", "shard-local")
+    ran_gathered, ran_shard_local = {}, {}
+    gathered = train(tmp_path, "gather", schedule, "--fsdp", "--fsdp-transitions", "gather", transitions=ran_gathered)
+    shard_local = train(tmp_path, "local", schedule, "--fsdp", "--fsdp-transitions", "shard-local",
+                        transitions=ran_shard_local)
+    later_stages = sorted({r["stage"] for r in gathered} - {gathered[0]["stage"]})
+    assert ran_gathered == {stage: "gathered" for stage in later_stages}
+    assert {stage: ran_shard_local[stage] for stage in later_stages} == {stage: "shard-local" for stage in later_stages}
     assert [(r["stage"], r["loss"], r["flops"]) for r in shard_local] == \
         [(r["stage"], r["loss"], r["flops"]) for r in gathered]
     def evaluations(name):
