@@ -487,9 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "processes (FSDP2); each rank writes its shards to the checkpoint")
     train_parser.add_argument("--fsdp-transitions", choices=("shard-local", "gather"), default="shard-local",
                               help="with --fsdp: shard-local builds each rank's shard of the new model where the "
-                                   "transition allows (coalesce, de-coalesce + interpolate, restrict, prolong, "
-                                   "stacking, under the reset optimizer policy) and gathers the model whole for "
-                                   "the others; gather always gathers it. Same models, different memory")
+                                   "transition allows (the V-cycle's, ODE's, stacking's, MSG's and MSLT's without "
+                                   "its fused frozen stack, under the reset optimizer policy) and gathers the model "
+                                   "whole for the others; gather always gathers it. Same models, different memory")
     _debug_argument(train_parser)
     compare_parser = commands.add_parser("compare", help="every schedule against the baseline, same budget",
                                          **defaults_shown)

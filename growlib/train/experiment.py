@@ -390,6 +390,9 @@ def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = 
         raise InputError("fsdp shards the model across processes: run under torchrun with a process group")
     if fsdp_transitions not in FSDP_TRANSITIONS:
         raise InputError(f"fsdp_transitions must be one of {FSDP_TRANSITIONS}, got {fsdp_transitions!r}")
+    if fsdp_transitions != "shard-local" and not fsdp:
+        raise InputError(f"fsdp_transitions={fsdp_transitions!r} chooses how FSDP2 runs make transitions: set "
+                         "fsdp=True")
     stages = build_stages(exp, schedule, exp.total_steps, options)
     check_start(exp, stages)
     prepared = prepared or prepare_data(exp)

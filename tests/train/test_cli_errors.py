@@ -135,3 +135,17 @@ def test_a_fault_while_training_is_not_a_usage_error(monkeypatch, tmp_path):
     monkeypatch.setattr(E, "prepare_data", lambda exp: None)
     with pytest.raises(ValueError, match="something inside the loop"):
         cli.main(["train", "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("fsdp,fsdp_transitions,expected", [
+    (True, "local", "fsdp_transitions must be one of ('shard-local', 'gather'), got 'local'"),
+    (False, "gather", "fsdp_transitions='gather' chooses how FSDP2 runs make transitions: set fsdp=True"),
+])
+def test_the_api_refuses_an_fsdp_transitions_it_cannot_honour_before_any_data(fsdp, fsdp_transitions, expected,
+                                                                              monkeypatch, tmp_path):
+    from growlib.errors import InputError
+
+    monkeypatch.setattr(E, "rank_and_world", lambda: (0, 2))  # as under torchrun
+    experiment = E.Experiment(family="gpt2", size=SIZE, cache_dir=str(tmp_path / "cache"), device="cpu")
+    with pytest.raises(InputError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        E.train(experiment, "vcycle", fsdp=fsdp, fsdp_transitions=fsdp_transitions)
