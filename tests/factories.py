@@ -4,6 +4,7 @@ environment of a growlib process a test starts."""
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import transformers as T
@@ -120,6 +121,13 @@ def logits(model, inputs) -> torch.Tensor:
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
+
+
+def free_port() -> int:
+    """A TCP port no process listens on now: the rendezvous of the ranks a test starts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def subprocess_environment(tmp_path, fault: str | None = None) -> dict:

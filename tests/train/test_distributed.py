@@ -9,7 +9,6 @@ import inspect
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import time
 import pytest
 
 from growlib.train.checkpoint import load_checkpoint
+from tests.factories import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -26,12 +26,6 @@ STEPS = 40
 #: interpolate, restrict / prolong, new layers on top with the bottom frozen and run forward-only, LiGO's fit)
 FSDP_SCHEDULES = {"vcycle": [], "ode_multilevel": [], "ligo": [],
                   "mslt": ["--schedule-args", "frozen_forward=true", "freeze_embeddings=true"]}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def torchrun_train(tmp_path, name: str, schedule: str, *extra: str, env: dict | None = None,

@@ -8,7 +8,6 @@ import inspect
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import torch
 
 from growlib.schedules.protocol import RunState, Stage, Transition
 from growlib.train.loop import run_schedule
-from tests.factories import tiny_model
+from tests.factories import free_port, tiny_model
 from tests.train.test_loop import CONFIG, EVAL, random_batch, trainable_count
 
 SIZE = {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64}
@@ -33,9 +32,7 @@ def test_a_failing_rank_makes_torchrun_exit_nonzero_quickly(tmp_path, fault, ran
     corpus, size = tmp_path / "corpus.txt", tmp_path / "size.json"
     corpus.write_text(inspect.getsource(inspect))
     size.write_text(json.dumps(SIZE))
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     # torchrun polls its workers every 0.1 s by default and stops the others as soon as one has failed: on a busy
     # machine that could kill rank 0 before it met the dead peer in a collective and said so.  Polling every 2 s
     # leaves rank 0 that time, still well inside the 60 s asserted below.
