@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from growlib.kernels.structured_map import structured_map_
-from growlib.schema import GrowthMap, Schema, SparseRows, WIDTH_ROLES
+from growlib.schema import GrowthMap, Schema, SparseRows, WIDTH_ROLES, bind_specs
 
 _SINGLE_COLUMN = SparseRows.identity(1)
 _counters = threading.local()
@@ -140,6 +140,35 @@ def depth_sources(gmap: GrowthMap, spec) -> list[tuple[tuple[str, int | None], f
     if not row:  # a layer the map sets to zero: any source slot, weighed 0
         return [((spec.name, 0), 0.0)]
     return [((spec.name, j), w) for j, w in row]
+
+
+# One parameter at a time: a parameter of the target is one group of slots (a fused QKV weight: three), each
+# computed from the source slots of its name in the layers its depth row reads.  Streaming growth
+# (growlib.grow_stream) and shard-local transitions (growlib.sharded) hold only one such group whole at a time.
+
+def slots_by_parameter(schema: Schema, model: torch.nn.Module) -> dict[int, list]:
+    """{id(parameter of ``model``): the slots of ``schema`` (``model``'s) that view it}, tied names merged."""
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    slots: dict[int, list] = {}
+    for spec in schema.specs:
+        slots.setdefault(id(parameters[spec.source]), []).append(spec)
+    return slots
+
+
+def source_slots(gmap: GrowthMap, source: Schema, specs: list) -> list:
+    """The slots of ``source`` that ``gmap`` reads to compute the target slots ``specs``."""
+    needed = {key for spec in specs for key, _ in depth_sources(gmap, spec)}
+    return [spec for spec in source.specs if spec.key in needed]
+
+
+def apply_map_to_slots(gmap: GrowthMap, source: Schema, source_specs: list, source_tensors: dict[str, torch.Tensor],
+                       target: Schema, specs: list, target_tensor: torch.Tensor, *,
+                       alpha: float | None = None) -> None:
+    """``apply_map`` for the target slots ``specs`` of one parameter, written into ``target_tensor`` (that
+    parameter whole), from ``source_tensors`` (the whole source parameters ``source_specs`` view, by name)."""
+    apply_map(gmap, bind_specs(source.family, source.dims, source_specs, source_tensors, source.tied_embeddings),
+              bind_specs(target.family, target.dims, specs, {spec.source: target_tensor for spec in specs},
+                         target.tied_embeddings), alpha=alpha)
 
 
 def apply_map(gmap: GrowthMap, source: Schema, target: Schema, *, alpha: float | None = None,

@@ -127,6 +127,10 @@ class FrozenStack(torch.nn.Module):
             raise TypeError(f"model must be an nn.Module (the model holding the layers), got {type(model).__name__}")
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+        sharded = [i for i, layer in enumerate(layers) if any(hasattr(p, "full_tensor") for p in layer.parameters())]
+        if sharded:
+            raise ValueError(f"layers {sharded} hold parameters FSDP2 shards across processes, but the forward-only "
+                             "stack packs whole weights: build it before sharding, keeping these layers whole")
         # Plain attributes, not submodules: the layers (and a model's rotary embedding) belong to the model, and
         # registering them here would list their parameters twice in any module holding both.
         object.__setattr__(self, "_source", layers)

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from growlib.apply import apply_map, depth_sources
+from growlib.apply import apply_map_to_slots, slots_by_parameter, source_slots
 from growlib.errors import InputError
 from growlib.safetensors_files import PlannedTensor, StoredTensor, index_checkpoint, read_tensor, write_checkpoint
-from growlib.schema import GrowthMap, bind_specs
+from growlib.schema import GrowthMap
 
 _progress = logging.getLogger("growlib.grow")
 
@@ -96,10 +96,7 @@ def stream_grow(source: str, out_folder: str, adapter, architecture: str, config
 
     target_names = checkpoint_names(target_model)
     target_params = dict(target_model.named_parameters())
-    aliases = dict(target_model.named_parameters(remove_duplicate=False))  # one tensor may have two names
-    specs_of: dict[int, list] = {}
-    for spec in target_schema.specs:
-        specs_of.setdefault(id(aliases[spec.source]), []).append(spec)
+    specs_of = slots_by_parameter(target_schema, target_model)
     planned = [PlannedTensor(target_names[name], tuple(target_params[name].shape), dtype) for name in target_params]
     memory_name = {target_names[name]: name for name in target_params}
     largest = 0
@@ -109,14 +106,10 @@ def stream_grow(source: str, out_folder: str, adapter, architecture: str, config
         name = memory_name[tensor.name]
         storage = torch.empty(tensor.shape, dtype=dtype)
         specs = specs_of[id(target_params[name])]
-        needed = {key for spec in specs for key, _ in depth_sources(gmap, spec)}
-        source_specs = [spec for spec in source_schema.specs if spec.key in needed]
+        source_specs = source_slots(gmap, source_schema, specs)
         loaded = {param: read_tensor(source_files[param]) for param in {spec.source for spec in source_specs}}
         largest = max(largest, storage.nbytes + sum(t.nbytes for t in loaded.values()))
-        apply_map(gmap, bind_specs(adapter.family, source_schema.dims, source_specs, loaded,
-                                   source_schema.tied_embeddings),
-                  bind_specs(adapter.family, target_schema.dims, specs, {spec.source: storage for spec in specs},
-                             target_schema.tied_embeddings))
+        apply_map_to_slots(gmap, source_schema, source_specs, loaded, target_schema, specs, storage)
         return storage
 
     files = write_checkpoint(out_folder, planned, produce, max_shard_bytes)

@@ -21,8 +21,8 @@ from typing import Iterator
 
 import torch
 
-from growlib.apply import apply_map, depth_sources, uncounted_maps
-from growlib.schema import GrowthMap, bind_specs
+from growlib.apply import apply_map_to_slots, depth_sources, slots_by_parameter, source_slots, uncounted_maps
+from growlib.schema import GrowthMap
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -142,28 +142,21 @@ def map_across_shards(gmap: GrowthMap, source: torch.nn.Module, target: torch.nn
     reshard(target)
     source_schema, target_schema = adapter.schema(source), adapter.schema(target)  # shapes only
     source_params = dict(source.named_parameters(remove_duplicate=False))
-    target_params = dict(target.named_parameters(remove_duplicate=False))
-    specs_of: dict[int, list] = {}
-    for spec in target_schema.specs:
-        specs_of.setdefault(id(target_params[spec.source]), []).append(spec)
+    specs_of = slots_by_parameter(target_schema, target)
     checked: list[tuple[str, torch.Tensor]] = []
     with torch.no_grad():
         for name, parameter in target.named_parameters():
             specs = [spec for spec in specs_of[id(parameter)] if depth_sources(gmap, spec) is not None]
             if not specs:
                 continue  # the map leaves this parameter as it is
-            needed = {key for spec in specs for key, _ in depth_sources(gmap, spec)}
-            source_specs = [spec for spec in source_schema.specs if spec.key in needed]
+            source_specs = source_slots(gmap, source_schema, specs)
             sources = {param: _whole(source_params[param]) for param in sorted({s.source for s in source_specs})}
             sharded = hasattr(parameter, "full_tensor")
             blended = alpha is not None or len(specs) < len(specs_of[id(parameter)])
             whole = (_whole(parameter) if sharded and blended  # a gathered copy, written freely
                      else torch.empty(parameter.shape, dtype=parameter.dtype, device=parameter.device) if sharded
                      else parameter.detach())
-            apply_map(gmap, bind_specs(adapter.family, source_schema.dims, source_specs, sources,
-                                       source_schema.tied_embeddings),
-                      bind_specs(adapter.family, target_schema.dims, specs, {spec.source: whole for spec in specs},
-                                 target_schema.tied_embeddings), alpha=alpha)
+            apply_map_to_slots(gmap, source_schema, source_specs, sources, target_schema, specs, whole, alpha=alpha)
             if sharded:
                 checked.append((name, _checksum(whole)))
                 _keep_own_rows(parameter, whole)
@@ -176,18 +169,24 @@ def _checksum(tensor: torch.Tensor) -> torch.Tensor:
     return torch.stack([tensor.sum(dtype=torch.float64), tensor.amax().double(), tensor.amin().double()])
 
 
-def _require_ranks_agree(checked: list[tuple[str, torch.Tensor]]) -> None:
-    """Raise RankDivergenceError if the ranks' checksums of one parameter differ (all-reduce MAX and MIN)."""
-    if not checked:
-        return
-    high = torch.stack([checksum for _, checksum in checked])
-    low = high.clone()
+def disagreeing_rows(checksums: torch.Tensor) -> list[int]:
+    """The rows of ``checksums`` (one row per tensor, computed on every rank) whose values differ between the
+    ranks (all-reduce MAX and MIN; a NaN on every rank agrees)."""
+    high = checksums.clone()
+    low = checksums.clone()
     torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
     torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
-    differing = ((high != low) & ~(high.isnan() & low.isnan())).any(dim=1).nonzero()
-    if len(differing):
+    return ((high != low) & ~(high.isnan() & low.isnan())).any(dim=1).nonzero().flatten().tolist()
+
+
+def _require_ranks_agree(checked: list[tuple[str, torch.Tensor]]) -> None:
+    """Raise RankDivergenceError if the ranks' checksums of one parameter differ."""
+    if not checked:
+        return
+    differing = disagreeing_rows(torch.stack([checksum for _, checksum in checked]))
+    if differing:
         raise RankDivergenceError(
-            f"the ranks computed different values of parameter {checked[int(differing[0])][0]!r} (and "
+            f"the ranks computed different values of parameter {checked[differing[0]][0]!r} (and "
             f"{len(differing) - 1} more) while each built its shard of the new model: the map must give every "
             "rank the same result from the same gathered weights")
 

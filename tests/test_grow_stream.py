@@ -133,7 +133,7 @@ def test_a_failed_streamed_write_leaves_no_output_and_no_staging_folder(tmp_path
     def failing_map(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(grow_stream, "apply_map", failing_map)
+    monkeypatch.setattr(grow_stream, "apply_map_to_slots", failing_map)
     with pytest.raises(OSError):
         grow_checkpoint(source, str(tmp_path / "grown"), layers=4, stream=True)
     assert sorted(os.listdir(tmp_path)) == ["gpt2-small"]

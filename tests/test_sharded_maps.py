@@ -4,13 +4,12 @@ own shard of the result.  Gathered, the result must equal the operator on the wh
 families with fused, separate and head-split attention weights, tied and untied heads, and row counts that do
 not split evenly over the ranks (vocabulary 101, width 30 or 36).  A transition that builds its model sharded and
 would carry optimizer state into it is refused; MSLT's joint stage trains every layer of a sharded model under the
-GPU's mixed precision policy."""
+GPU's mixed precision policy; the forward-only stack refuses sharded layers."""
 
 from __future__ import annotations
 
 import datetime
 import os
-import socket
 import traceback
 
 import pytest
@@ -121,6 +120,20 @@ def _check_mslt_unfreezes_a_sharded_model_under_bf16_compute() -> None:
     assert not untrained, f"no gradient for {untrained[:3]}"
 
 
+def _check_the_forward_only_stack_refuses_sharded_layers() -> None:
+    """MSLT's fused stack packs whole weights: routing the layers of a sharded model through it is refused."""
+    from growlib.frozen import route_frozen_bottom
+    from tests.factories import tiny_model
+
+    model = _sharded_copy(tiny_model("gpt2", hidden=30, heads=6, layers=4))
+    try:
+        route_frozen_bottom(model, 2)
+    except ValueError as error:
+        assert "layers [0, 1] hold parameters FSDP2 shards" in str(error), error
+    else:
+        raise AssertionError("the forward-only stack accepted sharded layers")
+
+
 def _rank(rank: int, world: int, port: int, failures: str) -> None:
     import torch.distributed as dist
 
@@ -132,6 +145,7 @@ def _rank(rank: int, world: int, port: int, failures: str) -> None:
             _check_operators(family)
         _check_a_sharded_transition_refuses_to_carry_optimizer_state()
         _check_mslt_unfreezes_a_sharded_model_under_bf16_compute()
+        _check_the_forward_only_stack_refuses_sharded_layers()
     except BaseException:
         with open(f"{failures}.{rank}", "w") as f:
             f.write(traceback.format_exc())
@@ -148,9 +162,8 @@ def test_each_rank_builds_its_shard_of_the_operators_result_bit_for_bit(tmp_path
     import torch.multiprocessing as mp
 
     failures = str(tmp_path / "failure")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.spawn(_rank, args=(2, port, failures), nprocs=2, join=True)
+    from tests.factories import free_port
+
+    mp.spawn(_rank, args=(2, free_port(), failures), nprocs=2, join=True)
     reports = [open(f"{failures}.{rank}").read() for rank in range(2) if os.path.exists(f"{failures}.{rank}")]
     assert not reports, "\n".join(reports)

@@ -82,17 +82,30 @@ def map_model(model: torch.nn.Module, gmap: GrowthMap) -> torch.nn.Module:
     was (so growing or coalescing a partly frozen model does not silently make it all trainable again).  A
     model FSDP2 shards gives a new model sharded alike, each rank building its own shard."""
     adapter = adapter_for(model)
-    if is_sharded(model):  # each rank builds its shard of the new model (growlib.sharded)
-        source_schema = adapter.schema(model)
-        target = new_sharded_model(adapter, model, gmap.target_dims, set_trainable=lambda new: _carry_requires_grad(
-            model, source_schema, new, adapter.schema(new), gmap))
-        map_across_shards(gmap, model, target)
-        return target
-    target = adapter.new_model(model, gmap.target_dims, initialise=False)  # the map writes every parameter
-    source_schema, target_schema = adapter.schema(model), adapter.schema(target)
-    apply_map(gmap, source_schema, target_schema)
-    _carry_requires_grad(model, source_schema, target, target_schema, gmap)
+    source_schema = adapter.schema(model)
+
+    def carry_requires_grad(new: torch.nn.Module) -> None:
+        _carry_requires_grad(model, source_schema, new, adapter.schema(new), gmap)
+
+    if is_sharded(model):  # each rank builds its shard of the new model, frozen marked before sharding
+        target = new_sharded_model(adapter, model, gmap.target_dims, set_trainable=carry_requires_grad)
+    else:
+        target = adapter.new_model(model, gmap.target_dims, initialise=False)  # the map writes every parameter
+        carry_requires_grad(target)
+    map_into(gmap, model, target)
     return target
+
+
+def map_into(gmap: GrowthMap, source: torch.nn.Module, target: torch.nn.Module, *,
+             alpha: float | None = None) -> None:
+    """Write ``target``'s parameters in place from ``source``'s through ``gmap`` (with ``alpha``: blend them in,
+    growlib.apply_map): all at once, or, where either model is sharded by FSDP2, one parameter at a time, each
+    rank writing its shard (growlib.sharded)."""
+    if is_sharded(source) or is_sharded(target):
+        map_across_shards(gmap, source, target, alpha=alpha)
+    else:
+        adapter = adapter_for(target)
+        apply_map(gmap, adapter.schema(source), adapter.schema(target), alpha=alpha)
 
 
 def _carry_requires_grad(source: torch.nn.Module, source_schema, target: torch.nn.Module, target_schema,

@@ -6,11 +6,9 @@ from __future__ import annotations
 import torch
 
 from growlib import names
-from growlib.apply import apply_map
 from growlib.models import adapter_for
-from growlib.operators.common import depth_copy, map_dims, map_model, require_same_device, resized_dims
+from growlib.operators.common import depth_copy, map_dims, map_into, map_model, require_same_device, resized_dims
 from growlib.schema import DepthMap, GrowthMap
-from growlib.sharded import is_sharded, map_across_shards
 from growlib.validate import require_int
 
 GROW_METHODS = names.DEPTH_METHODS
@@ -114,8 +112,5 @@ def prolong_(fine: torch.nn.Module, coarse: torch.nn.Module, parity: str = "even
     if fine_schema.dims["layers"] != 2 * adapter.dims(coarse.config)["layers"]:
         raise ValueError(f"coarse must have half of fine's {fine_schema.dims['layers']} layers, got "
                          f"{adapter.dims(coarse.config)['layers']}")
-    if is_sharded(fine) or is_sharded(coarse):  # each rank writes its shard of fine (growlib.sharded)
-        map_across_shards(prolong_map(fine_schema, parity), coarse, fine)
-    else:
-        apply_map(prolong_map(fine_schema, parity), adapter.schema(coarse), fine_schema)
+    map_into(prolong_map(fine_schema, parity), coarse, fine)
     return fine

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from growlib.apply import apply_map
 from growlib.models import adapter_for
-from growlib.operators.common import (RESIZABLE, copy_map, depth_copy, map_dims, map_model, merge_map,
+from growlib.operators.common import (RESIZABLE, copy_map, depth_copy, map_dims, map_into, map_model, merge_map,
                                       require_same_device, resized_dims)
 from growlib.schema import DepthMap, GrowthMap
-from growlib.sharded import is_sharded, map_across_shards
 from growlib.validate import require_fraction, require_int
 
 DEPTH_PAIRINGS = ("adjacent", "stack")
@@ -159,9 +157,5 @@ def interpolate_(fine: torch.nn.Module, coarse: torch.nn.Module, alpha: float,
     gmap = decoalesce_map(adapter.dims(coarse.config), adapter.dims(fine.config), depth_pairing)
     if alpha == 0.0:
         return fine
-    blend = None if alpha == 1.0 else float(alpha)
-    if is_sharded(fine) or is_sharded(coarse):  # each rank writes its shard of fine (growlib.sharded)
-        map_across_shards(gmap, coarse, fine, alpha=blend)
-    else:
-        apply_map(gmap, adapter.schema(coarse), adapter.schema(fine), alpha=blend)
+    map_into(gmap, coarse, fine, alpha=None if alpha == 1.0 else float(alpha))
     return fine

@@ -56,9 +56,6 @@ def freeze_below(layers: int, frozen_forward: bool | None = None, freeze_embeddi
             if frozen:
                 model.get_parameter(spec.source).requires_grad_(False)
         if uses_frozen_stack(model, frozen_forward, freeze_embeddings):
-            if is_sharded(model):
-                raise ValueError("MSLT's forward-only stack reads whole layers, but the model is sharded: its "
-                                 "stage must declare a gathered transition (Stage.sharded_transition)")
             on_gpu = next(model.parameters()).is_cuda
             route_frozen_bottom(model, layers, dtype=torch.bfloat16 if on_gpu else None)
     return freeze

@@ -12,7 +12,7 @@ import os
 import torch
 
 from growlib.schedules.protocol import linear_term_value
-from growlib.sharded import RankDivergenceError, is_sharded, shard_model
+from growlib.sharded import RankDivergenceError, disagreeing_rows, is_sharded, shard_model
 from growlib.train.config import TrainConfig, make_optimizer, trainable_parameters
 from growlib.train.guards import first_nonfinite
 
@@ -52,7 +52,7 @@ def mean_over_ranks(value: torch.Tensor) -> float:
 def check_ranks_agree(model: torch.nn.Module, stage: str) -> None:
     """After a transition every rank must hold the same model, computed from the same synchronised one.  DDP and
     DeepSpeed would silently overwrite the others with rank 0's when they wrap it, so compare cheap per-tensor
-    checksums (float64 sum, sum of squares, position-weighted sum) across ranks (all_reduce MAX and MIN) and
+    checksums (float64 sum, sum of squares, position-weighted sum) across ranks (``disagreeing_rows``) and
     raise RankDivergenceError naming the stage and the first tensor that differs.  Parameters FSDP2 shards are
     skipped: each rank holds other rows of them, checked as they were built (growlib.sharded)."""
     if world_size() == 1:
@@ -68,13 +68,9 @@ def check_ranks_agree(model: torch.nn.Module, stage: str) -> None:
             sums.append(torch.stack([x.sum(), x.square().sum(), (x * weights).sum()]))
     if not sums:
         return
-    high = torch.stack(sums)
-    low = high.clone()
-    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
-    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
-    differing = (high != low).any(dim=1).nonzero()
-    if len(differing):
-        name = names[int(differing[0])]
+    differing = disagreeing_rows(torch.stack(sums))
+    if differing:
+        name = names[differing[0]]
         raise RankDivergenceError(
             f"the ranks hold different models after the transition into stage {stage!r}: parameter {name!r} (and "
             f"{len(differing) - 1} more) differs between ranks; every rank must compute the same transition from "
@@ -182,8 +178,6 @@ class FSDPSteps(TorchSteps):
         self.model_class, self.build_options = adapter.unsharded_class(model), adapter.build_options(model)
         self.model, self.config, self.wrapped = model, config, model
         if is_sharded(model):  # built sharded by a shard-local transition, its optimizer over the shards
-            if getattr(model, "growlib_frozen_bottom", None):
-                raise ValueError("MSLT's forward-only stack reads whole layers, but this model was built sharded")
             self.optimizer = optimizer
             return
         carried = _full_optimizer_state(model, optimizer)
