@@ -29,6 +29,7 @@ from growlib.kernels.frozen.activation import bias_activation, gated_activation
 from growlib.kernels.frozen.rope_split_qkv import rope_split_qkv
 from growlib.models import ADAPTERS, Adapter, layer_adapter
 from growlib.models.packing import PackedLayer
+from growlib.sharded import is_sharded_tensor
 from growlib.validate import require_int
 
 _SDPA_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
@@ -127,7 +128,7 @@ class FrozenStack(torch.nn.Module):
             raise TypeError(f"model must be an nn.Module (the model holding the layers), got {type(model).__name__}")
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
-        sharded = [i for i, layer in enumerate(layers) if any(hasattr(p, "full_tensor") for p in layer.parameters())]
+        sharded = [i for i, layer in enumerate(layers) if any(map(is_sharded_tensor, layer.parameters()))]
         if sharded:
             raise ValueError(f"layers {sharded} hold parameters FSDP2 shards across processes, but the forward-only "
                              "stack packs whole weights: build it before sharding, keeping these layers whole")

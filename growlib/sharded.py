@@ -25,10 +25,33 @@ from growlib.apply import apply_map_to_slots, depth_sources, slots_by_parameter,
 from growlib.schema import GrowthMap
 
 
+def _fsdp_module_class() -> type | None:
+    """FSDP2's mark of a sharded module (``fully_shard`` makes the module's class a subclass of it); None while
+    torch.distributed.fsdp was never imported, when nothing can be sharded."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return None if fsdp is None else fsdp.FSDPModule
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether FSDP2 has sharded ``model`` (``fully_shard`` makes its class an ``FSDPModule``)."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # never imported: nothing can be sharded
-    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+    """Whether FSDP2 has sharded ``model``."""
+    marker = _fsdp_module_class()
+    return marker is not None and isinstance(model, marker)
+
+
+def unsharded_class(model: torch.nn.Module) -> type:
+    """``model``'s class, or for a model FSDP2 sharded, the class ``fully_shard`` made its class from."""
+    marker = _fsdp_module_class()
+    return next(c for c in type(model).__mro__ if marker is None or not issubclass(c, marker))
+
+
+def is_sharded_tensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (a parameter FSDP2 shards: each rank holds its rows of it)."""
+    return hasattr(tensor, "full_tensor")
+
+
+def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole on this rank: gathered from every rank if it is sharded (a collective)."""
+    return tensor.full_tensor() if is_sharded_tensor(tensor) else tensor
 
 
 def shard_model(model: torch.nn.Module, *, on_cuda: bool, whole_layers: tuple = ()) -> None:
@@ -79,7 +102,7 @@ def new_sharded_model(adapter, like: torch.nn.Module, dims: dict[str, int],
                       set_trainable=None) -> torch.nn.Module:
     """A model of ``like``'s class at ``dims``, sharded as ``like`` is, its parameters' shards allocated but not
     written (a map writes them).  ``set_trainable(model)`` marks its frozen parameters before sharding."""
-    return build_sharded(adapter.unsharded_class(like), adapter.config_at(like.config, dims), like,
+    return build_sharded(unsharded_class(like), adapter.config_at(like.config, dims), like,
                          adapter.build_options(like), set_trainable)
 
 
@@ -120,11 +143,6 @@ def rebuilt(model: torch.nn.Module) -> torch.nn.Module:
         return map_model(model, identity)
 
 
-def _whole(parameter: torch.Tensor) -> torch.Tensor:
-    """A parameter whole on this rank: gathered from every rank if it is sharded (a collective)."""
-    return parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
-
-
 class RankDivergenceError(RuntimeError):
     """The processes of a distributed run hold different models where they must hold the same one."""
 
@@ -150,10 +168,11 @@ def map_across_shards(gmap: GrowthMap, source: torch.nn.Module, target: torch.nn
             if not specs:
                 continue  # the map leaves this parameter as it is
             source_specs = source_slots(gmap, source_schema, specs)
-            sources = {param: _whole(source_params[param]) for param in sorted({s.source for s in source_specs})}
-            sharded = hasattr(parameter, "full_tensor")
+            sources = {param: whole_tensor(source_params[param])
+                       for param in sorted({s.source for s in source_specs})}
+            sharded = is_sharded_tensor(parameter)
             blended = alpha is not None or len(specs) < len(specs_of[id(parameter)])
-            whole = (_whole(parameter) if sharded and blended  # a gathered copy, written freely
+            whole = (whole_tensor(parameter) if sharded and blended  # a gathered copy, written freely
                      else torch.empty(parameter.shape, dtype=parameter.dtype, device=parameter.device) if sharded
                      else parameter.detach())
             apply_map_to_slots(gmap, source_schema, source_specs, sources, target_schema, specs, whole, alpha=alpha)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import copy
 import importlib
-import sys
 from typing import Callable
 
 import torch
 
 from growlib.schema import IN, OUT, Axis, Schema, SlotSpec, bind_specs
-from growlib.sharded import is_sharded
+from growlib.sharded import is_sharded, unsharded_class
 
 
 def out_(role: str) -> Axis:
@@ -79,12 +78,6 @@ class Adapter:
         makes ``FSDPGPT2LMHeadModel``)."""
         return any(c.__module__ == self.modeling_module and c.__name__ in self.model_class_names
                    for c in type(model).__mro__)
-
-    @staticmethod
-    def unsharded_class(model: torch.nn.Module) -> type:
-        """``model``'s class, or for a model FSDP2 sharded, the class ``fully_shard`` made its class from."""
-        fsdp = sys.modules.get("torch.distributed.fsdp")
-        return next(c for c in type(model).__mro__ if fsdp is None or not issubclass(c, fsdp.FSDPModule))
 
     def is_layer(self, module: torch.nn.Module) -> bool:
         """Whether ``module`` is one of the family's transformer layers (or a subclass of its layer class)."""
@@ -166,7 +159,7 @@ class Adapter:
         Every parameter must be covered by a spec."""
         params = dict(model.named_parameters(remove_duplicate=False))
         tied = self.tied(model)
-        specs = self.specs(self.unsharded_class(model), model.config, tied, **self.build_options(model))
+        specs = self.specs(unsharded_class(model), model.config, tied, **self.build_options(model))
         covered = {id(params[s.source]) for s in specs}
         missing = sorted(n for n, p in params.items() if id(p) not in covered)
         if missing:
@@ -193,9 +186,10 @@ class Adapter:
         reference = next(like.parameters())
         if initialise:
             with torch.device(reference.device):
-                model = self.unsharded_class(like)(config, **self.build_options(like))
+                model = unsharded_class(like)(config, **self.build_options(like))
         else:
-            model = build_uninitialised(self.unsharded_class(like), config, reference.device, **self.build_options(like))
+            model = build_uninitialised(unsharded_class(like), config, reference.device,
+                                        **self.build_options(like))
         model.to(dtype=reference.dtype)
         model.train(like.training)
         if getattr(like, "loss_type", None):  # e.g. GPT-2's, which transformers cannot infer from its class name

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from growlib.sharded import unsharded_class
+
 from . import packing
 from .base import Adapter, SlotSpec, head_norm_side, in_, norm, out_, require_multi_head_attention, weight_and_bias
 
@@ -28,7 +30,7 @@ class BertAdapter(Adapter):
                 "pos": config.max_position_embeddings, "type": config.type_vocab_size}
 
     def build_options(self, model):
-        base_model = self.unsharded_class(model).__name__ == self.model_class_names[1]
+        base_model = unsharded_class(model).__name__ == self.model_class_names[1]
         return {"add_pooling_layer": model.pooler is not None} if base_model else {}
 
     def specs(self, model_class, config, tied, add_pooling_layer: bool = True):

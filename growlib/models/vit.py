@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from growlib.sharded import unsharded_class
+
 from . import packing
 from .base import Adapter, SlotSpec, in_, norm, out_, require_multi_head_attention, weight_and_bias
 
@@ -50,7 +52,7 @@ class ViTAdapter(Adapter):
                 "patch": config.num_channels * patch_height * patch_width, "labels": config.num_labels}
 
     def build_options(self, model):
-        base = self.unsharded_class(model).__name__ == self.model_class_names[-1]  # ViTModel (DeiTModel)
+        base = unsharded_class(model).__name__ == self.model_class_names[-1]  # ViTModel (DeiTModel)
         return {"add_pooling_layer": model.pooler is not None} if base else {}
 
     def specs(self, model_class, config, tied, add_pooling_layer: bool = True):

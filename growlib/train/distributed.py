@@ -12,7 +12,8 @@ import os
 import torch
 
 from growlib.schedules.protocol import linear_term_value
-from growlib.sharded import RankDivergenceError, disagreeing_rows, is_sharded, shard_model
+from growlib.sharded import (RankDivergenceError, disagreeing_rows, is_sharded, is_sharded_tensor, shard_model,
+                             unsharded_class, whole_tensor)
 from growlib.train.config import TrainConfig, make_optimizer, trainable_parameters
 from growlib.train.guards import first_nonfinite
 
@@ -60,7 +61,7 @@ def check_ranks_agree(model: torch.nn.Module, stage: str) -> None:
     names, sums = [], []
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if hasattr(p, "full_tensor"):
+            if is_sharded_tensor(p):
                 continue
             x = p.detach().reshape(-1).double()
             weights = torch.arange(x.numel(), device=x.device, dtype=torch.float64).remainder_(997).add_(1)
@@ -174,8 +175,7 @@ class FSDPSteps(TorchSteps):
 
         from growlib.models import adapter_for
 
-        adapter = adapter_for(model)
-        self.model_class, self.build_options = adapter.unsharded_class(model), adapter.build_options(model)
+        self.model_class, self.build_options = unsharded_class(model), adapter_for(model).build_options(model)
         self.model, self.config, self.wrapped = model, config, model
         if is_sharded(model):  # built sharded by a shard-local transition, its optimizer over the shards
             self.optimizer = optimizer
@@ -201,8 +201,7 @@ class FSDPSteps(TorchSteps):
         if not grads:
             return None
         total_norm = torch.nn.utils.get_total_norm(grads)
-        if hasattr(total_norm, "full_tensor"):
-            total_norm = total_norm.full_tensor()
+        total_norm = whole_tensor(total_norm)
         if not bool(torch.isfinite(total_norm)):
             return first_nonfinite((name, p.grad) for name, p in self.model.named_parameters() if p.requires_grad) \
                 or "(in another rank's shard)"
