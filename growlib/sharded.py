@@ -110,14 +110,12 @@ def build_sharded(model_class: type, config, like: torch.nn.Module, options: dic
                   set_trainable=None) -> torch.nn.Module:
     """``model_class(config, **options)`` on ``like``'s device and dtype, in its training mode, sharded, its
     parameters' shards allocated but not written (a map or a checkpoint writes them)."""
-    from growlib.models.base import build_uninitialised
+    from growlib.models.base import build_uninitialised, take_settings_of
 
     reference = next(like.parameters())
     with _parameters_on_meta():
         model = build_uninitialised(model_class, config, reference.device, **(options or {}))
-    model.to(dtype=reference.dtype).train(like.training)
-    if getattr(like, "loss_type", None):
-        model.loss_type = like.loss_type
+    take_settings_of(model, like)
     if set_trainable is not None:
         set_trainable(model)
     shard_model(model, on_cuda=reference.is_cuda)

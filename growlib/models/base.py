@@ -190,10 +190,7 @@ class Adapter:
         else:
             model = build_uninitialised(unsharded_class(like), config, reference.device,
                                         **self.build_options(like))
-        model.to(dtype=reference.dtype)
-        model.train(like.training)
-        if getattr(like, "loss_type", None):  # e.g. GPT-2's, which transformers cannot infer from its class name
-            model.loss_type = like.loss_type
+        take_settings_of(model, like)
         got = self.dims(model.config)
         for role, size in dims.items():
             if got.get(role) != size:
@@ -207,6 +204,15 @@ class Adapter:
         for key, value in changes.items():
             setattr(config, key, value)
         return config
+
+
+def take_settings_of(model: torch.nn.Module, like: torch.nn.Module) -> None:
+    """Give a model built anew ``like``'s dtype, training mode and loss type (e.g. GPT-2's, which transformers
+    cannot infer from its class name)."""
+    model.to(dtype=next(like.parameters()).dtype)
+    model.train(like.training)
+    if getattr(like, "loss_type", None):
+        model.loss_type = like.loss_type
 
 
 def build_uninitialised(model_class: type, config, device: torch.device, **options) -> torch.nn.Module:
