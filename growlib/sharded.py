@@ -135,7 +135,7 @@ def rebuilt(model: torch.nn.Module) -> torch.nn.Module:
     from growlib.models import adapter_for
     from growlib.operators.common import depth_identity, map_model
 
-    dims = adapter_for(model).schema(model).dims
+    dims = adapter_for(model).dims(model.config)
     identity = GrowthMap(source_dims=dims, target_dims=dims, width={}, depth=depth_identity(dims["layers"]))
     with uncounted_maps():
         return map_model(model, identity)

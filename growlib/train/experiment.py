@@ -424,7 +424,8 @@ def train(exp: Experiment, schedule: str, seed: int = 0, options: dict | None = 
                               checkpoint_path=folder.checkpoint if folder else None,
                               checkpoint_every=checkpoint_every if folder else 0, resume=resume,
                               schedule_name=schedule, progress=progress, deepspeed=deepspeed, fsdp=fsdp,
-                              fsdp_transitions=fsdp_transitions, tokens_per_sample=step_flops(model, 1, _seq_len(exp)).seq_len, identity=identity)
+                              fsdp_transitions=fsdp_transitions,
+                              tokens_per_sample=step_flops(model, 1, _seq_len(exp)).seq_len, identity=identity)
         if folder is not None:
             if main_rank and not os.path.isdir(export_path(folder.path)):
                 export_model(folder.path, state.model, tokenizer)  # the final model, also when read back
