@@ -2,8 +2,8 @@
 ZeRO-3: two torchrun processes on the CPU (gloo) train a GPT-2 (8 layers x 512) through the V-cycle, MSLT and
 LiGO, and each rank measures its own RSS around every transition (gathered: the sharded model made whole, the
 maps, the new model sharded again; shard-local: each rank building its shard of the new model, one parameter
-at a time), around each stage's training and around the final checkpoint.  Peak: the process's high-water mark, reset before each
-measured span (Linux ``/proc/self/clear_refs``); before: the RSS when the span starts.
+at a time), around each stage's training and around the final checkpoint.  Peak: the process's high-water mark,
+reset before each measured span (Linux ``/proc/self/clear_refs``); before: the RSS when the span starts.
 
 Usage (from the repository root; about 13 minutes on 2 cores)::
 

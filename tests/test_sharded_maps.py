@@ -161,9 +161,9 @@ def _rank(rank: int, world: int, port: int, failures: str) -> None:
 def test_each_rank_builds_its_shard_of_the_operators_result_bit_for_bit(tmp_path):
     import torch.multiprocessing as mp
 
-    failures = str(tmp_path / "failure")
     from tests.factories import free_port
 
+    failures = str(tmp_path / "failure")
     mp.spawn(_rank, args=(2, free_port(), failures), nprocs=2, join=True)
     reports = [open(f"{failures}.{rank}").read() for rank in range(2) if os.path.exists(f"{failures}.{rank}")]
     assert not reports, "\n".join(reports)

@@ -231,6 +231,7 @@ def test_fsdp_shard_local_transitions_train_the_gathered_transitions_models_bit_
     assert {stage: ran_shard_local[stage] for stage in later_stages} == {stage: "shard-local" for stage in later_stages}
     assert [(r["stage"], r["loss"], r["flops"]) for r in shard_local] == \
         [(r["stage"], r["loss"], r["flops"]) for r in gathered]
+
     def evaluations(name):
         return [(r["step"], r["val_loss"], r["parameters"]) for r in records(tmp_path, name, schedule, "eval")]
 
