@@ -20,7 +20,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "perf" / "gpu_run.sh"
 HAS_END_TO_END = (REPO_ROOT / "perf" / "bench_end_to_end.py").exists()
-STEPS = ("install", "environment", "check-kernels", "kernel-tests", "structured_map", "kron_expand", "frozen", "end-to-end",
+STEPS = ("import", "environment", "check-kernels", "kernel-tests", "structured_map", "kron_expand", "frozen", "end-to-end",
          "report")
 FILES = {"environment.txt", "check_kernels.txt", "kernel_tests.txt", "structured_map.csv", "kron_expand.csv", "frozen.csv",
          "gpu_run.log"} | ({"end_to_end.csv"} if HAS_END_TO_END else set())
