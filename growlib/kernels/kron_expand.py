@@ -50,8 +50,11 @@ from growlib.kernels.backend import compute_dtype, resolve_backend
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 STEPS = ("depth", "rows", "cols")  # ties in cheapest_order go to the earlier order in this sequence's permutations
 
-# fp32 GEMMs are exact rather than TF32 on the GPU, so that fp32 results match the fp32 reference closely.
-DOT_INPUT_PRECISION = "ieee"
+# fp32 GEMMs run as 3xTF32 on the GPU's tensor cores: each operand is split into a TF32 part and a TF32
+# remainder, and three tensor-core products recover nearly fp32 accuracy (about 2^-21 relative error a product,
+# against 2^-24).  Exact fp32 dots ("ieee") run as FMAs, and on an H200 they took 3.5x as long as eager PyTorch's
+# cuBLAS fp32 GEMMs (perf/results/gpu/h200-2026-11-29/kron_expand.csv).  bf16 dots ignore this setting.
+DOT_INPUT_PRECISION = "tf32x3"
 
 
 @triton.jit
@@ -171,9 +174,13 @@ class GemmConfig:
     def shared_bytes(self, element_size: int) -> int:
         """An upper bound on the shared memory the compiled kernel uses: one A and one B tile per stage, or the
         output tile (at most fp32) passing through shared memory to change layout before the store, whichever
-        is larger (a 128 x 128 x 16 bf16 GEMM needs 24 KB of stages but 32 KB for its output);
+        is larger (a 128 x 128 x 16 bf16 GEMM needs 24 KB of stages but 32 KB for its output).  fp32's 3xTF32
+        dot may also stage its B tile split in two (TF32 part and remainder) for wgmma: one more pair of B tiles
+        (a 64 x 128 x 16 fp32 GEMM compiled to 40 KB on sm_90, against 36 KB of stages).
         tests/kernels/test_launch_configs.py compiles every configuration for sm_80 and sm_90 and checks."""
         stages = self.num_stages * (self.block_m * self.block_k + self.block_k * self.block_n) * element_size
+        if element_size == 4:
+            stages += 2 * self.block_k * self.block_n * element_size
         return max(stages, self.block_m * self.block_n * 4)
 
 
@@ -181,17 +188,18 @@ def _largest_tiles(dtype: torch.dtype,
                    capability: tuple[int, int] | None) -> tuple[int, int, int, int, int, int | None]:
     """(largest BLOCK_M, BLOCK_N, BLOCK_K, num_warps, preferred num_stages, register budget).
 
-    bf16 uses 128 x 128 tensor-core tiles.  fp32 runs exact (non-TF32) dots as FMAs, each thread holding its
-    share of the A and B tiles in registers: 64 x 64 x 16 tiles over 8 warps, double-buffered, with the budget
-    pinned at 128 registers (two blocks an SM).  Left to choose, ptxas gave some specialisations 80 registers
-    (three blocks an SM) and spilled 4-40 bytes of loop state, as it did at the former 64 x 64 x 32 over 4
-    warps; tests/kernels/test_launch_configs.py compiles every configuration for sm_80 and sm_90 and checks.
+    bf16 uses 128 x 128 tensor-core tiles.  fp32 (3xTF32, see ``DOT_INPUT_PRECISION``) holds each operand tile
+    twice in registers, split into its TF32 part and remainder, so it gets half the output area and half the K
+    depth: 128 x 64 x 16 over 8 warps.  Its register budget is pinned at 255, the most a thread can have:
+    left to choose, ptxas capped the 32 x 256 tiles of short-M GEMMs at 128 registers and spilled 4-16 bytes.
+    At 128 x 128 x 32, 3xTF32 spilled up to 1.4 KB a thread.  tests/kernels/test_launch_configs.py compiles
+    every configuration for sm_80 and sm_90 and checks that nothing spills.
     The interpreter (capability None) gets 64-wide tiles, few programs, and no pipelining."""
     if capability is None:
         return 64, 64, 64, 4, 1, None
     if dtype == torch.bfloat16:
         return 128, 128, 64, 8, 3, None
-    return 64, 64, 16, 8, 2, 128
+    return 128, 64, 16, 8, 3, 255
 
 
 def _block(size: int, largest: int) -> int:
