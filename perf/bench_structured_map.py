@@ -21,7 +21,9 @@ with a single static graph.  torch.compile needs one graph per task shape (8 to 
 on each model's ``shape_group`` right after that model's other rows, and on whole ops only after every model,
 where their remaining graphs fit the time limit.
 Times are compared with the op's compulsory memory traffic and the GPU's copy bandwidth, since the map is a
-gather with a few flops per element and can at best stream at copy speed.  One CSV row is written per
+gather with a few flops per element and can at best stream at copy speed.  Triton's replayed scopes also
+record ``kernel_device_ms``, the GPU time of the kernel alone (the profiler's), since their timed calls
+include the launcher's host-side work (per-task tables, one copy to the GPU).  One CSV row is written per
 measurement.  Without a CUDA GPU (and without --smoke) it exits with status 2 and times nothing.
 """
 
@@ -48,8 +50,8 @@ from growlib.models import adapter_for
 from growlib.schema import GrowthMap, Schema
 
 from common import (BenchmarkStart, CompileEstimate, add_benchmark_arguments, append_csv, compile_failure,
-                    first_call, fraction, measured_count, print_key, print_table, run_cases, speedups,
-                    start_benchmark, time_fn)
+                    device_kernel_ms, first_call, fraction, measured_count, print_key, print_table, run_cases,
+                    speedups, start_benchmark, time_fn)
 
 WIDTH, DEPTH = 2, 2  # coalescing factors
 ALPHA = 0.25  # interpolation weight
@@ -408,14 +410,17 @@ class StructuredBench:
         self.rows: list[dict] = []
 
     def write(self, ob: OpBench, scope: str, impl: str, timing=None, first: FirstRun | None = None,
-              error: str = "") -> None:
+              error: str = "", kernel_ms: float | None = None) -> None:
         facts = ob.scopes[scope]
         median, p20, p80 = timing or (None, None, None)
         gbps = facts.bytes_moved / (median * 1e6) if median and not self.start.smoke else None
+        kernel_gbps = facts.bytes_moved / (kernel_ms * 1e6) if kernel_ms else None
         row = {"model": ob.model, "dtype": ob.dtype, "op": ob.op.name, "scope": scope, "impl": impl,
                "tasks": facts.tasks, "triton_programs": facts.triton_programs,
                "bytes_moved": facts.bytes_moved, "median_ms": median, "p20_ms": p20, "p80_ms": p80, "gbps": gbps,
                "frac_copy_ceiling": fraction(gbps, self.start.ceilings["copy_ceiling_gbps"]),
+               "kernel_device_ms": kernel_ms,
+               "kernel_frac_copy_ceiling": fraction(kernel_gbps, self.start.ceilings["copy_ceiling_gbps"]),
                "first_call_s": first.seconds if first else None,
                "max_abs_diff_vs_eager": first.max_abs_diff if first else None,
                "compile_graphs": first.graphs if first and impl == "compile" else None, "error": error,
@@ -435,7 +440,11 @@ class StructuredBench:
                     self.write(ob, scope, impl, first=first,
                                error=deadline.refusal("a measurement", MEASURE_S[device.type]))
                     continue
-                self.write(ob, scope, impl, time_fn(ob.runner(scope, impl, self.compiled), device), first)
+                run = ob.runner(scope, impl, self.compiled)
+                kernel_ms = None
+                if impl == "triton" and scope != "end_to_end":
+                    kernel_ms = device_kernel_ms(run, device, "_structured_map_kernel")
+                self.write(ob, scope, impl, time_fn(run, device), first, kernel_ms=kernel_ms)
 
     def measure_compiled(self, ob: OpBench, scope: str) -> None:
         """torch.compile at one scope, if the graphs it has not compiled yet fit the time left."""

@@ -92,6 +92,27 @@ def time_fn(fn: Callable[[], object], device: torch.device, min_runs: int = 5) -
     return median, p20, p80
 
 
+def device_kernel_ms(fn: Callable[[], object], device: torch.device, kernel_name: str, runs: int = 5) -> float | None:
+    """Milliseconds a call of ``fn`` keeps the GPU busy in kernels whose name contains ``kernel_name``, as the
+    profiler (CUPTI) records them: the kernels alone.  do_bench's times also hold the host's work between
+    launches whenever the host is the slower side, and the two together say which side bounds a call.  None on
+    the CPU, or if the profiler is unavailable or records no such kernel."""
+    if device.type != "cuda":
+        return None
+    fn()
+    torch.cuda.synchronize(device)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            for _ in range(runs):
+                fn()
+            torch.cuda.synchronize(device)
+        busy_us = sum(event.self_device_time_total for event in profile.key_averages() if kernel_name in event.key)
+    except Exception as err:  # a machine without CUPTI: the column stays empty, the benchmark goes on
+        print(f"profiler unavailable: {type(err).__name__}: {err}", file=sys.stderr)
+        return None
+    return busy_us / runs / 1e3 if busy_us else None
+
+
 def measure_ceilings(device: torch.device) -> dict[str, float | None]:
     """What this GPU does at best: device-to-device copy bandwidth (GB/s, read + write bytes of a 1 GiB copy)
     and dense bf16 matmul throughput (TFLOP/s, 8192^3).  Not measured on the CPU (None: n/a)."""

@@ -43,11 +43,13 @@ class Table:
     ceiling_column: str
     ceiling: str
     where: dict = field(default_factory=dict)
+    kernel_alone_column: str | None = None  # the kernel's fraction of the ceiling in GPU time alone, if recorded
 
 
 TABLES = (
     Table("Structured growth maps", "structured_map.csv", ("model", "dtype", "op", "scope"), "triton",
-          ("eager", "compile"), "frac_copy_ceiling", "copy bandwidth"),
+          ("eager", "compile"), "frac_copy_ceiling", "copy bandwidth",
+          kernel_alone_column="kernel_frac_copy_ceiling"),
     Table("LiGO expansion (Kronecker-factored maps) of a bf16 model", "kron_expand.csv",
           ("growth", "tie", "map_dtype", "phase"), "triton", ("eager", "compile"), "frac_matmul_ceiling",
           "bf16 matmul"),
@@ -132,6 +134,8 @@ def section(table: Table, rows: list[dict[str, str]]) -> list[str]:
         by_case.setdefault(tuple(row.get(k, "") for k in table.keys), {})[row.get("impl", "")] = row
     header = [*table.keys, f"{table.kernel} ms", *(f"{b} ms" for b in table.baselines),
               *(f"speed-up vs {b}" for b in table.baselines), f"{table.kernel}, fraction of {table.ceiling}"]
+    if table.kernel_alone_column:
+        header.append(f"{table.kernel} kernel alone (GPU time), fraction of {table.ceiling}")
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     launches, failures = [], []
     for case, impls in by_case.items():
@@ -141,6 +145,8 @@ def section(table: Table, rows: list[dict[str, str]]) -> list[str]:
         speedups = [b / kernel_ms if b is not None and kernel_ms else None for b in baseline_ms]
         cells = [*case, _ms(kernel_ms), *map(_ms, baseline_ms), *map(_ratio, speedups),
                  _percent(number(kernel.get(table.ceiling_column)))]
+        if table.kernel_alone_column:
+            cells.append(_percent(number(kernel.get(table.kernel_alone_column))))
         lines.append("| " + " | ".join(cells) + " |")
         for impl, row in impls.items():
             if row.get("error"):

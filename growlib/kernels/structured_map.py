@@ -142,6 +142,15 @@ def launch_config(capability: tuple[int, int] | None) -> tuple[int, int, int]:
     return 16, 64, 8
 
 
+def _one_copy(device: torch.device, segments: list[list[int]]) -> list[torch.Tensor]:
+    """int64 lists as tensors on ``device``, moved in one copy.  Each segment starts 16-byte aligned, as
+    Triton's launcher specialises pointers on: misaligned views would compile other variants of the kernel."""
+    padded = [segment + [0] * (len(segment) % 2) for segment in segments]
+    flat = torch.tensor([v for segment in padded for v in segment], dtype=torch.int64).to(device)
+    views = flat.split([len(segment) for segment in padded])
+    return [view[:len(segment)] for view, segment in zip(views, segments)]
+
+
 def structured_map_triton(
     dst: Sequence[torch.Tensor],
     src: Sequence[Sequence[torch.Tensor]],
@@ -167,30 +176,31 @@ def structured_map_triton(
     device = dst[0].device
     block_r, block_c, num_warps = launch_config(launch.device_capability(device))
 
-    dst_meta = torch.tensor([[t.shape[0], t.shape[1], t.stride(0), t.stride(1)] for t in dst], dtype=torch.int64)
-    dst_ptr = torch.tensor([t.data_ptr() for t in dst], dtype=torch.int64)
-    src_ptr = torch.tensor([[s.data_ptr() for s in row] for row in src], dtype=torch.int64)
-    src_strides = torch.tensor([[[s.stride(0), s.stride(1)] for s in row] for row in src], dtype=torch.int64)
-
-    tiles = [triton.cdiv(r, block_r) * triton.cdiv(c, block_c) for r, c in dst_meta[:, :2].tolist()]
-    prog_task = torch.repeat_interleave(torch.arange(num_tasks, dtype=torch.int32), torch.tensor(tiles))
-    first_program = torch.cumsum(torch.tensor([0] + tiles[:-1]), 0)
-    prog_tile = (torch.arange(len(prog_task)) - first_program[prog_task.long()]).to(torch.int32)
-    if len(prog_task) == 0:
+    # Every per-task table travels in one host-to-device copy (each copy costs a round trip of its own), and
+    # the program schedule, one (task, tile) pair per program, is expanded on the device from the tile counts.
+    dst_meta = [[t.shape[0], t.shape[1], t.stride(0), t.stride(1)] for t in dst]
+    tiles = [triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c) for rows, cols, _, _ in dst_meta]
+    num_programs = sum(tiles)
+    if num_programs == 0:
         return
-
-    def on_device(t):
-        return t.to(device, non_blocking=True)
+    first_tile = [0]
+    for count in tiles[:-1]:
+        first_tile.append(first_tile[-1] + count)
+    dst_ptr, dst_meta, src_ptr, src_strides, tiles, first_tile = _one_copy(device, [
+        [t.data_ptr() for t in dst], [v for meta in dst_meta for v in meta],
+        [s.data_ptr() for row in src for s in row], [v for row in src for s in row for v in s.stride()],
+        tiles, first_tile])
+    prog_task = torch.repeat_interleave(torch.arange(num_tasks, device=device), tiles, output_size=num_programs)
+    prog_tile = (torch.arange(num_programs, device=device) - first_tile[prog_task]).to(torch.int32)
+    prog_task = prog_task.to(torch.int32)
 
     launch.note("structured_map", src=str(src[0][0].dtype).removeprefix("torch."),
                 dst=str(dst[0].dtype).removeprefix("torch."), BLEND=alpha is not None, RMS=rms, KD=kd, K=k,
                 BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
     # Triton launches on the current CUDA device: make it the tensors' device.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _structured_map_kernel[(len(prog_task),)](
-            on_device(prog_task), on_device(prog_tile),
-            on_device(dst_ptr), on_device(dst_meta),
-            on_device(src_ptr), on_device(src_strides), depth_weight,
+        _structured_map_kernel[(num_programs,)](
+            prog_task, prog_tile, dst_ptr, dst_meta, src_ptr, src_strides, depth_weight,
             row_start, col_start, table_index, table_weight,
             float(alpha) if alpha is not None else 0.0,
             KD=kd, K=k,
