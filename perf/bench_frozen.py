@@ -18,8 +18,10 @@ as the time limit reaches), on randomly initialised layers at the real sizes (th
   layers, ``mslt_no_grad`` runs the frozen layers as HF layers under no_grad, ``mslt_freeze_forward`` runs
   them with ``freeze_forward(dtype=bfloat16)``.  Peak memory is reported for every row.
 
-One CSV row is written per measurement.  torch.compile (one graph per model) is measured after every model's
-other rows, as far as the time limit leaves room.  Without a CUDA GPU (and without --smoke) it exits with status 2 and times nothing.
+``gpu_busy_ms`` is the GPU time of all of a call's kernels (the profiler's), which against ``median_ms`` says
+whether the GPU or the host bounds it.  One CSV row is written per measurement.  torch.compile (one graph per
+model) is measured after every model's other rows, as far as the time limit leaves room.  Without a CUDA GPU
+(and without --smoke) it exits with status 2 and times nothing.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConf
 import growlib
 
 from common import (BenchmarkStart, CompileEstimate, add_benchmark_arguments, append_csv, compile_failure,
-                    first_call, fraction, measured_count, print_key, print_table, run_cases, speedups,
-                    start_benchmark, time_fn)
+                    device_kernel_ms, first_call, fraction, measured_count, print_key, print_table, run_cases,
+                    speedups, start_benchmark, time_fn)
 
 STEP_IMPLS = ("full_backprop", "mslt_no_grad", "mslt_freeze_forward")
 FROZEN_FRACTION = 0.75
@@ -216,7 +218,7 @@ class FrozenBench:
                "median_ms": median, "p20_ms": measured.get("p20_ms"), "p80_ms": measured.get("p80_ms"),
                "tokens_per_s": tokens / seconds if seconds else None, "tflops": tflops,
                "frac_matmul_ceiling": fraction(tflops, self.start.ceilings["matmul_ceiling_tflops"]),
-               "peak_mem_gib": measured.get("peak_mem_gib"),
+               "gpu_busy_ms": measured.get("gpu_busy_ms"), "peak_mem_gib": measured.get("peak_mem_gib"),
                "peak_mem_above_start_gib": measured.get("peak_mem_above_start_gib"),
                "rel_diff_vs_eager": measured.get("rel_diff"), "first_call_s": measured.get("first_call_s"),
                "compile_graphs": measured.get("compile_graphs"), "error": measured.get("error", ""),
@@ -272,6 +274,7 @@ class FrozenBench:
         first = first._replace(result=None)  # its output is not kept alive while timing
         measured["peak_mem_gib"], measured["peak_mem_above_start_gib"] = peak_memory(fn, device)
         measured["median_ms"], measured["p20_ms"], measured["p80_ms"] = time_fn(fn, device)
+        measured["gpu_busy_ms"] = device_kernel_ms(fn, device, kernel_name="")
         self.write(case, "stack_forward", impl, "bfloat16", case.layers, stack.flops,
                    triton_launches=first.triton_launches, **measured)
 
@@ -295,6 +298,7 @@ class FrozenBench:
                 measured = {"first_call_s": first.seconds, "triton_launches": first.triton_launches}
                 measured["peak_mem_gib"], measured["peak_mem_above_start_gib"] = peak_memory(fn, device)
                 measured["median_ms"], measured["p20_ms"], measured["p80_ms"] = time_fn(fn, device)
+                measured["gpu_busy_ms"] = device_kernel_ms(fn, device, kernel_name="")
             self.write(case, "mslt_step", impl, "float32+autocast_bf16", split, flops, **measured)
             del model, hidden, fn
             if device.type == "cuda":

@@ -18,10 +18,12 @@ to the maps, run three ways:
 
 in two phases: ``forward`` and ``fwd+bwd`` (the gradients of every map from a random output gradient).  LiGO
 keeps its maps and frozen weights in fp32 whatever the model's dtype, and casts the large parameters to the
-model's dtype; that fp32 path (exact, non-tensor-core dots) is timed, and so is the same operator cast to bf16
-(``ligo.to(torch.bfloat16)``), which runs the kernels' bf16 tensor-core path (``map_dtype`` says which).  FLOP/s count ``LiGO.flops_per_expansion`` (the torch path's contraction
-order, the same count for every implementation) against the GPU's measured bf16 matmul ceiling; peak memory
-is what the phase allocates above what was live before it.  One CSV row is written per measurement; the
+model's dtype; that fp32 path (3xTF32 tensor-core dots in the kernels) is timed, and so is the same operator
+cast to bf16 (``ligo.to(torch.bfloat16)``), which runs the kernels' bf16 tensor-core path (``map_dtype`` says
+which).  FLOP/s count ``LiGO.flops_per_expansion`` (the torch path's contraction order, the same count for
+every implementation) against the GPU's measured bf16 matmul ceiling; peak memory is what the phase allocates
+above what was live before it; ``gpu_busy_ms`` is the GPU time of all the phase's kernels (the profiler's),
+which against ``median_ms`` says whether the GPU or the host bounds it.  One CSV row is written per measurement; the
 torch.compile rows come after every case's eager and Triton rows, as far as the time limit leaves room.
 Without a CUDA GPU (and without --smoke) it exits with status 2.
 """
@@ -40,8 +42,8 @@ from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadMode
 import growlib
 
 from common import (BenchmarkStart, CompileEstimate, add_benchmark_arguments, append_csv, compile_failure,
-                    first_call, fraction, measured_count, print_key, print_table, run_cases, speedups,
-                    start_benchmark, time_fn)
+                    device_kernel_ms, first_call, fraction, measured_count, print_key, print_table, run_cases,
+                    speedups, start_benchmark, time_fn)
 
 MODEL_DTYPE = torch.bfloat16
 PHASES = ("forward", "fwd+bwd")
@@ -178,6 +180,7 @@ class KronBench:
                "median_ms": median, "p20_ms": measured.get("p20_ms"), "p80_ms": measured.get("p80_ms"),
                "flops": flops, "tflops": tflops,
                "frac_matmul_ceiling": fraction(tflops, self.start.ceilings["matmul_ceiling_tflops"]),
+               "gpu_busy_ms": measured.get("gpu_busy_ms"),
                "peak_mem_mib": measured.get("peak_mem_mib"), "max_rel_diff_vs_eager": measured.get("max_rel_diff"),
                "first_call_s": measured.get("first_call_s"), "compile_graphs": measured.get("compile_graphs"),
                "error": measured.get("error", ""), "triton_launches": measured.get("triton_launches", ""),
@@ -217,6 +220,7 @@ class KronBench:
             first = first._replace(result=None)  # its outputs are not kept alive while timing
             median, p20, p80 = time_fn(run, device)
             self.write(case, impl, phase, median_ms=median, p20_ms=p20, p80_ms=p80,
+                       gpu_busy_ms=device_kernel_ms(run, device, kernel_name=""),
                        peak_mem_mib=peak_memory_mib(run, device), max_rel_diff=diff, first_call_s=first.seconds,
                        compile_graphs=first.compile_graphs if impl == "compile" else None,
                        triton_launches=first.triton_launches)
