@@ -12,6 +12,7 @@ import torch
 
 import growlib
 from growlib.kernels import cases as kernel_cases
+from growlib.kernels import structured_map
 from tests.conftest import DEVICE
 
 
@@ -85,6 +86,39 @@ def test_overlapping_views_are_refused_but_disjoint_interleaved_views_pass():
     with pytest.raises(ValueError, match="overlaps"):
         growlib.structured_map_([base[:, 0:4]], [[base[:, 2:6]]], *rest)
     growlib.structured_map_([base[:, 0:4]], [[base[:, 4:8]]], *rest)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_overlap_check_agrees_with_comparing_every_pair(seed):
+    """The sorted walk finds an overlap exactly when some (output, source) pair shares an element, also past
+    a long source that spans others (its end is carried forward) and between interleaved strided views."""
+    generator = torch.Generator().manual_seed(seed)
+    storage = torch.zeros(400)
+
+    def view():
+        start, length = (int(v) for v in torch.randint(0, 200, (2,), generator=generator))
+        step = int(torch.randint(1, 4, (1,), generator=generator))
+        return storage[start:start + length + 1:step]
+
+    outputs = [view() for _ in range(int(torch.randint(1, 4, (1,), generator=generator)))]
+    sources = [view() for _ in range(int(torch.randint(1, 12, (1,), generator=generator)))]
+    elements = [set(range(v.storage_offset(), v.storage_offset() + v.numel() * v.stride(0), v.stride(0)))
+                for v in (*outputs, *sources)]
+    overlapping = any(elements[o] & elements[len(outputs) + s] for o in range(len(outputs))
+                      for s in range(len(sources)))
+    if overlapping:
+        with pytest.raises(ValueError, match="overlaps"):
+            structured_map._check_no_overlap(outputs, sources)
+    else:
+        structured_map._check_no_overlap(outputs, sources)
+
+
+def test_the_overlap_check_looks_past_short_sources_to_a_long_one():
+    storage = torch.zeros(300)
+    long, short, output = storage[0:300:2], storage[50:60], storage[100:110:2]  # long shares 100, 102, ...
+    with pytest.raises(ValueError, match="overlaps"):
+        structured_map._check_no_overlap([output], [short, long])
+    structured_map._check_no_overlap([storage[101:111:2]], [short, storage[0:300:3][:30]])  # ends at 87
 
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.5])
