@@ -38,14 +38,13 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
-import triton
 from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM)
 
 import growlib
 import growlib.apply
 from growlib.kernels import structured_map as kernel
-from growlib.kernels.launch import device_capability
+from growlib.kernels.launch import ceil_div, device_capability
 from growlib.models import adapter_for
 from growlib.schema import GrowthMap, Schema
 
@@ -284,7 +283,7 @@ def triton_programs(calls: list[KernelCall]) -> int:
     """Programs the Triton launches start: one per (task, BLOCK_R x BLOCK_C tile)."""
     def programs(out: torch.Tensor) -> int:
         block_r, block_c, _ = kernel.launch_config(device_capability(out.device))
-        return triton.cdiv(out.shape[0], block_r) * triton.cdiv(out.shape[1], block_c)
+        return ceil_div(out.shape[0], block_r) * ceil_div(out.shape[1], block_c)
 
     return sum(programs(out) for call in calls for out in call.dst)
 

@@ -222,12 +222,12 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, capability: tuple[in
     # that neither operand tile outgrows its usual size: fewer, fuller programs at the same shared memory.
     block_n = _block(n, largest_n * (largest_m // block_m))
     block_k = _block(k, max(16, min(largest_k * largest_n // block_n, largest_k * largest_m // block_m)))
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    tiles = launch.ceil_div(m, block_m) * launch.ceil_div(n, block_n)
     splits = 1
     if sum_batch:
-        splits = max(1, min(triton.cdiv(target_programs, tiles), triton.cdiv(k, block_k)))
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-    splits = triton.cdiv(k, k_per_split)
+        splits = max(1, min(launch.ceil_div(target_programs, tiles), launch.ceil_div(k, block_k)))
+    k_per_split = launch.ceil_div(launch.ceil_div(k, splits), block_k) * block_k
+    splits = launch.ceil_div(k, k_per_split)
     config = GemmConfig(block_m, block_n, block_k, num_warps, num_stages, max_registers, splits, k_per_split)
     if capability is not None:
         element_size = dtype.itemsize
@@ -262,7 +262,7 @@ def batched_matmul(a: torch.Tensor, b: torch.Tensor, *, sum_batch: bool = False)
     capability = launch.device_capability(a.device)  # None: the interpreter
     config = gemm_config(m, n, k, a.dtype, capability, sum_batch=sum_batch,
                          target_programs=_target_programs(a.device))
-    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    tiles = launch.ceil_div(m, config.block_m) * launch.ceil_div(n, config.block_n)
     target = out.unsqueeze(0) if sum_batch else out
     if config.splits > 1:  # fp32 partials, one per K range, added up below
         target = torch.empty((config.splits, m, n), dtype=torch.float32, device=a.device)

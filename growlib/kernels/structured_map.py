@@ -181,7 +181,7 @@ def structured_map_triton(
     # Every per-task table travels in one host-to-device copy (each copy costs a round trip of its own), and
     # the program schedule, one (task, tile) pair per program, is expanded on the device from the tile counts.
     dst_meta = [[t.shape[0], t.shape[1], t.stride(0), t.stride(1)] for t in dst]
-    tiles = [triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c) for rows, cols, _, _ in dst_meta]
+    tiles = [launch.ceil_div(rows, block_r) * launch.ceil_div(cols, block_c) for rows, cols, _, _ in dst_meta]
     num_programs = sum(tiles)
     if num_programs == 0:
         return

@@ -92,7 +92,7 @@ def _launch(x: torch.Tensor, bias: torch.Tensor | None, activation: str, gated: 
     if out.numel() == 0:
         return out
     block_m, block_n, num_warps = launch_config()
-    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+    grid = (launch.ceil_div(n_rows, block_m), launch.ceil_div(n_cols, block_n))
     launch.note("gated_activation" if gated else "bias_activation", dtype=str(x.dtype).removeprefix("torch."),
                 ACT=activation, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():

@@ -102,7 +102,7 @@ def add_norm_triton(
     launch.note("add_norm", dtype=str(x.dtype).removeprefix("torch."), RMS=rms, BLOCK_M=block_m, BLOCK_N=block_n,
                 num_warps=num_warps)
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
-        _add_norm_kernel[(triton.cdiv(n_rows, block_m),)](
+        _add_norm_kernel[(launch.ceil_div(n_rows, block_m),)](
             x, residual if residual is not None else x, weight if weight is not None else x,
             bias if bias is not None else x, out, summed if summed is not None else out,
             n_rows, n_cols,

@@ -98,7 +98,7 @@ def rope_split_qkv_triton(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         return 0 if t.shape[0] == 1 else t.stride(0)
 
     with torch.cuda.device(qkv.device) if qkv.device.type == "cuda" else contextlib.nullcontext():
-        _rope_split_kernel[(batch * seq_len, triton.cdiv(n_heads, block_h))](
+        _rope_split_kernel[(batch * seq_len, launch.ceil_div(n_heads, block_h))](
             rows, cos, sin, out,
             seq_len, n_heads, num_heads + num_kv_heads, half,
             rows.stride(0), batch_stride(cos), cos.stride(1), batch_stride(sin), sin.stride(1),
