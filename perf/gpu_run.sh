@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # growlib's whole GPU check in one command: kernels checked on the GPU, each kernel family timed against eager
-# PyTorch, torch.compile and the GPU's own ceilings, and the end-to-end row, in at most 7 minutes of wall time
+# PyTorch, torch.compile and the GPU's own ceilings, and the end-to-end row, in at most 7.5 minutes of wall time
 # on one H100/H200 (Triton and torch.compile compilation included).
 #
 #   bash perf/gpu_run.sh OUTDIR            # on the GPU machine
 #   bash perf/gpu_run.sh --smoke OUTDIR    # rehearsal on a CPU: same steps, Triton's interpreter, tiny shapes,
-#                                          # at most 3 minutes; its rows say mode=smoke-cpu-interpreter and its
+#                                          # at most 3.5 minutes; its rows say mode=smoke-cpu-interpreter and its
 #                                          # times are not kernel timings
 #
 # $PYTHON is the interpreter (default python3: on the GPU machine, its own Python, a virtualenv holding torch,
@@ -42,8 +42,8 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 export PYTHONUNBUFFERED=1
 
-# Time limits of the steps, in seconds: they sum to 412 s on a GPU (7 minutes less bash's own seconds) and to
-# 180 s with --smoke.  A benchmark gets --time-limit = its step's limit minus an allowance for its exit
+# Time limits of the steps, in seconds: they sum to 442 s on a GPU (7.5 minutes less bash's own seconds) and to
+# 195 s with --smoke.  A benchmark gets --time-limit = its step's limit minus an allowance for its exit
 # (BENCH_EXIT; the limit counts from the process's start, imports included): it starts no measurement whose
 # estimate does not fit and writes each row as it is measured, so the step's own limit is a backstop.  Measured on
 # the H200 machine, caches cold (perf/results/gpu/h200-2026-11-29/):
@@ -55,6 +55,9 @@ export PYTHONUNBUFFERED=1
 #                     configuration for sm_80 and sm_90 offline, needs no GPU, runs in CI, and took 116 s alone
 #   structured_map 72  BERT-Large bf16: eager and Triton at 3 scopes (~30 s), torch.compile of each op's shape
 #                     group (~6 s); then GPT-2 medium; then whole-op compiles (~10 s each), as the limit allows
+#   tile-sweep   30   perf/sweep_structured_map.py: the structured map's GPU time alone at 6 tile shapes, BERT-Large
+#                     coalesce and de-coalesce (~2 s a shape, estimated); its table goes to the log, its CSV to the
+#                     scratch folder (the run returns at most 8 files)
 #   kron_expand 72   LiGO BERT-Base->Large and GPT-2 small->medium, tie paper then shared, eager and Triton: all
 #                     12 cases took 62 s; torch.compile of the first case if ~46 s remain
 #   frozen       70   BERT-Base, GPT-2 small, Llama-1B: 8-layer stacks, MSLT steps and the stacks'
@@ -65,14 +68,14 @@ if ((SMOKE)); then
     MODE="smoke (CPU, Triton interpreter: no timing below is a kernel timing)"
     export TRITON_INTERPRET=1
     unset GROWLIB_TEST_DEVICE
-    LIMIT_IMPORT=12 LIMIT_ENVIRONMENT=10 LIMIT_CORRECTNESS=40 LIMIT_STRUCTURED_MAP=30 LIMIT_KRON_EXPAND=28 \
-        LIMIT_FROZEN=25 LIMIT_END_TO_END=25 LIMIT_REPORT=10 BENCH_EXIT=4
+    LIMIT_IMPORT=12 LIMIT_ENVIRONMENT=10 LIMIT_CORRECTNESS=40 LIMIT_STRUCTURED_MAP=30 LIMIT_TILE_SWEEP=15 \
+        LIMIT_KRON_EXPAND=28 LIMIT_FROZEN=25 LIMIT_END_TO_END=25 LIMIT_REPORT=10 BENCH_EXIT=4
     BENCH_FLAGS=(--smoke)
 else
     MODE="gpu"
     unset TRITON_INTERPRET
-    LIMIT_IMPORT=30 LIMIT_ENVIRONMENT=10 LIMIT_CORRECTNESS=90 LIMIT_STRUCTURED_MAP=72 LIMIT_KRON_EXPAND=72 \
-        LIMIT_FROZEN=70 LIMIT_END_TO_END=60 LIMIT_REPORT=8 BENCH_EXIT=6
+    LIMIT_IMPORT=30 LIMIT_ENVIRONMENT=10 LIMIT_CORRECTNESS=90 LIMIT_STRUCTURED_MAP=72 LIMIT_TILE_SWEEP=30 \
+        LIMIT_KRON_EXPAND=72 LIMIT_FROZEN=70 LIMIT_END_TO_END=60 LIMIT_REPORT=8 BENCH_EXIT=6
     BENCH_FLAGS=()
 fi
 
@@ -241,8 +244,13 @@ finish_jobs kernel-tests kt- "${KT_KEY:-no pytest summary}, $KT_SCOPE"
 # benchmarks, then the end-to-end row, then the report
 # ---------------------------------------------------------------------------------------------------------
 
-for bench in structured_map kron_expand frozen; do
+for bench in structured_map tile_sweep kron_expand frozen; do
     limit_var="LIMIT_${bench^^}"
+    if [[ $bench == tile_sweep ]]; then
+        run_step tile-sweep "$LIMIT_TILE_SWEEP" "$PY" perf/sweep_structured_map.py --out "$WORK/sweep" \
+            --time-limit $((LIMIT_TILE_SWEEP - BENCH_EXIT)) "${BENCH_FLAGS[@]}"
+        continue
+    fi
     run_step "$bench" "${!limit_var}" "$PY" "perf/bench_$bench.py" --out "$OUT" \
         --time-limit $((${!limit_var} - BENCH_EXIT)) "${BENCH_FLAGS[@]}"
 done

@@ -20,8 +20,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "perf" / "gpu_run.sh"
 HAS_END_TO_END = (REPO_ROOT / "perf" / "bench_end_to_end.py").exists()
-STEPS = ("import", "environment", "check-kernels", "kernel-tests", "structured_map", "kron_expand", "frozen", "end-to-end",
-         "report")
+STEPS = ("import", "environment", "check-kernels", "kernel-tests", "structured_map", "tile-sweep", "kron_expand",
+         "frozen", "end-to-end", "report")
 FILES = {"environment.txt", "check_kernels.txt", "kernel_tests.txt", "structured_map.csv", "kron_expand.csv", "frozen.csv",
          "gpu_run.log"} | ({"end_to_end.csv"} if HAS_END_TO_END else set())
 SMOKE = "smoke-cpu-interpreter"
@@ -87,6 +87,7 @@ def test_smoke_run_passes_every_step_and_prints_the_summary_last(smoke_run):
     assert re.match(r"\d+ passed, \d+ deselected, -k subset", rows["kernel-tests"][1])
     for bench in ("structured_map", "kron_expand", "frozen"):
         assert "smoke: times are not kernel timings" in rows[bench][1]
+    assert re.match(r"(\d+)/\1 tile shapes measured, 0 differing from the default", rows["tile-sweep"][1])
     assert rows["report"][1].startswith("0 of ")  # smoke rows never reach the report
 
 
