@@ -33,7 +33,7 @@ What is measured, on random tokens (8 sequences x 512 tokens a step, vocabulary 
 
 Precision, as growlib's trainer runs on a GPU: fp32 weights with bf16 autocast and fused AdamW for the stages
 (``precision`` = float32+autocast_bf16); the maps run on those fp32 weights (Triton structured-map kernels);
-LiGO's fit runs in fp32 without autocast (its Kronecker kernels with exact fp32 dots), as ``LiGO.fit`` does.
+LiGO's fit runs in fp32 without autocast (its Kronecker kernels with 3xTF32 dots), as ``LiGO.fit`` does.
 ``frac_matmul_ceiling`` puts a stage's model FLOP/s against the GPU's bf16 matmul ceiling.
 
 ``--time-limit``: the seconds from the start of the process (imports included: ``common.Deadline``) that the

@@ -35,14 +35,17 @@ mkdir -p "$1" || usage
 OUT=$(cd "$1" && pwd)
 [[ -z $(ls -A "$OUT") ]] || { echo "gpu_run.sh: $OUT is not empty: give a new or empty folder" >&2; exit 2; }
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$REPO" || exit 2
 PY=${PYTHON:-python3}
+if [[ $PY == */* ]]; then  # a path: made absolute, since the import step runs from another folder
+    PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") || exit 2
+fi
+cd "$REPO" || exit 2
 LOG=$OUT/gpu_run.log
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 export PYTHONUNBUFFERED=1
 
-# Time limits of the steps, in seconds: they sum to 442 s on a GPU (7.5 minutes less bash's own seconds) and to
+# Time limits of the steps, in seconds: they sum to 450 s on a GPU (7.5 minutes less bash's own seconds) and to
 # 195 s with --smoke.  A benchmark gets --time-limit = its step's limit minus an allowance for its exit
 # (BENCH_EXIT; the limit counts from the process's start, imports included): it starts no measurement whose
 # estimate does not fit and writes each row as it is measured, so the step's own limit is a backstop.  Measured on
@@ -53,10 +56,10 @@ export PYTHONUNBUFFERED=1
 #                     parallel on the 16 cores: the slowest were kron_expand's check (54 s) and its test file
 #                     (76 s).  tests/kernels/test_launch_configs.py is left out: it compiles every launch
 #                     configuration for sm_80 and sm_90 offline, needs no GPU, runs in CI, and took 116 s alone
-#   structured_map 72  BERT-Large bf16: eager and Triton at 3 scopes (~30 s), torch.compile of each op's shape
+#   structured_map 70  BERT-Large bf16: eager and Triton at 3 scopes (~30 s), torch.compile of each op's shape
 #                     group (~6 s); then GPT-2 medium; then whole-op compiles (~10 s each), as the limit allows
-#   tile-sweep   30   perf/sweep_structured_map.py: the structured map's GPU time alone at 6 tile shapes, BERT-Large
-#                     coalesce and de-coalesce (~2 s a shape, estimated); its table goes to the log, its CSV to the
+#   tile-sweep   40   perf/sweep_structured_map.py: the structured map's GPU time alone at 6 tile shapes, BERT-Large
+#                     coalesce and de-coalesce (~15 s of start and model, ~2.5 s a shape and op, estimated); its table goes to the log, its CSV to the
 #                     scratch folder (the run returns at most 8 files)
 #   kron_expand 72   LiGO BERT-Base->Large and GPT-2 small->medium, tie paper then shared, eager and Triton: all
 #                     12 cases took 62 s; torch.compile of the first case if ~46 s remain
@@ -74,7 +77,7 @@ if ((SMOKE)); then
 else
     MODE="gpu"
     unset TRITON_INTERPRET
-    LIMIT_IMPORT=30 LIMIT_ENVIRONMENT=10 LIMIT_CORRECTNESS=90 LIMIT_STRUCTURED_MAP=72 LIMIT_TILE_SWEEP=30 \
+    LIMIT_IMPORT=30 LIMIT_ENVIRONMENT=10 LIMIT_CORRECTNESS=90 LIMIT_STRUCTURED_MAP=70 LIMIT_TILE_SWEEP=40 \
         LIMIT_KRON_EXPAND=72 LIMIT_FROZEN=70 LIMIT_END_TO_END=60 LIMIT_REPORT=8 BENCH_EXIT=6
     BENCH_FLAGS=()
 fi

@@ -28,10 +28,10 @@ import torch
 from growlib.kernels import structured_map as kernel
 from growlib.kernels.launch import ceil_div
 
-from bench_structured_map import (CASES, SMOKE_CASES, KernelCall, _patched, build_model, build_ops, bytes_moved,
-                                  record_kernel_calls, run_calls)
-from common import (add_benchmark_arguments, append_csv, device_kernel_ms, fraction, print_key, print_table,
-                    start_benchmark)
+from bench_structured_map import (CASES, SMOKE_CASES, KernelCall, ModelCase, _patched, build_model, build_ops,
+                                  bytes_moved, record_kernel_calls, run_calls)
+from common import (BenchmarkStart, add_benchmark_arguments, append_csv, device_kernel_ms, fraction, print_key,
+                    print_table, start_benchmark)
 
 # (BLOCK_R, BLOCK_C, num_warps): the default first, then more bytes a program, then fewer warps a program.
 TILES = ((16, 64, 8), (32, 64, 8), (16, 128, 8), (64, 64, 8), (8, 64, 4), (16, 64, 4))
@@ -47,6 +47,33 @@ def programs(calls: list[KernelCall], block_r: int, block_c: int) -> int:
 
 def outputs(calls: list[KernelCall]) -> list[torch.Tensor]:
     return [out.clone() for call in calls for out in call.dst]
+
+
+def measure_tile(start: BenchmarkStart, case: ModelCase, name: str, calls: list[KernelCall], moved: int, expected: list[torch.Tensor],
+                 tile: tuple[int, int, int]) -> dict:
+    """One (op, tile shape) row: the output checked against the default shape's, then the kernel's GPU time."""
+    device, deadline = start.device, start.deadline
+    block_r, block_c, num_warps = tile
+    row = {"model": case.name, "dtype": str(case.dtype).removeprefix("torch."), "op": name,
+           "block_r": block_r, "block_c": block_c, "num_warps": num_warps,
+           "programs": programs(calls, block_r, block_c), "bytes_moved": moved,
+           "kernel_device_ms": None, "frac_copy_ceiling": None, "same_as_default": None, "error": ""}
+    ms = None
+    if not deadline.allows(MEASURE_S[device.type]):
+        row["error"] = deadline.refusal("a tile shape", MEASURE_S[device.type])
+    else:
+        with _patched(kernel, "launch_config", lambda capability: tile):
+            run_calls(calls, kernel.structured_map_triton)
+            row["same_as_default"] = all(torch.equal(got, want) for got, want in zip(outputs(calls), expected))
+            ms = device_kernel_ms(lambda: run_calls(calls, kernel.structured_map_triton), device,
+                                  "_structured_map_kernel")
+        row["kernel_device_ms"] = ms
+        row["frac_copy_ceiling"] = fraction(moved / (ms * 1e6) if ms else None, start.ceilings["copy_ceiling_gbps"])
+    row.update(start.ceilings, **start.environment)
+    append_csv(start.csv_path, [row])
+    outcome = row["error"] or (f"{ms:.3f} ms" if ms else "ran (no GPU time off CUDA)")
+    start.log(f"  {name} {block_r}x{block_c} w={num_warps}: {outcome}")
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,34 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         fine = build_model(case, device)
         ops = {op.name: op for op in build_ops(fine)}
+        recorded = {}  # op name: (its calls, bytes moved, the default tile shape's outputs)
         for name in OPS:
             calls = record_kernel_calls(ops[name])
-            moved = bytes_moved(calls)
             run_calls(calls, kernel.structured_map_triton)
-            expected = outputs(calls)
-            for block_r, block_c, num_warps in tiles:
-                row = {"model": case.name, "dtype": str(case.dtype).removeprefix("torch."), "op": name,
-                       "block_r": block_r, "block_c": block_c, "num_warps": num_warps,
-                       "programs": programs(calls, block_r, block_c), "bytes_moved": moved,
-                       "kernel_device_ms": None, "frac_copy_ceiling": None, "same_as_default": None, "error": ""}
-                ms = None
-                if not deadline.allows(MEASURE_S[device.type]):
-                    row["error"] = deadline.refusal("a tile shape", MEASURE_S[device.type])
-                else:
-                    with _patched(kernel, "launch_config", lambda capability: (block_r, block_c, num_warps)):
-                        run_calls(calls, kernel.structured_map_triton)
-                        row["same_as_default"] = all(torch.equal(got, want)
-                                                     for got, want in zip(outputs(calls), expected))
-                        ms = device_kernel_ms(lambda: run_calls(calls, kernel.structured_map_triton), device,
-                                              "_structured_map_kernel")
-                    row["kernel_device_ms"] = ms
-                    row["frac_copy_ceiling"] = fraction(moved / (ms * 1e6) if ms else None,
-                                                        start.ceilings["copy_ceiling_gbps"])
-                row.update(start.ceilings, **start.environment)
-                append_csv(start.csv_path, [row])
-                rows.append(row)
-                outcome = row["error"] or (f"{ms:.3f} ms" if ms else "ran (no GPU time off CUDA)")
-                start.log(f"  {name} {block_r}x{block_c} w={num_warps}: {outcome}")
+            recorded[name] = (calls, bytes_moved(calls), outputs(calls))
+        # Tile shapes outside, ops inside: a time limit cuts shapes, never one op's whole column.
+        for block_r, block_c, num_warps in tiles:
+            for name, (calls, moved, expected) in recorded.items():
+                rows.append(measure_tile(start, case, name, calls, moved, expected, (block_r, block_c, num_warps)))
     print_table(rows, ["op", "block_r", "block_c", "num_warps", "programs", "kernel_device_ms",
                        "frac_copy_ceiling", "same_as_default", "error"])
     measured = [r for r in rows if r["same_as_default"] is not None]

@@ -145,10 +145,12 @@ def launch_config(capability: tuple[int, int] | None) -> tuple[int, int, int]:
 
 
 def _one_copy(device: torch.device, segments: list[list[int]]) -> list[torch.Tensor]:
-    """int64 lists as tensors on ``device``, moved in one copy.  Each segment starts 16-byte aligned, as
-    Triton's launcher specialises pointers on: misaligned views would compile other variants of the kernel."""
+    """int64 lists as tensors on ``device``, moved in one copy that does not wait for the GPU (from pageable
+    memory the copy is staged before it returns, so the host list may go).  Each segment starts 16-byte
+    aligned, as Triton's launcher specialises pointers on: misaligned views would compile other variants of
+    the kernel."""
     padded = [segment + [0] * (len(segment) % 2) for segment in segments]
-    flat = torch.tensor([v for segment in padded for v in segment], dtype=torch.int64).to(device)
+    flat = torch.tensor([v for segment in padded for v in segment], dtype=torch.int64).to(device, non_blocking=True)
     views = flat.split([len(segment) for segment in padded])
     return [view[:len(segment)] for view, segment in zip(views, segments)]
 
@@ -379,7 +381,8 @@ def _check_no_overlap(dst: Sequence[torch.Tensor], sources: Sequence[torch.Tenso
 
 
 def _elements_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two views of one storage share an element (exact, for views whose byte ranges intersect)."""
+    """Whether two views of one storage share a byte (exact, for views whose byte ranges intersect; views of
+    different dtypes, such as bf16 inside fp32 elements, share bytes without sharing element addresses)."""
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
 
@@ -387,7 +390,8 @@ def _elements_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
         index = torch.zeros((), dtype=torch.int64)
         for size, stride in zip(t.shape, t.stride()):
             index = index.unsqueeze(-1) + torch.arange(size) * stride
-        return set((index.flatten() * t.element_size() + t.data_ptr()).tolist())
+        first_bytes = index.flatten() * t.element_size() + t.data_ptr()
+        return set((first_bytes[:, None] + torch.arange(t.element_size())).flatten().tolist())
 
     return bool(offsets(a) & offsets(b))
 

@@ -121,6 +121,14 @@ def test_the_overlap_check_looks_past_short_sources_to_a_long_one():
     structured_map._check_no_overlap([storage[101:111:2]], [short, storage[0:300:3][:30]])  # ends at 87
 
 
+def test_a_view_of_another_dtype_inside_source_elements_overlaps():
+    storage = torch.zeros(8)
+    sources, output = storage[0:8:2], storage.view(torch.bfloat16)[1:16:4]  # the high halves of 0, 2, 4, 6
+    with pytest.raises(ValueError, match="overlaps"):
+        structured_map._check_no_overlap([output], [sources])
+    structured_map._check_no_overlap([storage.view(torch.bfloat16)[2:16:4]], [sources])  # elements 1, 3, 5, 7
+
+
 @pytest.mark.parametrize("alpha", [-0.1, 1.5])
 def test_alpha_out_of_range(alpha):
     with pytest.raises(ValueError, match="alpha"):
