@@ -95,9 +95,9 @@ def time_fn(fn: Callable[[], object], device: torch.device, min_runs: int = 5) -
 def device_kernel_ms(fn: Callable[[], object], device: torch.device, kernel_name: str, runs: int = 5) -> float | None:
     """Milliseconds a call of ``fn`` keeps the GPU busy in kernels whose name contains ``kernel_name``, as the
     profiler (CUPTI) records them: the kernels alone (``kernel_name=""``: every GPU activity, copies and fills
-    included).  do_bench's times also hold the host's work between
-    launches whenever the host is the slower side, and the two together say which side bounds a call.  None on
-    the CPU, or if the profiler is unavailable or records no such kernel."""
+    included).  do_bench's times also hold the host's work between launches whenever the host is the slower
+    side, and the two together say which side bounds a call.  None on the CPU, or if the profiler is
+    unavailable or records no such kernel."""
     if device.type != "cuda":
         return None
     fn()

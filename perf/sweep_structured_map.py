@@ -26,10 +26,9 @@ import sys
 import torch
 
 from growlib.kernels import structured_map as kernel
-from growlib.kernels.launch import ceil_div
 
 from bench_structured_map import (CASES, SMOKE_CASES, KernelCall, ModelCase, _patched, build_model, build_ops,
-                                  bytes_moved, record_kernel_calls, run_calls)
+                                  bytes_moved, record_kernel_calls, run_calls, triton_programs)
 from common import (BenchmarkStart, add_benchmark_arguments, append_csv, device_kernel_ms, fraction, print_key,
                     print_table, start_benchmark)
 
@@ -41,34 +40,31 @@ MEASURE_S = {"cuda": 2.5, "cpu": 2.0}  # a tile shape's JIT compile and profiled
 BUILD_S = {"cuda": 8.0, "cpu": 3.0}
 
 
-def programs(calls: list[KernelCall], block_r: int, block_c: int) -> int:
-    return sum(ceil_div(out.shape[0], block_r) * ceil_div(out.shape[1], block_c) for call in calls for out in call.dst)
-
-
 def outputs(calls: list[KernelCall]) -> list[torch.Tensor]:
     return [out.clone() for call in calls for out in call.dst]
 
 
-def measure_tile(start: BenchmarkStart, case: ModelCase, name: str, calls: list[KernelCall], moved: int, expected: list[torch.Tensor],
-                 tile: tuple[int, int, int]) -> dict:
+def measure_tile(start: BenchmarkStart, case: ModelCase, name: str, calls: list[KernelCall], moved: int,
+                 expected: list[torch.Tensor], tile: tuple[int, int, int]) -> dict:
     """One (op, tile shape) row: the output checked against the default shape's, then the kernel's GPU time."""
     device, deadline = start.device, start.deadline
     block_r, block_c, num_warps = tile
-    row = {"model": case.name, "dtype": str(case.dtype).removeprefix("torch."), "op": name,
-           "block_r": block_r, "block_c": block_c, "num_warps": num_warps,
-           "programs": programs(calls, block_r, block_c), "bytes_moved": moved,
-           "kernel_device_ms": None, "frac_copy_ceiling": None, "same_as_default": None, "error": ""}
     ms = None
-    if not deadline.allows(MEASURE_S[device.type]):
-        row["error"] = deadline.refusal("a tile shape", MEASURE_S[device.type])
-    else:
-        with _patched(kernel, "launch_config", lambda capability: tile):
+    with _patched(kernel, "launch_config", lambda capability: tile):
+        row = {"model": case.name, "dtype": str(case.dtype).removeprefix("torch."), "op": name,
+               "block_r": block_r, "block_c": block_c, "num_warps": num_warps,
+               "programs": triton_programs(calls), "bytes_moved": moved,
+               "kernel_device_ms": None, "frac_copy_ceiling": None, "same_as_default": None, "error": ""}
+        if not deadline.allows(MEASURE_S[device.type]):
+            row["error"] = deadline.refusal("a tile shape", MEASURE_S[device.type])
+        else:
             run_calls(calls, kernel.structured_map_triton)
             row["same_as_default"] = all(torch.equal(got, want) for got, want in zip(outputs(calls), expected))
             ms = device_kernel_ms(lambda: run_calls(calls, kernel.structured_map_triton), device,
                                   "_structured_map_kernel")
-        row["kernel_device_ms"] = ms
-        row["frac_copy_ceiling"] = fraction(moved / (ms * 1e6) if ms else None, start.ceilings["copy_ceiling_gbps"])
+            row["kernel_device_ms"] = ms
+            row["frac_copy_ceiling"] = fraction(moved / (ms * 1e6) if ms else None,
+                                                start.ceilings["copy_ceiling_gbps"])
     row.update(start.ceilings, **start.environment)
     append_csv(start.csv_path, [row])
     outcome = row["error"] or (f"{ms:.3f} ms" if ms else "ran (no GPU time off CUDA)")

@@ -187,9 +187,7 @@ def structured_map_triton(
     num_programs = sum(tiles)
     if num_programs == 0:
         return
-    first_tile = [0]
-    for count in tiles[:-1]:
-        first_tile.append(first_tile[-1] + count)
+    first_tile = [0, *itertools.accumulate(tiles[:-1])]
     dst_ptr, dst_meta, src_ptr, src_strides, tiles, first_tile = _one_copy(device, [
         [t.data_ptr() for t in dst], [v for meta in dst_meta for v in meta],
         [s.data_ptr() for row in src for s in row], [v for row in src for s in row for v in s.stride()],
